@@ -1,0 +1,293 @@
+"""Chat prompts: render the checkpoint's chat template, tokenize, expand image pads.
+
+The template is rendered the way transformers' `apply_chat_template` renders it (same sandboxed
+jinja environment, filters and globals, the tokenizer's special tokens as variables, `None`
+fields dropped), so a prompt served here tokenizes exactly as the model saw prompts in
+training. Each image part renders as `<|vision_start|><|image_pad|><|vision_end|>`; once the
+encode service has returned the image's grid, its single pad becomes `t*h*w / merge**2` pads,
+one per embedding row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from services.language.errors import BadRequestError
+from services.language.request import ImageInput
+
+# Variables transformers passes to every template from the tokenizer (its `special_tokens_map`)
+_SPECIAL_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+# Roles the Qwen chat templates render; "developer" is OpenAI's newer name for "system"
+_ROLE_ALIASES = {"developer": "system"}
+_IMAGE_ROLES = frozenset({"user", "tool"})
+
+
+class ChatTemplateNotFoundError(FileNotFoundError):
+    """The checkpoint directory has no chat template in any of the places transformers looks."""
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """A text content part."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """An image content part: a URL to load (`data:` or http(s)) or the raw encoded bytes."""
+
+    url: str | None = None
+    data: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if (self.url is None) == (self.data is None):
+            raise ValueError("an image part needs exactly one of url or data")
+
+
+ContentPart = TextPart | ImagePart
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat message in the server's own form, independent of the HTTP or gRPC schema."""
+
+    role: str
+    content: str | tuple[ContentPart, ...] | None
+
+    def image_parts(self) -> list[ImagePart]:
+        """The message's image parts, in order."""
+        if isinstance(self.content, tuple):
+            return [part for part in self.content if isinstance(part, ImagePart)]
+        return []
+
+
+def _special_token_text(value: Any) -> str | None:
+    # tokenizer_config.json stores special tokens as strings or as AddedToken dicts
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with path.open(encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _template_from_config_value(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # [{"name": ..., "template": ...}], the default one is used
+        named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
+        return named.get("default")
+    return None
+
+
+def load_chat_template_source(model_dir: str | Path) -> str:
+    """The checkpoint's default chat template, looked up in transformers' order.
+
+    `chat_template.jinja` takes priority over `tokenizer_config.json`'s `chat_template`, and the
+    processor's legacy `chat_template.json` comes last.
+    """
+    model_dir = Path(model_dir)
+    jinja_file = model_dir / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    tokenizer_config = model_dir / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        source = _template_from_config_value(_read_json(tokenizer_config).get("chat_template"))
+        if source:
+            return source
+    processor_file = model_dir / "chat_template.json"
+    if processor_file.is_file():
+        source = _template_from_config_value(_read_json(processor_file).get("chat_template"))
+        if source:
+            return source
+    raise ChatTemplateNotFoundError(
+        f"no chat template in {model_dir}: expected chat_template.jinja, a 'chat_template' entry "
+        "in tokenizer_config.json, or chat_template.json"
+    )
+
+
+def load_special_tokens(model_dir: str | Path) -> dict[str, str]:
+    """The special-token strings (bos_token, eos_token, ...) the template may refer to."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    config = _read_json(path)
+    tokens = {key: _special_token_text(config.get(key)) for key in _SPECIAL_TOKEN_KEYS}
+    return {key: value for key, value in tokens.items() if value is not None}
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # Jinja's own tojson escapes HTML characters, which would change the rendered prompt
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+class ChatTemplate:
+    """A compiled chat template plus the special-token variables it is rendered with."""
+
+    def __init__(self, source: str, special_tokens: Mapping[str, str] | None = None) -> None:
+        try:
+            self._template = _compile(source)
+        except jinja2.exceptions.TemplateSyntaxError as exc:
+            raise ValueError(f"chat template does not compile: {exc}") from exc
+        self.source = source
+        self.special_tokens = dict(special_tokens or {})
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> ChatTemplate:
+        """Load the template and special tokens of a Hugging Face checkpoint directory."""
+        return cls(load_chat_template_source(model_dir), load_special_tokens(model_dir))
+
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> str:
+        """Render plain message dicts; raises BadRequestError when the template rejects them."""
+        plain = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        variables = {**self.special_tokens, **kwargs}
+        try:
+            return self._template.render(
+                messages=plain,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+        except jinja2.exceptions.TemplateError as exc:
+            raise BadRequestError(f"the chat template rejected the messages: {exc}") from exc
+
+
+def message_to_template_dict(message: ChatMessage) -> dict[str, Any]:
+    """The message in the dict form chat templates read (OpenAI-style content parts)."""
+    role = _ROLE_ALIASES.get(message.role, message.role)
+    if not isinstance(message.content, tuple):
+        return {"role": role, "content": message.content}
+    parts: list[dict[str, Any]] = []
+    for part in message.content:
+        if isinstance(part, TextPart):
+            parts.append({"type": "text", "text": part.text})
+        else:
+            # Templates only test that an image key is present; they never read the URL
+            parts.append({"type": "image"})
+    return {"role": role, "content": parts}
+
+
+def collect_images(messages: Iterable[ChatMessage]) -> list[ImagePart]:
+    """All image parts in prompt order; refuses images where the template would drop them."""
+    images: list[ImagePart] = []
+    for index, message in enumerate(messages):
+        found = message.image_parts()
+        if found and _ROLE_ALIASES.get(message.role, message.role) not in _IMAGE_ROLES:
+            raise BadRequestError(
+                f"messages[{index}] ({message.role}) has an image; images are accepted only "
+                "in user and tool messages",
+                param=f"messages[{index}].content",
+            )
+        images.extend(found)
+    return images
+
+
+class PromptBuilder:
+    """Messages -> prompt token ids with one `<|image_pad|>` per image (expanded later)."""
+
+    def __init__(
+        self,
+        template: ChatTemplate,
+        encode: Callable[[str], Sequence[int]],
+        image_token_id: int | None,
+    ) -> None:
+        self.template = template
+        self._encode = encode
+        self.image_token_id = image_token_id
+
+    def render(self, messages: Sequence[ChatMessage]) -> str:
+        """The prompt text, ending with the assistant header."""
+        return self.template.render([message_to_template_dict(m) for m in messages])
+
+    def tokenize(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Token ids of the rendered prompt; checks one pad per image part."""
+        num_images = len(collect_images(messages))
+        if num_images and self.image_token_id is None:
+            raise BadRequestError("this model is text-only; remove the image parts")
+        token_ids = list(self._encode(self.render(messages)))
+        num_pads = token_ids.count(self.image_token_id) if self.image_token_id is not None else 0
+        if num_pads != num_images:
+            # Literal special-token text in a message would otherwise be taken as an image slot
+            raise BadRequestError(
+                f"the prompt has {num_pads} image placeholder tokens but {num_images} image "
+                "parts; message text must not contain the image placeholder token"
+            )
+        return token_ids
+
+
+def expand_image_pads(
+    token_ids: Sequence[int],
+    image_token_id: int,
+    images: Sequence[ImageInput],
+    merge_size: int,
+) -> tuple[int, ...]:
+    """Replace the i-th single image pad by one pad per row of images[i]'s embeddings."""
+    pad_positions = [i for i, token in enumerate(token_ids) if token == image_token_id]
+    if len(pad_positions) != len(images):
+        raise ValueError(
+            f"{len(pad_positions)} image pads in the prompt but {len(images)} encoded images"
+        )
+    expanded: list[int] = []
+    start = 0
+    for position, image in zip(pad_positions, images, strict=True):
+        t, h, w = image.grid_thw
+        num_tokens = t * h * w // (merge_size * merge_size)
+        if num_tokens != image.num_tokens:
+            raise ValueError(
+                f"image grid {image.grid_thw} means {num_tokens} tokens at merge size "
+                f"{merge_size}, but its embeddings have {image.num_tokens} rows"
+            )
+        expanded.extend(token_ids[start:position])
+        expanded.extend([image_token_id] * num_tokens)
+        start = position + 1
+    expanded.extend(token_ids[start:])
+    return tuple(expanded)

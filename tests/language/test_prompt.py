@@ -1,0 +1,181 @@
+"""Chat prompt rendering and image-pad expansion, checked against apply_chat_template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from services.language.errors import BadRequestError
+from services.language.prompt import (
+    ChatMessage,
+    ChatTemplate,
+    ChatTemplateNotFoundError,
+    ImagePart,
+    PromptBuilder,
+    TextPart,
+    collect_images,
+    expand_image_pads,
+    load_chat_template_source,
+    message_to_template_dict,
+)
+from services.language.request import ImageInput
+from tests.e2e.tokenizer_util import save_tokenizer
+
+QWEN3_VL_TEMPLATE = Path("/work/shared/spec/qwen3_vl_chat_template.jinja")
+IMAGE = ImagePart(url="data:image/png;base64,AAAA")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    if not QWEN3_VL_TEMPLATE.is_file():
+        pytest.skip("the Qwen3-VL chat template is not available")
+    directory = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(directory, QWEN3_VL_TEMPLATE.read_text())
+    return directory
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(model_dir) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def builder(model_dir, hf_tokenizer) -> PromptBuilder:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return PromptBuilder(
+        ChatTemplate.from_model_dir(model_dir),
+        lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
+        image_token_id=tokenizer.token_to_id("<|image_pad|>"),
+    )
+
+
+CONVERSATIONS = {
+    "text": [ChatMessage("user", "Hello there")],
+    "system_and_user": [ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")],
+    "image_then_text": [ChatMessage("user", (IMAGE, TextPart("Describe this image.")))],
+    "two_images_multi_turn": [
+        ChatMessage("system", (TextPart("You see images."),)),
+        ChatMessage("user", (TextPart("First:"), IMAGE, TextPart("Second:"), IMAGE)),
+        ChatMessage("assistant", "A red square and a blue circle."),
+        ChatMessage("user", "Which one is bigger?"),
+    ],
+    "assistant_parts_and_tool": [
+        ChatMessage("user", "Call the tool"),
+        ChatMessage("assistant", (TextPart("ok"),)),
+        ChatMessage("tool", (TextPart("result"), IMAGE)),
+        ChatMessage("tool", "second result"),
+    ],
+    "developer_role": [ChatMessage("developer", "Answer in French."), ChatMessage("user", "Hi")],
+    "unicode": [ChatMessage("user", "Ünïcödé ✓ 漢字 \n\t spaces  ")],
+}
+
+
+def _hf_messages(messages: list[ChatMessage]) -> list[dict]:
+    # What an OpenAI client sends: image parts as image_url; "developer" renamed as the server does
+    out = []
+    for message in messages:
+        item = message_to_template_dict(message)
+        if isinstance(item["content"], list):
+            item["content"] = [
+                {"type": "image_url", "image_url": {"url": IMAGE.url}}
+                if part["type"] == "image"
+                else part
+                for part in item["content"]
+            ]
+        out.append(item)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_render_and_tokens_match_transformers(name, builder, hf_tokenizer):
+    messages = CONVERSATIONS[name]
+    hf_messages = _hf_messages(messages)
+    expected_text = hf_tokenizer.apply_chat_template(
+        hf_messages, tokenize=False, add_generation_prompt=True
+    )
+    expected_ids = hf_tokenizer.apply_chat_template(
+        hf_messages, tokenize=True, add_generation_prompt=True, return_dict=False
+    )
+    assert builder.render(messages) == expected_text
+    assert builder.tokenize(messages) == list(expected_ids)
+
+
+def test_known_rendering_of_one_image(builder):
+    messages = [ChatMessage("user", (IMAGE, TextPart("Describe this image.")))]
+    assert builder.render(messages) == (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe this image."
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_image_outside_user_message_is_refused():
+    with pytest.raises(BadRequestError, match="only in user and tool"):
+        collect_images([ChatMessage("system", (IMAGE,)), ChatMessage("user", "hi")])
+    assert collect_images([ChatMessage("user", (TextPart("a"), IMAGE, IMAGE))]) == [IMAGE, IMAGE]
+
+
+def test_literal_image_pad_text_is_refused(builder):
+    with pytest.raises(BadRequestError, match="1 image placeholder tokens but 0 image parts"):
+        builder.tokenize([ChatMessage("user", "sneaky <|image_pad|> text")])
+
+
+def test_text_only_model_refuses_images(builder):
+    text_only = PromptBuilder(builder.template, builder._encode, image_token_id=None)
+    with pytest.raises(BadRequestError, match="text-only"):
+        text_only.tokenize([ChatMessage("user", (IMAGE,))])
+
+
+def _image(grid_thw: tuple[int, int, int], merge: int = 2, hidden: int = 4, k: int = 2):
+    n = grid_thw[0] * grid_thw[1] * grid_thw[2] // (merge * merge)
+    return ImageInput(torch.zeros(n, hidden), torch.zeros(n, k * hidden), grid_thw, "hash")
+
+
+def test_expand_image_pads_in_order():
+    pad = 9
+    ids = [1, pad, 2, 3, pad, 4]
+    images = [_image((1, 4, 4)), _image((1, 2, 6))]  # 4 tokens, then 3
+    assert expand_image_pads(ids, pad, images, merge_size=2) == (
+        1, pad, pad, pad, pad, 2, 3, pad, pad, pad, 4,
+    )
+
+
+def test_expand_image_pads_checks_counts():
+    with pytest.raises(ValueError, match="2 image pads in the prompt but 1 encoded images"):
+        expand_image_pads([9, 9], 9, [_image((1, 2, 2))], merge_size=2)
+    bad = ImageInput(torch.zeros(3, 4), torch.zeros(3, 0), (1, 4, 4), "hash")
+    with pytest.raises(ValueError, match="means 4 tokens"):
+        expand_image_pads([9], 9, [bad], merge_size=2)
+
+
+def test_template_lookup_order(tmp_path):
+    with pytest.raises(ChatTemplateNotFoundError):
+        load_chat_template_source(tmp_path)
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "legacy"}))
+    assert load_chat_template_source(tmp_path) == "legacy"
+    templates = [{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}]
+    config = {"chat_template": templates}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_chat_template_source(tmp_path) == "d"
+    (tmp_path / "chat_template.jinja").write_text("file")
+    assert load_chat_template_source(tmp_path) == "file"
+
+
+def test_template_errors_become_bad_requests():
+    template = ChatTemplate("{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(BadRequestError, match="roles must alternate"):
+        template.render([{"role": "user", "content": "x"}])
+    with pytest.raises(ValueError, match="does not compile"):
+        ChatTemplate("{% if %}")
+
+
+def test_special_tokens_and_tojson_are_available():
+    template = ChatTemplate("{{ eos_token }}|{{ messages[0] | tojson }}", {"eos_token": "<e>"})
+    assert template.render([{"role": "user", "content": "<b>é"}]) == (
+        '<e>|{"role": "user", "content": "<b>é"}'
+    )
