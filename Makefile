@@ -21,5 +21,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Regenerates the committed gRPC modules from every .proto under proto/.
+proto: $(STAMP)
+	$(BIN)/python -m proto.codegen
+
 clean:
 	rm -rf $(VENV) .pytest_cache
