@@ -1,0 +1,1 @@
+"""Building blocks of the text model and the vision tower."""

@@ -1,0 +1,90 @@
+"""Text self-attention with per-head q/k RMSNorm, RoPE and GQA.
+
+The attention kernel itself is pluggable: `AttentionBackend` receives q/k/v after q/k-norm and RoPE. Without
+one, the tokens form a single sequence with full causal attention (tests, tools). The engine passes a
+backend that writes k/v into its paged cache and attends over each sequence's cached context.
+Head counts come from the projection shapes, so sharding the projections across tensor-parallel ranks
+(columns of q/k/v, rows of o) needs no change here.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.model.layers.norm import RMSNorm
+from shared.model.layers.rotary import apply_rotary
+
+
+class AttentionBackend(Protocol):
+    """Computes attention for one layer over flattened tokens."""
+
+    def __call__(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,  # [T, q_heads, D]
+        k: torch.Tensor,  # [T, kv_heads, D]
+        v: torch.Tensor,  # [T, kv_heads, D]
+        scale: float,
+    ) -> torch.Tensor:  # [T, q_heads, D]
+        ...
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Full causal attention of one sequence; q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale
+    )
+    return out.transpose(0, 1)
+
+
+class Attention(nn.Module):
+    """Qwen3 attention block: q/k/v/o projections without bias, q/k norm over head_dim before RoPE."""
+
+    def __init__(
+        self,
+        layer_idx: int,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rms_norm_eps: float,
+    ):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.q_norm = RMSNorm(head_dim, rms_norm_eps)
+        self.k_norm = RMSNorm(head_dim, rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        backend: AttentionBackend | None,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(num_tokens, -1, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(num_tokens, -1, self.head_dim))
+        v = self.v_proj(x).view(num_tokens, -1, self.head_dim)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if backend is None:
+            out = causal_attention(q, k, v, self.scale)
+        else:
+            out = backend(self.layer_idx, q, k, v, self.scale)
+        return self.o_proj(out.reshape(num_tokens, -1))

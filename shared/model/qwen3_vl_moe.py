@@ -1,0 +1,109 @@
+"""Monolithic Qwen3-VL-MoE: vision tower + the unified language model, for tests and tools.
+
+The disaggregated path runs the same pieces in two processes: `Qwen3VLVisionModel` on the encode side,
+`Qwen3MoeForCausalLM` on the language side, joined by the packed tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shared.model.config import ModelConfig
+from shared.model.processing import mrope_positions
+from shared.model.qwen3_moe import Qwen3MoeModel
+from shared.model.vision import Qwen3VLVisionModel
+
+
+def separate_deepstack_embeds(
+    packed: torch.Tensor, num_deepstack: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the tower's packed `[n, (1+k)*H]` into embeds `[n, H]` and deepstack `[n, k*H]`."""
+    if packed.dim() != 2 or packed.shape[1] % (1 + num_deepstack):
+        raise ValueError(
+            f"packed embeddings of shape {tuple(packed.shape)} do not split into "
+            f"1 + {num_deepstack} equal parts"
+        )
+    hidden = packed.shape[1] // (1 + num_deepstack)
+    return packed[:, :hidden], packed[:, hidden:]
+
+
+def splice_image_embeds(
+    input_ids: torch.Tensor,  # [T]
+    text_embeds: torch.Tensor,  # [T, H]
+    image_embeds: torch.Tensor,  # [n, H]
+    deepstack: torch.Tensor,  # [n, k*H]
+    image_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace pad rows by image rows in order; build the zero-padded deepstack `[T, k*H]`."""
+    mask = input_ids == image_token_id
+    num_pads = int(mask.sum())
+    if num_pads != image_embeds.shape[0]:
+        raise ValueError(
+            f"{num_pads} image pad tokens but {image_embeds.shape[0]} image embedding rows"
+        )
+    embeds = text_embeds.clone()
+    embeds[mask] = image_embeds.to(embeds.dtype)
+    full_deepstack = embeds.new_zeros(embeds.shape[0], deepstack.shape[1])
+    full_deepstack[mask] = deepstack.to(embeds.dtype)
+    return embeds, full_deepstack
+
+
+class Qwen3VLMoeForConditionalGeneration(nn.Module):
+    """`visual` + `model: Qwen3MoeModel` + `lm_head`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vision is None:
+            raise ValueError("Qwen3VLMoeForConditionalGeneration needs a vision_config")
+        self.config = config
+        self.visual = Qwen3VLVisionModel(config.vision)
+        self.model = Qwen3MoeModel(config.text)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def separate_deepstack_embeds(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return separate_deepstack_embeds(packed, self.config.num_deepstack)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        pixel_values: torch.Tensor | None = None,  # [N, patch_dim]
+        image_grid_thw: torch.Tensor | None = None,  # [num_images, 3]
+    ) -> torch.Tensor:  # [T, V]
+        """Whole-sequence forward (no KV cache) of one prompt with any number of images."""
+        embeds = self.model.embed_tokens(input_ids)
+        deepstack = None
+        grids: list[tuple[int, int, int]] = []
+        if pixel_values is not None:
+            if image_grid_thw is None:
+                raise ValueError("pixel_values given without image_grid_thw")
+            packed = self.visual(pixel_values, image_grid_thw)
+            image_embeds, image_deepstack = self.separate_deepstack_embeds(packed)
+            embeds, deepstack = splice_image_embeds(
+                input_ids, embeds, image_embeds, image_deepstack, self.config.image_token_id
+            )
+            grids = [tuple(g) for g in image_grid_thw.tolist()]
+        positions, _ = mrope_positions(
+            input_ids.cpu(), grids, self.config.image_token_id, self.config.vision.spatial_merge_size
+        )
+        hidden = self.model(
+            inputs_embeds=embeds,
+            positions=positions.to(embeds.device),
+            input_deepstack_embeds=deepstack,
+        )
+        return self.lm_head(hidden)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> Qwen3VLMoeForConditionalGeneration:
+        from shared.model.loader import load_vl_model
+
+        return load_vl_model(model_dir, dtype=dtype, device=device)
