@@ -1,0 +1,207 @@
+"""Request types shared by the engine and the servers, and the engine's per-request state."""
+
+from __future__ import annotations
+
+import enum
+import math
+from bisect import bisect_left
+from dataclasses import dataclass, field
+
+import torch
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine cannot serve as given; the message says which field to change."""
+
+
+class QueueFullError(RuntimeError):
+    """The engine's bounded waiting queue is full; the client should retry later (HTTP 503/429)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. ``temperature == 0`` means greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(_finite(self.temperature) and self.temperature >= 0.0,
+               f"temperature must be a finite number >= 0, got {self.temperature}")
+        _check(_finite(self.top_p) and 0.0 < self.top_p <= 1.0,
+               f"top_p must be in (0, 1], got {self.top_p}")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0,
+               f"top_k must be an integer >= 0 (0 disables it), got {self.top_k}")
+        _check(_finite(self.min_p) and 0.0 <= self.min_p <= 1.0,
+               f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_finite(value) and -2.0 <= value <= 2.0,
+                   f"{name} must be in [-2, 2], got {value}")
+        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0.0,
+               f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+               f"max_tokens must be an integer >= 1, got {self.max_tokens}")
+        _check(self.seed is None or isinstance(self.seed, int),
+               f"seed must be an integer or None, got {self.seed!r}")
+        _check(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
+               f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+        _check(isinstance(self.stop_token_ids, tuple)
+               and all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+               f"stop_token_ids must be a tuple of token ids >= 0, got {self.stop_token_ids!r}")
+        _check(self.logprobs is None
+               or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+               f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise InvalidRequestError(message)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image's language-side inputs, as shipped by the encode service."""
+
+    embeds: torch.Tensor  # [n, H]
+    deepstack: torch.Tensor  # [n, k*H], k may be 0
+    grid_thw: tuple[int, int, int]
+    content_hash: str
+
+    def __post_init__(self) -> None:
+        _check(self.embeds.dim() == 2,
+               f"image embeds must be [n, H], got {tuple(self.embeds.shape)}")
+        _check(self.deepstack.dim() == 2 and self.deepstack.shape[0] == self.embeds.shape[0],
+               f"image deepstack must be [n, k*H] with n = {self.embeds.shape[0]}, "
+               f"got {tuple(self.deepstack.shape)}")
+        _check(len(self.grid_thw) == 3 and all(int(x) >= 1 for x in self.grid_thw),
+               f"grid_thw must be three positive ints, got {self.grid_thw!r}")
+        _check(bool(self.content_hash), "image content_hash must be a non-empty string")
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.embeds.shape[0])
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A tokenized prompt whose image pads are already expanded, one run of pads per image."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    images: tuple[ImageInput, ...]
+    sampling: SamplingParams
+    arrival_time: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of a generated token and of the ``top`` most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One streamed delta of a request: the tokens and text produced since the last output."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    logprobs: tuple[TokenLogprob, ...] | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """The engine's mutable state of one request (owned by the engine thread only).
+
+    ``token_ids`` holds the prompt followed by the generated tokens; ``num_computed_tokens`` of
+    them have their K/V in the blocks listed in ``block_ids``.
+    """
+
+    request: GenerationRequest
+    token_ids: list[int]
+    image_positions: list[int]  # prompt indices of image pads, ascending
+    image_embeds: torch.Tensor | None  # [num_image_tokens, H], images concatenated in order
+    image_deepstack: torch.Tensor | None  # [num_image_tokens, k*H]
+    mrope_positions: torch.Tensor | None  # [3, num_prompt_tokens] long; None: plain positions
+    rope_delta: int = 0
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    num_preemptions: int = 0
+    arrival_index: int = 0  # admission order; lower is served first and preempted last
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.request.sampling
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def has_images(self) -> bool:
+        return self.image_embeds is not None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def image_rows(self, start: int, end: int) -> tuple[int, int]:
+        """Range of image rows whose pad positions fall in prompt indices [start, end)."""
+        # Image rows are assigned to pads in order, so the rows of any span are contiguous.
+        return bisect_left(self.image_positions, start), bisect_left(self.image_positions, end)

@@ -1,0 +1,175 @@
+"""Continuous-batching scheduler: decodes and chunked prefills share a per-step token budget.
+
+Each step first gives every running decode its one token, then continues running prefills, then
+admits waiting requests in arrival order, chunking a prefill to whatever budget is left. When the
+KV pool runs out, the most recently admitted running request is preempted: its blocks are freed
+and it goes back to the front of the queue to be recomputed later (its prefix blocks usually
+survive in the prefix cache). Admission is strictly first come first served: a request that does
+not fit blocks the ones behind it, so none can starve.
+"""
+
+from __future__ import annotations
+
+from bisect import insort
+from collections import deque
+from dataclasses import dataclass
+
+from services.language.kv_cache import BlockManager
+from services.language.request import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batch limits for one step."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError(
+                "max_num_seqs and max_num_batched_tokens must be >= 1, got "
+                f"{self.max_num_seqs} and {self.max_num_batched_tokens}"
+            )
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Tokens ``[start, start + num_tokens)`` of ``seq`` computed this step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the sequence's last token, so a new token is sampled."""
+        return self.end == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """What one step computes, and who was preempted to make room."""
+
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[Sequence, ...]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(chunk.num_tokens for chunk in self.chunks)
+
+
+class Scheduler:
+    """Owns the waiting queue and the running set; all calls come from the engine thread."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # sorted by arrival_index
+        self.num_preemptions = 0
+        self._next_index = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.arrival_index = self._next_index
+        self._next_index += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark ``seq`` finished, drop it from the queues and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+        budget = self._schedule_running(budget, chunks, preempted)
+        if not preempted:
+            self._admit_waiting(budget, chunks)
+        return SchedulerOutput(tuple(chunks), tuple(preempted))
+
+    def _schedule_running(
+        self, budget: int, chunks: list[ScheduledChunk], preempted: list[Sequence]
+    ) -> int:
+        # Decodes first: one token each keeps inter-token latency flat under prefill load.
+        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        for seq in decodes + prefills:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this step
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate(seq, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                budget += self._unschedule(victim, chunks)
+                if victim is seq:
+                    break
+            else:
+                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+                budget -= num_new
+        return budget
+
+    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> None:
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            cached = bm.lookup_prefix(seq)
+            num_cached = len(cached) * bm.block_size
+            num_new = min(seq.num_tokens - num_cached, budget)
+            if not bm.allocate(seq, num_new, cached):
+                break
+            bm.record_lookup(seq.num_tokens, num_cached)
+            if seq.num_output_tokens == 0 and seq.num_preemptions == 0:
+                seq.num_cached_tokens = num_cached
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            insort(self.running, seq, key=lambda s: s.arrival_index)
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+            budget -= num_new
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        # Victims are popped newest first, so each appendleft keeps the queue in arrival order.
+        self.waiting.appendleft(seq)
+
+    @staticmethod
+    def _unschedule(seq: Sequence, chunks: list[ScheduledChunk]) -> int:
+        for i, chunk in enumerate(chunks):
+            if chunk.seq is seq:
+                del chunks[i]
+                return chunk.num_tokens
+        return 0
+
+    def complete_step(self, output: SchedulerOutput) -> None:
+        """Record that the step's chunks were computed and offer new full blocks to the cache."""
+        for chunk in output.chunks:
+            chunk.seq.num_computed_tokens = chunk.end
+            self.block_manager.register_computed_blocks(chunk.seq)
