@@ -17,5 +17,6 @@ def tiny_vl(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_vl_dir(tiny_vl):
-    """A tiny random Qwen3-VL-MoE checkpoint directory (config, safetensors, preprocessor config)."""
+    """A tiny random Qwen3-VL-MoE checkpoint directory (config, safetensors, preprocessor
+    config)."""
     return tiny_vl[0]

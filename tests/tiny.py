@@ -1,6 +1,7 @@
 """Tiny random Qwen3-VL-MoE / Qwen3-MoE checkpoints written by transformers, for parity tests.
 
-Every norm weight and bias is randomized (mistakes hide behind ones and zeros) and the other weights get a
+Every norm weight and bias is randomized (mistakes hide behind ones and zeros) and the other weights
+get a
 larger spread than transformers' init so logits are not all near-ties.
 """
 

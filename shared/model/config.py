@@ -1,6 +1,7 @@
 """Frozen model configurations parsed from a Hugging Face config.json.
 
-Two dialects exist in the wild: transformers 4.57 writes `rope_scaling` + `rope_theta` inside `text_config`,
+Two dialects exist in the wild: transformers 4.57 writes `rope_scaling` + `rope_theta` inside
+`text_config`,
 transformers 5.x writes `rope_parameters`. Both parse to the same `TextConfig`.
 """
 
@@ -227,7 +228,8 @@ def parse_vision_config(vision: dict[str, Any], text: TextConfig) -> VisionConfi
         )
     if cfg.out_hidden_size != text.hidden_size:
         raise ConfigError(
-            f"vision out_hidden_size ({cfg.out_hidden_size}) != text hidden_size ({text.hidden_size})"
+            f"vision out_hidden_size ({cfg.out_hidden_size}) != "
+            f"text hidden_size ({text.hidden_size})"
         )
     if any(not 0 <= i < cfg.depth for i in cfg.deepstack_visual_indexes):
         raise ConfigError(
@@ -271,7 +273,9 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
             dtype=dtype,
         )
     supported = ", ".join(VL_MODEL_TYPES + TEXT_MODEL_TYPES)
-    raise ConfigError(f"config.json: unsupported model_type '{model_type}' (supported: {supported})")
+    raise ConfigError(
+        f"config.json: unsupported model_type '{model_type}' (supported: {supported})"
+    )
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:

@@ -1,9 +1,12 @@
 """Load Hugging Face checkpoint directories into the model classes.
 
-The model is built on the meta device and each parameter is filled from the safetensors shards, so peak
-memory stays near the model's size. Only the tensors of the requested part are read: the encode side never
+The model is built on the meta device and each parameter is filled from the safetensors shards, so
+peak
+memory stays near the model's size. Only the tensors of the requested part are read: the encode side
+never
 touches the language weights and vice versa. Expert weights come in three layouts, all accepted:
-hub fused (`gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`), transformers-v5 fused (the transposes) and the
+hub fused (`gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`), transformers-v5 fused (the transposes)
+and the
 per-expert text layout (`experts.{e}.{gate,up,down}_proj.weight`).
 """
 
@@ -48,7 +51,9 @@ def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
         return {k: model_dir / v for k, v in weight_map.items()}
     single = model_dir / "model.safetensors"
     if not single.is_file():
-        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+        raise CheckpointError(
+            f"no model.safetensors or model.safetensors.index.json in {model_dir}"
+        )
     with safe_open(single, "pt") as f:
         return {k: single for k in f.keys()}
 
@@ -62,7 +67,9 @@ def _fused_expert(name: str, target: torch.Size) -> Callable[[list[torch.Tensor]
             return t
         if t.dim() == 3 and t.shape == (target[0], target[2], target[1]):
             return t.transpose(1, 2).contiguous()
-        raise CheckpointError(f"{name}: shape {tuple(t.shape)} is neither {tuple(target)} nor its transpose")
+        raise CheckpointError(
+            f"{name}: shape {tuple(t.shape)} is neither {tuple(target)} nor its transpose"
+        )
 
     return build
 
@@ -75,11 +82,15 @@ def _expert_source(
         return _Source((fused,), _fused_expert(fused, target))
     num_experts = target[0]
     if kind == "gate_up_proj":
-        names = [f"{ckpt_base}.{e}.{p}_proj.weight" for e in range(num_experts) for p in ("gate", "up")]
+        names = [
+            f"{ckpt_base}.{e}.{p}_proj.weight" for e in range(num_experts) for p in ("gate", "up")
+        ]
 
         def build(ts: list[torch.Tensor]) -> torch.Tensor:
             # Each expert: [gate.T | up.T] -> [H, 2I].
-            pairs = [torch.cat([g.t(), u.t()], dim=1) for g, u in zip(ts[0::2], ts[1::2], strict=True)]
+            pairs = [
+                torch.cat([g.t(), u.t()], dim=1) for g, u in zip(ts[0::2], ts[1::2], strict=True)
+            ]
             return torch.stack(pairs)
 
         return _Source(tuple(names), build)
@@ -126,7 +137,8 @@ def load_weights(
     device: str | torch.device,
     skip: set[str] | None = None,
 ) -> None:
-    """Fill `module` (built on meta) from the checkpoint; `prefixes` maps (our prefix, checkpoint prefix).
+    """Fill `module` (built on meta) from the checkpoint; `prefixes` maps (our prefix, checkpoint
+    prefix).
 
     Parameters in `skip` (a tied lm_head) are left for the caller.
     """
@@ -140,7 +152,9 @@ def load_weights(
         )
     ckpt_prefixes = tuple(c for _, c in prefixes)
     unexpected = sorted(
-        k for k in keys if k.startswith(ckpt_prefixes) and k not in wanted and not _IGNORED.search(k)
+        k
+        for k in keys
+        if k.startswith(ckpt_prefixes) and k not in wanted and not _IGNORED.search(k)
     )
     if unexpected:
         raise CheckpointError(

@@ -76,9 +76,7 @@ def load_image_processor_config(model_dir: str | Path) -> ImageProcessorConfig:
     )
 
 
-def decode_image(
-    data: bytes, max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS
-) -> Image.Image:
+def decode_image(data: bytes, max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS) -> Image.Image:
     """Decode JPEG / PNG / WebP / GIF (first frame) bytes to RGB, honouring EXIF orientation."""
     if not data:
         raise ImageError("image is empty (0 bytes)")
@@ -113,7 +111,8 @@ def decode_image(
 def smart_resize(
     height: int, width: int, factor: int, min_pixels: int, max_pixels: int
 ) -> tuple[int, int]:
-    """Target size: sides multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
+    """Target size: sides multiples of `factor`, area within [min_pixels, max_pixels], aspect
+    kept."""
     if height <= 0 or width <= 0:
         raise ImageError(f"image has no pixels ({width}x{height})")
     ratio = max(height, width) / min(height, width)
@@ -135,7 +134,8 @@ def smart_resize(
 
 
 def patchify(pixels: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
-    """[C, H, W] float32 -> [gh*gw, C*T*P*P] rows in merge-block order, the frame repeated over T."""
+    """[C, H, W] float32 -> [gh*gw, C*T*P*P] rows in merge-block order, the frame repeated over
+    T."""
     c, h, w = pixels.shape
     p, m = cfg.patch_size, cfg.merge_size
     gh, gw = h // p, w // p
@@ -148,7 +148,8 @@ def patchify(pixels: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
 def preprocess_image(
     image: Image.Image, cfg: ImageProcessorConfig
 ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """Resize (bicubic), rescale, normalize and patchify one RGB image -> (pixel_values, grid_thw)."""
+    """Resize (bicubic), rescale, normalize and patchify one RGB image -> (pixel_values,
+    grid_thw)."""
     h, w = smart_resize(image.height, image.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     if (w, h) != image.size:
         image = image.resize((w, h), resample=Image.BICUBIC)
@@ -174,8 +175,10 @@ def mrope_positions(
 ) -> tuple[torch.Tensor, int]:
     """M-RoPE position ids [3, T] (t, h, w) and the rope delta for decoding.
 
-    Text tokens at running position p get (p, p, p). The i-th run of image pad tokens starts at s and gets
-    (s + frame, s + row, s + col) over its merged grid in raster order; the running position then continues
+    Text tokens at running position p get (p, p, p). The i-th run of image pad tokens starts at s
+    and gets
+    (s + frame, s + row, s + col) over its merged grid in raster order; the running position then
+    continues
     at s + max(t, gh/m, gw/m). rope_delta = max position + 1 - T.
     """
     ids = torch.as_tensor(input_ids, dtype=torch.long).view(-1)

@@ -1,7 +1,9 @@
 """The unified Qwen3-MoE language model.
 
-One `Qwen3MoeModel` serves text-only inference, VL inference and the language side of disaggregation:
-`input_deepstack_embeds` is an optional parameter, never a subclass. Tokens are flattened (`[T]`, no batch
+One `Qwen3MoeModel` serves text-only inference, VL inference and the language side of
+disaggregation:
+`input_deepstack_embeds` is an optional parameter, never a subclass. Tokens are flattened (`[T]`, no
+batch
 dimension); batching several sequences is the attention backend's business.
 """
 
@@ -111,7 +113,9 @@ class Qwen3MoeModel(nn.Module):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if h.dim() != 2:
-            raise ValueError(f"tokens are flattened: expected [T, H] embeddings, got {tuple(h.shape)}")
+            raise ValueError(
+                f"tokens are flattened: expected [T, H] embeddings, got {tuple(h.shape)}"
+            )
         num_tokens = h.shape[0]
         if input_deepstack_embeds is not None and input_deepstack_embeds.shape[0] != num_tokens:
             raise ValueError(
@@ -129,7 +133,8 @@ class Qwen3MoeModel(nn.Module):
 
 
 class Qwen3MoeForCausalLM(nn.Module):
-    """`model: Qwen3MoeModel` + `lm_head`; serves text-only, VL and disaggregated-language inference."""
+    """`model: Qwen3MoeModel` + `lm_head`; serves text-only, VL and disaggregated-language
+    inference."""
 
     def __init__(self, config: TextConfig, tie_word_embeddings: bool = False):
         super().__init__()

@@ -1,6 +1,7 @@
 """Monolithic Qwen3-VL-MoE: vision tower + the unified language model, for tests and tools.
 
-The disaggregated path runs the same pieces in two processes: `Qwen3VLVisionModel` on the encode side,
+The disaggregated path runs the same pieces in two processes: `Qwen3VLVisionModel` on the encode
+side,
 `Qwen3MoeForCausalLM` on the language side, joined by the packed tensor.
 """
 
@@ -88,7 +89,10 @@ class Qwen3VLMoeForConditionalGeneration(nn.Module):
             )
             grids = [tuple(g) for g in image_grid_thw.tolist()]
         positions, _ = mrope_positions(
-            input_ids.cpu(), grids, self.config.image_token_id, self.config.vision.spatial_merge_size
+            input_ids.cpu(),
+            grids,
+            self.config.image_token_id,
+            self.config.vision.spatial_merge_size,
         )
         hidden = self.model(
             inputs_embeds=embeds,

@@ -1,7 +1,9 @@
 """The Qwen3-VL vision tower, returning the packed wire form `[N/4, (1+k) * out_hidden]`.
 
-Patches arrive in 2x2 merge-block order (block_row, block_col, row_in_block, col_in_block); several images
-are concatenated and attend only within themselves (block-diagonal attention), so a batched forward equals
+Patches arrive in 2x2 merge-block order (block_row, block_col, row_in_block, col_in_block); several
+images
+are concatenated and attend only within themselves (block-diagonal attention), so a batched forward
+equals
 the per-image forwards up to float noise.
 """
 
@@ -62,9 +64,7 @@ class VisionAttention(nn.Module):
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
         outs = []
-        for qi, ki, vi in zip(
-            q.split(seq_lens), k.split(seq_lens), v.split(seq_lens), strict=True
-        ):
+        for qi, ki, vi in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens), strict=True):
             o = F.scaled_dot_product_attention(
                 qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)
             )
@@ -120,7 +120,8 @@ class PatchMerger(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Conv3d with kernel == stride over a (C, T, P, P) patch: a Linear over its flattened values."""
+    """Conv3d with kernel == stride over a (C, T, P, P) patch: a Linear over its flattened
+    values."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()

@@ -10,7 +10,8 @@ from shared.model.processing import ImageProcessorConfig, num_image_tokens, prep
 from tests.tiny import IMAGE_TOKEN_ID, PREPROCESSOR, VISION_END_ID, VISION_START_ID
 
 PROC = ImageProcessorConfig(
-    min_pixels=PREPROCESSOR["size"]["shortest_edge"], max_pixels=PREPROCESSOR["size"]["longest_edge"]
+    min_pixels=PREPROCESSOR["size"]["shortest_edge"],
+    max_pixels=PREPROCESSOR["size"]["longest_edge"],
 )
 
 
@@ -29,15 +30,20 @@ def images_inputs(sizes: list[tuple[int, int]], seed: int = 0):
     return torch.cat(pvs), torch.tensor(grids)
 
 
-def prompt_ids(text_runs: list[int], grids: list[tuple[int, int, int]], seed: int = 0) -> torch.Tensor:
-    """Text runs of random ids interleaved with image blocks: text0 [img0] text1 [img1] ... textN."""
+def prompt_ids(
+    text_runs: list[int], grids: list[tuple[int, int, int]], seed: int = 0
+) -> torch.Tensor:
+    """Text runs of random ids interleaved with image blocks: text0 [img0] text1 [img1] ...
+    textN."""
     gen = torch.Generator().manual_seed(seed)
     parts = []
     for i, n in enumerate(text_runs):
         parts.append(torch.randint(0, 290, (n,), generator=gen))
         if i < len(grids):
             pads = torch.full((num_image_tokens(tuple(grids[i]), 2),), IMAGE_TOKEN_ID)
-            parts.append(torch.cat([torch.tensor([VISION_START_ID]), pads, torch.tensor([VISION_END_ID])]))
+            parts.append(
+                torch.cat([torch.tensor([VISION_START_ID]), pads, torch.tensor([VISION_END_ID])])
+            )
     return torch.cat(parts)
 
 

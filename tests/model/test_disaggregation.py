@@ -1,4 +1,5 @@
-"""The split path (vision alone -> bytes -> text model alone) equals the monolithic forward bit for bit."""
+"""The split path (vision alone -> bytes -> text model alone) equals the monolithic forward bit for
+bit."""
 
 from __future__ import annotations
 
@@ -40,9 +41,7 @@ def test_split_equals_monolithic(tiny_vl_dir):
             ids, text.embed_tokens(ids), embeds, deepstack, IMAGE_TOKEN_ID
         )
         positions, _ = mrope_positions(ids, grid.tolist(), IMAGE_TOKEN_ID, 2)
-        got = text(
-            inputs_embeds=inputs_embeds, positions=positions, input_deepstack_embeds=full_ds
-        )
+        got = text(inputs_embeds=inputs_embeds, positions=positions, input_deepstack_embeds=full_ds)
     assert torch.equal(got, want)
 
 

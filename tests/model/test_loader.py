@@ -38,7 +38,8 @@ def _logits(path):
 
 
 def _to_hub_layout(t: dict) -> dict:
-    """transformers v5 writes [E, 2I, H] / [E, H, I]; the hub checkpoints hold [E, H, 2I] / [E, I, H]."""
+    """transformers v5 writes [E, 2I, H] / [E, H, I]; the hub checkpoints hold [E, H, 2I] / [E, I,
+    H]."""
     return {k: v.transpose(1, 2).contiguous() if ".experts." in k else v for k, v in t.items()}
 
 

@@ -1,4 +1,5 @@
-"""Parity of the text-only Qwen3-MoE path (per-expert checkpoint layout, 1-D RoPE) with transformers."""
+"""Parity of the text-only Qwen3-MoE path (per-expert checkpoint layout, 1-D RoPE) with
+transformers."""
 
 from __future__ import annotations
 

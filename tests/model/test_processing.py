@@ -25,9 +25,28 @@ REAL = ImageProcessorConfig()
 SMALL = ImageProcessorConfig(min_pixels=32 * 32, max_pixels=384 * 384)
 
 SIZES = [  # (width, height)
-    (1, 1), (1, 150), (150, 1), (2, 399), (399, 2), (16, 16), (31, 33), (32, 32), (33, 31),
-    (100, 100), (640, 480), (480, 640), (1000, 5), (5, 999), (4000, 3000), (3000, 4000),
-    (8000, 41), (41, 8000), (1920, 1080), (123, 457), (7, 1399), (256, 255),
+    (1, 1),
+    (1, 150),
+    (150, 1),
+    (2, 399),
+    (399, 2),
+    (16, 16),
+    (31, 33),
+    (32, 32),
+    (33, 31),
+    (100, 100),
+    (640, 480),
+    (480, 640),
+    (1000, 5),
+    (5, 999),
+    (4000, 3000),
+    (3000, 4000),
+    (8000, 41),
+    (41, 8000),
+    (1920, 1080),
+    (123, 457),
+    (7, 1399),
+    (256, 255),
 ]
 
 
@@ -72,7 +91,11 @@ def test_aspect_ratio_over_200_rejected():
 
 @pytest.mark.parametrize(
     "data, match",
-    [(b"", "empty"), (b"not an image at all", "cannot decode"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "cannot decode")],
+    [
+        (b"", "empty"),
+        (b"not an image at all", "cannot decode"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "cannot decode"),
+    ],
 )
 def test_bad_bytes_rejected(data, match):
     with pytest.raises(ImageError, match=match):

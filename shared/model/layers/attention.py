@@ -1,9 +1,12 @@
 """Text self-attention with per-head q/k RMSNorm, RoPE and GQA.
 
-The attention kernel itself is pluggable: `AttentionBackend` receives q/k/v after q/k-norm and RoPE. Without
-one, the tokens form a single sequence with full causal attention (tests, tools). The engine passes a
+The attention kernel itself is pluggable: `AttentionBackend` receives q/k/v after q/k-norm and RoPE.
+Without
+one, the tokens form a single sequence with full causal attention (tests, tools). The engine passes
+a
 backend that writes k/v into its paged cache and attends over each sequence's cached context.
-Head counts come from the projection shapes, so sharding the projections across tensor-parallel ranks
+Head counts come from the projection shapes, so sharding the projections across tensor-parallel
+ranks
 (columns of q/k/v, rows of o) needs no change here.
 """
 
@@ -48,7 +51,8 @@ def causal_attention(
 
 
 class Attention(nn.Module):
-    """Qwen3 attention block: q/k/v/o projections without bias, q/k norm over head_dim before RoPE."""
+    """Qwen3 attention block: q/k/v/o projections without bias, q/k norm over head_dim before
+    RoPE."""
 
     def __init__(
         self,

@@ -1,9 +1,13 @@
 """Sparse MoE block: softmax router, top-k, optional renormalization, grouped expert compute.
 
-Expert weights are stored fused in the hub layout, `gate_up_proj [E, H, 2I]` and `down_proj [E, I, H]`,
-which is the right-hand operand layout of `torch._grouped_mm`: tokens sorted by expert multiply their
-expert's matrix in one call. Where grouped_mm is unavailable (or strides are not 16-byte aligned) the same
-sorted layout is computed with one matmul per expert that received tokens (never a loop over tokens).
+Expert weights are stored fused in the hub layout, `gate_up_proj [E, H, 2I]` and `down_proj [E, I,
+H]`,
+which is the right-hand operand layout of `torch._grouped_mm`: tokens sorted by expert multiply
+their
+expert's matrix in one call. Where grouped_mm is unavailable (or strides are not 16-byte aligned)
+the same
+sorted layout is computed with one matmul per expert that received tokens (never a loop over
+tokens).
 """
 
 from __future__ import annotations
@@ -38,12 +42,15 @@ def _aligned(*tensors: torch.Tensor) -> bool:
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts with fused weights; gate is the first I columns of gate_up, up the second."""
+    """E SwiGLU experts with fused weights; gate is the first I columns of gate_up, up the
+    second."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.num_experts = num_experts
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(num_experts, hidden_size, 2 * intermediate_size)
+        )
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
 
     def _grouped(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

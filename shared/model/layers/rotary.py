@@ -24,7 +24,8 @@ def mrope_axis_of_slot(
 ) -> torch.Tensor:
     """Which position axis (0 = t, 1 = h, 2 = w) drives each of the head_dim/2 frequency slots.
 
-    Interleaved (Qwen3-VL): slot j takes h when j % 3 == 1 and j < 3 * sections[1], w when j % 3 == 2 and
+    Interleaved (Qwen3-VL): slot j takes h when j % 3 == 1 and j < 3 * sections[1], w when j % 3 ==
+    2 and
     j < 3 * sections[2], t otherwise. Non-interleaved (Qwen2-VL style): contiguous t, h, w runs.
     """
     axis = torch.zeros(num_slots, dtype=torch.long)
@@ -41,7 +42,8 @@ def mrope_axis_of_slot(
 class RotaryEmbedding(nn.Module):
     """Produces (cos, sin) [T, head_dim] for positions [T] (1-D) or [3, T] (M-RoPE).
 
-    Holds no buffers, so a model built on the meta device needs nothing re-initialized after loading.
+    Holds no buffers, so a model built on the meta device needs nothing re-initialized after
+    loading.
     """
 
     def __init__(
