@@ -153,11 +153,13 @@ class ImageLoader:
                 f"unsupported image URL scheme {scheme!r} in {_short(url)!r}; use a data: URL"
                 + (" or http(s)" if self.config.allow_http else "")
             )
+        return self.check(data)
+
+    def check(self, data: bytes) -> bytes:
+        """Return `data` if it is an image within the byte and pixel limits; raise otherwise."""
         limit = self.config.max_image_bytes
         if len(data) > limit:
-            raise ImageTooLargeError(
-                f"image is {len(data)} bytes, above the limit of {limit} bytes"
-            )
+            raise ImageTooLargeError(f"image is {len(data)} bytes, above the limit of {limit}")
         check_image_bytes(data, self.config.max_image_pixels)
         return data
 

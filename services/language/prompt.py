@@ -291,3 +291,49 @@ def expand_image_pads(
         start = position + 1
     expanded.extend(token_ids[start:])
     return tuple(expanded)
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A prompt ready for the engine: expanded token ids and the images' embeddings."""
+
+    token_ids: tuple[int, ...]
+    images: tuple[ImageInput, ...] = ()
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Prompt tokens that are image embeddings."""
+        return sum(image.num_tokens for image in self.images)
+
+
+@dataclass(frozen=True)
+class ContextWindow:
+    """The context length a request must fit: prompt plus generated tokens."""
+
+    max_model_len: int
+
+    def check_prompt(self, num_prompt_tokens: int) -> None:
+        """400 naming both numbers when the prompt leaves no room to generate."""
+        if num_prompt_tokens >= self.max_model_len:
+            raise BadRequestError(
+                f"the prompt has {num_prompt_tokens} tokens, but this model's maximum context "
+                f"length is {self.max_model_len} tokens; shorten the messages",
+                param="messages",
+                code="context_length_exceeded",
+            )
+
+    def max_tokens(self, num_prompt_tokens: int, requested: int | None) -> int:
+        """The request's max_tokens, or the room the context has left when it gave none."""
+        self.check_prompt(num_prompt_tokens)
+        room = self.max_model_len - num_prompt_tokens
+        if requested is None:
+            return room
+        if requested > room:
+            raise BadRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{num_prompt_tokens + requested} were requested ({num_prompt_tokens} in the "
+                f"prompt, {requested} to generate); lower max_tokens or shorten the prompt",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return requested

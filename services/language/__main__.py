@@ -1,0 +1,237 @@
+"""python -m services.language --model DIR [--encode HOST:PORT,...] [...]: the language service.
+
+Loads the text weights, the tokenizer, the chat template and the preprocessor config of a
+checkpoint directory, then serves OpenAI-compatible HTTP (and, with --grpc-port, the internal
+gRPC LanguageService) until SIGINT / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from services.language.api import APIConfig, LanguageFrontend, create_app
+from services.language.engine import AsyncEngine, EngineConfig
+from services.language.images import ImageFetchConfig, ImageLoader
+from services.language.metrics import LanguageMetrics
+from services.language.prompt import ChatTemplate, ContextWindow, PromptBuilder
+
+log = logging.getLogger("services.language")
+
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6,
+          "gb": 10**9}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """'512MiB', '2GiB', '1000000' -> bytes."""
+    number = text.strip().rstrip("bBiIkKmMgG")
+    unit = text.strip()[len(number) :].lower()
+    if unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512MiB, 2GiB, 1000000)")
+    try:
+        return int(float(number) * _UNITS[unit])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="python -m services.language", description=__doc__)
+    p.add_argument("--model", required=True, type=Path, help="Hugging Face checkpoint directory")
+    p.add_argument("--served-model-name", default=None, help="default: the directory's name")
+    p.add_argument("--encode", default="", help="encode replicas, HOST:PORT[,HOST:PORT...]")
+    p.add_argument(
+        "--transport",
+        choices=("grpc", "nccl"),
+        default="grpc",
+        help="how image embeddings travel: inline in gRPC, or over a torch.distributed link",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port; 0 picks a free one")
+    p.add_argument("--grpc-port", type=int, default=None, help="serve gRPC too; 0 picks one")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("SPLITVL_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $SPLITVL_API_KEY)",
+    )
+    p.add_argument(
+        "--port-file",
+        type=Path,
+        default=None,
+        help="write {http_port, grpc_port, pid} as JSON here once serving",
+    )
+    images = p.add_argument_group("images")
+    images.add_argument(
+        "--allow-http-images",
+        action="store_true",
+        help="fetch http(s) image URLs (public addresses only)",
+    )
+    images.add_argument(
+        "--allowed-image-networks",
+        default="",
+        help="CIDRs exempt from the public-address rule, comma-separated",
+    )
+    images.add_argument("--max-image-bytes", type=parse_bytes, default=parse_bytes("20MiB"))
+    images.add_argument("--image-fetch-timeout", type=float, default=10.0, help="seconds")
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--max-n", type=int, default=8, help="most choices per request")
+    limits.add_argument("--max-request-bytes", type=parse_bytes, default=parse_bytes("64MiB"))
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--device", default="cpu")
+    engine.add_argument("--dtype", default="auto")
+    engine.add_argument("--block-size", type=int, default=16)
+    engine.add_argument("--kv-cache-memory", type=parse_bytes, default=None)
+    engine.add_argument("--gpu-memory-fraction", type=float, default=0.9)
+    engine.add_argument("--max-num-seqs", type=int, default=64)
+    engine.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    engine.add_argument("--max-model-len", type=int, default=None)
+    engine.add_argument("--max-queue-len", type=int, default=1024)
+    engine.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig from the command line."""
+    return EngineConfig(
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_fraction=args.gpu_memory_fraction,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        max_queue_len=args.max_queue_len,
+        dtype=args.dtype,
+        device=args.device,
+    )
+
+
+def image_fetch_config(args: argparse.Namespace) -> ImageFetchConfig:
+    """ImageFetchConfig from the command line."""
+    networks = tuple(n.strip() for n in args.allowed_image_networks.split(",") if n.strip())
+    return ImageFetchConfig(
+        allow_http=args.allow_http_images,
+        max_image_bytes=args.max_image_bytes,
+        fetch_timeout_s=args.image_fetch_timeout,
+        allowed_networks=networks,
+    )
+
+
+def _merge_size(model_dir: Path, engine: Any) -> int:
+    vision = engine.model_config.vision
+    if vision is None:
+        return 1
+    if (model_dir / "preprocessor_config.json").is_file():
+        from shared.model.processing import load_image_processor_config
+
+        return load_image_processor_config(model_dir).merge_size
+    return vision.spatial_merge_size
+
+
+def build_frontend(
+    model_dir: Path, engine: Any, encoder: Any, fetch: ImageFetchConfig
+) -> LanguageFrontend:
+    """Wire the chat template, tokenizer, image loader, encoder and engine together."""
+    model_config = engine.model_config
+    image_token_id = model_config.image_token_id if model_config.is_vl else None
+    prompt_builder = PromptBuilder(
+        ChatTemplate.from_model_dir(model_dir), engine.tokenizer.encode, image_token_id
+    )
+    return LanguageFrontend(
+        engine,
+        prompt_builder,
+        ImageLoader(fetch),
+        encoder,
+        ContextWindow(engine.max_model_len),
+        LanguageMetrics(engine.stats),
+        merge_size=_merge_size(model_dir, engine),
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _build_encoder(args: argparse.Namespace) -> Any:
+    if not args.encode:
+        return None
+    from services.language.encode_client import build_encode_client
+
+    return build_encode_client(args.encode, transport=args.transport, device=args.device)
+
+
+@asynccontextmanager
+async def running(engine: Any, encoder: Any):
+    """Start the engine (and the encode client's links) for the app's lifetime."""
+    await engine.start()
+    try:
+        if encoder is not None and hasattr(encoder, "start"):
+            await encoder.start()
+        yield
+    finally:
+        if encoder is not None and hasattr(encoder, "close"):
+            await encoder.close()
+        await engine.shutdown()
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Load, start and serve until a signal arrives."""
+    engine = await asyncio.to_thread(AsyncEngine.from_model_dir, args.model, engine_config(args))
+    encoder = _build_encoder(args)
+    frontend = build_frontend(args.model, engine, encoder, image_fetch_config(args))
+    name = args.served_model_name or args.model.resolve().name
+    app = create_app(frontend, APIConfig(name, args.api_key, args.max_n, args.max_request_bytes))
+    sock = _bind(args.host, args.port)
+    config = uvicorn.Config(app, log_level=args.log_level.lower(), lifespan="off")
+    server = uvicorn.Server(config)
+    async with running(engine, encoder):
+        grpc_server, grpc_port = None, None
+        if args.grpc_port is not None:
+            from services.language.grpc_server import start_grpc_server
+
+            grpc_server, grpc_port = await start_grpc_server(frontend, args.host, args.grpc_port)
+        try:
+            http_port = sock.getsockname()[1]
+            _announce(args.port_file, http_port, grpc_port)
+            await server.serve(sockets=[sock])
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=5.0)
+
+
+def _announce(port_file: Path | None, http_port: int, grpc_port: int | None) -> None:
+    info = {"http_port": http_port, "grpc_port": grpc_port, "pid": os.getpid()}
+    log.info("language service ready: %s", info)
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(port_file)  # readers never see a half-written file
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

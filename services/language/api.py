@@ -1,0 +1,433 @@
+"""The language service's front end: request building shared by HTTP and gRPC, and the HTTP app.
+
+`LanguageFrontend` turns messages into `GenerationRequest`s (chat template, image loading,
+encode service, pad expansion, context-length checks) and runs them on the engine, recording
+metrics. Text-only requests never reach the encode service. `create_app` serves it as an
+OpenAI-compatible FastAPI app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from services.language.errors import (
+    APIError,
+    BadRequestError,
+    ImageInputError,
+    NotFoundError,
+    OverloadedError,
+    RequestGate,
+    ServiceUnavailableError,
+    install_error_handlers,
+)
+from services.language.images import ImageLoader
+from services.language.metrics import CONTENT_TYPE, LanguageMetrics, RequestTimer
+from services.language.openai_schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponseBuilder,
+    collect_response,
+    stream_events,
+)
+from services.language.prompt import (
+    ChatMessage,
+    ContextWindow,
+    ImagePart,
+    PreparedPrompt,
+    PromptBuilder,
+    collect_images,
+    expand_image_pads,
+)
+from services.language.request import (
+    GenerationRequest,
+    ImageInput,
+    InvalidRequestError,
+    QueueFullError,
+    RequestOutput,
+    SamplingParams,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ImageEncoder(Protocol):
+    """The encode service as the front end sees it."""
+
+    async def encode(self, images: Sequence[bytes], request_id: str) -> Sequence[ImageInput]:
+        """Embeddings of the images, in order."""
+        ...
+
+
+class LanguageFrontend:
+    """Builds generation requests from messages and streams their outputs from the engine."""
+
+    def __init__(
+        self,
+        engine: Any,
+        prompt_builder: PromptBuilder,
+        image_loader: ImageLoader,
+        encoder: ImageEncoder | None,
+        window: ContextWindow,
+        metrics: LanguageMetrics,
+        merge_size: int = 2,
+        retry_after_s: int = 1,
+    ) -> None:
+        self.engine = engine
+        self.prompt_builder = prompt_builder
+        self.image_loader = image_loader
+        self.encoder = encoder
+        self.window = window
+        self.metrics = metrics
+        self.merge_size = merge_size
+        self.retry_after_s = retry_after_s
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token, for logprobs."""
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    async def prepare_chat(
+        self, messages: Sequence[ChatMessage], request_id: str
+    ) -> PreparedPrompt:
+        """Render, tokenize, load and encode images, expand pads."""
+        image_parts = collect_images(messages)
+        # Tokenizing a long prompt takes milliseconds: keep it off the event loop
+        token_ids = await asyncio.to_thread(self.prompt_builder.tokenize, messages)
+        # Each image adds at least one token: refuse hopeless prompts before encoding anything
+        self.window.check_prompt(len(token_ids))
+        if not image_parts:
+            return PreparedPrompt(tuple(token_ids))
+        images = await self._encode_images(image_parts, request_id)
+        image_token_id = self.prompt_builder.image_token_id
+        expanded = expand_image_pads(token_ids, image_token_id, images, self.merge_size)
+        return PreparedPrompt(expanded, tuple(images))
+
+    def prepare_text(self, prompt: str | Sequence[int]) -> PreparedPrompt:
+        """A plain completion prompt (text, or token ids that must not contain image pads)."""
+        if isinstance(prompt, str):
+            token_ids = list(self.engine.tokenizer.encode(prompt))
+        else:
+            token_ids = list(prompt)
+            vocab = self.engine.model_config.text.vocab_size
+            if any(not 0 <= t < vocab for t in token_ids):
+                raise BadRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if self.prompt_builder.image_token_id in token_ids:
+            raise BadRequestError(
+                "plain completions cannot carry images; use /v1/chat/completions", param="prompt"
+            )
+        self.window.check_prompt(len(token_ids))
+        return PreparedPrompt(tuple(token_ids))
+
+    async def _encode_images(self, parts: list[ImagePart], request_id: str) -> list[ImageInput]:
+        if self.encoder is None:
+            raise BadRequestError("this server has no encode service; images are not accepted")
+        start = time.monotonic()
+        datas = await asyncio.gather(*(self._image_bytes(part) for part in parts))
+        try:
+            images = list(await self.encoder.encode(datas, request_id))
+        except APIError:
+            raise
+        except ValueError as exc:  # the encode service refused an image
+            raise ImageInputError(f"image could not be encoded: {exc}") from exc
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            raise ServiceUnavailableError(
+                f"the encode service is unavailable ({type(exc).__name__}); retry shortly",
+                retry_after_s=self.retry_after_s,
+                code="encode_unavailable",
+            ) from exc
+        self.metrics.encode_latency.observe(time.monotonic() - start)
+        return images
+
+    async def _image_bytes(self, part: ImagePart) -> bytes:
+        if part.data is not None:
+            return self.image_loader.check(part.data)
+        return await self.image_loader.load(part.url)
+
+    def make_requests(
+        self,
+        request_id: str,
+        prompt: PreparedPrompt,
+        sampling: SamplingParams,
+        requested_max_tokens: int | None,
+        n: int,
+        arrival_time: float,
+    ) -> list[GenerationRequest]:
+        """One engine request per choice; choices with a seed get seed, seed+1, ..."""
+        max_tokens = self.window.max_tokens(len(prompt.token_ids), requested_max_tokens)
+        requests = []
+        for index in range(n):
+            seed = None if sampling.seed is None else sampling.seed + index
+            params = dataclasses.replace(sampling, max_tokens=max_tokens, seed=seed)
+            rid = request_id if n == 1 else f"{request_id}-{index}"
+            requests.append(
+                GenerationRequest(rid, prompt.token_ids, prompt.images, params, arrival_time)
+            )
+        return requests
+
+    async def generate(
+        self, requests: Sequence[GenerationRequest], num_image_tokens: int = 0
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(choice index, output) pairs; the first output of every choice is awaited first.
+
+        Errors the engine raises on submission (queue full, prompt too long) therefore surface
+        before a response starts. Closing the iterator early aborts every choice.
+        """
+        iterators = await self._submit(requests)
+        timers = [RequestTimer(self.metrics, r.arrival_time) for r in requests]
+        queue: asyncio.Queue = asyncio.Queue()
+        pumps = [
+            asyncio.create_task(_pump(index, it, queue)) for index, it in enumerate(iterators)
+        ]
+        unfinished, counted = set(range(len(requests))), False
+        try:
+            while unfinished:
+                index, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise _engine_error(item, self.retry_after_s) from item
+                if not counted:  # once per API request, when the engine has accepted it
+                    counted = True
+                    self.metrics.prompt_tokens.inc(len(requests[0].prompt_token_ids))
+                    self.metrics.image_tokens.inc(num_image_tokens)
+                _record(timers[index], item)
+                if item.finished:
+                    unfinished.discard(index)
+                yield index, item
+        finally:
+            # Cancelling a pump closes its engine stream mid-flight, which aborts the request;
+            # the explicit abort covers a stream cancelled before it ever ran
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for index in unfinished:
+                with suppress(Exception):
+                    await self.engine.abort(requests[index].request_id)
+
+    async def _submit(self, requests: Sequence[GenerationRequest]) -> list:
+        iterators = []
+        try:
+            for request in requests:
+                iterators.append(self.engine.generate(request))
+        except Exception as exc:
+            # Choices already queued would otherwise run unobserved
+            for request in requests[: len(iterators)]:
+                await self.engine.abort(request.request_id)
+            for iterator in iterators:
+                with suppress(Exception):
+                    await asyncio.wait_for(_drain(iterator), timeout=5.0)
+            raise _engine_error(exc, self.retry_after_s) from exc
+        return iterators
+
+
+def _engine_error(exc: BaseException, retry_after_s: int) -> BaseException:
+    """The client-facing error for an engine exception."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return OverloadedError(
+            f"the server is at capacity ({exc}); retry shortly", retry_after_s=retry_after_s
+        )
+    if isinstance(exc, InvalidRequestError):
+        return BadRequestError(str(exc))
+    return exc
+
+
+async def _drain(iterator: AsyncIterator) -> None:
+    async for _ in iterator:
+        pass
+
+
+async def _pump(index: int, iterator: AsyncIterator[RequestOutput], queue: asyncio.Queue) -> None:
+    finished = False
+    try:
+        async for output in iterator:
+            finished = output.finished
+            queue.put_nowait((index, output))
+    except Exception as exc:  # handed to the consumer, which raises it in the request's task
+        queue.put_nowait((index, exc))
+        return
+    finally:
+        if not finished:
+            # Started streams run their own cleanup here; this makes sure of it when the
+            # pump is cancelled before the stream ever ran
+            await _close_quietly(iterator)
+    if not finished:
+        queue.put_nowait((index, ServiceUnavailableError("the engine dropped the request")))
+
+
+async def _close_quietly(iterator) -> None:
+    with suppress(Exception):
+        await iterator.aclose()
+
+
+def _record(timer: RequestTimer, output: RequestOutput) -> None:
+    now = time.monotonic()
+    timer.on_tokens(now, len(output.new_token_ids))
+    if output.finished:
+        timer.on_finish(now, output.finish_reason, output.num_output_tokens)
+
+
+# ----------------------------------------------------------------------------------- HTTP app
+
+
+@dataclass(frozen=True)
+class APIConfig:
+    """HTTP-level settings: the served model name, the API key, request limits."""
+
+    model_name: str
+    api_key: str | None = None
+    max_n: int = 8
+    max_request_bytes: int = 64 * 2**20
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ValueError("model_name must be non-empty")
+        if self.max_n < 1 or self.max_request_bytes < 1:
+            raise ValueError("max_n and max_request_bytes must be positive")
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable) -> Any:
+    """Await `work`, cancelling it (and so aborting its requests) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise _ClientGone()
+    return task.result()
+
+
+class _ClientGone(Exception):
+    """The client disconnected; nothing is left to answer."""
+
+
+def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> FastAPI:
+    """The OpenAI-compatible HTTP app around a frontend."""
+    app = FastAPI(
+        title="splitvl language service",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.frontend = frontend
+    install_error_handlers(app, lambda error: frontend.metrics.rejected(error.status_code))
+    app.add_middleware(
+        RequestGate, api_key=config.api_key, max_request_bytes=config.max_request_bytes
+    )
+    created = int(time.time())
+
+    def model_card() -> dict:
+        return {"id": config.model_name, "object": "model", "created": created,
+                "owned_by": "splitvl", "max_model_len": frontend.window.max_model_len}  # fmt: skip
+
+    def check_model(name: str) -> None:
+        if name != config.model_name:
+            raise NotFoundError(
+                f"the model {name!r} does not exist; this server serves {config.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_n(n: int) -> None:
+        if not 1 <= n <= config.max_n:
+            raise BadRequestError(f"n must be in [1, {config.max_n}], got {n}", param="n")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(frontend.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> dict:
+        check_model(name)
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        arrival = time.monotonic()
+        check_model(body.model)
+        check_n(body.n)
+        logprobs = body.logprobs_count()
+        requested = body.requested_max_tokens()
+        # Validate sampling before any image is fetched or encoded
+        sampling = body.sampling_params(requested if requested is not None else 1, logprobs)
+        messages = body.chat_messages()
+        builder = ResponseBuilder("chat", config.model_name, body.n, frontend.token_text)
+
+        async def prepare() -> tuple[list[GenerationRequest], int]:
+            prompt = await frontend.prepare_chat(messages, builder.id)
+            requests = frontend.make_requests(
+                builder.id, prompt, sampling, requested, body.n, arrival
+            )
+            return requests, prompt.num_image_tokens
+
+        return await _run(request, body, builder, prepare, logprobs is not None)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        arrival = time.monotonic()
+        check_model(body.model)
+        check_n(body.n)
+        logprobs = body.logprobs_count()
+        sampling = body.sampling_params(body.max_tokens or 1, logprobs)
+        prompt_input = body.single_prompt()
+        builder = ResponseBuilder("text", config.model_name, body.n, frontend.token_text)
+
+        async def prepare() -> tuple[list[GenerationRequest], int]:
+            prompt = await asyncio.to_thread(frontend.prepare_text, prompt_input)
+            requests = frontend.make_requests(
+                builder.id, prompt, sampling, body.max_tokens, body.n, arrival
+            )
+            return requests, 0
+
+        return await _run(request, body, builder, prepare, logprobs is not None)
+
+    async def _run(request, body, builder, prepare, with_logprobs: bool) -> Response:
+        async def start():
+            requests, num_image_tokens = await prepare()
+            stream = frontend.generate(requests, num_image_tokens)
+            try:
+                first = await anext(stream)
+            except BaseException:
+                await stream.aclose()
+                raise
+            return stream, first
+
+        try:
+            stream, first = await _unless_disconnected(request, start())
+            if body.stream:
+                events = stream_events(builder, stream, first, body.include_usage)
+                return StreamingResponse(events, media_type="text/event-stream")
+            result = collect_response(builder, stream, first, with_logprobs)
+            return JSONResponse(await _unless_disconnected(request, result))
+        except _ClientGone:
+            return Response(status_code=499)
+
+    return app

@@ -1,0 +1,433 @@
+"""OpenAI-compatible request and response bodies (pydantic, at the HTTP edge only).
+
+Requests are converted here into the server's own types (`ChatMessage`, `SamplingParams`);
+responses are built from the engine's `RequestOutput`s. Unknown request fields are ignored, as
+OpenAI-compatible servers commonly do, so clients that send newer fields keep working.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.language.errors import (
+    APIError,
+    BadRequestError,
+    InternalServerError,
+    ServiceUnavailableError,
+)
+from services.language.prompt import ChatMessage, ImagePart, TextPart
+from services.language.request import (
+    InvalidRequestError,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_TOP_LOGPROBS = 20
+TokenText = Callable[[int], str]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextContentPart(_Model):
+    """`{"type": "text", "text": ...}`."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Model):
+    """The `image_url` object of an image part."""
+
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImageURLContentPart(_Model):
+    """`{"type": "image_url", "image_url": {"url": ...}}`."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPartParam = Annotated[TextContentPart | ImageURLContentPart, Field(discriminator="type")]
+
+
+class ChatMessageParam(_Model):
+    """One message of a chat completion request."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPartParam] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(_Model):
+    """`stream_options`; only `include_usage` has an effect."""
+
+    include_usage: bool = False
+
+
+class _SamplingFields(_Model):
+    """Sampling fields shared by chat and plain completions (vLLM's extensions included)."""
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """SamplingParams of this request; `max_tokens` None is filled in later by the API."""
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        values: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
+            "max_tokens": max_tokens,
+            "stop": stop,
+            "stop_token_ids": tuple(self.stop_token_ids or ()),
+            "ignore_eos": self.ignore_eos,
+            "logprobs": logprobs,
+        }
+        try:
+            return SamplingParams(**{k: v for k, v in values.items() if v is not None})
+        except InvalidRequestError as exc:
+            raise BadRequestError(str(exc), param=_field_of(str(exc))) from exc
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def _field_of(message: str) -> str | None:
+    # SamplingParams messages start with the field name ("top_p must be ..."); name it as param
+    first = message.split(" ", 1)[0]
+    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    return first if first in names else None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessageParam] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        """`max_completion_tokens` (the newer name) wins over `max_tokens`."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    def logprobs_count(self) -> int | None:
+        """The engine's `logprobs`: None, or how many alternatives to return per token."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequestError("top_logprobs requires logprobs=true", param="top_logprobs")
+        if not self.logprobs:
+            return None
+        count = self.top_logprobs or 0
+        if not 0 <= count <= MAX_TOP_LOGPROBS:
+            raise BadRequestError(
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {count}",
+                param="top_logprobs",
+            )
+        return count
+
+    def chat_messages(self) -> list[ChatMessage]:
+        """The messages in the server's own form."""
+        return [_to_chat_message(i, m) for i, m in enumerate(self.messages)]
+
+
+def _to_chat_message(index: int, message: ChatMessageParam) -> ChatMessage:
+    if message.content is None:
+        if message.role != "assistant":
+            raise BadRequestError(
+                f"messages[{index}].content is required for role {message.role!r}",
+                param=f"messages[{index}].content",
+            )
+        return ChatMessage(message.role, None)
+    if isinstance(message.content, str):
+        return ChatMessage(message.role, message.content)
+    parts = tuple(
+        TextPart(p.text) if isinstance(p, TextContentPart) else ImagePart(url=p.image_url.url)
+        for p in message.content
+    )
+    return ChatMessage(message.role, parts)
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions with one prompt (text or token ids)."""
+
+    prompt: str | list[int] | list[str]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt; batches of prompts are refused with a clear message."""
+        if self.echo:
+            raise BadRequestError("echo is not supported", param="echo")
+        if self.suffix:
+            raise BadRequestError("suffix is not supported", param="suffix")
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise BadRequestError(
+                    "only one prompt per request is supported; send one request per prompt",
+                    param="prompt",
+                )
+            prompt = prompt[0]
+        if not prompt:
+            raise BadRequestError("prompt must not be empty", param="prompt")
+        return prompt
+
+    def logprobs_count(self) -> int | None:
+        """The engine's `logprobs` for the legacy integer field."""
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise BadRequestError(
+                f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}",
+                param="logprobs",
+            )
+        return self.logprobs
+
+
+def _token_entry(token_id: int, logprob: float, token_text: TokenText) -> dict:
+    text = token_text(token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText) -> dict:
+    """OpenAI chat `logprobs` (`{"content": [...]}`)."""
+    content = []
+    for entry in entries:
+        item = _token_entry(entry.token_id, entry.logprob, token_text)
+        item["top_logprobs"] = [_token_entry(t, lp, token_text) for t, lp in entry.top]
+        content.append(item)
+    return {"content": content}
+
+
+def completion_logprobs(
+    entries: Sequence[TokenLogprob], token_text: TokenText, text_offset: int = 0
+) -> dict:
+    """Legacy completions `logprobs` (tokens, token_logprobs, top_logprobs, text_offset)."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for entry in entries:
+        text = token_text(entry.token_id)
+        tokens.append(text)
+        token_logprobs.append(entry.logprob)
+        top.append({token_text(t): lp for t, lp in entry.top})
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
+
+
+@dataclass
+class ChoiceState:
+    """What has been produced so far for one choice."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_output_tokens: int = 0
+
+
+class ResponseBuilder:
+    """Turns engine outputs into OpenAI chat or text-completion bodies and stream events."""
+
+    def __init__(self, kind: str, model: str, n: int, token_text: TokenText) -> None:
+        if kind not in ("chat", "text"):
+            raise ValueError(f"kind must be 'chat' or 'text', got {kind!r}")
+        self.kind = kind
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.model = model
+        self.created = int(time.time())
+        self.choices = [ChoiceState() for _ in range(n)]
+        self.token_text = token_text
+        self.last_output: RequestOutput | None = None
+
+    def add(self, index: int, output: RequestOutput) -> None:
+        """Fold one output of choice `index` into the totals."""
+        state = self.choices[index]
+        state.text.append(output.new_text)
+        state.logprobs.extend(output.logprobs or ())
+        state.num_output_tokens = output.num_output_tokens
+        if output.finished:
+            state.finish_reason = output.finish_reason
+        self.last_output = output
+
+    def usage(self) -> dict:
+        """OpenAI `usage`: prompt tokens (image tokens included) counted once."""
+        out = self.last_output
+        prompt = out.num_prompt_tokens if out else 0
+        completion = sum(state.num_output_tokens for state in self.choices)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens if out else 0},
+        }
+
+    def _logprobs(self, entries: Sequence[TokenLogprob] | None, offset: int = 0) -> dict | None:
+        if entries is None:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(entries, self.token_text)
+        return completion_logprobs(entries, self.token_text, offset)
+
+    def response(self, with_logprobs: bool) -> dict:
+        """The whole (non-streamed) response body."""
+        choices = []
+        for index, state in enumerate(self.choices):
+            text = "".join(state.text)
+            logprobs = self._logprobs(state.logprobs) if with_logprobs else None
+            if self.kind == "chat":
+                message = {"role": "assistant", "content": text}
+                choices.append(
+                    {"index": index, "message": message, "logprobs": logprobs,
+                     "finish_reason": state.finish_reason}
+                )
+            else:
+                choices.append(
+                    {"index": index, "text": text, "logprobs": logprobs,
+                     "finish_reason": state.finish_reason}
+                )
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage()}  # fmt: skip
+
+    def _chunk(self, choices: list[dict], include_usage: bool, usage: dict | None = None) -> str:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        body = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices}  # fmt: skip
+        if include_usage:  # OpenAI sends usage: null on every chunk but the last
+            body["usage"] = usage
+        return sse(body)
+
+    def role_events(self, include_usage: bool) -> list[str]:
+        """A chat stream opens with the assistant role for each choice."""
+        if self.kind != "chat":
+            return []
+        return [
+            self._chunk(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None}],
+                include_usage,
+            )
+            for i in range(len(self.choices))
+        ]  # fmt: skip
+
+    def delta_event(self, index: int, output: RequestOutput, include_usage: bool) -> str | None:
+        """The stream event of one output, or None when it carries nothing to send."""
+        offset = sum(len(t) for t in self.choices[index].text)
+        self.add(index, output)
+        if not output.new_text and not output.finished and not output.logprobs:
+            return None
+        logprobs = self._logprobs(output.logprobs, offset)
+        reason = output.finish_reason if output.finished else None
+        if self.kind == "chat":
+            delta = {"content": output.new_text} if output.new_text else {}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        else:
+            choice = {"index": index, "text": output.new_text, "logprobs": logprobs,
+                      "finish_reason": reason}  # fmt: skip
+        return self._chunk([choice], include_usage)
+
+    def usage_event(self) -> str:
+        """The closing chunk of a stream with `include_usage`: no choices, the usage."""
+        return self._chunk([], True, self.usage())
+
+
+def sse(body: dict) -> str:
+    """One server-sent event carrying a JSON body."""
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def collect_response(builder: ResponseBuilder, stream, first, with_logprobs: bool) -> dict:
+    """The whole response body of a non-streamed request; closes the stream."""
+    try:
+        builder.add(*first)
+        async for index, output in stream:
+            builder.add(index, output)
+    finally:
+        await stream.aclose()
+    if any(state.finish_reason == "abort" for state in builder.choices):
+        raise ServiceUnavailableError("the request was aborted by the server; retry")
+    return builder.response(with_logprobs)
+
+
+async def stream_events(builder: ResponseBuilder, stream, first, include_usage: bool):
+    """Server-sent events of a streamed request, ending with `data: [DONE]`."""
+    # Runs inside the StreamingResponse; a client disconnect cancels it here, and the finally
+    # closes the engine stream, which aborts the request and frees its KV blocks.
+    try:
+        for event in builder.role_events(include_usage):
+            yield event
+        pending = [first]
+        while True:
+            for index, output in pending:
+                if output.finished and output.finish_reason == "abort":
+                    error = ServiceUnavailableError("the request was aborted by the server")
+                    yield sse(error.to_dict())
+                    yield SSE_DONE
+                    return
+                event = builder.delta_event(index, output, include_usage)
+                if event is not None:
+                    yield event
+            item = await anext(stream, None)
+            if item is None:
+                break
+            pending = [item]
+        if include_usage:
+            yield builder.usage_event()
+        yield SSE_DONE
+    except APIError as exc:
+        yield sse(exc.to_dict())
+        yield SSE_DONE
+    except Exception:
+        logger.exception("stream failed")
+        yield sse(InternalServerError("internal server error").to_dict())
+        yield SSE_DONE
+    finally:
+        await stream.aclose()
