@@ -1,0 +1,258 @@
+"""The synchronous engine: admit requests, run scheduled steps, turn samples into outputs.
+
+Single-threaded by design; ``AsyncEngine`` drives it from one dedicated thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.language.kv_cache import BlockManager
+from services.language.model_runner import ModelRunner
+from services.language.request import (
+    GenerationRequest,
+    InvalidRequestError,
+    RequestOutput,
+    Sequence,
+    TokenLogprob,
+)
+from services.language.sampler import Sampler, build_sampling_batch
+from services.language.scheduler import Scheduler
+from services.language.tokenizer import IncrementalDetokenizer, LanguageTokenizer
+from shared.model.config import ModelConfig
+from shared.model.processing import mrope_positions
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load and cache effectiveness."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+@dataclass
+class _Tracked:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    pending_logprobs: list[TokenLogprob]
+
+
+class EngineCore:
+    """Holds the scheduler, model runner and sampler; ``step`` advances every running request."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        model_config: ModelConfig,
+        tokenizer: LanguageTokenizer,
+        max_model_len: int,
+    ):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.block_manager: BlockManager = scheduler.block_manager
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.sampler = Sampler()
+        self._tracked: dict[str, _Tracked] = {}
+
+    # -- admission -------------------------------------------------------------------------
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise InvalidRequestError for a request this engine can never serve."""
+        num_prompt = len(request.prompt_token_ids)
+        if num_prompt == 0:
+            raise InvalidRequestError("the prompt is empty: send at least one token")
+        if num_prompt > self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {num_prompt} tokens but max_model_len is {self.max_model_len}; "
+                "shorten the prompt or use fewer / smaller images"
+            )
+        vocab = self.model_config.text.vocab_size
+        if min(request.prompt_token_ids) < 0 or max(request.prompt_token_ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        total = min(num_prompt + request.sampling.max_tokens, self.max_model_len)
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if total > capacity:
+            raise InvalidRequestError(
+                f"the request needs up to {total} tokens of KV cache but the whole pool holds "
+                f"{capacity}; lower max_tokens or raise --kv-cache-memory"
+            )
+        if request.request_id in self._tracked:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already running")
+        self._validate_images(request)
+
+    def _validate_images(self, request: GenerationRequest) -> None:
+        cfg = self.model_config
+        if not request.images:
+            return
+        if not cfg.is_vl or cfg.image_token_id is None:
+            raise InvalidRequestError("this model is text-only: remove the images")
+        hidden = cfg.text.hidden_size
+        for i, image in enumerate(request.images):
+            if image.embeds.shape[1] != hidden:
+                raise InvalidRequestError(
+                    f"image {i}: embeddings have width {image.embeds.shape[1]}, model hidden is "
+                    f"{hidden}; the encode service serves another model"
+                )
+            if image.deepstack.shape[1] != cfg.num_deepstack * hidden:
+                raise InvalidRequestError(
+                    f"image {i}: deepstack width {image.deepstack.shape[1]} != "
+                    f"{cfg.num_deepstack} x {hidden}"
+                )
+        num_pads = sum(1 for t in request.prompt_token_ids if t == cfg.image_token_id)
+        num_rows = sum(image.num_tokens for image in request.images)
+        if num_pads != num_rows:
+            raise InvalidRequestError(
+                f"the prompt has {num_pads} image pad tokens but the images have {num_rows} "
+                "embedding rows; expand each <|image_pad|> to its image's token count"
+            )
+
+    def add_request(self, request: GenerationRequest) -> None:
+        """Validate ``request`` and queue it."""
+        self.validate(request)
+        seq = self._make_sequence(request)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, request.prompt_token_ids, request.sampling.stop
+        )
+        self._tracked[request.request_id] = _Tracked(seq, detok, [])
+        self.scheduler.add(seq)
+
+    def _make_sequence(self, request: GenerationRequest) -> Sequence:
+        cfg = self.model_config
+        device = self.runner.device
+        dtype = self.runner.kv_cache.spec.dtype
+        generator = None
+        if request.sampling.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(request.sampling.seed)
+        seq = Sequence(
+            request=request,
+            token_ids=list(request.prompt_token_ids),
+            image_positions=[],
+            image_embeds=None,
+            image_deepstack=None,
+            mrope_positions=None,
+            generator=generator,
+        )
+        if request.images:
+            seq.image_positions = [
+                i for i, t in enumerate(request.prompt_token_ids) if t == cfg.image_token_id
+            ]
+            seq.image_embeds = torch.cat([im.embeds for im in request.images]).to(device, dtype)
+            seq.image_deepstack = torch.cat([im.deepstack for im in request.images]).to(
+                device, dtype
+            )
+            try:
+                positions, delta = mrope_positions(
+                    list(request.prompt_token_ids),
+                    [tuple(im.grid_thw) for im in request.images],
+                    cfg.image_token_id,
+                    cfg.vision.spatial_merge_size,
+                )
+            except ValueError as exc:
+                raise InvalidRequestError(f"image tokens do not match the images: {exc}") from exc
+            seq.mrope_positions, seq.rope_delta = positions, delta
+        return seq
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop ``request_id`` now and free its blocks; returns its final output if it was live."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return None
+        self.scheduler.finish(tracked.seq, "abort")
+        return self._make_output(tracked, [], finished=True)
+
+    # -- stepping --------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def live_request_ids(self) -> list[str]:
+        return list(self._tracked)
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, sample; returns one output per request that produced tokens."""
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        logits, seqs = self.runner.execute(list(plan.chunks))
+        self.scheduler.complete_step(plan)
+        if not seqs:
+            return []
+        batch = build_sampling_batch(list(seqs), logits.shape[1], logits.device)
+        sampled = self.sampler(logits, batch)
+        outputs = []
+        for seq, token_id, logprob in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
+            outputs.append(self._append_token(seq, token_id, logprob))
+        return outputs
+
+    def _append_token(
+        self, seq: Sequence, token_id: int, logprob: TokenLogprob | None
+    ) -> RequestOutput:
+        tracked = self._tracked[seq.request_id]
+        seq.token_ids.append(token_id)
+        if logprob is not None:
+            tracked.pending_logprobs.append(logprob)
+        reason = self._finish_reason(seq, tracked.detokenizer, token_id)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self._tracked[seq.request_id]
+            tracked.detokenizer.flush()
+        return self._make_output(tracked, [token_id], finished=reason is not None)
+
+    def _finish_reason(
+        self, seq: Sequence, detok: IncrementalDetokenizer, token_id: int
+    ) -> str | None:
+        params = seq.sampling
+        if token_id in params.stop_token_ids:
+            return "stop"
+        if not params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
+            return "stop"
+        if detok.add_token(token_id):
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _make_output(
+        self, tracked: _Tracked, new_ids: list[int], finished: bool
+    ) -> RequestOutput:
+        seq = tracked.seq
+        logprobs = None
+        if seq.sampling.logprobs is not None:
+            logprobs = tuple(tracked.pending_logprobs)
+            tracked.pending_logprobs.clear()
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=tuple(new_ids),
+            new_text=tracked.detokenizer.pop_new_text(finished),
+            finished=finished,
+            finish_reason=(seq.finish_reason or "abort") if finished else None,
+            logprobs=logprobs,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=seq.num_output_tokens,
+        )
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+            kv_usage=bm.usage,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
