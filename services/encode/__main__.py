@@ -1,0 +1,126 @@
+"""python -m services.encode --model DIR [--host H] [--port P] [...]: run one encode replica."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from services.encode.config import (
+    EncodeLimits,
+    EncodeServiceConfig,
+    parse_bytes,
+    parse_dtype,
+)
+from services.encode.server import serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m services.encode", description=__doc__)
+    p.add_argument("--model", required=True, type=Path, help="Hugging Face checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument(
+        "--max-batch-patches",
+        type=int,
+        default=16384,
+        help="patches per vision forward (an image larger than this runs alone)",
+    )
+    p.add_argument("--cache-memory", default="1GiB", help="embedding cache budget, e.g. 512MiB")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics over HTTP on this port (0 picks one)",
+    )
+    p.add_argument("--max-image-bytes", default="32MiB")
+    p.add_argument("--max-images-per-request", type=int, default=32)
+    p.add_argument(
+        "--max-decoded-pixels",
+        type=int,
+        default=8192 * 8192,
+        help="refuse images whose header claims more pixels (decompression bombs)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="ceiling for a request's max_pixels (default: preprocessor_config.json)",
+    )
+    p.add_argument("--max-queue-images", type=int, default=512)
+    p.add_argument(
+        "--allow-url-fetch",
+        action="store_true",
+        help="fetch http(s) image URLs (data: URLs are always accepted)",
+    )
+    p.add_argument("--chunk-bytes", default="1MiB", help="inline tensor chunk size")
+    p.add_argument("--preprocess-workers", type=int, default=2)
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, after SIGTERM")
+    p.add_argument(
+        "--ticket-ttl",
+        type=float,
+        default=60.0,
+        help="seconds a link transfer waits to be redeemed",
+    )
+    p.add_argument("--link-timeout", type=float, default=60.0)
+    p.add_argument("--advertise-host", default=None, help="address link peers connect to")
+    p.add_argument(
+        "--port-file",
+        type=Path,
+        default=None,
+        help="write {port, metrics_port, pid} as JSON here once bound",
+    )
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> EncodeServiceConfig:
+    limits = EncodeLimits(
+        max_image_bytes=parse_bytes(args.max_image_bytes),
+        max_decoded_pixels=args.max_decoded_pixels,
+        max_images_per_request=args.max_images_per_request,
+        max_queue_images=args.max_queue_images,
+        max_pixels=args.max_pixels,
+        allow_url_fetch=args.allow_url_fetch,
+    )
+    return EncodeServiceConfig(
+        model_dir=args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=parse_dtype(args.dtype),
+        max_batch_patches=args.max_batch_patches,
+        cache_bytes=parse_bytes(args.cache_memory),
+        metrics_port=args.metrics_port,
+        limits=limits,
+        chunk_bytes=parse_bytes(args.chunk_bytes),
+        preprocess_workers=args.preprocess_workers,
+        drain_timeout_s=args.drain_timeout,
+        ticket_ttl_s=args.ticket_ttl,
+        link_timeout_s=args.link_timeout,
+        advertise_host=args.advertise_host,
+        port_file=args.port_file,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Configuration of the encode service: frozen dataclasses built once from the command line."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": KIB, "m": MIB, "g": GIB, "t": 1024 * GIB}
+
+
+class ConfigError(ValueError):
+    """A command-line or configuration value is invalid."""
+
+
+def parse_bytes(text: str | int) -> int:
+    """'512MiB', '1.5G', '4096' -> bytes (binary units; the B/iB suffix is optional)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ConfigError(f"cannot parse size {text!r}; use e.g. 4096, 512MiB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'float32' / 'fp32' / 'bfloat16' / 'bf16' / 'float16' / 'fp16' -> torch dtype."""
+    key = _DTYPE_ALIASES.get(name.lower(), name.lower())
+    if key not in DTYPES:
+        raise ConfigError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16' (the wire name)."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ConfigError(f"dtype {dtype} is not one of {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class EncodeLimits:
+    """Per-request limits; breaking one is INVALID_ARGUMENT, a full queue RESOURCE_EXHAUSTED."""
+
+    max_image_bytes: int = 32 * MIB
+    # Images whose header claims more pixels are refused before decoding (decompression bombs).
+    max_decoded_pixels: int = 8192 * 8192
+    max_images_per_request: int = 32
+    # Images waiting for the vision tower, all requests together.
+    max_queue_images: int = 512
+    # Ceiling for a request's max_pixels; None means the checkpoint's preprocessor value.
+    max_pixels: int | None = None
+    allow_url_fetch: bool = False
+    url_fetch_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_image_bytes",
+            "max_decoded_pixels",
+            "max_images_per_request",
+            "max_queue_images",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The gRPC receive limit: every image at its byte limit, plus room for the envelope."""
+        return self.max_images_per_request * (self.max_image_bytes + 4 * KIB) + MIB
+
+
+@dataclass(frozen=True)
+class EncodeServiceConfig:
+    """Everything `python -m services.encode` is started with."""
+
+    model_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    # Patches in one vision forward; a single larger image still runs, alone.
+    max_batch_patches: int = 16384
+    cache_bytes: int = 1 * GIB
+    metrics_port: int | None = None
+    limits: EncodeLimits = field(default_factory=EncodeLimits)
+    # Inline tensors stream in chunks of this size, under gRPC's default 4 MiB message limit.
+    chunk_bytes: int = 1 * MIB
+    preprocess_workers: int = 2
+    drain_timeout_s: float = 30.0
+    ticket_ttl_s: float = 60.0
+    link_timeout_s: float = 60.0
+    # Address peers use for link rendezvous; None: host, or the machine's name for a wildcard host.
+    advertise_host: str | None = None
+    # Written (JSON: port, metrics_port, pid) once the port is bound, so callers can use port 0.
+    port_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.port < 0 or self.port > 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.max_batch_patches <= 0:
+            raise ConfigError(f"max_batch_patches must be positive, got {self.max_batch_patches}")
+        if self.cache_bytes < 0:
+            raise ConfigError(f"cache memory must be >= 0, got {self.cache_bytes}")
+        if not 4 * KIB <= self.chunk_bytes <= 3 * MIB:
+            # Above ~3 MiB a chunk plus framing would exceed gRPC's default 4 MiB message limit.
+            raise ConfigError(f"chunk_bytes must be in 4KiB..3MiB, got {self.chunk_bytes}")
+        if self.preprocess_workers <= 0:
+            raise ConfigError("preprocess_workers must be positive")
+        if not self.model_dir.is_dir():
+            raise ConfigError(f"model directory {self.model_dir} does not exist")

@@ -1,0 +1,389 @@
+"""gRPC adapter of the encode service (the only module that touches the generated protobuf code).
+
+Maps EncodeService calls onto VisionEncoder and LinkManager, typed errors onto status codes, and
+runs the service's life: bind (health NOT_SERVING), load the vision tower (SERVING), and on SIGTERM
+drain (NOT_SERVING, new work refused, in-flight calls and unredeemed tickets finished), then exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from proto.splitvl.encode.v1 import encode_pb2 as pb
+from services.encode.batcher import BatcherClosedError, DeadlineExpiredError, QueueFullError
+from services.encode.config import EncodeServiceConfig, dtype_name
+from services.encode.encoder import (
+    EncodedImage,
+    ImageSpec,
+    InvalidImageError,
+    NotCachedError,
+)
+from services.encode.links import TicketError, UnknownLinkError
+from services.encode.metrics import EncodeMetrics
+from services.encode.runtime import Runtime, ServiceInfo, load_runtime
+from services.encode.transport import LinkError, WireFormatError, iter_chunk_frames, tensor_bytes
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EncodeService"].full_name
+_HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class UnavailableError(RuntimeError):
+    """The replica is loading or draining; the client should use another one."""
+
+
+# Most specific first: the code a client sees for each typed error.
+_STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidImageError, grpc.StatusCode.INVALID_ARGUMENT),
+    (WireFormatError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotCachedError, grpc.StatusCode.NOT_FOUND),
+    (TicketError, grpc.StatusCode.NOT_FOUND),
+    (UnknownLinkError, grpc.StatusCode.NOT_FOUND),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (LinkError, grpc.StatusCode.ABORTED),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (BatcherClosedError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    for kind, code in _STATUS_CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _spec(image: pb.ImageInput) -> ImageSpec:
+    source = image.WhichOneof("source")
+    return ImageSpec(
+        data=image.data if source == "data" else None,
+        url=image.url if source == "url" else None,
+        content_hash=image.content_hash or None,
+        min_pixels=image.min_pixels or None,
+        max_pixels=image.max_pixels or None,
+    )
+
+
+def _header(img: EncodedImage, ticket: int = 0) -> pb.EncodeResponse:
+    packed = img.packed
+    return pb.EncodeResponse(
+        header=pb.ImageHeader(
+            index=img.index,
+            grid_thw=list(img.grid_thw),
+            num_tokens=packed.shape[0],
+            dtype=dtype_name(packed.dtype),
+            shape=list(packed.shape),
+            content_hash=img.content_hash,
+            cache_hit=img.cache_hit,
+            num_bytes=packed.numel() * packed.element_size(),
+            ticket=ticket,
+        )
+    )
+
+
+def _info_message(info: ServiceInfo, metrics_port: int) -> pb.GetInfoResponse:
+    return pb.GetInfoResponse(**vars(info), metrics_port=metrics_port)
+
+
+def _serialize_response(message) -> bytes:
+    # Tensor chunks arrive pre-serialized from transport.iter_chunk_frames.
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class EncodeServicer:
+    """The EncodeService methods; `runtime` is None until the model is loaded."""
+
+    def __init__(self, config: EncodeServiceConfig, metrics: EncodeMetrics):
+        self.config = config
+        self.metrics = metrics
+        self.runtime: Runtime | None = None
+        self.draining = False
+        self.active_calls = 0
+        self.metrics_port = 0
+
+    @contextlib.contextmanager
+    def _active(self):
+        self.active_calls += 1
+        try:
+            yield
+        finally:
+            self.active_calls -= 1
+
+    def _ready(self, accepting_new_work: bool = True) -> Runtime:
+        if self.runtime is None:
+            raise UnavailableError("the encode service is still loading its model; retry shortly")
+        if accepting_new_work and self.draining:
+            raise UnavailableError(
+                "the encode service is draining for shutdown; use another replica"
+            )
+        return self.runtime
+
+    async def _abort(self, context, exc: Exception, method: str) -> None:
+        code = status_for(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("%s failed unexpectedly", method)
+        else:
+            log.info("%s: %s: %s", method, code.name, exc)
+        await context.abort(code, str(exc))
+
+    async def Encode(self, request: pb.EncodeRequest, context):  # noqa: N802 (gRPC naming)
+        start, code = time.perf_counter(), "OK"
+        self.metrics.inflight.inc()
+        try:
+            with self._active():
+                rt = self._ready()
+                link = request.transport == pb.TRANSPORT_LINK
+                if link and not rt.links.is_open(request.link_id):
+                    raise UnknownLinkError(f"no open link {request.link_id!r}; call OpenLink first")
+                specs = [_spec(image) for image in request.images]
+                remaining = context.time_remaining()
+                deadline = (
+                    None if remaining is None else asyncio.get_running_loop().time() + remaining
+                )
+                async with contextlib.aclosing(rt.encoder.encode(specs, deadline)) as results:
+                    async for img in results:
+                        async for message in self._emit(rt, img, link):
+                            yield message
+                        self.metrics.images.inc()
+                log.debug(
+                    "Encode %s: %d image(s) in %.1f ms",
+                    request.request_id or "-",
+                    len(specs),
+                    (time.perf_counter() - start) * 1e3,
+                )
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            code = status_for(exc).name
+            await self._abort(context, exc, "Encode")
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(code).inc()
+            self.metrics.latency.observe(time.perf_counter() - start)
+
+    async def _emit(self, rt: Runtime, img: EncodedImage, link: bool):
+        if link:
+            yield _header(img, ticket=rt.links.issue(img.packed))
+            return
+        yield _header(img)
+        if img.packed.device.type == "cpu":
+            data = tensor_bytes(img.packed)
+        else:  # the device-to-host copy must not stall the event loop
+            data = await asyncio.get_running_loop().run_in_executor(None, tensor_bytes, img.packed)
+        for frame in iter_chunk_frames(img.index, data, self.config.chunk_bytes):
+            yield frame
+        self.metrics.transfer_bytes.labels("inline").inc(len(data))
+
+    async def Transfer(self, request: pb.TransferRequest, context):  # noqa: N802
+        try:
+            with self._active():
+                rt = self._ready(accepting_new_work=False)
+                if not rt.links.is_open(request.link_id):
+                    raise UnknownLinkError(f"no open link {request.link_id!r}; call OpenLink again")
+                tickets = list(request.tickets)
+                tensors = rt.links.take(tickets)
+                yield pb.TransferResponse(ready=pb.TransferReady(num_tensors=len(tensors)))
+                num_bytes = await rt.links.send(request.link_id, tickets, tensors)
+                self.metrics.transfer_bytes.labels("link").inc(num_bytes)
+                yield pb.TransferResponse(done=pb.TransferDone(num_bytes=num_bytes))
+        except Exception as exc:
+            await self._abort(context, exc, "Transfer")
+        finally:
+            if self.runtime is not None:
+                self.metrics.links.set(self.runtime.links.num_links)
+
+    async def OpenLink(self, request: pb.OpenLinkRequest, context):  # noqa: N802
+        try:
+            offer = self._ready().links.open(request.device)
+        except Exception as exc:
+            await self._abort(context, exc, "OpenLink")
+        self.metrics.links.set(self.runtime.links.num_links)
+        return pb.OpenLinkResponse(
+            link_id=offer.link_id,
+            store_host=offer.store_host,
+            store_port=offer.store_port,
+            backend=offer.backend,
+            rank=1,
+            timeout_s=offer.timeout_s,
+        )
+
+    async def CloseLink(self, request: pb.CloseLinkRequest, context):  # noqa: N802
+        try:
+            rt = self._ready(accepting_new_work=False)
+        except Exception as exc:
+            await self._abort(context, exc, "CloseLink")
+        if not rt.links.close(request.link_id):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no open link {request.link_id!r}")
+        self.metrics.links.set(rt.links.num_links)
+        return pb.CloseLinkResponse()
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context):  # noqa: N802
+        try:
+            info = self._ready(accepting_new_work=False).info
+        except Exception as exc:
+            await self._abort(context, exc, "GetInfo")
+        return _info_message(info, self.metrics_port)
+
+    async def GetMetrics(self, request: pb.GetMetricsRequest, context):  # noqa: N802
+        if self.runtime is not None:
+            self.metrics.queue_depth.set(self.runtime.batcher.queue_depth)
+        return pb.GetMetricsResponse(text=self.metrics.render())
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Method handlers built by hand so Encode can send pre-serialized tensor chunks."""
+        handlers = {
+            "Encode": grpc.unary_stream_rpc_method_handler(
+                self.Encode, pb.EncodeRequest.FromString, _serialize_response
+            ),
+            "Transfer": grpc.unary_stream_rpc_method_handler(
+                self.Transfer, pb.TransferRequest.FromString, _serialize_response
+            ),
+        }
+        for name, request_type in (
+            ("GetInfo", pb.GetInfoRequest),
+            ("OpenLink", pb.OpenLinkRequest),
+            ("CloseLink", pb.CloseLinkRequest),
+            ("GetMetrics", pb.GetMetricsRequest),
+        ):
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                getattr(self, name), request_type.FromString, _serialize_response
+            )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+class EncodeServer:
+    """The encode process: gRPC server, health, metrics endpoint, model and drain."""
+
+    def __init__(self, config: EncodeServiceConfig):
+        self.config = config
+        self.metrics = EncodeMetrics()
+        self.servicer = EncodeServicer(config, self.metrics)
+        self.health = HealthServicer()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+        self._draining_task: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        """Bind and serve (health NOT_SERVING until load()); returns the bound port."""
+        max_bytes = self.config.limits.max_request_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_bytes),
+                ("grpc.max_send_message_length", max_bytes),
+            ]
+        )
+        server.add_generic_rpc_handlers((self.servicer.handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, _HEALTH_SERVICE, reflection.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        if self.config.metrics_port is not None:
+            self.servicer.metrics_port = self.metrics.serve_http(
+                self.config.host, self.config.metrics_port
+            )
+            log.info(
+                "metrics on http://%s:%d/metrics", self.config.host, self.servicer.metrics_port
+            )
+        log.info("listening on %s:%d", self.config.host, self.port)
+        if self.config.port_file is not None:
+            _write_port_file(self.config.port_file, self.port, self.servicer.metrics_port)
+        return self.port
+
+    async def load(self) -> None:
+        """Load the model on a thread, start batching, then report SERVING."""
+        runtime = await asyncio.to_thread(load_runtime, self.config, self.metrics)
+        runtime.batcher.start()
+        self.servicer.runtime = runtime
+        if self.servicer.draining:
+            return
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving")
+
+    def request_drain(self, reason: str) -> None:
+        """Start draining (idempotent); safe to call from a signal handler."""
+        if self._draining_task is None:
+            self._draining_task = asyncio.ensure_future(self.drain(reason))
+
+    async def drain(self, reason: str) -> None:
+        """NOT_SERVING, refuse new work, finish in-flight calls and tickets, then stop."""
+        self.servicer.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        rt = self.servicer.runtime
+        log.info(
+            "%s: draining %d call(s), %d ticket(s)",
+            reason,
+            self.servicer.active_calls,
+            rt.links.pending_tickets if rt else 0,
+        )
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while time.monotonic() < deadline and not self._idle():
+            await asyncio.sleep(0.05)
+        if not self._idle():
+            log.warning(
+                "drain timed out after %.0f s; stopping anyway", self.config.drain_timeout_s
+            )
+        await self.stop()
+
+    def _idle(self) -> bool:
+        rt = self.servicer.runtime
+        return self.servicer.active_calls == 0 and (rt is None or rt.links.pending_tickets == 0)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        rt = self.servicer.runtime
+        if rt is not None:
+            await rt.batcher.close()
+            rt.encoder.close()
+            rt.links.close_all()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+
+def _write_port_file(path, port: int, metrics_port: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
+    tmp.replace(path)  # atomic: readers never see a partial file
+
+
+async def serve(config: EncodeServiceConfig) -> int:
+    """Run the encode service until SIGTERM/SIGINT has drained it; returns the exit status."""
+    server = EncodeServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_drain, signal.Signals(sig).name)
+    try:
+        await server.load()
+    except Exception:
+        log.exception("could not load the model from %s", config.model_dir)
+        await server.stop()
+        return 1
+    await server.wait_stopped()
+    return 0

@@ -1,0 +1,78 @@
+"""Image bytes from a request: inline data, a data: URL, or (when enabled) an http(s) URL."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from urllib.parse import unquote_to_bytes, urlsplit
+
+import httpx
+
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ImageSourceError(ValueError):
+    """An image reference cannot be turned into bytes (bad URL, fetch failure, too large)."""
+
+
+def content_hash(data: bytes) -> str:
+    """sha256 hex digest: the content hash of an image on the wire and in the cache."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def normalize_hash(value: str) -> str:
+    """Lower-case sha256 hex, or ImageSourceError."""
+    value = value.strip().lower()
+    if not _HASH.match(value):
+        raise ImageSourceError(f"content_hash {value[:80]!r} is not a sha256 hex digest")
+    return value
+
+
+def decode_data_url(url: str, max_bytes: int) -> bytes:
+    """The payload of a data:[<mime>][;base64],<data> URL."""
+    head, sep, payload = url.partition(",")
+    if not sep:
+        raise ImageSourceError("malformed data: URL (no comma)")
+    if len(payload) > 2 * max_bytes:  # cheap pre-check before decoding
+        raise ImageSourceError(f"data: URL is over the {max_bytes}-byte image limit")
+    try:
+        data = (
+            base64.b64decode(payload, validate=True)
+            if head.endswith(";base64")
+            else unquote_to_bytes(payload)
+        )
+    except (binascii.Error, ValueError) as exc:
+        raise ImageSourceError(f"data: URL has invalid base64: {exc}") from exc
+    if len(data) > max_bytes:
+        raise ImageSourceError(f"image is {len(data)} bytes, over the limit of {max_bytes}")
+    return data
+
+
+async def fetch_url(url: str, max_bytes: int, timeout_s: float, allow_http: bool) -> bytes:
+    """Bytes behind a data: URL, or behind an http(s) URL when allow_http is set."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "data":
+        return decode_data_url(url, max_bytes)
+    if scheme not in ("http", "https"):
+        raise ImageSourceError(f"unsupported URL scheme {scheme!r}; use data:, http: or https:")
+    if not allow_http:
+        raise ImageSourceError(
+            "this encode service does not fetch http(s) URLs (start it with --allow-url-fetch) "
+            "; send the image bytes instead"
+        )
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
+            async with client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise ImageSourceError(f"fetching {url} gave HTTP {response.status_code}")
+                chunks, size = [], 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise ImageSourceError(f"image at {url} is over {max_bytes} bytes")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+    except httpx.HTTPError as exc:
+        raise ImageSourceError(f"cannot fetch {url}: {exc!r}") from exc

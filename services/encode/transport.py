@@ -1,0 +1,339 @@
+"""How packed embeddings travel from the encode service to the language service.
+
+Two transports, one wire contract (dtype name + shape + raw little-endian row-major bytes):
+
+- Inline gRPC: the bytes stream in `EncodeResponse.chunk` (TensorChunk) messages. The frames are
+  written and read here by hand, in the protobuf wire format, straight from and into the tensor's
+  memory: one copy per side (tensor -> frame, frame -> tensor) on top of gRPC's own, where going
+  through the generated classes would add two more. Headers still use the generated classes.
+- A point-to-point torch.distributed link (P2PLink): a two-rank process group object built from a
+  PrefixStore over a TCPStore, NCCL on CUDA devices and gloo on CPU through the same code; several
+  links per process, no default group. Data moves by send/recv; control stays on gRPC.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import socket
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# Protobuf tags (field_number << 3 | wire_type) of the messages framed by hand; they must match
+# proto/splitvl/encode/v1/encode.proto (tests/encode/test_transport.py checks them against the
+# generated code).
+_CHUNK_TAG = (2 << 3) | 2  # EncodeResponse.chunk, length-delimited
+_INDEX_TAG = (1 << 3) | 0  # TensorChunk.index, varint
+_OFFSET_TAG = (2 << 3) | 0  # TensorChunk.offset, varint
+_DATA_TAG = (3 << 3) | 2  # TensorChunk.data, length-delimited
+
+
+class WireFormatError(ValueError):
+    """Received tensor bytes do not fit their header (size, order or dtype)."""
+
+
+class LinkError(RuntimeError):
+    """A torch.distributed link failed or timed out; it is closed and must be set up again."""
+
+
+def _require_little_endian() -> None:
+    if sys.byteorder != "little":
+        raise RuntimeError(
+            "the tensor wire format is little-endian; big-endian hosts are unsupported"
+        )
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a CPU tensor's data (copied to CPU / made contiguous if needed)."""
+    _require_little_endian()
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    flat = tensor.contiguous().view(-1)
+    # numpy keeps a reference to the tensor, so the view stays valid after the caller drops it.
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise WireFormatError("truncated or oversized varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def iter_chunk_frames(index: int, data: memoryview, chunk_bytes: int) -> Iterator[bytes]:
+    """Serialized `EncodeResponse{chunk: TensorChunk{index, offset, data}}` frames covering data."""
+    for offset in range(0, len(data), chunk_bytes):
+        piece = data[offset : offset + chunk_bytes]
+        inner = b"".join(
+            (
+                bytes([_INDEX_TAG]),
+                _varint(index),
+                bytes([_OFFSET_TAG]),
+                _varint(offset),
+                bytes([_DATA_TAG]),
+                _varint(len(piece)),
+            )
+        )
+        head = b"".join((bytes([_CHUNK_TAG]), _varint(len(inner) + len(piece)), inner))
+        yield b"".join((head, piece))
+
+
+@dataclass(frozen=True)
+class ChunkView:
+    """A parsed TensorChunk whose data is a view into the received frame (no copy)."""
+
+    index: int
+    offset: int
+    data: memoryview
+
+
+def parse_chunk_frame(frame: bytes) -> ChunkView | None:
+    """Parse a serialized EncodeResponse holding only a chunk; None for anything else (headers)."""
+    buf = memoryview(frame)
+    if len(buf) == 0 or buf[0] != _CHUNK_TAG:
+        return None
+    length, pos = _read_varint(buf, 1)
+    if pos + length != len(buf):
+        return None  # more fields than a lone chunk: let the generated parser handle it
+    index = offset = 0
+    data = buf[pos:pos]
+    while pos < len(buf):
+        tag, pos = _read_varint(buf, pos)
+        field, wire_type = tag >> 3, tag & 7
+        if wire_type == 0:
+            value, pos = _read_varint(buf, pos)
+            if field == 1:
+                index = value
+            elif field == 2:
+                offset = value
+        elif wire_type == 2:
+            size, pos = _read_varint(buf, pos)
+            if pos + size > len(buf):
+                raise WireFormatError("truncated chunk data")
+            if field == 3:
+                data = buf[pos : pos + size]
+            pos += size
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        else:
+            raise WireFormatError(f"unsupported wire type {wire_type} in a tensor chunk")
+    return ChunkView(index, offset, data)
+
+
+class TensorAssembler:
+    """Collects one tensor's chunks, in order, into preallocated memory."""
+
+    def __init__(self, dtype: torch.dtype, shape: Sequence[int], num_bytes: int):
+        _require_little_endian()
+        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if num_bytes != expected:
+            raise WireFormatError(
+                f"header says {num_bytes} bytes but shape {tuple(shape)} of {dtype} needs "
+                f"{expected}"
+            )
+        self.dtype = dtype
+        self.shape = tuple(int(s) for s in shape)
+        self.num_bytes = num_bytes
+        self._buffer = torch.empty(num_bytes, dtype=torch.uint8)
+        self._array = self._buffer.numpy()
+        self.received = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.num_bytes
+
+    def write(self, offset: int, data: memoryview | bytes) -> None:
+        if offset != self.received:
+            raise WireFormatError(f"chunk at byte {offset}, expected {self.received}: out of order")
+        end = offset + len(data)
+        if end > self.num_bytes:
+            raise WireFormatError(f"chunk ends at byte {end}, past the tensor's {self.num_bytes}")
+        self._array[offset:end] = np.frombuffer(data, dtype=np.uint8)
+        self.received = end
+
+    def result(self) -> torch.Tensor:
+        if not self.complete:
+            raise WireFormatError(f"received {self.received} of {self.num_bytes} tensor bytes")
+        return self._buffer.view(self.dtype).view(self.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Point-to-point links
+
+
+def link_backend(device: torch.device | str) -> str:
+    """nccl for CUDA devices, gloo otherwise."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def local_address_towards(host: str, port: int) -> str:
+    """The local IP address whose route reaches host (no packet is sent)."""
+    try:
+        family = socket.getaddrinfo(host, port, proto=socket.IPPROTO_UDP)[0][0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def start_store_server(host: str, timeout_s: float) -> dist.TCPStore:
+    """A TCPStore server on host and a free port (store.port), for link rendezvous."""
+    return dist.TCPStore(
+        host, 0, None, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False
+    )
+
+
+def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
+    """A client of the encode service's TCPStore."""
+    try:
+        return dist.TCPStore(host, port, None, False, datetime.timedelta(seconds=timeout_s))
+    except Exception as exc:  # torch raises DistStoreError / RuntimeError
+        raise LinkError(f"cannot reach the link store at {host}:{port}: {exc}") from exc
+
+
+def _new_group(
+    store: dist.Store, rank: int, device: torch.device, timeout: datetime.timedelta, bind_host: str
+):
+    if link_backend(device) == "nccl":
+        if not dist.is_nccl_available():
+            raise LinkError("device is CUDA but this torch build has no NCCL")
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, 2, opts)
+    opts = dist.ProcessGroupGloo._Options()
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]
+    opts._timeout = timeout
+    return dist.ProcessGroupGloo(store, rank, 2, opts)
+
+
+def transfer_tag(ticket: int) -> int:
+    """Tag for a ticket's send/recv (gloo matches on it; NCCL relies on order)."""
+    return ticket % (2**31 - 1)
+
+
+class P2PLink:
+    """A two-rank process group between an encode process (rank 0) and a language process (rank 1).
+
+    Construction blocks until the peer joins (run it off the event loop). send/recv hold a per-link
+    lock, so the transfers of concurrent requests never interleave; the first failure marks the link
+    broken, closes it and raises LinkError, and every later call fails fast.
+    """
+
+    def __init__(
+        self,
+        link_id: str,
+        store: dist.Store,
+        rank: int,
+        device: torch.device | str,
+        timeout_s: float,
+        bind_host: str = "127.0.0.1",
+    ):
+        if rank not in (0, 1):
+            raise ValueError(f"a link has ranks 0 and 1, got {rank}")
+        self.link_id = link_id
+        self.rank = rank
+        self.peer = 1 - rank
+        self.device = torch.device(device)
+        self.backend = link_backend(self.device)
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self._lock = threading.Lock()
+        self._broken: str | None = None
+        prefixed = dist.PrefixStore(f"splitvl/link/{link_id}/", store)
+        try:
+            self._group = _new_group(prefixed, rank, self.device, self.timeout, bind_host)
+        except LinkError:
+            raise
+        except Exception as exc:
+            raise LinkError(
+                f"link {link_id}: rendezvous with rank {self.peer} failed: {exc}"
+            ) from exc
+        log.info("link %s up: rank %d, %s on %s", link_id, rank, self.backend, self.device)
+
+    @property
+    def broken(self) -> bool:
+        return self._broken is not None
+
+    def send(self, tensors: Sequence[torch.Tensor], tags: Sequence[int]) -> int:
+        """Send each tensor's bytes, in order; returns the byte count. Blocks until done."""
+        with self._lock:
+            self._check()
+            total = 0
+            try:
+                for tensor, tag in zip(tensors, tags, strict=True):
+                    data = self._as_bytes(tensor)
+                    self._group.send([data], self.peer, tag).wait(self.timeout)
+                    total += data.numel()
+            except Exception as exc:
+                raise self._fail("send", exc) from exc
+            return total
+
+    def recv(
+        self, specs: Sequence[tuple[Sequence[int], torch.dtype]], tags: Sequence[int]
+    ) -> list[torch.Tensor]:
+        """Receive one tensor per (shape, dtype) spec, in order, on this link's device."""
+        with self._lock:
+            self._check()
+            out = []
+            try:
+                for (shape, dtype), tag in zip(specs, tags, strict=True):
+                    tensor = torch.empty(tuple(shape), dtype=dtype, device=self.device)
+                    self._group.recv([self._as_bytes(tensor)], self.peer, tag).wait(self.timeout)
+                    out.append(tensor)
+            except Exception as exc:
+                raise self._fail("recv", exc) from exc
+            return out
+
+    def close(self, reason: str = "closed") -> None:
+        """Release the process group; idempotent."""
+        if self._broken is None:
+            self._broken = reason
+        group, self._group = getattr(self, "_group", None), None
+        if group is not None:
+            try:
+                group.shutdown()
+            except Exception:  # a broken group may refuse a clean shutdown; it is dropped anyway
+                log.debug("link %s: shutdown raised", self.link_id, exc_info=True)
+
+    def _as_bytes(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device != self.device:
+            tensor = tensor.to(self.device)
+        return tensor.contiguous().view(-1).view(torch.uint8)
+
+    def _check(self) -> None:
+        if self._broken is not None:
+            raise LinkError(f"link {self.link_id} is unusable ({self._broken}); open a new one")
+
+    def _fail(self, op: str, exc: Exception) -> LinkError:
+        reason = f"{op} failed: {exc}"
+        log.warning("link %s broken: %s", self.link_id, reason)
+        self.close(reason)
+        return LinkError(f"link {self.link_id} broke during {op} with rank {self.peer}: {exc}")
