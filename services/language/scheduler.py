@@ -40,15 +40,17 @@ class ScheduledChunk:
     seq: Sequence
     start: int
     num_tokens: int
+    samples: bool  # the chunk reaches the sequence's last token, so a new token is sampled
+
+    @classmethod
+    def of(cls, seq: Sequence, num_tokens: int) -> ScheduledChunk:
+        """The next ``num_tokens`` uncomputed tokens of ``seq``."""
+        start = seq.num_computed_tokens
+        return cls(seq, start, num_tokens, start + num_tokens == seq.num_tokens)
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
-
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the sequence's last token, so a new token is sampled."""
-        return self.end == self.seq.num_tokens
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+                chunks.append(ScheduledChunk.of(seq, num_new))
                 budget -= num_new
         return budget
 
@@ -149,7 +151,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             insort(self.running, seq, key=lambda s: s.arrival_index)
-            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+            chunks.append(ScheduledChunk.of(seq, num_new))
             budget -= num_new
 
     def _preempt(self, seq: Sequence) -> None:

@@ -41,3 +41,37 @@ def tiny_vision(tiny_vl_dir):
     from shared.model.vision import Qwen3VLVisionModel
 
     return Qwen3VLVisionModel.from_pretrained(tiny_vl_dir, dtype=torch.float32).eval()
+
+
+def make_sequence(
+    token_ids: list[int],
+    images: tuple = (),
+    image_token_id: int = IMAGE_TOKEN_ID,
+    request_id: str = "r",
+    **sampling,
+):
+    """An engine Sequence for unit tests; ``images`` are ImageInputs placed on the pad ids."""
+    from services.language.request import GenerationRequest, SamplingParams, Sequence
+
+    request = GenerationRequest(
+        request_id, tuple(token_ids), tuple(images), SamplingParams(**sampling), 0.0
+    )
+    positions = [i for i, t in enumerate(token_ids) if t == image_token_id] if images else []
+    return Sequence(
+        request=request,
+        token_ids=list(token_ids),
+        image_positions=positions,
+        image_embeds=torch.cat([im.embeds for im in images]) if images else None,
+        image_deepstack=torch.cat([im.deepstack for im in images]) if images else None,
+        mrope_positions=None,
+    )
+
+
+def fake_image(num_tokens: int, content_hash: str, hidden: int = 4):
+    """An ImageInput with random rows (for cache/scheduler tests that never run a model)."""
+    from services.language.request import ImageInput
+
+    return ImageInput(
+        torch.randn(num_tokens, hidden), torch.zeros(num_tokens, 0), (1, 2, 2 * num_tokens),
+        content_hash,
+    )
