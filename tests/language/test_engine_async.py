@@ -1,0 +1,109 @@
+"""The asyncio contract: abort frees blocks, leaving a stream aborts, typed admission errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from services.language.engine import AsyncEngine, EngineConfig, InvalidRequestError, QueueFullError
+from services.language.request import GenerationRequest, ImageInput, SamplingParams
+from tests.tiny import IMAGE_TOKEN_ID
+
+
+def _request(rid: str, num_prompt: int = 12, max_tokens: int = 200, images=()) -> GenerationRequest:
+    ids = tuple((7 * i + len(rid)) % 250 for i in range(num_prompt))
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return GenerationRequest(rid, ids, tuple(images), params, time.time())
+
+
+def _run(model_dir, body, **config):
+    async def main():
+        engine = AsyncEngine.from_model_dir(
+            model_dir, EngineConfig(**{"kv_cache_memory": 1 << 22, "max_model_len": 512, **config})
+        )
+        await engine.start()
+        try:
+            return await asyncio.wait_for(body(engine), timeout=60)
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(main())
+
+
+async def _wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+def test_abort_ends_the_stream_and_frees_every_block(tiny_vl_model_dir):
+    async def body(engine):
+        stream = engine.generate(_request("a"))
+        first = await anext(stream)
+        assert engine.stats().num_free_blocks < engine.stats().num_total_blocks
+        await engine.abort("a")
+        stats = engine.stats()
+        rest = [out async for out in stream]
+        return first, rest, stats
+
+    first, rest, stats = _run(tiny_vl_model_dir, body)
+    assert not first.finished
+    assert rest[-1].finished and rest[-1].finish_reason == "abort"
+    assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == 0
+
+
+def test_leaving_the_stream_early_or_cancelling_aborts(tiny_vl_model_dir):
+    async def body(engine):
+        stream = engine.generate(_request("closed"))
+        await anext(stream)
+        await stream.aclose()
+
+        async def consume():
+            async for _ in engine.generate(_request("cancelled")):
+                pass
+
+        task = asyncio.create_task(consume())
+        await _wait_until(lambda: engine.stats().num_running == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _wait_until(lambda: engine.stats().num_running == 0)
+        return engine.stats()
+
+    stats = _run(tiny_vl_model_dir, body)
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_full_queue_and_invalid_requests_raise_at_once(tiny_vl_model_dir):
+    async def body(engine):
+        streams = [engine.generate(_request(f"q{i}", max_tokens=3)) for i in range(2)]
+        with pytest.raises(QueueFullError, match="max_queue_len 2"):
+            engine.generate(_request("overflow"))
+        with pytest.raises(InvalidRequestError, match="600 tokens.*max_model_len is 512"):
+            engine.generate(_request("long", num_prompt=600))
+        image = ImageInput(torch.zeros(3, 64), torch.zeros(3, 128), (1, 2, 6), "h")
+        with pytest.raises(InvalidRequestError, match="2 image pad tokens.*3 embedding rows"):
+            engine.generate(GenerationRequest(
+                "pads", (1, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 2), (image,),
+                SamplingParams(), time.time(),
+            ))
+        results = [[o async for o in s] for s in streams]
+        return results, engine.stats()
+
+    results, stats = _run(tiny_vl_model_dir, body, max_queue_len=2)
+    assert [r[-1].num_output_tokens for r in results] == [3, 3]
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_max_model_len_ends_generation_with_length(tiny_vl_model_dir):
+    async def body(engine):
+        return [o async for o in engine.generate(_request("edge", num_prompt=30, max_tokens=50))]
+
+    outs = _run(tiny_vl_model_dir, body, max_model_len=32)
+    assert outs[-1].finish_reason == "length"
+    assert outs[-1].num_output_tokens == 2  # 30 prompt + 2 output = max_model_len
