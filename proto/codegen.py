@@ -50,8 +50,14 @@ def generate(out_root: Path, src_root: Path = REPO_ROOT) -> list[Path]:
         raise CodegenError(f"no .proto files under {src_root / 'proto'}")
     include = str(Path(protoc.__file__).parent / "_proto")
     out = str(out_root)
-    args = ["protoc", f"-I{src_root}", f"-I{include}", f"--python_out={out}",
-            f"--grpc_python_out={out}", *(str(f) for f in files)]
+    args = [
+        "protoc",
+        f"-I{src_root}",
+        f"-I{include}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        *(str(f) for f in files),
+    ]
     if protoc.main(args) != 0:
         raise CodegenError(f"protoc failed on {', '.join(map(str, files))}")
     _add_package_markers(out_root, files)

@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=16384,
         help="patches per vision forward (an image larger than this runs alone)",
     )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=0.0,
+        help="how long a partial batch waits for more images (default 0)",
+    )
     p.add_argument("--cache-memory", default="1GiB", help="embedding cache budget, e.g. 512MiB")
     p.add_argument(
         "--metrics-port",
@@ -94,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> EncodeServiceConfig:
         device=args.device,
         dtype=parse_dtype(args.dtype),
         max_batch_patches=args.max_batch_patches,
+        batch_wait_s=args.batch_wait_ms / 1000,
         cache_bytes=parse_bytes(args.cache_memory),
         metrics_port=args.metrics_port,
         limits=limits,

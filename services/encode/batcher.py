@@ -70,6 +70,7 @@ class VisionBatcher:
         max_batch_patches: int,
         max_queue_images: int,
         on_batch: Callable[[BatchStats], None] | None = None,
+        batch_wait_s: float = 0.0,
     ):
         if max_batch_patches <= 0 or max_queue_images <= 0:
             raise ValueError("max_batch_patches and max_queue_images must be positive")
@@ -78,6 +79,8 @@ class VisionBatcher:
         self.max_batch_patches = max_batch_patches
         self.max_queue_images = max_queue_images
         self._on_batch = on_batch
+        # Holding a partial batch this long after its first image trades latency for larger batches.
+        self.batch_wait_s = batch_wait_s
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision")
@@ -137,9 +140,23 @@ class VisionBatcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
+                await self._fill_window(loop)
                 batch = self._take_batch(loop.time())
                 if batch:
                     await self._execute(batch, loop)
+
+    async def _fill_window(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.batch_wait_s <= 0:
+            return
+        while self._queue and self.queued_patches < self.max_batch_patches:
+            remaining = self._queue[0].enqueued_at + self.batch_wait_s - loop.time()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:  # woken early by each new image, to re-check whether the batch is full
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
 
     def _take_batch(self, now: float) -> list[_Pending]:
         """FIFO images up to max_batch_patches; drops withdrawn and expired ones on the way."""

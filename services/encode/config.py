@@ -94,6 +94,8 @@ class EncodeServiceConfig:
     dtype: torch.dtype = torch.float32
     # Patches in one vision forward; a single larger image still runs, alone.
     max_batch_patches: int = 16384
+    # How long a partial batch waits for more images (0: run as soon as the tower is free).
+    batch_wait_s: float = 0.0
     cache_bytes: int = 1 * GIB
     metrics_port: int | None = None
     limits: EncodeLimits = field(default_factory=EncodeLimits)

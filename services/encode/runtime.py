@@ -94,6 +94,7 @@ def load_runtime(config: EncodeServiceConfig, metrics: EncodeMetrics) -> Runtime
         config.max_batch_patches,
         config.limits.max_queue_images,
         on_batch=batch_observer(metrics),
+        batch_wait_s=config.batch_wait_s,
     )
     encoder = VisionEncoder(
         processor,

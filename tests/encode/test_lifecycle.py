@@ -1,0 +1,112 @@
+"""Drain on SIGTERM and fail-over between replicas, with real service processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2
+
+from proto.splitvl.encode.v1 import encode_pb2 as pb
+from proto.splitvl.encode.v1 import encode_pb2_grpc as pb_grpc
+from services.encode.transport import P2PLink, connect_store, transfer_tag
+from services.language.encode_client import EncodeClient, EncodeClientConfig, ImageInput
+from tests.encode.helpers import EncodeProcess, png_bytes
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_sigterm_reports_not_serving_and_drains_before_exiting(tiny_vl_dir, tmp_path, reference):
+    service = EncodeProcess(tiny_vl_dir, tmp_path, "--drain-timeout", "60").start()
+    link = None
+    try:
+        service.wait_serving()
+        data = png_bytes(120, 90, seed=31)
+        with grpc.insecure_channel(service.address) as channel:
+            stub = pb_grpc.EncodeServiceStub(channel)
+            offer = stub.OpenLink(pb.OpenLinkRequest(device="cpu"), timeout=10)
+            store = connect_store(offer.store_host, offer.store_port, 10)
+            link = P2PLink(offer.link_id, store, offer.rank, "cpu", 10)
+            request = pb.EncodeRequest(
+                images=[pb.ImageInput(data=data)],
+                transport=pb.TRANSPORT_LINK,
+                link_id=offer.link_id,
+            )
+            [message] = list(stub.Encode(request, timeout=30))
+            header = message.header  # its tensor waits on the service under header.ticket
+
+            service.signal(signal.SIGTERM)
+            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+            _wait(lambda: service.health() == not_serving, 10, "NOT_SERVING")
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Encode(pb.EncodeRequest(images=[pb.ImageInput(data=data)]), timeout=10))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "draining" in err.value.details()
+            time.sleep(0.3)
+            assert service.proc.poll() is None, "exited with a ticket still unredeemed"
+
+            call = stub.Transfer(
+                pb.TransferRequest(link_id=offer.link_id, tickets=[header.ticket]), timeout=30
+            )
+            assert next(call).ready.num_tensors == 1
+            spec = (tuple(header.shape), torch.float32)
+            [tensor] = link.recv([spec], [transfer_tag(header.ticket)])
+            assert next(call).done.num_bytes == header.num_bytes
+        assert torch.equal(tensor, reference.encode(data))
+        assert service.proc.wait(30) == 0
+        assert "draining 0 call(s), 1 ticket(s)" in service.log()
+    finally:
+        if link is not None:
+            link.close()
+        service.kill()
+
+
+@pytest.mark.parametrize("transport", ["grpc", "nccl"])
+def test_killing_a_replica_mid_flight_loses_no_request(tiny_vl_dir, tmp_path, reference, transport):
+    replica_a = EncodeProcess(tiny_vl_dir, tmp_path, name="a").start()
+    replica_b = EncodeProcess(tiny_vl_dir, tmp_path, name="b").start()
+    images = [png_bytes(96 + 16 * (i % 4), 64, seed=700 + i) for i in range(16)]
+
+    async def run():
+        config = EncodeClientConfig((replica_a.address, replica_b.address), transport, timeout_s=60)
+        client = EncodeClient(config)
+        try:
+            # One request's images are spread over both replicas (links set up on both).
+            warm = await client.encode(
+                [ImageInput(png_bytes(64, 64, seed=600 + i)) for i in range(4)]
+            )
+            assert {w.endpoint for w in warm} == {replica_a.address, replica_b.address}
+            replica_a.signal(signal.SIGSTOP)  # calls routed to A now hang there
+            tasks = [asyncio.ensure_future(client.encode([ImageInput(d)])) for d in images]
+            deadline = time.monotonic() + 10
+            while client.outstanding(replica_a.address) == 0:
+                assert time.monotonic() < deadline, "no call reached replica A"
+                await asyncio.sleep(0.01)
+            stuck_on_a = client.outstanding(replica_a.address)
+            replica_a.kill()
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            return results, stuck_on_a, client.retries
+        finally:
+            await client.close()
+
+    try:
+        replica_a.wait_serving()
+        replica_b.wait_serving()
+        results, stuck_on_a, retries = asyncio.run(run())
+    finally:
+        replica_a.kill()
+        replica_b.stop()
+    assert stuck_on_a >= 1 and retries >= stuck_on_a
+    for data, [got] in zip(images, results, strict=True):
+        assert got.endpoint == replica_b.address
+        torch.testing.assert_close(got.packed, reference.encode(data), rtol=0, atol=1e-5)
