@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -60,14 +60,6 @@ from services.language.request import (
 logger = logging.getLogger(__name__)
 
 
-class ImageEncoder(Protocol):
-    """The encode service as the front end sees it."""
-
-    async def encode(self, images: Sequence[bytes], request_id: str) -> Sequence[ImageInput]:
-        """Embeddings of the images, in order."""
-        ...
-
-
 class LanguageFrontend:
     """Builds generation requests from messages and streams their outputs from the engine."""
 
@@ -76,7 +68,7 @@ class LanguageFrontend:
         engine: Any,
         prompt_builder: PromptBuilder,
         image_loader: ImageLoader,
-        encoder: ImageEncoder | None,
+        encoder: Any,
         window: ContextWindow,
         metrics: LanguageMetrics,
         merge_size: int = 2,
@@ -128,23 +120,24 @@ class LanguageFrontend:
         return PreparedPrompt(tuple(token_ids))
 
     async def _encode_images(self, parts: list[ImagePart], request_id: str) -> list[ImageInput]:
+        """Images -> embeddings through the encode client (`EncodeClient` or the same shape)."""
         if self.encoder is None:
             raise BadRequestError("this server has no encode service; images are not accepted")
+        from services.language.encode_client import EncodeError
+        from services.language.encode_client import ImageInput as EncodeInput
+
         start = time.monotonic()
         datas = await asyncio.gather(*(self._image_bytes(part) for part in parts))
         try:
-            images = list(await self.encoder.encode(datas, request_id))
-        except APIError:
-            raise
-        except ValueError as exc:  # the encode service refused an image
-            raise ImageInputError(f"image could not be encoded: {exc}") from exc
-        except (ConnectionError, TimeoutError, OSError) as exc:
-            raise ServiceUnavailableError(
-                f"the encode service is unavailable ({type(exc).__name__}); retry shortly",
-                retry_after_s=self.retry_after_s,
-                code="encode_unavailable",
-            ) from exc
+            encoded = await self.encoder.encode([EncodeInput(data=data) for data in datas])
+        except EncodeError as exc:
+            raise _encode_error(exc, self.retry_after_s) from exc
         self.metrics.encode_latency.observe(time.monotonic() - start)
+        num_deepstack = self.engine.model_config.num_deepstack
+        images = []
+        for image in encoded:
+            embeds, deepstack = image.split(num_deepstack)
+            images.append(ImageInput(embeds, deepstack, tuple(image.grid_thw), image.content_hash))
         return images
 
     async def _image_bytes(self, part: ImagePart) -> bytes:
@@ -202,14 +195,21 @@ class LanguageFrontend:
                     unfinished.discard(index)
                 yield index, item
         finally:
-            # Cancelling a pump closes its engine stream mid-flight, which aborts the request;
-            # the explicit abort covers a stream cancelled before it ever ran
+            # Cancelling a pump closes its engine stream mid-flight, which aborts the request
             for pump in pumps:
                 pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            for index in unfinished:
-                with suppress(Exception):
-                    await self.engine.abort(requests[index].request_id)
+            for _ in unfinished:
+                self.metrics.requests_finished.labels(finish_reason="abort").inc()
+            # Shielded: a cancelled caller (client gone) may be cancelled again at every await
+            aborted = [requests[index].request_id for index in unfinished]
+            await asyncio.shield(asyncio.ensure_future(self._settle(pumps, aborted)))
+
+    async def _settle(self, pumps: list[asyncio.Task], aborted: list[str]) -> None:
+        await asyncio.gather(*pumps, return_exceptions=True)
+        # Covers a stream cancelled before it ever ran (its own cleanup never started)
+        for request_id in aborted:
+            with suppress(Exception):
+                await self.engine.abort(request_id)
 
     async def _submit(self, requests: Sequence[GenerationRequest]) -> list:
         iterators = []
@@ -225,6 +225,18 @@ class LanguageFrontend:
                     await asyncio.wait_for(_drain(iterator), timeout=5.0)
             raise _engine_error(exc, self.retry_after_s) from exc
         return iterators
+
+
+def _encode_error(exc: Exception, retry_after_s: int) -> APIError:
+    """The client-facing error for a failed encode: the image's fault (400) or ours (503)."""
+    code = getattr(getattr(exc, "code", None), "name", None)
+    if code in ("INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION"):
+        return ImageInputError(f"the image could not be encoded: {exc}")
+    return ServiceUnavailableError(
+        f"the encode service could not encode the images ({code or 'no answer'}); retry shortly",
+        retry_after_s=retry_after_s,
+        code="encode_unavailable",
+    )
 
 
 def _engine_error(exc: BaseException, retry_after_s: int) -> BaseException:
@@ -379,7 +391,8 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
         # Validate sampling before any image is fetched or encoded
         sampling = body.sampling_params(requested if requested is not None else 1, logprobs)
         messages = body.chat_messages()
-        builder = ResponseBuilder("chat", config.model_name, body.n, frontend.token_text)
+        options = body.response_options(logprobs)
+        builder = ResponseBuilder("chat", config.model_name, options, frontend.token_text)
 
         async def prepare() -> tuple[list[GenerationRequest], int]:
             prompt = await frontend.prepare_chat(messages, builder.id)
@@ -388,7 +401,7 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
             )
             return requests, prompt.num_image_tokens
 
-        return await _run(request, body, builder, prepare, logprobs is not None)
+        return await _run(request, body.stream, builder, prepare)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -396,22 +409,25 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
         check_model(body.model)
         check_n(body.n)
         logprobs = body.logprobs_count()
-        sampling = body.sampling_params(body.max_tokens or 1, logprobs)
+        requested = body.max_tokens
+        sampling = body.sampling_params(requested if requested is not None else 1, logprobs)
         prompt_input = body.single_prompt()
-        builder = ResponseBuilder("text", config.model_name, body.n, frontend.token_text)
+        options = body.response_options(logprobs)
+        builder = ResponseBuilder("text", config.model_name, options, frontend.token_text)
 
         async def prepare() -> tuple[list[GenerationRequest], int]:
             prompt = await asyncio.to_thread(frontend.prepare_text, prompt_input)
             requests = frontend.make_requests(
-                builder.id, prompt, sampling, body.max_tokens, body.n, arrival
+                builder.id, prompt, sampling, requested, body.n, arrival
             )
             return requests, 0
 
-        return await _run(request, body, builder, prepare, logprobs is not None)
+        return await _run(request, body.stream, builder, prepare)
 
-    async def _run(request, body, builder, prepare, with_logprobs: bool) -> Response:
+    async def _run(request: Request, stream_response: bool, builder, prepare) -> Response:
         async def start():
             requests, num_image_tokens = await prepare()
+            builder.prompt_token_ids = requests[0].prompt_token_ids
             stream = frontend.generate(requests, num_image_tokens)
             try:
                 first = await anext(stream)
@@ -422,11 +438,11 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
 
         try:
             stream, first = await _unless_disconnected(request, start())
-            if body.stream:
-                events = stream_events(builder, stream, first, body.include_usage)
+            if stream_response:
+                events = stream_events(builder, stream, first)
                 return StreamingResponse(events, media_type="text/event-stream")
-            result = collect_response(builder, stream, first, with_logprobs)
-            return JSONResponse(await _unless_disconnected(request, result))
+            body = await _unless_disconnected(request, collect_response(builder, stream, first))
+            return JSONResponse(body)
         except _ClientGone:
             return Response(status_code=499)
 

@@ -101,6 +101,7 @@ class _SamplingFields(_Model):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    return_token_ids: bool = False
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """SamplingParams of this request; `max_tokens` None is filled in later by the API."""
@@ -125,10 +126,11 @@ class _SamplingFields(_Model):
         except InvalidRequestError as exc:
             raise BadRequestError(str(exc), param=_field_of(str(exc))) from exc
 
-    @property
-    def include_usage(self) -> bool:
-        """Whether a stream ends with a usage chunk."""
-        return bool(self.stream_options and self.stream_options.include_usage)
+    def response_options(self, logprobs: int | None) -> ResponseOptions:
+        """What the response carries besides the text."""
+        usage = self.stream_options is not None and self.stream_options.include_usage
+        include_usage = self.stream and usage
+        return ResponseOptions(self.n, logprobs is not None, include_usage, self.return_token_ids)
 
 
 def _field_of(message: str) -> str | None:
@@ -265,29 +267,45 @@ class ChoiceState:
     """What has been produced so far for one choice."""
 
     text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     num_output_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class ResponseOptions:
+    """What a response carries besides the text."""
+
+    n: int = 1
+    logprobs: bool = False
+    include_usage: bool = False  # streams only: a closing usage chunk
+    return_token_ids: bool = False  # vLLM's extension: token ids beside the text
+
+
 class ResponseBuilder:
     """Turns engine outputs into OpenAI chat or text-completion bodies and stream events."""
 
-    def __init__(self, kind: str, model: str, n: int, token_text: TokenText) -> None:
+    def __init__(
+        self, kind: str, model: str, options: ResponseOptions, token_text: TokenText
+    ) -> None:
         if kind not in ("chat", "text"):
             raise ValueError(f"kind must be 'chat' or 'text', got {kind!r}")
         self.kind = kind
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.model = model
+        self.options = options
         self.created = int(time.time())
-        self.choices = [ChoiceState() for _ in range(n)]
+        self.choices = [ChoiceState() for _ in range(options.n)]
         self.token_text = token_text
+        self.prompt_token_ids: tuple[int, ...] = ()
         self.last_output: RequestOutput | None = None
 
     def add(self, index: int, output: RequestOutput) -> None:
         """Fold one output of choice `index` into the totals."""
         state = self.choices[index]
         state.text.append(output.new_text)
+        state.token_ids.extend(output.new_token_ids)
         state.logprobs.extend(output.logprobs or ())
         state.num_output_tokens = output.num_output_tokens
         if output.finished:
@@ -307,73 +325,74 @@ class ResponseBuilder:
         }
 
     def _logprobs(self, entries: Sequence[TokenLogprob] | None, offset: int = 0) -> dict | None:
-        if entries is None:
+        if not self.options.logprobs or entries is None:
             return None
         if self.kind == "chat":
             return chat_logprobs(entries, self.token_text)
         return completion_logprobs(entries, self.token_text, offset)
 
-    def response(self, with_logprobs: bool) -> dict:
-        """The whole (non-streamed) response body."""
-        choices = []
-        for index, state in enumerate(self.choices):
-            text = "".join(state.text)
-            logprobs = self._logprobs(state.logprobs) if with_logprobs else None
-            if self.kind == "chat":
-                message = {"role": "assistant", "content": text}
-                choices.append(
-                    {"index": index, "message": message, "logprobs": logprobs,
-                     "finish_reason": state.finish_reason}
-                )
-            else:
-                choices.append(
-                    {"index": index, "text": text, "logprobs": logprobs,
-                     "finish_reason": state.finish_reason}
-                )
-        obj = "chat.completion" if self.kind == "chat" else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage()}  # fmt: skip
+    def _choice(self, index: int, text: str, token_ids, logprobs, reason, delta: bool) -> dict:
+        if self.kind == "text":
+            choice = {"index": index, "text": text}
+        elif delta:
+            choice = {"index": index, "delta": {"content": text} if text else {}}
+        else:
+            choice = {"index": index, "message": {"role": "assistant", "content": text}}
+        choice["logprobs"] = logprobs
+        choice["finish_reason"] = reason
+        if self.options.return_token_ids:
+            choice["token_ids"] = list(token_ids)
+        return choice
 
-    def _chunk(self, choices: list[dict], include_usage: bool, usage: dict | None = None) -> str:
+    def response(self) -> dict:
+        """The whole (non-streamed) response body."""
+        choices = [
+            self._choice(i, "".join(state.text), state.token_ids,
+                         self._logprobs(state.logprobs), state.finish_reason, delta=False)
+            for i, state in enumerate(self.choices)
+        ]  # fmt: skip
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        body = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage()}  # fmt: skip
+        if self.options.return_token_ids:
+            body["prompt_token_ids"] = list(self.prompt_token_ids)
+        return body
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         body = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices}  # fmt: skip
-        if include_usage:  # OpenAI sends usage: null on every chunk but the last
+        if self.options.include_usage:  # OpenAI sends usage: null on every chunk but the last
             body["usage"] = usage
         return sse(body)
 
-    def role_events(self, include_usage: bool) -> list[str]:
+    def role_events(self) -> list[str]:
         """A chat stream opens with the assistant role for each choice."""
         if self.kind != "chat":
             return []
-        return [
-            self._chunk(
-                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                  "finish_reason": None}],
-                include_usage,
-            )
-            for i in range(len(self.choices))
-        ]  # fmt: skip
+        events = []
+        for index in range(len(self.choices)):
+            delta = {"role": "assistant", "content": ""}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+            events.append(self._chunk([choice]))
+        return events
 
-    def delta_event(self, index: int, output: RequestOutput, include_usage: bool) -> str | None:
+    def delta_event(self, index: int, output: RequestOutput) -> str | None:
         """The stream event of one output, or None when it carries nothing to send."""
         offset = sum(len(t) for t in self.choices[index].text)
         self.add(index, output)
-        if not output.new_text and not output.finished and not output.logprobs:
+        if not (output.new_text or output.finished or output.logprobs or output.new_token_ids):
             return None
-        logprobs = self._logprobs(output.logprobs, offset)
         reason = output.finish_reason if output.finished else None
-        if self.kind == "chat":
-            delta = {"content": output.new_text} if output.new_text else {}
-            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-        else:
-            choice = {"index": index, "text": output.new_text, "logprobs": logprobs,
-                      "finish_reason": reason}  # fmt: skip
-        return self._chunk([choice], include_usage)
+        logprobs = self._logprobs(output.logprobs, offset)
+        choice = self._choice(
+            index, output.new_text, output.new_token_ids, logprobs, reason, delta=True
+        )
+        return self._chunk([choice])
 
     def usage_event(self) -> str:
         """The closing chunk of a stream with `include_usage`: no choices, the usage."""
-        return self._chunk([], True, self.usage())
+        return self._chunk([], self.usage())
 
 
 def sse(body: dict) -> str:
@@ -384,7 +403,11 @@ def sse(body: dict) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-async def collect_response(builder: ResponseBuilder, stream, first, with_logprobs: bool) -> dict:
+def _aborted(builder: ResponseBuilder) -> bool:
+    return any(state.finish_reason == "abort" for state in builder.choices)
+
+
+async def collect_response(builder: ResponseBuilder, stream, first) -> dict:
     """The whole response body of a non-streamed request; closes the stream."""
     try:
         builder.add(*first)
@@ -392,42 +415,33 @@ async def collect_response(builder: ResponseBuilder, stream, first, with_logprob
             builder.add(index, output)
     finally:
         await stream.aclose()
-    if any(state.finish_reason == "abort" for state in builder.choices):
+    if _aborted(builder):
         raise ServiceUnavailableError("the request was aborted by the server; retry")
-    return builder.response(with_logprobs)
+    return builder.response()
 
 
-async def stream_events(builder: ResponseBuilder, stream, first, include_usage: bool):
+async def stream_events(builder: ResponseBuilder, stream, first):
     """Server-sent events of a streamed request, ending with `data: [DONE]`."""
     # Runs inside the StreamingResponse; a client disconnect cancels it here, and the finally
     # closes the engine stream, which aborts the request and frees its KV blocks.
     try:
-        for event in builder.role_events(include_usage):
+        for event in builder.role_events():
             yield event
-        pending = [first]
-        while True:
-            for index, output in pending:
-                if output.finished and output.finish_reason == "abort":
-                    error = ServiceUnavailableError("the request was aborted by the server")
-                    yield sse(error.to_dict())
-                    yield SSE_DONE
-                    return
-                event = builder.delta_event(index, output, include_usage)
-                if event is not None:
-                    yield event
+        item = first
+        while item is not None:
+            event = builder.delta_event(*item)
+            if _aborted(builder):
+                raise ServiceUnavailableError("the request was aborted by the server")
+            if event is not None:
+                yield event
             item = await anext(stream, None)
-            if item is None:
-                break
-            pending = [item]
-        if include_usage:
+        if builder.options.include_usage:
             yield builder.usage_event()
-        yield SSE_DONE
     except APIError as exc:
         yield sse(exc.to_dict())
-        yield SSE_DONE
     except Exception:
         logger.exception("stream failed")
         yield sse(InternalServerError("internal server error").to_dict())
-        yield SSE_DONE
     finally:
         await stream.aclose()
+    yield SSE_DONE

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from services.language.request import ImageInput
+from services.language.encode_client import EncodedImage
+from services.language.encode_client import ImageInput as EncodeInput
 from tests.e2e.tokenizer_util import save_tokenizer
 
 QWEN3_VL_TEMPLATE = Path("/work/shared/spec/qwen3_vl_chat_template.jinja")
@@ -67,22 +68,20 @@ class InProcessEncoder:
         self.model = Qwen3VLVisionModel.from_pretrained(model_dir).eval()
         self.num_calls = 0
 
-    def encode_sync(self, data: bytes) -> ImageInput:
-        """One image -> its ImageInput (embeds and deepstack split)."""
+    def encode_sync(self, data: bytes) -> EncodedImage:
+        """One image -> its packed embeddings, as the encode service computes them."""
         from shared.model.processing import decode_image, preprocess_image
-        from shared.model.qwen3_vl_moe import separate_deepstack_embeds
 
         pixels, grid = preprocess_image(decode_image(data), self.processor)
         with torch.no_grad():
             packed = self.model(pixels, torch.tensor([grid]))
-        embeds, deepstack = separate_deepstack_embeds(packed, self.model.num_deepstack)
         digest = hashlib.sha256(data).hexdigest()
-        return ImageInput(embeds.contiguous(), deepstack.contiguous(), grid, digest)
+        return EncodedImage(packed, grid, digest, cache_hit=False, endpoint="in-process")
 
-    async def encode(self, images: Sequence[bytes], request_id: str) -> list[ImageInput]:
-        """The encode-client interface, off the event loop."""
+    async def encode(self, images: Sequence[EncodeInput]) -> list[EncodedImage]:
+        """EncodeClient.encode's interface, computed off the event loop."""
         self.num_calls += 1
-        return await asyncio.to_thread(lambda: [self.encode_sync(d) for d in images])
+        return await asyncio.to_thread(lambda: [self.encode_sync(i.data) for i in images])
 
 
 @torch.no_grad()
@@ -131,3 +130,40 @@ def hf_image_inputs(model_dir: Path, images: Sequence[bytes]):
     cfg = load_image_processor_config(model_dir)
     pixels, grids = zip(*(preprocess_image(decode_image(d), cfg) for d in images), strict=True)
     return torch.cat(pixels), torch.tensor(grids)
+
+
+def read_metrics(base_url: str, labeled: bool = False) -> dict[str, float]:
+    """The language service's Prometheus samples by name (`name{k="v"}` with `labeled`)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.labels:
+                samples[sample.name] = sample.value
+            elif labeled:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def wait_for_idle_kv(base_url: str, timeout_s: float = 15.0) -> dict[str, float]:
+    """Poll /metrics until no request runs or waits and every KV block is free."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = read_metrics(base_url)
+        idle = (
+            m["splitvl_language_num_requests_running"] == 0
+            and m["splitvl_language_num_requests_waiting"] == 0
+            and m["splitvl_language_kv_cache_free_blocks"]
+            == m["splitvl_language_kv_cache_total_blocks"]
+        )
+        if idle:
+            return m
+        if time.monotonic() > deadline:
+            raise AssertionError(f"KV blocks still in use after {timeout_s} s: {m}")
+        time.sleep(0.05)
