@@ -181,13 +181,24 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request body", None
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        return f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if errors[0].get("type") == "json_invalid":
+        detail = errors[0].get("ctx", {}).get("error", "")
+        return f"request body is not valid JSON: {detail}", None
+    # A union (string or list of parts) reports one error per branch; the deepest is the
+    # one that says what is actually wrong ("Input tag 'audio' ... does not match")
+    error = max(errors, key=lambda e: len(e.get("loc", ())))
+    loc = [str(part) for part in error.get("loc", ()) if not _is_branch_label(part)]
     param = ".".join(loc) or None
     where = f"{param}: " if param else ""
-    return f"{where}{first.get('msg', 'invalid value')}", param
+    return f"{where}{error.get('msg', 'invalid value')}", param
+
+
+def _is_branch_label(part: Any) -> bool:
+    # pydantic names union branches in `loc` ("str", "list[...]", "function-after[...]")
+    return part == "body" or (isinstance(part, str) and (part in _TYPE_LABELS or "[" in part))
+
+
+_TYPE_LABELS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
 def install_error_handlers(app: FastAPI, on_error: Callable[[APIError], None]) -> None:
