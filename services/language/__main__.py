@@ -172,9 +172,11 @@ def _bind(host: str, port: int) -> socket.socket:
 def _build_encoder(args: argparse.Namespace) -> Any:
     if not args.encode:
         return None
-    from services.language.encode_client import build_encode_client
+    from services.language.encode_client import EncodeClient, EncodeClientConfig
 
-    return build_encode_client(args.encode, transport=args.transport, device=args.device)
+    endpoints = tuple(e.strip() for e in args.encode.split(",") if e.strip())
+    # Built inside the running loop: the client's gRPC channels belong to it
+    return EncodeClient(EncodeClientConfig(endpoints, args.transport, args.device))
 
 
 @asynccontextmanager
@@ -206,7 +208,9 @@ async def serve(args: argparse.Namespace) -> None:
         if args.grpc_port is not None:
             from services.language.grpc_server import start_grpc_server
 
-            grpc_server, grpc_port = await start_grpc_server(frontend, args.host, args.grpc_port)
+            grpc_server, grpc_port = await start_grpc_server(
+                frontend, args.host, args.grpc_port, name, args.api_key, args.max_request_bytes
+            )
         try:
             http_port = sock.getsockname()[1]
             _announce(args.port_file, http_port, grpc_port)
