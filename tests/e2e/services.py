@@ -32,7 +32,8 @@ class ServiceProcess:
         self.port_file.unlink(missing_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self._log = self.log_path.open("w")
-        command = [sys.executable, "-m", f"services.{name}", *args, "--port-file", str(self.port_file)]
+        command = [sys.executable, "-m", f"services.{name}", *args]
+        command += ["--port-file", str(self.port_file)]
         self.process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
@@ -72,8 +73,8 @@ def wait_grpc_serving(address: str, timeout_s: float = START_TIMEOUT_S, service:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
+                request = health_pb2.HealthCheckRequest(service=service)
+                if stub.Check(request, timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
