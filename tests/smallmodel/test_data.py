@@ -17,6 +17,7 @@ from scripts.smallmodel.data import (
     DataError,
     Example,
     describe,
+    make_conversation,
     make_dataset,
     make_example,
     random_scene,
@@ -113,7 +114,8 @@ def test_describe_lists_left_to_right_with_articles():
     assert ex.answer.endswith(".") and ex.answer[0].isupper()
     positions = [ex.answer.index(p) for p in parts]
     assert positions == sorted(positions)
-    assert ("an orange" in ex.answer) == any(s.color == "orange" for s in ordered)
+    assert ("an orange" in ex.answer.lower()) == any(s.color == "orange" for s in ordered)
+    assert "a orange" not in ex.answer.lower()
 
 
 def test_where_needs_a_clear_side():
@@ -125,10 +127,24 @@ def test_where_needs_a_clear_side():
     assert where_of(left, scene.width, scene.height) == "left"
 
 
+def test_conversation_asks_distinct_kinds_about_one_scene():
+    rng = random.Random(2)
+    for _ in range(30):
+        conv = make_conversation(rng, num_turns=3, max_shapes=1)
+        assert 1 <= len(conv) <= 3
+        assert len({ex.kind for ex in conv}) == len(conv)
+        assert all(ex.scene == conv[0].scene and ex.image is conv[0].image for ex in conv)
+        assert len(conv[0].scene.shapes) == 1
+        for ex in conv:
+            _check_answer(ex)
+
+
 def test_bad_requests_raise_typed_errors():
     with pytest.raises(DataError, match="unknown question kind"):
         make_example(random.Random(0), "size")
     with pytest.raises(DataError, match="num_shapes"):
         random_scene(random.Random(0), num_shapes=4)
+    with pytest.raises(DataError, match="max_shapes"):
+        make_conversation(random.Random(0), num_turns=2, max_shapes=0)
     with pytest.raises(DataError, match="n must be"):
         make_dataset(0, -1)
