@@ -40,6 +40,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EncodeService"].full_name
 _HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
+# Whole tensors in one message for callers that ask (EncodeRequest.max_chunk_bytes).
+MAX_SEND_MESSAGE_BYTES = 1 << 30
+MIN_CHUNK_BYTES = 4096
+
+
 class UnavailableError(RuntimeError):
     """The replica is loading or draining; the client should use another one."""
 
@@ -149,13 +154,14 @@ class EncodeServicer:
                 if link and not rt.links.is_open(request.link_id):
                     raise UnknownLinkError(f"no open link {request.link_id!r}; call OpenLink first")
                 specs = [_spec(image) for image in request.images]
+                chunk_bytes = self._chunk_bytes(request.max_chunk_bytes)
                 remaining = context.time_remaining()
                 deadline = (
                     None if remaining is None else asyncio.get_running_loop().time() + remaining
                 )
                 async with contextlib.aclosing(rt.encoder.encode(specs, deadline)) as results:
                     async for img in results:
-                        async for message in self._emit(rt, img, link):
+                        async for message in self._emit(rt, img, link, chunk_bytes):
                             yield message
                         self.metrics.images.inc()
                 log.debug(
@@ -175,7 +181,13 @@ class EncodeServicer:
             self.metrics.requests.labels(code).inc()
             self.metrics.latency.observe(time.perf_counter() - start)
 
-    async def _emit(self, rt: Runtime, img: EncodedImage, link: bool):
+    def _chunk_bytes(self, requested: int) -> int:
+        if requested == 0:
+            return self.config.chunk_bytes
+        # Frames carry a few dozen bytes besides the data.
+        return max(MIN_CHUNK_BYTES, min(requested, MAX_SEND_MESSAGE_BYTES - 1024))
+
+    async def _emit(self, rt: Runtime, img: EncodedImage, link: bool, chunk_bytes: int):
         if link:
             yield _header(img, ticket=rt.links.issue(img.packed))
             return
@@ -184,7 +196,7 @@ class EncodeServicer:
             data = tensor_bytes(img.packed)
         else:  # the device-to-host copy must not stall the event loop
             data = await asyncio.get_running_loop().run_in_executor(None, tensor_bytes, img.packed)
-        for frame in iter_chunk_frames(img.index, data, self.config.chunk_bytes):
+        for frame in iter_chunk_frames(img.index, data, chunk_bytes):
             yield frame
         self.metrics.transfer_bytes.labels("inline").inc(len(data))
 
@@ -284,7 +296,7 @@ class EncodeServer:
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
-                ("grpc.max_send_message_length", max_bytes),
+                ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
             ]
         )
         server.add_generic_rpc_handlers((self.servicer.handler(),))

@@ -19,6 +19,7 @@ import math
 import socket
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,10 @@ _CHUNK_TAG = (2 << 3) | 2  # EncodeResponse.chunk, length-delimited
 _INDEX_TAG = (1 << 3) | 0  # TensorChunk.index, varint
 _OFFSET_TAG = (2 << 3) | 0  # TensorChunk.offset, varint
 _DATA_TAG = (3 << 3) | 2  # TensorChunk.data, length-delimited
+_PADDING_TAG = (4 << 3) | 2  # TensorChunk.padding, length-delimited
+# Chunk data starts at a multiple of this within its frame; CPython's bytes payloads are 16-byte
+# aligned, so a reader can view the data in place as a tensor of any supported dtype.
+DATA_ALIGNMENT = 16
 
 
 class WireFormatError(ValueError):
@@ -89,21 +94,26 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 
 
 def iter_chunk_frames(index: int, data: memoryview, chunk_bytes: int) -> Iterator[bytes]:
-    """Serialized `EncodeResponse{chunk: TensorChunk{index, offset, data}}` frames covering data."""
+    """Serialized `EncodeResponse{chunk: TensorChunk{index, offset, padding, data}}` frames.
+
+    Building each frame copies its slice of data once; that bytes object is what gRPC sends.
+    """
     for offset in range(0, len(data), chunk_bytes):
         piece = data[offset : offset + chunk_bytes]
-        inner = b"".join(
-            (
-                bytes([_INDEX_TAG]),
-                _varint(index),
-                bytes([_OFFSET_TAG]),
-                _varint(offset),
-                bytes([_DATA_TAG]),
-                _varint(len(piece)),
-            )
-        )
-        head = b"".join((bytes([_CHUNK_TAG]), _varint(len(inner) + len(piece)), inner))
-        yield b"".join((head, piece))
+        yield b"".join((_chunk_head(index, offset, len(piece)), piece))
+
+
+def _chunk_head(index: int, offset: int, size: int) -> bytes:
+    """Frame bytes before the data, padded to a multiple of DATA_ALIGNMENT."""
+    fields = b"".join((bytes([_INDEX_TAG]), _varint(index), bytes([_OFFSET_TAG]), _varint(offset)))
+    data_head = b"".join((bytes([_DATA_TAG]), _varint(size)))
+    for pad in range(2 * DATA_ALIGNMENT):
+        padding = b"".join((bytes([_PADDING_TAG]), _varint(pad), bytes(pad)))
+        inner = b"".join((fields, padding, data_head))
+        head = b"".join((bytes([_CHUNK_TAG]), _varint(len(inner) + size), inner))
+        if len(head) % DATA_ALIGNMENT == 0:
+            return head
+    raise AssertionError("unreachable: some padding length aligns the data")
 
 
 @dataclass(frozen=True)
@@ -149,11 +159,17 @@ def parse_chunk_frame(frame: bytes) -> ChunkView | None:
 
 
 class TensorAssembler:
-    """Collects one tensor's chunks, in order, into preallocated memory."""
+    """Collects one tensor's chunks, in order.
+
+    A tensor that arrives as one aligned chunk becomes a view of the received message: no copy, and
+    the result must be treated as read-only (its memory is an immutable bytes object). Otherwise
+    the chunks are copied into memory allocated on the first one.
+    """
 
     def __init__(self, dtype: torch.dtype, shape: Sequence[int], num_bytes: int):
         _require_little_endian()
-        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        self.element_size = torch.empty((), dtype=dtype).element_size()
+        expected = math.prod(shape) * self.element_size
         if num_bytes != expected:
             raise WireFormatError(
                 f"header says {num_bytes} bytes but shape {tuple(shape)} of {dtype} needs "
@@ -162,13 +178,18 @@ class TensorAssembler:
         self.dtype = dtype
         self.shape = tuple(int(s) for s in shape)
         self.num_bytes = num_bytes
-        self._buffer = torch.empty(num_bytes, dtype=torch.uint8)
-        self._array = self._buffer.numpy()
         self.received = 0
+        self._bytes: torch.Tensor | None = None  # uint8 [num_bytes]
+        self._copied = False
 
     @property
     def complete(self) -> bool:
         return self.received == self.num_bytes
+
+    @property
+    def zero_copy(self) -> bool:
+        """Whether the result views the received message."""
+        return self._bytes is not None and not self._copied
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
         if offset != self.received:
@@ -176,13 +197,23 @@ class TensorAssembler:
         end = offset + len(data)
         if end > self.num_bytes:
             raise WireFormatError(f"chunk ends at byte {end}, past the tensor's {self.num_bytes}")
-        self._array[offset:end] = np.frombuffer(data, dtype=np.uint8)
+        array = np.frombuffer(data, dtype=np.uint8)
+        if end == self.num_bytes and offset == 0 and array.ctypes.data % self.element_size == 0:
+            with warnings.catch_warnings():  # read-only by contract, see the class docstring
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                self._bytes = torch.from_numpy(array)
+        else:
+            if self._bytes is None:
+                self._bytes = torch.empty(self.num_bytes, dtype=torch.uint8)
+                self._copied = True
+            self._bytes.numpy()[offset:end] = array
         self.received = end
 
     def result(self) -> torch.Tensor:
         if not self.complete:
             raise WireFormatError(f"received {self.received} of {self.num_bytes} tensor bytes")
-        return self._buffer.view(self.dtype).view(self.shape)
+        data = self._bytes if self._bytes is not None else torch.empty(0, dtype=torch.uint8)
+        return data.view(self.dtype).view(self.shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ _RETRYABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
 )
 TRANSPORTS = ("grpc", "nccl")
+_FRAME_OVERHEAD = 1024  # a chunk message's bytes besides its data, with room to spare
 
 
 class EncodeError(RuntimeError):
@@ -68,13 +69,21 @@ class EncodeClientConfig:
     timeout_s: float = 60.0  # per request, all attempts included
     max_attempts: int = 3  # per image
     cooldown_s: float = 2.0  # a replica that was unavailable is avoided this long
-    max_message_bytes: int = 256 * 1024 * 1024
+    max_message_bytes: int = 256 * 1024 * 1024  # gRPC receive limit
+    # Inline tensors arrive in chunks of this size, reassembled as they come (bench/transfer.py:
+    # the pipelining beats the copy it costs). 0 asks for each tensor in one message (up to
+    # max_message_bytes), then used in place without any copy of the client's own.
+    inline_chunk_bytes: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         if not self.endpoints:
             raise ValueError("EncodeClientConfig needs at least one endpoint")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.max_message_bytes < 4 * 1024 * 1024:
+            raise ValueError("max_message_bytes must be at least gRPC's default 4 MiB")
+        if not 0 <= self.inline_chunk_bytes <= self.max_message_bytes - _FRAME_OVERHEAD:
+            raise ValueError("inline_chunk_bytes must be 0 or fit in max_message_bytes")
         if self.max_attempts < 1 or self.timeout_s <= 0:
             raise ValueError("max_attempts must be >= 1 and timeout_s > 0")
 
@@ -110,7 +119,11 @@ class ImageInput:
 
 @dataclass(frozen=True)
 class EncodedImage:
-    """One image's packed embeddings [num_tokens, (1+k)*H] on the client's device."""
+    """One image's packed embeddings [num_tokens, (1+k)*H] on the client's device.
+
+    With the grpc transport and a CPU device, a tensor that came in one message (it fit in a chunk)
+    views that message in place: treat it as read-only (splicing into a prompt only reads it).
+    """
 
     packed: torch.Tensor
     grid_thw: tuple[int, int, int]
@@ -267,7 +280,11 @@ class EncodeClient:
         self, ep: _Endpoint, image: ImageInput, timeout: float, request_id: str
     ) -> EncodedImage:
         request = pb.EncodeRequest(
-            request_id=request_id, images=[image.message()], transport=pb.TRANSPORT_INLINE
+            request_id=request_id,
+            images=[image.message()],
+            transport=pb.TRANSPORT_INLINE,
+            max_chunk_bytes=self.config.inline_chunk_bytes
+            or self.config.max_message_bytes - _FRAME_OVERHEAD,
         )
         header, assembler = None, None
         async for msg in ep.encode(request, timeout=timeout):

@@ -110,3 +110,17 @@ def test_killing_a_replica_mid_flight_loses_no_request(tiny_vl_dir, tmp_path, re
     for data, [got] in zip(images, results, strict=True):
         assert got.endpoint == replica_b.address
         torch.testing.assert_close(got.packed, reference.encode(data), rtol=0, atol=1e-5)
+
+
+def test_a_model_that_cannot_load_exits_with_an_error(tiny_vl_dir, tmp_path):
+    broken = tmp_path / "no_weights"
+    broken.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (broken / name).write_bytes((tiny_vl_dir / name).read_bytes())
+    service = EncodeProcess(broken, tmp_path).start()
+    try:
+        assert service.proc.wait(60) == 1
+    finally:
+        service.kill()
+    assert "could not load the model" in service.log()
+    assert "no model.safetensors" in service.log()

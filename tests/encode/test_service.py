@@ -77,9 +77,11 @@ def test_delivered_embeddings_are_bit_identical_to_in_process(encode_service, re
     assert got.content_hash == content_hash(data)
     embeds, deepstack = got.split(num_deepstack=2)
     assert embeds.shape == (expected.shape[0], 64) and deepstack.shape == (expected.shape[0], 128)
-    if transport == "grpc":  # the same bytes through the generated protobuf classes
+    if transport == "grpc":  # the same bytes, chunked, through the generated protobuf classes
         messages = _raw_encode(encode_service, [pb.ImageInput(data=data)])
-        raw = b"".join(m.chunk.data for m in messages if m.WhichOneof("payload") == "chunk")
+        chunks = [m.chunk for m in messages if m.WhichOneof("payload") == "chunk"]
+        assert len(chunks) > 1  # the service's 4 KiB default chunks
+        raw = b"".join(c.data for c in chunks)
         header = messages[0].header
         assert tuple(header.grid_thw) == got.grid_thw and header.num_bytes == len(raw)
         flat = torch.frombuffer(bytearray(raw), dtype=torch.float32)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 import uuid
 
+import numpy as np
 import pytest
 import torch
 
 from proto.splitvl.encode.v1 import encode_pb2 as pb
 from services.encode.transport import (
+    DATA_ALIGNMENT,
     LinkError,
     P2PLink,
     TensorAssembler,
@@ -39,6 +41,23 @@ def test_chunk_frames_parse_as_protobuf_and_reassemble(dtype):
         mine.write(view.offset, view.data)
         theirs.write(generated.chunk.offset, generated.chunk.data)
     assert torch.equal(mine.result(), tensor) and torch.equal(theirs.result(), tensor)
+    assert not mine.zero_copy
+
+
+@pytest.mark.parametrize("index", [0, 5, 300])
+def test_single_chunk_is_used_in_place(index):
+    tensor = torch.randn(1000, 24).to(torch.bfloat16)
+    data = tensor_bytes(tensor)
+    [frame] = list(iter_chunk_frames(index, data, chunk_bytes=len(data)))
+    view = parse_chunk_frame(frame)
+    assert (len(frame) - len(view.data)) % DATA_ALIGNMENT == 0  # padded so the data is aligned
+    assert pb.EncodeResponse.FromString(frame).chunk.data == bytes(data)
+    asm = TensorAssembler(torch.bfloat16, tensor.shape, len(data))
+    asm.write(view.offset, view.data)
+    out = asm.result()
+    assert asm.zero_copy and torch.equal(out, tensor)
+    frame_start = np.frombuffer(frame, dtype=np.uint8).ctypes.data
+    assert frame_start <= out.data_ptr() < frame_start + len(frame)  # a view of the message
 
 
 def test_parser_reads_frames_serialized_by_protobuf():
