@@ -21,13 +21,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from services.language.errors import (
-    APIError,
     BadRequestError,
-    ImageInputError,
     NotFoundError,
-    OverloadedError,
     RequestGate,
     ServiceUnavailableError,
+    encode_failure,
+    engine_failure,
     install_error_handlers,
 )
 from services.language.images import ImageLoader
@@ -51,8 +50,6 @@ from services.language.prompt import (
 from services.language.request import (
     GenerationRequest,
     ImageInput,
-    InvalidRequestError,
-    QueueFullError,
     RequestOutput,
     SamplingParams,
 )
@@ -131,7 +128,7 @@ class LanguageFrontend:
         try:
             encoded = await self.encoder.encode([EncodeInput(data=data) for data in datas])
         except EncodeError as exc:
-            raise _encode_error(exc, self.retry_after_s) from exc
+            raise encode_failure(exc, self.retry_after_s) from exc
         self.metrics.encode_latency.observe(time.monotonic() - start)
         num_deepstack = self.engine.model_config.num_deepstack
         images = []
@@ -185,7 +182,7 @@ class LanguageFrontend:
             while unfinished:
                 index, item = await queue.get()
                 if isinstance(item, BaseException):
-                    raise _engine_error(item, self.retry_after_s) from item
+                    raise engine_failure(item, self.retry_after_s) from item
                 if not counted:  # once per API request, when the engine has accepted it
                     counted = True
                     self.metrics.prompt_tokens.inc(len(requests[0].prompt_token_ids))
@@ -223,33 +220,8 @@ class LanguageFrontend:
             for iterator in iterators:
                 with suppress(Exception):
                     await asyncio.wait_for(_drain(iterator), timeout=5.0)
-            raise _engine_error(exc, self.retry_after_s) from exc
+            raise engine_failure(exc, self.retry_after_s) from exc
         return iterators
-
-
-def _encode_error(exc: Exception, retry_after_s: int) -> APIError:
-    """The client-facing error for a failed encode: the image's fault (400) or ours (503)."""
-    code = getattr(getattr(exc, "code", None), "name", None)
-    if code in ("INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION"):
-        return ImageInputError(f"the image could not be encoded: {exc}")
-    return ServiceUnavailableError(
-        f"the encode service could not encode the images ({code or 'no answer'}); retry shortly",
-        retry_after_s=retry_after_s,
-        code="encode_unavailable",
-    )
-
-
-def _engine_error(exc: BaseException, retry_after_s: int) -> BaseException:
-    """The client-facing error for an engine exception."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, QueueFullError):
-        return OverloadedError(
-            f"the server is at capacity ({exc}); retry shortly", retry_after_s=retry_after_s
-        )
-    if isinstance(exc, InvalidRequestError):
-        return BadRequestError(str(exc))
-    return exc
 
 
 async def _drain(iterator: AsyncIterator) -> None:
@@ -266,18 +238,8 @@ async def _pump(index: int, iterator: AsyncIterator[RequestOutput], queue: async
     except Exception as exc:  # handed to the consumer, which raises it in the request's task
         queue.put_nowait((index, exc))
         return
-    finally:
-        if not finished:
-            # Started streams run their own cleanup here; this makes sure of it when the
-            # pump is cancelled before the stream ever ran
-            await _close_quietly(iterator)
     if not finished:
         queue.put_nowait((index, ServiceUnavailableError("the engine dropped the request")))
-
-
-async def _close_quietly(iterator) -> None:
-    with suppress(Exception):
-        await iterator.aclose()
 
 
 def _record(timer: RequestTimer, output: RequestOutput) -> None:

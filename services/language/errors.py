@@ -19,6 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.language.request import InvalidRequestError, QueueFullError
+
 logger = logging.getLogger(__name__)
 
 
@@ -119,6 +121,34 @@ class ImageInputError(BadRequestError):
 
 class ImageTooLargeError(PayloadTooLargeError):
     """An image whose bytes or pixel count exceed the configured limits."""
+
+
+# ------------------------------------------------------- failures of the engine and encode service
+
+
+def encode_failure(exc: Exception, retry_after_s: int) -> APIError:
+    """The client-facing error for a failed encode: the image's fault (400) or ours (503)."""
+    code = getattr(getattr(exc, "code", None), "name", None)
+    if code in ("INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION"):
+        return ImageInputError(f"the image could not be encoded: {exc}")
+    return ServiceUnavailableError(
+        f"the encode service could not encode the images ({code or 'no answer'}); retry shortly",
+        retry_after_s=retry_after_s,
+        code="encode_unavailable",
+    )
+
+
+def engine_failure(exc: BaseException, retry_after_s: int) -> BaseException:
+    """The client-facing error for an engine exception."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return OverloadedError(
+            f"the server is at capacity ({exc}); retry shortly", retry_after_s=retry_after_s
+        )
+    if isinstance(exc, InvalidRequestError):
+        return BadRequestError(str(exc))
+    return exc
 
 
 # ------------------------------------------------------------------ rendering errors over HTTP

@@ -27,6 +27,7 @@ from services.language.errors import ImageInputError, ImageTooLargeError
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _MAX_URL_IN_MESSAGE = 80
+_INLINE_DECODE_CHARS = 256 * 1024
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -140,7 +141,10 @@ class ImageLoader:
             raise ImageInputError("image_url.url must be a non-empty string")
         scheme = url.split(":", 1)[0].lower()
         if scheme == "data":
-            data = decode_data_url(url, self.config.max_image_bytes)
+            if len(url) > _INLINE_DECODE_CHARS:  # megabytes of base64: off the event loop
+                data = await asyncio.to_thread(decode_data_url, url, self.config.max_image_bytes)
+            else:
+                data = decode_data_url(url, self.config.max_image_bytes)
         elif scheme in ("http", "https"):
             if not self.config.allow_http:
                 raise ImageInputError(

@@ -34,7 +34,6 @@ from services.language.request import (
 
 logger = logging.getLogger(__name__)
 
-MAX_TOP_LOGPROBS = 20
 TokenText = Callable[[int], str]
 
 
@@ -158,15 +157,8 @@ class ChatCompletionRequest(_SamplingFields):
         """The engine's `logprobs`: None, or how many alternatives to return per token."""
         if self.top_logprobs is not None and not self.logprobs:
             raise BadRequestError("top_logprobs requires logprobs=true", param="top_logprobs")
-        if not self.logprobs:
-            return None
-        count = self.top_logprobs or 0
-        if not 0 <= count <= MAX_TOP_LOGPROBS:
-            raise BadRequestError(
-                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {count}",
-                param="top_logprobs",
-            )
-        return count
+        # The range is SamplingParams' to check
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat_messages(self) -> list[ChatMessage]:
         """The messages in the server's own form."""
@@ -219,11 +211,6 @@ class CompletionRequest(_SamplingFields):
 
     def logprobs_count(self) -> int | None:
         """The engine's `logprobs` for the legacy integer field."""
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise BadRequestError(
-                f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}",
-                param="logprobs",
-            )
         return self.logprobs
 
 

@@ -17,11 +17,14 @@ from services.language.encode_client import EncodedImage
 from services.language.encode_client import ImageInput as EncodeInput
 from tests.e2e.tokenizer_util import save_tokenizer
 
-QWEN3_VL_TEMPLATE = Path("/work/shared/spec/qwen3_vl_chat_template.jinja")
+# The Qwen3-VL chat template, as shipped with the small model's tooling
+QWEN3_VL_TEMPLATE = (
+    Path(__file__).resolve().parents[2] / "scripts" / "smallmodel" / "qwen3_vl_chat_template.jinja"
+)
 
 
 def template_source() -> str:
-    """The Qwen3-VL chat template (shipped beside the spec)."""
+    """The Qwen3-VL chat template."""
     return QWEN3_VL_TEMPLATE.read_text()
 
 

@@ -23,18 +23,16 @@ from services.language.prompt import (
     message_to_template_dict,
 )
 from services.language.request import ImageInput
+from tests.e2e.support import template_source
 from tests.e2e.tokenizer_util import save_tokenizer
 
-QWEN3_VL_TEMPLATE = Path("/work/shared/spec/qwen3_vl_chat_template.jinja")
 IMAGE = ImagePart(url="data:image/png;base64,AAAA")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    if not QWEN3_VL_TEMPLATE.is_file():
-        pytest.skip("the Qwen3-VL chat template is not available")
     directory = tmp_path_factory.mktemp("tokenizer")
-    save_tokenizer(directory, QWEN3_VL_TEMPLATE.read_text())
+    save_tokenizer(directory, template_source())
     return directory
 
 
