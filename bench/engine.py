@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# moe_intermediate_size is chosen so that 2 * I != hidden: the loader tells the hub expert layout
+# from transformers' transposed one by shape, which is ambiguous when they are equal.
 SHAPES = {
     "tiny": dict(
         text=dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -34,7 +36,7 @@ SHAPES = {
     ),
     "medium": dict(
         text=dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=64, moe_intermediate_size=256,
+                  num_key_value_heads=4, head_dim=64, moe_intermediate_size=384,
                   intermediate_size=1024, num_experts=16, num_experts_per_tok=4,
                   vocab_size=16384),
         vision=dict(depth=4, hidden_size=128, num_heads=4, intermediate_size=256,
