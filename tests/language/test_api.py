@@ -252,3 +252,25 @@ def test_disconnecting_a_non_streamed_request_aborts_it(server):
     ok = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=30,
                     json={**body, "max_tokens": 2})  # fmt: skip
     assert ok.status_code == 200
+
+
+def test_metrics_record_latencies_and_token_counts(server, client):
+    before = read_metrics(server.base_url)
+    image = png_bytes(64, 64, seed=7)
+    response = client.chat.completions.create(
+        model=MODEL, messages=image_message(image, "Count"), max_tokens=5, **GREEDY
+    )
+    after = read_metrics(server.base_url)
+
+    def grew(name: str) -> float:
+        return after[f"splitvl_language_{name}"] - before.get(f"splitvl_language_{name}", 0)
+
+    prompt_ids = response.model_extra["prompt_token_ids"]
+    assert grew("time_to_first_token_seconds_count") == 1
+    assert grew("e2e_request_latency_seconds_count") == 1
+    assert grew("encode_latency_seconds_count") == 1
+    assert grew("inter_token_latency_seconds_count") == 4  # gaps between 5 tokens
+    assert grew("generation_tokens_total") == 5
+    assert grew("prompt_tokens_total") == len(prompt_ids)
+    assert grew("image_tokens_total") == prompt_ids.count(IMAGE_TOKEN_ID)
+    assert 0.0 <= after["splitvl_language_prefix_cache_hit_ratio"] <= 1.0

@@ -209,3 +209,14 @@ def test_config_validation():
         ImageFetchConfig(allowed_networks=("not-a-network",))
     with pytest.raises(ValueError, match="fetch_timeout_s"):
         ImageFetchConfig(fetch_timeout_s=0)
+
+
+def test_large_data_url_is_decoded_off_the_event_loop():
+    import numpy as np
+
+    pixels = np.random.default_rng(1).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    url = data_url(buf.getvalue())
+    assert len(url) > 256 * 1024  # takes the threaded path
+    assert load(ImageLoader(ImageFetchConfig()), url) == buf.getvalue()
