@@ -13,9 +13,10 @@ from tests.e2e.support import greedy_disagreements, hf_image_inputs
 class Reference:
     """Prompt ids from transformers' apply_chat_template and answers from its greedy `generate`.
 
-    With a trained checkpoint the served answer must equal `generate` token for token. With tiny
-    random weights a mismatch is accepted only where transformers' own top-2 logits are a near
-    tie (float noise may flip those), checked by teacher forcing.
+    The served answer must equal `generate` token for token, except where transformers' own
+    top-2 logits are a near tie (float noise from batching may flip those; common on random
+    weights, rare on the trained model): then every served token must still be transformers'
+    argmax given the served prefix (teacher forcing).
     """
 
     def __init__(self, model_dir: Path, hf_model, trained: bool) -> None:
@@ -86,8 +87,6 @@ class Reference:
         expected = self.generate(prompt_ids, images, max_new_tokens)
         if self._strip_eos(token_ids) == self._strip_eos(expected):
             return
-        if self.trained:
-            raise AssertionError(f"served {list(token_ids)} but transformers generates {expected}")
         pixel_values, grid = hf_image_inputs(self.model_dir, images) if images else (None, None)
         problems = greedy_disagreements(
             self.hf_model, prompt_ids, token_ids, self.image_token_id, pixel_values, grid

@@ -17,6 +17,8 @@ from tests.e2e.services import wait_grpc_serving
 from tests.e2e.support import read_metrics, wait_for_idle_kv
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+# Thousands of tokens under any tokenizer (the context is 2048)
+TOO_LONG = " ".join(str(i * 7919 % 100003) for i in range(3000))
 
 
 def test_models_list_and_health(grpc_cluster):
@@ -63,7 +65,7 @@ def test_bad_requests_get_openai_errors_then_service_continues(grpc_cluster, e2e
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
-            model=grpc_cluster.model_name, messages=chat_messages("x" * 5000), max_tokens=4
+            model=grpc_cluster.model_name, messages=chat_messages(TOO_LONG), max_tokens=4
         )
     image, question = e2e_model.image_cases(1)[0]
     response, _, _ = ask(grpc_cluster, e2e_model, question, image)
