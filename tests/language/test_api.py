@@ -274,3 +274,20 @@ def test_metrics_record_latencies_and_token_counts(server, client):
     assert grew("prompt_tokens_total") == len(prompt_ids)
     assert grew("image_tokens_total") == prompt_ids.count(IMAGE_TOKEN_ID)
     assert 0.0 <= after["splitvl_language_prefix_cache_hit_ratio"] <= 1.0
+
+
+def test_streamed_choices_are_kept_apart(client):
+    messages = [{"role": "user", "content": "Two answers please"}]
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=6, n=2, stream=True, **GREEDY
+    )
+    ids: dict[int, list[int]] = {0: [], 1: []}
+    reasons: dict[int, str] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            ids[choice.index] += choice.model_extra.get("token_ids", [])
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    assert reasons == {0: "length", 1: "length"}
+    assert [len(ids[0]), len(ids[1])] == [6, 6]
+    assert ids[0] == ids[1]  # both greedy
