@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -34,7 +35,7 @@ class TicketError(LookupError):
 
 
 class UnknownLinkError(LookupError):
-    """No open link has this id (closed, broken or never opened)."""
+    """No open link has this id (closed, broken, never opened, or the service restarted)."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class LinkManager:
         self._links: dict[str, Future] = {}
         self._tickets: OrderedDict[int, _Ticket] = OrderedDict()
         self._next_ticket = itertools.count(1)
-        # Link set-up and sends block on the peer, so they run on their own threads.
+        # Sends block on the peer, so they run on threads of their own.
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="link")
 
     @property
@@ -95,9 +96,13 @@ class LinkManager:
             self._store = start_store_server(self.host, self.timeout_s)
             log.info("link store listening on %s:%d", self.host, self._store.port)
         link_id = uuid.uuid4().hex
-        self._links[link_id] = self._executor.submit(
-            P2PLink, link_id, self._store, 0, self.device, self.timeout_s, self.host
-        )
+        pending: Future = Future()
+        args = (link_id, self._store, 0, self.device, self.timeout_s, self.host)
+        # A daemon thread, not the pool: a peer that never joins must not hold up process exit.
+        threading.Thread(
+            target=_construct, args=(pending, args), name=f"link-{link_id[:8]}", daemon=True
+        ).start()
+        self._links[link_id] = pending
         log.info("link %s opening for a peer on %s (%s)", link_id, peer_device or "?", self.backend)
         return LinkOffer(link_id, self.host, self._store.port, self.backend, self.timeout_s)
 
@@ -169,6 +174,13 @@ class LinkManager:
             self.close(link_id)
         self._tickets.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _construct(pending: Future, args: tuple) -> None:
+    try:
+        pending.set_result(P2PLink(*args))
+    except BaseException as exc:  # delivered to whoever awaits the link
+        pending.set_exception(exc)
 
 
 def _close_when_ready(pending: Future) -> None:

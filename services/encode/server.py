@@ -55,7 +55,8 @@ _STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (WireFormatError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotCachedError, grpc.StatusCode.NOT_FOUND),
     (TicketError, grpc.StatusCode.NOT_FOUND),
-    (UnknownLinkError, grpc.StatusCode.NOT_FOUND),
+    # Distinct from NOT_FOUND so a client knows to open a new link and retry.
+    (UnknownLinkError, grpc.StatusCode.FAILED_PRECONDITION),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (LinkError, grpc.StatusCode.ABORTED),
@@ -214,16 +215,12 @@ class EncodeServicer:
                 yield pb.TransferResponse(done=pb.TransferDone(num_bytes=num_bytes))
         except Exception as exc:
             await self._abort(context, exc, "Transfer")
-        finally:
-            if self.runtime is not None:
-                self.metrics.links.set(self.runtime.links.num_links)
 
     async def OpenLink(self, request: pb.OpenLinkRequest, context):  # noqa: N802
         try:
             offer = self._ready().links.open(request.device)
         except Exception as exc:
             await self._abort(context, exc, "OpenLink")
-        self.metrics.links.set(self.runtime.links.num_links)
         return pb.OpenLinkResponse(
             link_id=offer.link_id,
             store_host=offer.store_host,
@@ -240,7 +237,6 @@ class EncodeServicer:
             await self._abort(context, exc, "CloseLink")
         if not rt.links.close(request.link_id):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no open link {request.link_id!r}")
-        self.metrics.links.set(rt.links.num_links)
         return pb.CloseLinkResponse()
 
     async def GetInfo(self, request: pb.GetInfoRequest, context):  # noqa: N802
@@ -251,8 +247,6 @@ class EncodeServicer:
         return _info_message(info, self.metrics_port)
 
     async def GetMetrics(self, request: pb.GetMetricsRequest, context):  # noqa: N802
-        if self.runtime is not None:
-            self.metrics.queue_depth.set(self.runtime.batcher.queue_depth)
         return pb.GetMetricsResponse(text=self.metrics.render())
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -324,6 +318,9 @@ class EncodeServer:
         """Load the model on a thread, start batching, then report SERVING."""
         runtime = await asyncio.to_thread(load_runtime, self.config, self.metrics)
         runtime.batcher.start()
+        # Read live at each scrape, from the event loop's objects (plain int reads).
+        self.metrics.queue_depth.set_function(lambda: runtime.batcher.queue_depth)
+        self.metrics.links.set_function(lambda: runtime.links.num_links)
         self.servicer.runtime = runtime
         if self.servicer.draining:
             return

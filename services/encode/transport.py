@@ -50,6 +50,15 @@ class LinkError(RuntimeError):
     """A torch.distributed link failed or timed out; it is closed and must be set up again."""
 
 
+def wire_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a header's dtype name ('float32', 'bfloat16', 'float16')."""
+    from services.encode.config import DTYPES
+
+    if name not in DTYPES:
+        raise WireFormatError(f"unsupported tensor dtype {name!r}; expected one of {list(DTYPES)}")
+    return DTYPES[name]
+
+
 def _require_little_endian() -> None:
     if sys.byteorder != "little":
         raise RuntimeError(
@@ -264,6 +273,20 @@ def _new_group(
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]
     opts._timeout = timeout
     return dist.ProcessGroupGloo(store, rank, 2, opts)
+
+
+def join_link(
+    link_id: str,
+    store_host: str,
+    store_port: int,
+    rank: int,
+    device: torch.device | str,
+    timeout_s: float,
+) -> P2PLink:
+    """The peer's side: connect to the offering process's store and join its link (blocking)."""
+    store = connect_store(store_host, store_port, timeout_s)
+    bind_host = local_address_towards(store_host, store_port)
+    return P2PLink(link_id, store, rank, device, timeout_s, bind_host)
 
 
 def transfer_tag(ticket: int) -> int:

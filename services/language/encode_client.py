@@ -29,17 +29,16 @@ from services.encode.transport import (
     P2PLink,
     TensorAssembler,
     WireFormatError,
-    connect_store,
+    join_link,
     link_backend,
-    local_address_towards,
     parse_chunk_frame,
     transfer_tag,
+    wire_dtype,
 )
 
 log = logging.getLogger(__name__)
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["EncodeService"].full_name
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Worth another replica: it is down, draining, overloaded, or the link to it broke.
 _RETRYABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
@@ -131,6 +130,10 @@ class EncodedImage:
     cache_hit: bool
     endpoint: str
 
+    @classmethod
+    def from_header(cls, header: pb.ImageHeader, packed: torch.Tensor, endpoint: str):
+        return cls(packed, tuple(header.grid_thw), header.content_hash, header.cache_hit, endpoint)
+
     def split(self, num_deepstack: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeds [n, H], deepstack [n, k*H]) views of the packed tensor."""
         from shared.model.qwen3_vl_moe import separate_deepstack_embeds
@@ -178,11 +181,16 @@ class EncodeClient:
         self._link_pool = ThreadPoolExecutor(
             max(2, 2 * len(self._endpoints)), thread_name_prefix="encode-link"
         )
-        self.retries = 0  # attempts that failed over to another try
+        self.retries = 0  # attempts made after a failed one
 
     def outstanding(self, endpoint: str) -> int:
         """Calls in flight to one endpoint."""
-        return next(e.outstanding for e in self._endpoints if e.address == endpoint)
+        return self._by_address(endpoint).outstanding
+
+    def link_id(self, endpoint: str) -> str | None:
+        """The id of the link to one endpoint, if one is up (for logs and diagnostics)."""
+        link = self._by_address(endpoint).link
+        return None if link is None or link.broken else link.link_id
 
     async def encode(
         self, images: Sequence[ImageInput], timeout_s: float | None = None
@@ -237,10 +245,13 @@ class EncodeClient:
     ) -> EncodedImage:
         tried: set[str] = set()
         last: Exception | None = None
-        for _attempt in range(self.config.max_attempts):
+        for attempt in range(self.config.max_attempts):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            if attempt:
+                self.retries += 1
+                log.info("retrying %s after: %s", request_id, _describe(last))
             ep = self._pick(tried)
             tried.add(ep.address)
             ep.outstanding += 1
@@ -260,18 +271,11 @@ class EncodeClient:
                 last = exc
             finally:
                 ep.outstanding -= 1
-            self.retries += 1
-            log.info(
-                "encode %s on %s failed (%s); retrying elsewhere",
-                request_id,
-                ep.address,
-                _describe(last),
-            )
         code = last.code() if isinstance(last, grpc.aio.AioRpcError) else None
         if last is None:
             code = grpc.StatusCode.DEADLINE_EXCEEDED
         raise EncodeError(
-            f"image not encoded after {len(tried)} replica(s) within the deadline; "
+            f"image not encoded: attempts on {len(tried)} replica(s) failed or ran out of time; "
             f"last error: {_describe(last)}",
             code,
         )
@@ -294,13 +298,15 @@ class EncodeClient:
                 assembler.write(msg.offset, msg.data)
             elif msg.WhichOneof("payload") == "header":
                 header = msg.header
-                assembler = TensorAssembler(_dtype(header.dtype), header.shape, header.num_bytes)
+                assembler = TensorAssembler(
+                    wire_dtype(header.dtype), header.shape, header.num_bytes
+                )
         if header is None:
             raise WireFormatError(f"{ep.address} returned no image")
         packed = assembler.result()
         if self.device.type != "cpu":
             packed = packed.to(self.device, non_blocking=True)
-        return _encoded(header, packed, ep.address)
+        return EncodedImage.from_header(header, packed, ep.address)
 
     async def _via_link(
         self, ep: _Endpoint, image: ImageInput, timeout: float, request_id: str
@@ -312,14 +318,21 @@ class EncodeClient:
             transport=pb.TRANSPORT_LINK,
             link_id=link.link_id,
         )
-        headers = [m.header async for m in ep.encode(request, timeout=timeout)]
+        try:
+            headers = [m.header async for m in ep.encode(request, timeout=timeout)]
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the replica forgot the link
+                self._drop_link(ep, link, exc.details() or "unknown to the replica")
+                raise LinkError(f"{ep.address}: {exc.details()}") from exc
+            raise
         if len(headers) != 1:
             raise WireFormatError(f"{ep.address} returned {len(headers)} headers for one image")
         header = headers[0]
         # Shielded: once the replica starts sending, the receive must complete or the link is lost.
         transfer = asyncio.ensure_future(self._transfer(ep, link, header, timeout))
+        transfer.add_done_callback(_consume_exception)  # seen here even if the caller gave up
         packed = await asyncio.shield(transfer)
-        return _encoded(header, packed, ep.address)
+        return EncodedImage.from_header(header, packed, ep.address)
 
     async def _transfer(self, ep: _Endpoint, link: P2PLink, header, timeout: float):
         loop = asyncio.get_running_loop()
@@ -329,9 +342,18 @@ class EncodeClient:
             call = ep.stub.Transfer(
                 pb.TransferRequest(link_id=link.link_id, tickets=[header.ticket]), timeout=timeout
             )
-            if await call.read() is grpc.aio.EOF:  # ready: the tickets exist, sends are posted
+            try:
+                ready = await call.read()  # the tickets exist and the replica is sending
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    self._drop_link(ep, link, exc.details() or "unknown to the replica")
+                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                    # Nothing was sent: encoding again (a cache hit) over a good link recovers.
+                    raise LinkError(f"{ep.address}: transfer refused: {exc.details()}") from exc
+                raise
+            if ready is grpc.aio.EOF:
                 raise LinkError(f"{ep.address} ended the transfer before it started")
-            spec = (tuple(header.shape), _dtype(header.dtype))
+            spec = (tuple(header.shape), wire_dtype(header.dtype))
             received = loop.run_in_executor(
                 self._link_pool, link.recv, [spec], [transfer_tag(header.ticket)]
             )
@@ -347,6 +369,8 @@ class EncodeClient:
         async with ep.link_setup:
             if ep.link is not None and not ep.link.broken:
                 return ep.link
+            if ep.link is not None:
+                self._drop_link(ep, ep.link, "broken")
             offer = await ep.stub.OpenLink(
                 pb.OpenLinkRequest(device=str(self.device)), timeout=timeout
             )
@@ -357,32 +381,27 @@ class EncodeClient:
                     endpoint=ep.address,
                 )
 
-            def join() -> P2PLink:
-                store = connect_store(offer.store_host, offer.store_port, offer.timeout_s)
-                bind = local_address_towards(offer.store_host, offer.store_port)
-                return P2PLink(offer.link_id, store, offer.rank, self.device, offer.timeout_s, bind)
-
             loop = asyncio.get_running_loop()
-            ep.link = await asyncio.wait_for(loop.run_in_executor(self._link_pool, join), timeout)
+            where = (offer.link_id, offer.store_host, offer.store_port, offer.rank)
+            joining = loop.run_in_executor(
+                self._link_pool, join_link, *where, self.device, offer.timeout_s
+            )
+            ep.link = await asyncio.wait_for(joining, timeout)
             log.info("link %s to %s ready (%s)", offer.link_id, ep.address, offer.backend)
             return ep.link
 
     def _drop_link(self, ep: _Endpoint, link: P2PLink, reason: str) -> None:
+        """Forget a link here and, best effort, on the replica."""
         if ep.link is link:
             ep.link = None
         link.close(reason)
+        closing = ep.stub.CloseLink(pb.CloseLinkRequest(link_id=link.link_id), timeout=2)
+        asyncio.ensure_future(closing).add_done_callback(_consume_exception)
 
 
-def _dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise WireFormatError(f"unsupported tensor dtype {name!r}")
-    return _DTYPES[name]
-
-
-def _encoded(header, packed: torch.Tensor, endpoint: str) -> EncodedImage:
-    return EncodedImage(
-        packed, tuple(header.grid_thw), header.content_hash, header.cache_hit, endpoint
-    )
+def _consume_exception(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _describe(exc: Exception | None) -> str:

@@ -192,3 +192,38 @@ def test_per_request_max_pixels(encode_service, reference):
     [small] = _encode(encode_service, [ImageInput(data, max_pixels=64 * 64)])
     assert small.grid_thw == (1, 4, 4)
     assert torch.equal(small.packed, reference.encode(data, max_pixels=64 * 64))
+
+
+def test_a_broken_link_fails_its_request_clearly_and_is_set_up_again(encode_service, reference):
+    images = [png_bytes(80, 80, seed=900 + i) for i in range(3)]
+
+    def close_link_on_service(link_id):
+        with grpc.insecure_channel(encode_service.address) as channel:
+            stub = pb_grpc.EncodeServiceStub(channel)
+            stub.CloseLink(pb.CloseLinkRequest(link_id=link_id), timeout=5)
+
+    async def run(max_attempts):
+        config = EncodeClientConfig((encode_service.address,), "nccl", max_attempts=max_attempts)
+        client = EncodeClient(config)
+        try:
+            await client.encode([ImageInput(images[0])])
+            first_link = client.link_id(encode_service.address)
+            close_link_on_service(first_link)
+            try:
+                second = await client.encode([ImageInput(images[1])])
+            except EncodeError as exc:
+                second = exc
+            third = await client.encode([ImageInput(images[2])])
+            return first_link, second, third, client.link_id(encode_service.address), client.retries
+        finally:
+            await client.close()
+
+    # One attempt: the request on the broken link fails with a clear error; the next one works.
+    first_link, second, third, last_link, retries = asyncio.run(run(max_attempts=1))
+    assert isinstance(second, EncodeError) and "link" in str(second)
+    assert last_link not in (None, first_link) and retries == 0
+    assert torch.equal(third[0].packed, reference.encode(images[2]))
+    # With retries the same break is invisible to the caller.
+    first_link, second, third, last_link, retries = asyncio.run(run(max_attempts=3))
+    assert retries == 1 and last_link != first_link
+    assert torch.equal(second[0].packed, reference.encode(images[1]))

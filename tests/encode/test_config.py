@@ -1,0 +1,92 @@
+"""Command line to frozen config, and typed errors to gRPC status codes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+import pytest
+import torch
+
+from services.encode.__main__ import build_parser, config_from_args
+from services.encode.batcher import DeadlineExpiredError, QueueFullError
+from services.encode.config import ConfigError, parse_bytes, parse_dtype
+from services.encode.encoder import InvalidImageError, NotCachedError
+from services.encode.links import TicketError, UnknownLinkError
+from services.encode.server import UnavailableError, status_for
+from services.encode.transport import LinkError
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("4096", 4096), ("512MiB", 512 << 20), ("1.5G", 3 << 29), ("2 kib", 2048), ("1GB", 1 << 30)],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+def test_parse_errors_are_typed_and_actionable():
+    with pytest.raises(ConfigError, match="e.g."):
+        parse_bytes("lots")
+    with pytest.raises(ConfigError, match="choose one of"):
+        parse_dtype("int8")
+    assert parse_dtype("bf16") is torch.bfloat16
+
+
+def test_command_line_builds_a_frozen_config(tiny_vl_dir):
+    args = build_parser().parse_args(
+        [
+            "--model",
+            str(tiny_vl_dir),
+            "--port",
+            "0",
+            "--dtype",
+            "bf16",
+            "--cache-memory",
+            "64MiB",
+            "--max-batch-patches",
+            "2048",
+            "--metrics-port",
+            "0",
+            "--max-images-per-request",
+            "4",
+        ]
+    )
+    config = config_from_args(args)
+    assert (config.dtype, config.cache_bytes, config.max_batch_patches) == (
+        torch.bfloat16,
+        64 << 20,
+        2048,
+    )
+    assert config.metrics_port == 0 and config.limits.max_images_per_request == 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.port = 1
+
+
+def test_bad_values_are_rejected(tiny_vl_dir, tmp_path):
+    parser = build_parser()
+    with pytest.raises(ConfigError, match="does not exist"):
+        config_from_args(parser.parse_args(["--model", str(tmp_path / "missing")]))
+    with pytest.raises(ConfigError, match="chunk_bytes"):
+        config_from_args(parser.parse_args(["--model", str(tiny_vl_dir), "--chunk-bytes", "8MiB"]))
+    with pytest.raises(ConfigError, match="max_images_per_request"):
+        argv = ["--model", str(tiny_vl_dir), "--max-images-per-request", "0"]
+        config_from_args(parser.parse_args(argv))
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (InvalidImageError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (NotCachedError("x"), grpc.StatusCode.NOT_FOUND),
+        (TicketError("x"), grpc.StatusCode.NOT_FOUND),
+        (UnknownLinkError("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (QueueFullError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (DeadlineExpiredError("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (LinkError("x"), grpc.StatusCode.ABORTED),
+        (UnavailableError("x"), grpc.StatusCode.UNAVAILABLE),
+        (KeyError("x"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_status_codes(error, code):
+    assert status_for(error) == code
