@@ -160,15 +160,19 @@ class EncodeServicer:
                 deadline = (
                     None if remaining is None else asyncio.get_running_loop().time() + remaining
                 )
+                hits = 0
                 async with contextlib.aclosing(rt.encoder.encode(specs, deadline)) as results:
                     async for img in results:
                         async for message in self._emit(rt, img, link, chunk_bytes):
                             yield message
                         self.metrics.images.inc()
-                log.debug(
-                    "Encode %s: %d image(s) in %.1f ms",
+                        hits += img.cache_hit
+                log.info(
+                    "Encode %s: %d image(s), %d cached, %s, %.1f ms",
                     request.request_id or "-",
                     len(specs),
+                    hits,
+                    "link" if link else "inline",
                     (time.perf_counter() - start) * 1e3,
                 )
         except asyncio.CancelledError:
