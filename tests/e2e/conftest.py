@@ -1,12 +1,13 @@
 """End-to-end fixtures: the model under test and encode + language clusters as real processes.
 
 The trained small checkpoint `models/shapes-vl/` is used when it is present (its answers have wide
-margins, so greedy outputs must equal transformers' exactly); otherwise the tiny random
-checkpoint with a generated tokenizer stands in.
+margins, so greedy outputs equal transformers' exactly); otherwise the tiny random checkpoint
+with a generated tokenizer stands in. SPLITVL_E2E_MODEL=DIR picks another shapes-style checkpoint.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,9 @@ def _trained_model_ready() -> bool:
 
 @pytest.fixture(scope="session")
 def e2e_model(request, tmp_path_factory) -> E2EModel:
+    override = os.environ.get("SPLITVL_E2E_MODEL")  # any shapes-style checkpoint directory
+    if override:
+        return E2EModel(Path(override), trained=True)
     if _trained_model_ready():
         return E2EModel(SHAPES_VL, trained=True)
     tiny_dir = request.getfixturevalue("tiny_vl_dir")
