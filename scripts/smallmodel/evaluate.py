@@ -73,11 +73,12 @@ def _decode(tokenizer: Tokenizer, ids: list[int], stop: int) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def hf_answerer(model_dir: Path) -> Answerer:
-    """Greedy answers from transformers' model loaded from `model_dir`."""
+def hf_answerer(model_dir: Path, model=None) -> Answerer:
+    """Greedy answers from transformers' model (loaded from `model_dir` unless given)."""
     from transformers import AutoImageProcessor, Qwen3VLMoeForConditionalGeneration
 
-    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    if model is None:
+        model = Qwen3VLMoeForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     image_processor = AutoImageProcessor.from_pretrained(model_dir)

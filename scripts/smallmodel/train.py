@@ -114,10 +114,10 @@ def exact_by_kind(model, batch, kinds: list[str]) -> dict[str, float]:
 
 def train(model, tokenizer, image_processor, cfg: TrainConfig) -> None:
     """Run the optimisation loop in place on `model`."""
-    probe = make_dataset(cfg.seed + 3, cfg.probe_size)
-    probe_batch = make_batch(tokenizer, image_processor, [e.image for e in probe],
-                             [e.question for e in probe], [e.answer for e in probe])
+    probe = make_dataset(cfg.seed + 3, cfg.probe_size if cfg.probe_every else 0)
     probe_kinds = [e.kind for e in probe]
+    probe_batch = probe and make_batch(tokenizer, image_processor, [e.image for e in probe],
+                                       [e.question for e in probe], [e.answer for e in probe])
     rng = random.Random(cfg.seed + 2)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
