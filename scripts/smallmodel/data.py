@@ -134,6 +134,16 @@ def _jitter(rng: random.Random, rgb: tuple[int, int, int], amount: int) -> tuple
     return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore
 
 
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill) -> None:
+    x0, y0, x1, y1 = shape.box()
+    if shape.kind == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif shape.kind == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    else:
+        draw.polygon(((shape.cx, y0), (x1, y1), (x0, y1)), fill=fill)
+
+
 def render(scene: Scene, rng: random.Random) -> Image.Image:
     """Render a scene to an RGB image (colour shades and noise drawn from `rng`)."""
     base = np.empty((scene.height, scene.width, 3), dtype=np.float32)
@@ -144,15 +154,17 @@ def render(scene: Scene, rng: random.Random) -> Image.Image:
     image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
     for shape in scene.shapes:
-        fill = _jitter(rng, COLORS[shape.color], 15)
-        x0, y0, x1, y1 = shape.box()
-        if shape.kind == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif shape.kind == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=fill)
-        else:
-            draw.polygon(((shape.cx, y0), (x1, y1), (x0, y1)), fill=fill)
+        _draw_shape(draw, shape, _jitter(rng, COLORS[shape.color], 15))
     return image
+
+
+def render_mask(scene: Scene) -> Image.Image:
+    """An "L" image: 0 on background, i + 1 on the pixels of scene.shapes[i]."""
+    mask = Image.new("L", (scene.width, scene.height), 0)
+    draw = ImageDraw.Draw(mask)
+    for i, shape in enumerate(scene.shapes):
+        _draw_shape(draw, shape, i + 1)
+    return mask
 
 
 def where_of(shape: Shape, width: int, height: int) -> str | None:
@@ -238,16 +250,21 @@ def make_example(rng: random.Random, kind: str | None = None, max_shapes: int = 
     raise DataError(f"no answerable {kind!r} scene in {MAX_SCENE_TRIES} tries")
 
 
-def make_conversation(rng: random.Random, num_turns: int, max_shapes: int = 3) -> list[Example]:
-    """Up to `num_turns` questions of distinct kinds about one scene (they share the image)."""
+def make_conversation(
+    rng: random.Random, num_turns: int, max_shapes: int = 3, first_kind: str | None = None
+) -> list[Example]:
+    """Up to `num_turns` questions of distinct kinds about one scene (they share the image).
+
+    The first question is of `first_kind` (random when None), so callers control the mix of
+    first questions; later ones are of the other kinds the scene can answer, in random order.
+    """
     if num_turns < 1:
         raise DataError(f"num_turns must be >= 1, got {num_turns}")
-    _check_max_shapes(max_shapes)
-    scene = random_scene(rng, rng.randint(1, max_shapes))
-    kinds = rng.sample(QUESTION_KINDS, len(QUESTION_KINDS))
-    qas = [(kind, qa) for kind in kinds if (qa := question_for(kind, scene, rng)) is not None]
-    image = render(scene, rng)
-    return [Example(image, q, a, kind, scene) for kind, (q, a) in qas[:num_turns]]
+    first = make_example(rng, first_kind, max_shapes)
+    others = [k for k in rng.sample(QUESTION_KINDS, len(QUESTION_KINDS)) if k != first.kind]
+    qas = [(k, qa) for k in others if (qa := question_for(k, first.scene, rng)) is not None]
+    later = [Example(first.image, q, a, k, first.scene) for k, (q, a) in qas[: num_turns - 1]]
+    return [first, *later]
 
 
 def make_dataset(seed: int, n: int) -> list[Example]:

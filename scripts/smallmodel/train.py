@@ -30,10 +30,12 @@ from scripts.smallmodel.modelcfg import (
 )
 from scripts.smallmodel.prompts import IGNORE_INDEX, make_batch, make_conversation_batch
 from scripts.smallmodel.tokenizer import build_tokenizer, save_tokenizer, special_token_ids
+from scripts.smallmodel.vision_warmup import WarmupConfig, warm_up_vision
 
 # A copy of the Qwen3-VL chat template, so regenerating needs nothing outside the repo.
 CHAT_TEMPLATE = Path(__file__).with_name("qwen3_vl_chat_template.jinja")
-TOKENIZER_VOCAB = 384
+# Large enough that every answer word is one token (the BPE trainer stops near 400 here).
+TOKENIZER_VOCAB = 448
 TOKENIZER_CORPUS = 4000
 
 
@@ -54,6 +56,9 @@ class TrainConfig:
     # Each sequence asks 1..max_turns questions of distinct kinds about its image: more
     # supervision per vision forward. The first turn is exactly the single-question format.
     max_turns: int = 3
+    # Mix of first questions (QUESTION_KINDS order): "where" and the shape-dependent kinds need
+    # more examples before the model reads position and shape instead of guessing the prior.
+    first_kind_weights: tuple[float, ...] = (1.0, 1.5, 1.0, 2.0, 2.0)
     log_every: int = 50
     # Teacher-forced exact match on a fixed probe set (seed + 3, never trained on) every N steps.
     probe_every: int = 100
@@ -129,8 +134,9 @@ def train(model, tokenizer, image_processor, cfg: TrainConfig) -> None:
     start, running = time.monotonic(), 0.0
     for step in range(cfg.steps):
         max_shapes = 1 + sum(step >= frac * cfg.steps for frac in cfg.curriculum)
-        convs = [make_conversation(rng, rng.randint(1, cfg.max_turns), max_shapes)
-                 for _ in range(cfg.batch_size)]
+        firsts = rng.choices(QUESTION_KINDS, weights=cfg.first_kind_weights, k=cfg.batch_size)
+        convs = [make_conversation(rng, rng.randint(1, cfg.max_turns), max_shapes, kind)
+                 for kind in firsts]
         batch = make_conversation_batch(tokenizer, image_processor, [c[0].image for c in convs],
                                         [[(e.question, e.answer) for e in c] for c in convs])
         for group in optimizer.param_groups:
@@ -168,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--vision-steps", type=int, default=WarmupConfig.steps,
+                        help="steps of the vision warm-up stage (0 skips it)")
     args = parser.parse_args(argv)
     cfg = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
     torch.set_num_threads(cfg.threads)
@@ -182,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(config)
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}", flush=True)
     start = time.monotonic()
+    if args.vision_steps:
+        warm_up_vision(model.model.visual, image_processor,
+                       WarmupConfig(seed=cfg.seed, steps=args.vision_steps))
     train(model, tokenizer, image_processor, cfg)
     print(f"training took {time.monotonic() - start:.0f}s", flush=True)
     save_weights(model, args.out, model_cfg)

@@ -137,6 +137,8 @@ def test_conversation_asks_distinct_kinds_about_one_scene():
         assert len(conv[0].scene.shapes) == 1
         for ex in conv:
             _check_answer(ex)
+    for kind in QUESTION_KINDS:
+        assert make_conversation(rng, num_turns=2, first_kind=kind)[0].kind == kind
 
 
 def test_bad_requests_raise_typed_errors():
