@@ -102,6 +102,8 @@ class ModelConfig:
     video_token_id: int | None = None
     vision_start_token_id: int | None = None
     vision_end_token_id: int | None = None
+    # Which transformers wrote config.json; decides the fused-expert layout when shapes cannot.
+    transformers_version: str | None = None
 
     @property
     def is_vl(self) -> bool:
@@ -110,6 +112,12 @@ class ModelConfig:
     @property
     def num_deepstack(self) -> int:
         return 0 if self.vision is None else self.vision.num_deepstack
+
+    @property
+    def written_by_v5(self) -> bool:
+        """Written by transformers >= 5, whose save_pretrained transposes fused experts."""
+        major = (self.transformers_version or "4").split(".")[0]
+        return major.isdigit() and int(major) >= 5
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -263,6 +271,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
             video_token_id=int(raw.get("video_token_id", 151656)),
             vision_start_token_id=int(raw.get("vision_start_token_id", 151652)),
             vision_end_token_id=int(raw.get("vision_end_token_id", 151653)),
+            transformers_version=raw.get("transformers_version"),
         )
     if model_type in TEXT_MODEL_TYPES:
         return ModelConfig(
@@ -271,6 +280,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
             vision=None,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             dtype=dtype,
+            transformers_version=raw.get("transformers_version"),
         )
     supported = ", ".join(VL_MODEL_TYPES + TEXT_MODEL_TYPES)
     raise ConfigError(

@@ -58,11 +58,24 @@ def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
         return {k: single for k in f.keys()}
 
 
-def _fused_expert(name: str, target: torch.Size) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """Accept hub [E, A, B] as is, or the v5 transpose [E, B, A]."""
+def _fused_expert(
+    name: str, target: torch.Size, square_is_v5: bool
+) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """Accept hub [E, A, B] as is, or the v5 transpose [E, B, A].
+
+    When A == B the shape cannot tell; `square_is_v5` (from the writer's transformers version)
+    decides, since transformers 5 transposes on save and the 4.x-era hub checkpoints do not.
+    """
 
     def build(ts: list[torch.Tensor]) -> torch.Tensor:
         t = ts[0]
+        if target[1] == target[2] and t.shape == target:
+            log.warning(
+                "%s: square expert matrices; assuming the %s layout",
+                name,
+                "transformers-v5" if square_is_v5 else "hub",
+            )
+            return t.transpose(1, 2).contiguous() if square_is_v5 else t
         if t.shape == target:
             return t
         if t.dim() == 3 and t.shape == (target[0], target[2], target[1]):
@@ -75,11 +88,11 @@ def _fused_expert(name: str, target: torch.Size) -> Callable[[list[torch.Tensor]
 
 
 def _expert_source(
-    our: str, ckpt_base: str, kind: str, keys: dict[str, Path], target: torch.Size
+    ckpt_base: str, kind: str, keys: dict[str, Path], target: torch.Size, square_is_v5: bool
 ) -> _Source:
     fused = f"{ckpt_base}.{kind}"
     if fused in keys:
-        return _Source((fused,), _fused_expert(fused, target))
+        return _Source((fused,), _fused_expert(fused, target, square_is_v5))
     num_experts = target[0]
     if kind == "gate_up_proj":
         names = [
@@ -99,7 +112,11 @@ def _expert_source(
 
 
 def _plan(
-    module: nn.Module, prefixes: list[tuple[str, str]], keys: dict[str, Path], skip: set[str]
+    module: nn.Module,
+    prefixes: list[tuple[str, str]],
+    keys: dict[str, Path],
+    skip: set[str],
+    square_is_v5: bool,
 ) -> dict[str, _Source]:
     """For each of the module's parameters, which checkpoint tensors build it and how."""
     plan: dict[str, _Source] = {}
@@ -114,7 +131,7 @@ def _plan(
             raise CheckpointError(f"no checkpoint prefix maps parameter {our}")
         m = _EXPERT.match(ckpt)
         if m:
-            plan[our] = _expert_source(our, m.group(1), m.group(2), keys, param.shape)
+            plan[our] = _expert_source(m.group(1), m.group(2), keys, param.shape, square_is_v5)
         elif our.endswith("patch_embed.proj.weight"):
             # Conv3d [out, C, T, P, P] on disk, a Linear [out, C*T*P*P] here.
             plan[our] = _Source((ckpt,), lambda ts: ts[0].reshape(ts[0].shape[0], -1))
@@ -136,6 +153,7 @@ def load_weights(
     dtype: torch.dtype,
     device: str | torch.device,
     skip: set[str] | None = None,
+    square_is_v5: bool = False,
 ) -> None:
     """Fill `module` (built on meta) from the checkpoint; `prefixes` maps (our prefix, checkpoint
     prefix).
@@ -143,7 +161,7 @@ def load_weights(
     Parameters in `skip` (a tied lm_head) are left for the caller.
     """
     keys = checkpoint_files(model_dir)
-    plan = _plan(module, prefixes, keys, skip or set())
+    plan = _plan(module, prefixes, keys, skip or set(), square_is_v5)
     wanted: dict[str, str] = {k: our for our, src in plan.items() for k in src.keys}
     missing = sorted(k for k in wanted if k not in keys)
     if missing:
@@ -212,7 +230,9 @@ def load_text_model(model_dir: str | Path, dtype=torch.float32, device="cpu"):
 
     config = load_config(model_dir)
     model = _build(Qwen3MoeForCausalLM, config.text, False)
-    load_weights(model, model_dir, _text_prefixes(config), dtype, device, _skip(config))
+    load_weights(
+        model, model_dir, _text_prefixes(config), dtype, device, _skip(config), config.written_by_v5
+    )
     return _finish(model, config.tie_word_embeddings)
 
 
@@ -224,7 +244,7 @@ def load_vision_model(model_dir: str | Path, dtype=torch.float32, device="cpu"):
     if config.vision is None:
         raise CheckpointError(f"{model_dir} is a text-only checkpoint; it has no vision tower")
     model = _build(Qwen3VLVisionModel, config.vision)
-    load_weights(model, model_dir, [("", "model.visual.")], dtype, device)
+    load_weights(model, model_dir, [("", "model.visual.")], dtype, device)  # no experts
     return model.eval()
 
 
@@ -235,7 +255,7 @@ def load_vl_model(model_dir: str | Path, dtype=torch.float32, device="cpu"):
     config = load_config(model_dir)
     model = _build(Qwen3VLMoeForConditionalGeneration, _untied(config))
     prefixes = [("visual.", "model.visual.")] + _text_prefixes(config)
-    load_weights(model, model_dir, prefixes, dtype, device, _skip(config))
+    load_weights(model, model_dir, prefixes, dtype, device, _skip(config), config.written_by_v5)
     return _finish(model, config.tie_word_embeddings)
 
 

@@ -15,7 +15,7 @@ from shared.model.loader import CheckpointError
 from shared.model.qwen3_moe import Qwen3MoeForCausalLM
 from shared.model.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 from shared.model.vision import Qwen3VLVisionModel
-from tests.model.helpers import images_inputs, prompt_ids
+from tests.model.helpers import hf_logits, images_inputs, prompt_ids
 from tests.tiny import make_vl_checkpoint
 
 
@@ -153,3 +153,20 @@ def test_tying_follows_top_level_flag(tiny_vl_dir):
     model = Qwen3MoeForCausalLM.from_pretrained(tiny_vl_dir)
     assert load_config(tiny_vl_dir).tie_word_embeddings is False
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
+
+def test_square_expert_layout_follows_writer_version(tmp_path):
+    """With 2I == H the shape cannot tell hub from v5; config.json's transformers_version does."""
+    v5 = tmp_path / "v5"
+    hf = make_vl_checkpoint(v5, seed=9, text=dict(moe_intermediate_size=32))  # 2I = 64 = H
+    pv, grid = images_inputs([(96, 64)])
+    ids = prompt_ids([4, 5], grid.tolist())
+    want = hf_logits(hf, ids, pv, grid)
+    assert (_logits(v5) - want).abs().max() <= 1e-4
+
+    hub = tmp_path / "hub"
+    _rewrite(v5, hub, _to_hub_layout)
+    cfg = json.loads((hub / "config.json").read_text())
+    cfg["transformers_version"] = "4.57.1"
+    (hub / "config.json").write_text(json.dumps(cfg))
+    assert (_logits(hub) - want).abs().max() <= 1e-4
