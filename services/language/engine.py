@@ -48,6 +48,48 @@ _IDLE_WAIT_S = 0.05
 _SHUTDOWN_TIMEOUT_S = 30.0
 
 
+class OutputStream:
+    """One request's outputs. Closing it before the last output (``aclose``, cancellation of the
+    consuming task, or never iterating it at all and closing) aborts the request."""
+
+    def __init__(self, request_id: str, queue: asyncio.Queue, release) -> None:
+        self.request_id = request_id
+        self._queue = queue
+        self._release = release
+        self._done = False
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:
+            await self.aclose()
+            raise
+        if isinstance(item, BaseException):
+            self._finish(True)
+            raise item
+        if item.finished:
+            self._finish(True)
+        return item
+
+    def _finish(self, finished: bool) -> None:
+        if not self._done:
+            self._done = True
+            self._release(self.request_id, finished)
+
+    async def aclose(self) -> None:
+        """Stop reading; aborts the request (freeing its KV blocks) unless it already ended."""
+        self._finish(False)
+
+    def __del__(self) -> None:
+        # A consumer that dropped the stream without closing it still frees the request.
+        self._finish(False)
+
+
 class EngineConfigError(ValueError):
     """An engine setting is out of range; the message names the flag to change."""
 
@@ -215,26 +257,12 @@ class AsyncEngine:
         self._streams[request.request_id] = stream
         self._num_submitted += 1
         self._send(("add", request, None))
-        return self._iterate(request.request_id, stream)
+        return OutputStream(request.request_id, stream, self._release)
 
-    async def _iterate(
-        self, request_id: str, stream: asyncio.Queue
-    ) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self._send(("abort", request_id, None))
+    def _release(self, request_id: str, finished: bool) -> None:
+        self._streams.pop(request_id, None)
+        if not finished:
+            self._send(("abort", request_id, None))
 
     async def abort(self, request_id: str) -> None:
         """Abort ``request_id`` and wait until its KV blocks are free (no-op if unknown)."""

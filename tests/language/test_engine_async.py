@@ -107,3 +107,19 @@ def test_max_model_len_ends_generation_with_length(tiny_vl_model_dir):
     outs = _run(tiny_vl_model_dir, body, max_model_len=32)
     assert outs[-1].finish_reason == "length"
     assert outs[-1].num_output_tokens == 2  # 30 prompt + 2 output = max_model_len
+
+
+def test_closing_a_stream_never_iterated_aborts(tiny_vl_model_dir):
+    async def body(engine):
+        stream = engine.generate(_request("never-read"))
+        await _wait_until(lambda: engine.stats().num_running == 1)
+        await stream.aclose()
+        await _wait_until(lambda: engine.stats().num_running == 0)
+        # The request id is free again: its stream entry was released too.
+        again = engine.generate(_request("never-read", max_tokens=2))
+        outputs = [out async for out in again]
+        return outputs, engine.stats()
+
+    outputs, stats = _run(tiny_vl_model_dir, body)
+    assert outputs[-1].finish_reason == "length"
+    assert stats.num_free_blocks == stats.num_total_blocks
