@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.model.config import DTYPES
+
 # moe_intermediate_size is chosen so that 2 * I != hidden: the loader tells the hub expert layout
 # from transformers' transposed one by shape, which is ambiguous when they are equal.
 SHAPES = {
@@ -54,7 +56,6 @@ SHAPES = {
     ),
 }
 SPECIAL = {"image": 151655, "video": 151656, "start": 151652, "end": 151653}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ def run_engine(model_dir: Path, work: list[Workload], dtype_name: str, device,
     from shared.model.qwen3_vl_moe import separate_deepstack_embeds
     from shared.model.vision import Qwen3VLVisionModel
 
-    dtype = _DTYPES[dtype_name]
+    dtype = DTYPES[dtype_name]
     vision = Qwen3VLVisionModel.from_pretrained(model_dir, dtype=dtype, device=device).eval()
     max_len = max(len(w.ids) + w.max_tokens for w in work)
     config = EngineConfig(max_num_seqs=len(work), max_num_batched_tokens=max_num_batched_tokens,
@@ -276,14 +277,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="medium")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--layers", type=int, default=None,
                         help="override the decoder depth (e.g. a shallow 30b-a3b on one GPU)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    device, dtype = torch.device(args.device), _DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
         write_checkpoint(model_dir, args.shape, args.layers, dtype, args.device)

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-KIB = 1024
-MIB = 1024 * KIB
-GIB = 1024 * MIB
+from services.common import GIB, KIB, MIB
+from services.common import dtype_name as _dtype_name
+from services.common import parse_bytes as _parse_bytes
+from services.common import parse_dtype as _parse_dtype
+from shared.model.config import DTYPES
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": KIB, "m": MIB, "g": GIB, "t": 1024 * GIB}
+__all__ = ["DTYPES", "GIB", "KIB", "MIB", "ConfigError", "dtype_name", "parse_bytes", "parse_dtype"]
 
 
 class ConfigError(ValueError):
@@ -27,29 +21,18 @@ class ConfigError(ValueError):
 
 
 def parse_bytes(text: str | int) -> int:
-    """'512MiB', '1.5G', '4096' -> bytes (binary units; the B/iB suffix is optional)."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE.match(text)
-    if not m:
-        raise ConfigError(f"cannot parse size {text!r}; use e.g. 4096, 512MiB or 2GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    """'512MiB', '1.5G', '4096' -> bytes (binary units); ConfigError otherwise."""
+    return _parse_bytes(text, ConfigError)
 
 
 def parse_dtype(name: str) -> torch.dtype:
     """'float32' / 'fp32' / 'bfloat16' / 'bf16' / 'float16' / 'fp16' -> torch dtype."""
-    key = _DTYPE_ALIASES.get(name.lower(), name.lower())
-    if key not in DTYPES:
-        raise ConfigError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[key]
+    return _parse_dtype(name, ConfigError)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> 'bfloat16' (the wire name)."""
-    for name, value in DTYPES.items():
-        if value == dtype:
-            return name
-    raise ConfigError(f"dtype {dtype} is not one of {', '.join(DTYPES)}")
+    """torch.bfloat16 -> 'bfloat16' (the wire name); ConfigError for another dtype."""
+    return _dtype_name(dtype, ConfigError)
 
 
 @dataclass(frozen=True)

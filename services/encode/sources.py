@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import re
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import httpx
+
+from services.common import DataURLError, decode_base64_payload, split_data_url
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 
@@ -31,20 +31,16 @@ def normalize_hash(value: str) -> str:
 
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:
-    """The payload of a data:[<mime>][;base64],<data> URL."""
-    head, sep, payload = url.partition(",")
-    if not sep:
-        raise ImageSourceError("malformed data: URL (no comma)")
-    if len(payload) > 2 * max_bytes:  # cheap pre-check before decoding
-        raise ImageSourceError(f"data: URL is over the {max_bytes}-byte image limit")
+    """The payload of a data:[<mime>][;base64],<data> URL (base64 or percent-encoded)."""
     try:
-        data = (
-            base64.b64decode(payload, validate=True)
-            if head.endswith(";base64")
-            else unquote_to_bytes(payload)
-        )
-    except (binascii.Error, ValueError) as exc:
-        raise ImageSourceError(f"data: URL has invalid base64: {exc}") from exc
+        parsed = split_data_url(url)
+        if parsed.is_base64:
+            return decode_base64_payload(parsed.payload, max_bytes)
+    except DataURLError as exc:
+        raise ImageSourceError(str(exc)) from exc
+    if len(parsed.payload) > 2 * max_bytes:  # cheap pre-check before decoding
+        raise ImageSourceError(f"data: URL is over the {max_bytes}-byte image limit")
+    data = unquote_to_bytes(parsed.payload)
     if len(data) > max_bytes:
         raise ImageSourceError(f"image is {len(data)} bytes, over the limit of {max_bytes}")
     return data

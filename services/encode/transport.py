@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from shared.model.config import DTYPES
+
 log = logging.getLogger(__name__)
 
 # Protobuf tags (field_number << 3 | wire_type) of the messages framed by hand; they must match
@@ -52,8 +54,6 @@ class LinkError(RuntimeError):
 
 def wire_dtype(name: str) -> torch.dtype:
     """The torch dtype of a header's dtype name ('float32', 'bfloat16', 'float16')."""
-    from services.encode.config import DTYPES
-
     if name not in DTYPES:
         raise WireFormatError(f"unsupported tensor dtype {name!r}; expected one of {list(DTYPES)}")
     return DTYPES[name]

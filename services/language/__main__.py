@@ -20,6 +20,7 @@ from typing import Any
 
 import uvicorn
 
+from services import common
 from services.language.api import APIConfig, LanguageFrontend, create_app
 from services.language.engine import AsyncEngine, EngineConfig
 from services.language.images import ImageFetchConfig, ImageLoader
@@ -28,20 +29,10 @@ from services.language.prompt import ChatTemplate, ContextWindow, PromptBuilder
 
 log = logging.getLogger("services.language")
 
-_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6,
-          "gb": 10**9}  # fmt: skip
-
 
 def parse_bytes(text: str) -> int:
-    """'512MiB', '2GiB', '1000000' -> bytes."""
-    number = text.strip().rstrip("bBiIkKmMgG")
-    unit = text.strip()[len(number) :].lower()
-    if unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512MiB, 2GiB, 1000000)")
-    try:
-        return int(float(number) * _UNITS[unit])
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size") from exc
+    """'512MiB', '2GiB', '1000000' -> bytes (binary units), for argparse's `type=`."""
+    return common.parse_bytes(text, argparse.ArgumentTypeError)
 
 
 def build_parser() -> argparse.ArgumentParser:

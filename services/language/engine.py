@@ -28,7 +28,7 @@ from services.language.request import (
 )
 from services.language.scheduler import Scheduler, SchedulerConfig
 from services.language.tokenizer import LanguageTokenizer
-from shared.model.config import ModelConfig, load_config
+from shared.model.config import DTYPES, ModelConfig, load_config
 from shared.model.qwen3_moe import Qwen3MoeForCausalLM
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Without a GPU there is no free-memory probe; this caps the CPU pool when no budget is given.
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 _IDLE_WAIT_S = 0.05
@@ -126,12 +125,12 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise EngineConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise EngineConfigError(f"dtype must be auto or one of {sorted(_DTYPES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise EngineConfigError(f"dtype must be auto or one of {sorted(DTYPES)}")
 
     def resolve_dtype(self, model_config: ModelConfig) -> torch.dtype:
         if self.dtype != "auto":
-            return _DTYPES[self.dtype]
+            return DTYPES[self.dtype]
         return model_config.dtype if torch.device(self.device).type == "cuda" else torch.float32
 
 

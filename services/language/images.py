@@ -11,8 +11,6 @@ limits bound what one image can cost.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import io
 import ipaddress
 import socket
@@ -23,6 +21,12 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from PIL import Image, UnidentifiedImageError
 
+from services.common import (
+    DataURLError,
+    DataURLTooLargeError,
+    decode_base64_payload,
+    split_data_url,
+)
 from services.language.errors import ImageInputError, ImageTooLargeError
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -68,25 +72,20 @@ def _short(url: str) -> str:
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:
     """Return the bytes of a base64 `data:image/...` URL, checking the size before decoding."""
-    header, sep, payload = url.partition(",")
-    if not sep:
-        raise ImageInputError("data URL has no ',' separating the header from the data")
-    media = header[len("data:") :].split(";")
-    mime, params = media[0].strip().lower(), [p.strip().lower() for p in media[1:]]
-    if mime and not mime.startswith("image/"):
-        raise ImageInputError(f"data URL media type {mime!r} is not an image type (image/*)")
-    if "base64" not in params:
-        raise ImageInputError("data URL must be base64-encoded ('data:image/png;base64,...')")
-    payload = "".join(payload.split())
-    # base64 expands 3 bytes to 4 characters: refuse before allocating the decoded image
-    if len(payload) // 4 * 3 > max_bytes + 2:
-        raise ImageTooLargeError(
-            f"image is about {len(payload) // 4 * 3} bytes, above the limit of {max_bytes} bytes"
-        )
     try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ImageInputError(f"data URL is not valid base64: {exc}") from exc
+        parsed = split_data_url(url)
+    except DataURLError as exc:
+        raise ImageInputError(str(exc)) from exc
+    if parsed.mime and not parsed.mime.startswith("image/"):
+        raise ImageInputError(f"data URL media type {parsed.mime!r} is not an image type (image/*)")
+    if not parsed.is_base64:
+        raise ImageInputError("data URL must be base64-encoded ('data:image/png;base64,...')")
+    try:
+        return decode_base64_payload(parsed.payload, max_bytes)
+    except DataURLTooLargeError as exc:
+        raise ImageTooLargeError(str(exc)) from exc
+    except DataURLError as exc:
+        raise ImageInputError(str(exc)) from exc
 
 
 def check_image_bytes(data: bytes, max_pixels: int) -> tuple[int, int]:

@@ -120,7 +120,12 @@ class ModelConfig:
         return major.isdigit() and int(major) >= 5
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The dtypes checkpoints, the services and the wire use, by their torch names.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 def _require(d: dict[str, Any], key: str, where: str) -> Any:
@@ -253,7 +258,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     """Parse a config.json dict (either dialect) for Qwen3-VL-MoE or Qwen3-MoE."""
     model_type = raw.get("model_type")
     dtype_name = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
-    dtype = _DTYPES.get(str(dtype_name), torch.bfloat16)
+    dtype = DTYPES.get(str(dtype_name), torch.bfloat16)
     if model_type in VL_MODEL_TYPES:
         text_raw = dict(_require(raw, "text_config", "config"))
         text = parse_text_config(text_raw, is_vl=True)

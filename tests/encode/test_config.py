@@ -10,7 +10,7 @@ import torch
 
 from services.encode.__main__ import build_parser, config_from_args
 from services.encode.batcher import DeadlineExpiredError, QueueFullError
-from services.encode.config import ConfigError, parse_bytes, parse_dtype
+from services.encode.config import ConfigError, dtype_name, parse_bytes, parse_dtype
 from services.encode.encoder import InvalidImageError, NotCachedError
 from services.encode.links import TicketError, UnknownLinkError
 from services.encode.server import UnavailableError, status_for
@@ -31,6 +31,9 @@ def test_parse_errors_are_typed_and_actionable():
     with pytest.raises(ConfigError, match="choose one of"):
         parse_dtype("int8")
     assert parse_dtype("bf16") is torch.bfloat16
+    assert dtype_name(torch.float16) == "float16"
+    with pytest.raises(ConfigError, match="not one of"):
+        dtype_name(torch.int8)
 
 
 def test_command_line_builds_a_frozen_config(tiny_vl_dir):

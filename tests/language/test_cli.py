@@ -1,0 +1,32 @@
+"""The language service's command line: sizes, engine and image-fetch settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.language.__main__ import build_parser, engine_config, image_fetch_config
+
+
+def test_sizes_and_settings_parse_into_configs(tmp_path):
+    args = build_parser().parse_args(
+        [
+            "--model", str(tmp_path),
+            "--kv-cache-memory", "1.5G",
+            "--max-image-bytes", "512KiB",
+            "--allowed-image-networks", "10.0.0.0/8, 192.168.0.0/16",
+            "--dtype", "bfloat16",
+        ]
+    )  # fmt: skip
+    assert args.max_request_bytes == 64 << 20  # the default, parsed by the same function
+    engine = engine_config(args)
+    assert (engine.kv_cache_memory, engine.dtype) == (3 << 29, "bfloat16")
+    fetch = image_fetch_config(args)
+    assert fetch.max_image_bytes == 512 << 10
+    assert fetch.allowed_networks == ("10.0.0.0/8", "192.168.0.0/16")
+
+
+def test_a_bad_size_is_a_usage_error_naming_the_format(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--model", str(tmp_path), "--kv-cache-memory", "lots"])
+    assert exc.value.code == 2
+    assert "512MiB" in capsys.readouterr().err
