@@ -93,8 +93,15 @@ class ModelRunner:
         )
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        # One contiguous range per block rather than a division per token: a long prefill
+        # chunk touches few blocks.
         size, blocks = self.block_size, seq.block_ids
-        return [blocks[i // size] * size + i % size for i in range(start, end)]
+        slots: list[int] = []
+        for index in range(start // size, -(-end // size)):
+            lo, hi = max(start, index * size), min(end, (index + 1) * size)
+            base = blocks[index] * size - index * size
+            slots.extend(range(base + lo, base + hi))
+        return slots
 
     def _positions(self, ordered: list[ScheduledChunk], flat: list[int]) -> torch.Tensor:
         base = torch.tensor(flat, dtype=torch.long)

@@ -38,11 +38,19 @@ class SamplingBatch:
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
     width = max(1, max(len(r) for r in rows))
-    out = torch.full((len(rows), width), pad, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out.to(device)
+    # Padded on the host and copied once, not one small tensor per row.
+    padded = [row + [pad] * (width - len(row)) for row in rows]
+    return torch.tensor(padded, dtype=torch.long).to(device)
+
+
+_FLOAT_COLUMNS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
 
 
 def build_sampling_batch(
@@ -51,9 +59,12 @@ def build_sampling_batch(
     """Collect the sampling parameters of ``seqs`` (one logits row each, in order)."""
     params = [s.sampling for s in seqs]
 
-    def column(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
-
+    # All per-row floats in one host-to-device copy rather than one per parameter.
+    floats = torch.tensor(
+        [[float(getattr(p, name)) for p in params] for name in _FLOAT_COLUMNS],
+        dtype=torch.float32,
+    ).to(device)
+    column = dict(zip(_FLOAT_COLUMNS, floats.unbind(0), strict=True))
     top_k = torch.tensor([p.top_k or vocab_size for p in params], dtype=torch.long, device=device)
     use_penalties = any(
         p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params
@@ -64,13 +75,13 @@ def build_sampling_batch(
         output_ids = _padded([s.output_token_ids for s in seqs], vocab_size, device)
     num_logprobs = tuple(p.logprobs for p in params)
     return SamplingBatch(
-        temperature=column("temperature"),
-        top_p=column("top_p"),
+        temperature=column["temperature"],
+        top_p=column["top_p"],
         top_k=top_k,
-        min_p=column("min_p"),
-        presence_penalty=column("presence_penalty"),
-        frequency_penalty=column("frequency_penalty"),
-        repetition_penalty=column("repetition_penalty"),
+        min_p=column["min_p"],
+        presence_penalty=column["presence_penalty"],
+        frequency_penalty=column["frequency_penalty"],
+        repetition_penalty=column["repetition_penalty"],
         prompt_token_ids=prompt_ids,
         output_token_ids=output_ids,
         generators=tuple(
@@ -155,8 +166,8 @@ class Sampler:
             sampled = greedy
         else:
             sampled = torch.where(batch.temperature == 0, greedy, self._random(logits, batch))
-        logprobs = self._logprobs(raw_logits, sampled, batch)
-        return SamplerOutput(sampled.tolist(), logprobs)
+        sampled_ids = sampled.tolist()  # the step's one unavoidable device-to-host sync
+        return SamplerOutput(sampled_ids, self._logprobs(raw_logits, sampled, sampled_ids, batch))
 
     @staticmethod
     def _random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -172,20 +183,24 @@ class Sampler:
 
     @staticmethod
     def _logprobs(
-        raw_logits: torch.Tensor, sampled: torch.Tensor, batch: SamplingBatch
+        raw_logits: torch.Tensor,
+        sampled: torch.Tensor,
+        sampled_ids: list[int],
+        batch: SamplingBatch,
     ) -> list[TokenLogprob | None]:
         if batch.max_num_logprobs < 0:
             return [None] * raw_logits.shape[0]
         logprobs = torch.log_softmax(raw_logits, dim=-1)
-        chosen = logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1).tolist()
+        chosen = logprobs.gather(1, sampled.unsqueeze(1))  # [B, 1]
         top_values, top_ids = logprobs.topk(max(batch.max_num_logprobs, 1), dim=-1)
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
-        sampled_ids = sampled.tolist()
+        # Values and ids come to the host in two copies, not four.
+        values = torch.cat([chosen, top_values], dim=1).tolist()
+        top_ids = top_ids.tolist()
         out: list[TokenLogprob | None] = []
         for row, num in enumerate(batch.num_logprobs):
             if num is None:
                 out.append(None)
                 continue
-            top = tuple(zip(top_ids[row][:num], top_values[row][:num], strict=True))
-            out.append(TokenLogprob(sampled_ids[row], chosen[row], top))
+            top = tuple(zip(top_ids[row][:num], values[row][1 : num + 1], strict=True))
+            out.append(TokenLogprob(sampled_ids[row], values[row][0], top))
         return out
