@@ -21,6 +21,24 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Model and addresses for `make demo` / `make serve`; override e.g. `make serve HTTP_PORT=9000`.
+MODEL ?= models/shapes-vl
+HOST ?= 127.0.0.1
+ENCODE_PORT ?= 50051
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+
+# Starts both services on free loopback ports, streams 8 held-out questions through the openai
+# client, prints answers, accuracy and time to first token, then stops the services.
+demo: $(STAMP)
+	$(BIN)/python -m scripts.demo --model $(MODEL)
+
+# Both services in the foreground until Ctrl-C: encode gRPC on 127.0.0.1:50051, OpenAI HTTP on
+# 127.0.0.1:8000, language gRPC on 127.0.0.1:8001 (the defaults above).
+serve: $(STAMP)
+	$(BIN)/python -m scripts.demo serve --model $(MODEL) --host $(HOST) \
+		--encode-port $(ENCODE_PORT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
+
 # Regenerates the committed gRPC modules from every .proto under proto/.
 proto: $(STAMP)
 	$(BIN)/python -m proto.codegen

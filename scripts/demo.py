@@ -1,0 +1,332 @@
+"""Run the small shapes model as two services and ask it questions through the OpenAI client.
+
+    make demo     # = .venv/bin/python -m scripts.demo [--model DIR] [-n 8]
+    make serve    # = .venv/bin/python -m scripts.demo serve [--encode-port 50051] ...
+
+`demo` starts the encode and language services on 127.0.0.1 (free ports, read back from their
+port files), streams greedy answers to held-out questions about generated images, prints each
+answer next to the expected one with its time to first token, then stops both services.
+`serve` starts both on fixed ports and leaves them running, logging to the terminal, until
+Ctrl-C. Either way the services are stopped with SIGTERM, then SIGKILL after a timeout, also on
+errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.e2e.services import wait_grpc_serving, wait_http_healthy
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "models" / "shapes-vl"
+START_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 20.0
+REQUEST_TIMEOUT_S = 120.0
+MODEL_FILES = ("config.json", "tokenizer.json", "preprocessor_config.json", "model.safetensors")
+# The engine settings the demo needs: short prompts, a small KV cache that fits any laptop.
+LANGUAGE_ARGS = ("--max-model-len", "2048", "--kv-cache-memory", "256MiB",
+                 "--max-num-seqs", "32")  # fmt: skip
+
+
+class ServiceError(RuntimeError):
+    """A service did not start, exited early, or the model directory is unusable."""
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Raise ServiceError naming what is missing from a servable shapes checkpoint."""
+    missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise ServiceError(
+            f"{model_dir} lacks {', '.join(missing)}; pass --model DIR, or train one with "
+            f"'.venv/bin/python -m scripts.smallmodel.train --out {model_dir}'"
+        )
+    with open(model_dir / "model.safetensors", "rb") as f:
+        if f.read(40).startswith(b"version https://git-lfs"):
+            raise ServiceError(f"{model_dir}/model.safetensors is a Git LFS pointer; "
+                               "run 'git lfs pull' first")  # fmt: skip
+
+
+class Service:
+    """One `python -m services.<name>` child process in its own session.
+
+    Its own session keeps Ctrl-C away from it, so the parent stops the services in order
+    (language first) instead of both racing to exit. `log_path` None shares the terminal.
+    """
+
+    def __init__(self, name: str, args: list[str], port_file: Path, log_path: Path | None):
+        self.name = name
+        self.port_file = port_file
+        self.log_path = log_path
+        port_file.unlink(missing_ok=True)
+        self._log = log_path.open("w") if log_path is not None else None
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", f"services.{name}", *args, "--port-file", str(port_file)]
+        self.process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def ports(self, timeout_s: float = START_TIMEOUT_S) -> dict:
+        """The port file's content, once the service has bound its ports."""
+        deadline = time.monotonic() + timeout_s
+        while not self.port_file.is_file():
+            if self.process.poll() is not None:
+                raise ServiceError(f"{self.name} exited with {self.process.returncode}"
+                                   f"{self.log_tail()}")  # fmt: skip
+            if time.monotonic() > deadline:
+                raise ServiceError(f"{self.name} bound no port in {timeout_s:.0f} s"
+                                   f"{self.log_tail()}")  # fmt: skip
+            time.sleep(0.05)
+        return json.loads(self.port_file.read_text())
+
+    def log_tail(self, num_chars: int = 3000) -> str:
+        """The end of the service's log (empty when it logs to the terminal)."""
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        return f"; log {self.log_path}:\n{self.log_path.read_text()[-num_chars:]}"
+
+    def stop(self) -> None:
+        """SIGTERM, wait, then SIGKILL if it has not exited in time."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                print(f"{self.name} ignored SIGTERM for {STOP_TIMEOUT_S:.0f} s; killing it")
+                self.process.kill()
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+        if self._log is not None:
+            self._log.close()
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where and how the two services run. Port 0 picks a free port."""
+
+    model_dir: Path
+    workdir: Path
+    host: str = "127.0.0.1"
+    encode_port: int = 0
+    http_port: int = 0
+    grpc_port: int | None = None
+    transport: str = "grpc"
+    api_key: str | None = None
+    model_name: str = "shapes-vl"
+    log_to_files: bool = True
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The addresses of a running encode replica and language service."""
+
+    base_url: str
+    encode_address: str
+    grpc_address: str | None
+    model_name: str
+    api_key: str | None
+    services: tuple[Service, ...]
+
+    def exited(self) -> list[str]:
+        """Names of the services whose process has ended."""
+        return [s.name for s in self.services if s.process.poll() is not None]
+
+
+def _log_path(cfg: ClusterConfig, name: str) -> Path | None:
+    return cfg.workdir / f"{name}.log" if cfg.log_to_files else None
+
+
+@contextmanager
+def running_cluster(cfg: ClusterConfig) -> Iterator[Cluster]:
+    """Start encode, wait until SERVING, start language, wait until healthy; stop both after."""
+    check_model_dir(cfg.model_dir)
+    with ExitStack() as stack:
+        enc_args = ["--model", str(cfg.model_dir), "--host", cfg.host,
+                    "--port", str(cfg.encode_port)]  # fmt: skip
+        encode = Service("encode", enc_args, cfg.workdir / "encode.ports.json",
+                         _log_path(cfg, "encode"))  # fmt: skip
+        stack.callback(encode.stop)
+        encode_address = f"{cfg.host}:{encode.ports()['port']}"
+        _wait_ready(encode, wait_grpc_serving, encode_address)
+        lang_args = ["--model", str(cfg.model_dir), "--host", cfg.host,
+                     "--port", str(cfg.http_port), "--encode", encode_address,
+                     "--transport", cfg.transport, "--served-model-name", cfg.model_name,
+                     *LANGUAGE_ARGS]  # fmt: skip
+        if cfg.grpc_port is not None:
+            lang_args += ["--grpc-port", str(cfg.grpc_port)]
+        if cfg.api_key:
+            lang_args += ["--api-key", cfg.api_key]
+        language = Service("language", lang_args, cfg.workdir / "language.ports.json",
+                           _log_path(cfg, "language"))  # fmt: skip
+        # ExitStack unwinds in reverse: language stops before the encode replica it calls.
+        stack.callback(language.stop)
+        ports = language.ports()
+        base_url = f"http://{cfg.host}:{ports['http_port']}"
+        _wait_ready(language, wait_http_healthy, base_url)
+        grpc_address = f"{cfg.host}:{ports['grpc_port']}" if ports.get("grpc_port") else None
+        yield Cluster(base_url, encode_address, grpc_address, cfg.model_name, cfg.api_key,
+                      (encode, language))  # fmt: skip
+
+
+def _wait_ready(service: Service, wait, address: str) -> None:
+    try:
+        wait(address, timeout_s=START_TIMEOUT_S)
+    except TimeoutError as exc:
+        raise ServiceError(f"{service.name}: {exc}{service.log_tail()}") from None
+
+
+def png_data_url(image) -> str:
+    """A PIL image as a base64 PNG data URL."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def chat_messages(image, question: str) -> list[dict]:
+    """One user turn: the image, then the question (the order the model was trained on)."""
+    parts = [{"type": "image_url", "image_url": {"url": png_data_url(image)}},
+             {"type": "text", "text": question}]  # fmt: skip
+    return [{"role": "user", "content": parts}]
+
+
+def stream_answer(client, model_name: str, image, question: str, echo: bool) -> tuple[str, float]:
+    """Stream one greedy answer; returns (text, seconds to the first content token)."""
+    start = time.monotonic()
+    first = None
+    text = ""
+    stream = client.chat.completions.create(
+        model=model_name, messages=chat_messages(image, question), stream=True,
+        temperature=0, max_tokens=32,
+    )  # fmt: skip
+    for chunk in stream:
+        for choice in chunk.choices:
+            delta = choice.delta.content or ""
+            if delta and first is None:
+                first = time.monotonic() - start
+            text += delta
+            if echo:
+                print(delta, end="", flush=True)
+    return text, first if first is not None else time.monotonic() - start
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Ask args.n held-out questions and print answers, expectations and timings."""
+    import openai
+
+    from scripts.smallmodel.data import make_dataset
+    from scripts.smallmodel.evaluate import HELD_OUT_SEED
+
+    examples = make_dataset(HELD_OUT_SEED if args.seed is None else args.seed, args.n)
+    api_key = secrets.token_urlsafe(16)
+    with tempfile.TemporaryDirectory(prefix="splitvl-demo-") as tmp:
+        cfg = ClusterConfig(args.model.resolve(), Path(tmp), api_key=api_key,
+                            transport=args.transport)  # fmt: skip
+        print(f"starting encode + language services for {cfg.model_dir} ...", flush=True)
+        t0 = time.monotonic()
+        with running_cluster(cfg) as cluster:
+            print(f"ready in {time.monotonic() - t0:.1f} s: {cluster.base_url}/v1 "
+                  f"(encode at {cluster.encode_address}, transport {args.transport})\n")
+            client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key=api_key,
+                                   max_retries=0, timeout=REQUEST_TIMEOUT_S)  # fmt: skip
+            correct, ttfts = 0, []
+            for i, ex in enumerate(examples, 1):
+                w, h = ex.image.size
+                print(f"[{i}/{len(examples)}] {w}x{h} image, {ex.kind} question")
+                print(f"  Q: {ex.question}\n  A: ", end="", flush=True)
+                answer, ttft = stream_answer(client, cluster.model_name, ex.image, ex.question,
+                                             echo=True)  # fmt: skip
+                ok = answer == ex.answer
+                correct += ok
+                ttfts.append(ttft)
+                print(f"\n  expected: {ex.answer}  -> {'match' if ok else 'MISMATCH'}"
+                      f"  (first token after {ttft * 1000:.0f} ms)\n", flush=True)
+            print(f"accuracy: {correct}/{len(examples)} exact "
+                  f"({correct / max(1, len(examples)):.0%}), "
+                  f"median time to first token {sorted(ttfts)[len(ttfts) // 2] * 1000:.0f} ms")
+            print("stopping the services ...", flush=True)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve on fixed ports until Ctrl-C (or until a service exits)."""
+    with tempfile.TemporaryDirectory(prefix="splitvl-serve-") as tmp:
+        cfg = ClusterConfig(args.model.resolve(), Path(tmp), host=args.host,
+                            encode_port=args.encode_port, http_port=args.http_port,
+                            grpc_port=args.grpc_port, transport=args.transport,
+                            api_key=args.api_key, log_to_files=False)  # fmt: skip
+        with running_cluster(cfg) as cluster:
+            auth = f' -H "Authorization: Bearer {args.api_key}"' if args.api_key else ""
+            print(f"\nserving {cluster.model_name}:\n"
+                  f"  OpenAI HTTP   {cluster.base_url}/v1\n"
+                  f"  language gRPC {cluster.grpc_address}\n"
+                  f"  encode gRPC   {cluster.encode_address}\n"
+                  f"try: curl -s {cluster.base_url}/v1/chat/completions{auth} "
+                  "-H 'Content-Type: application/json' -d '{\"model\": "
+                  f"\"{cluster.model_name}\", \"messages\": [{{\"role\": \"user\", "
+                  "\"content\": \"How many shapes are there?\"}]}'\n"
+                  "Ctrl-C stops both services.", flush=True)
+            # Serving has no deadline: the loop ends on Ctrl-C / SIGTERM or when a service dies.
+            while not cluster.exited():
+                time.sleep(0.5)
+            print(f"{', '.join(cluster.exited())} exited; stopping the services", flush=True)
+            return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: `demo` (default) or `serve`."""
+    p = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__.split("\n")[0])
+    p.add_argument("command", nargs="?", choices=("demo", "serve"), default="demo")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="shapes-style checkpoint")
+    p.add_argument("--transport", choices=("grpc", "nccl"), default="grpc",
+                   help="how image embeddings travel to the language service")  # fmt: skip
+    demo = p.add_argument_group("demo")
+    demo.add_argument("-n", type=int, default=8, help="number of questions")
+    demo.add_argument("--seed", type=int, default=None, help="data seed (default: held-out)")
+    serve = p.add_argument_group("serve")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--encode-port", type=int, default=50051)
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--api-key", default=os.environ.get("SPLITVL_API_KEY"),
+                       help="require this bearer token (default: $SPLITVL_API_KEY)")  # fmt: skip
+    return p
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; exit status 1 with a one-line reason when a service fails."""
+    args = build_parser().parse_args(argv)
+    if args.n < 1:
+        raise SystemExit("-n must be at least 1")
+    # SIGTERM unwinds like Ctrl-C, so the services are stopped either way; SIGINT is set
+    # explicitly because a shell starting this in the background would have it ignored.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
+    try:
+        return run_serve(args) if args.command == "serve" else run_demo(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; services stopped", file=sys.stderr)
+        return 130
+    except (ServiceError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
