@@ -31,13 +31,8 @@ from services.language.errors import (
 )
 from services.language.images import ImageLoader
 from services.language.metrics import CONTENT_TYPE, LanguageMetrics, RequestTimer
-from services.language.openai_schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ResponseBuilder,
-    collect_response,
-    stream_events,
-)
+from services.language.openai_responses import ResponseBuilder, collect_response, stream_events
+from services.language.openai_schemas import ChatCompletionRequest, CompletionRequest
 from services.language.prompt import (
     ChatMessage,
     ContextWindow,
