@@ -1,4 +1,4 @@
-"""Parsing both services share: byte sizes, dtype names and the payload of data: URLs.
+"""What both services share: byte sizes, dtype names, data: URL payloads, port files.
 
 Each service maps the errors raised here onto its own typed errors, so this module depends on
 nothing in either service.
@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -101,3 +105,14 @@ def decode_base64_payload(payload: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:  # padding lets the estimate above run two bytes short
         raise DataURLTooLargeError(f"image is {len(data)} bytes, above the limit of {max_bytes}")
     return data
+
+
+def write_port_file(path: Path, info: dict[str, Any]) -> None:
+    """Write `info` and this process's pid as JSON to `path`, atomically.
+
+    Launchers poll this file to learn ports bound as port 0, so it is written to a temporary
+    name and renamed: a reader never sees a half-written file.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**info, "pid": os.getpid()}))
+    tmp.replace(path)

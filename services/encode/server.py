@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import signal
 import time
 
@@ -21,6 +19,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from proto.splitvl.encode.v1 import encode_pb2 as pb
+from services.common import write_port_file
 from services.encode.batcher import BatcherClosedError, DeadlineExpiredError, QueueFullError
 from services.encode.config import EncodeServiceConfig, dtype_name
 from services.encode.encoder import (
@@ -315,7 +314,8 @@ class EncodeServer:
             )
         log.info("listening on %s:%d", self.config.host, self.port)
         if self.config.port_file is not None:
-            _write_port_file(self.config.port_file, self.port, self.servicer.metrics_port)
+            info = {"port": self.port, "metrics_port": self.servicer.metrics_port}
+            write_port_file(self.config.port_file, info)
         return self.port
 
     async def load(self) -> None:
@@ -377,12 +377,6 @@ class EncodeServer:
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
-
-
-def _write_port_file(path, port: int, metrics_port: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
-    tmp.replace(path)  # atomic: readers never see a partial file
 
 
 async def serve(config: EncodeServiceConfig) -> int:

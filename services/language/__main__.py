@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -212,12 +211,10 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def _announce(port_file: Path | None, http_port: int, grpc_port: int | None) -> None:
-    info = {"http_port": http_port, "grpc_port": grpc_port, "pid": os.getpid()}
-    log.info("language service ready: %s", info)
+    info = {"http_port": http_port, "grpc_port": grpc_port}
+    log.info("language service ready: %s (pid %d)", info, os.getpid())
     if port_file is not None:
-        tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info))
-        tmp.replace(port_file)  # readers never see a half-written file
+        common.write_port_file(port_file, info)
 
 
 def main(argv: list[str] | None = None) -> int:

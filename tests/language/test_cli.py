@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
-from services.language.__main__ import build_parser, engine_config, image_fetch_config
+from services.language.__main__ import (
+    _announce,
+    build_parser,
+    engine_config,
+    image_fetch_config,
+)
 
 
 def test_sizes_and_settings_parse_into_configs(tmp_path):
@@ -30,3 +38,14 @@ def test_a_bad_size_is_a_usage_error_naming_the_format(tmp_path, capsys):
         build_parser().parse_args(["--model", str(tmp_path), "--kv-cache-memory", "lots"])
     assert exc.value.code == 2
     assert "512MiB" in capsys.readouterr().err
+
+
+def test_announce_writes_the_ports_and_pid_atomically(tmp_path):
+    port_file = tmp_path / "language.json"
+    _announce(port_file, 8123, None)
+    assert json.loads(port_file.read_text()) == {
+        "http_port": 8123,
+        "grpc_port": None,
+        "pid": os.getpid(),
+    }
+    assert list(tmp_path.iterdir()) == [port_file]  # the temporary file was renamed over it
