@@ -125,7 +125,7 @@ class ClusterConfig:
     grpc_port: int | None = None
     transport: str = "grpc"
     api_key: str | None = None
-    model_name: str = "shapes-vl"
+    model_name: str | None = None  # None: the checkpoint directory's name
     log_to_files: bool = True
 
 
@@ -153,6 +153,7 @@ def _log_path(cfg: ClusterConfig, name: str) -> Path | None:
 def running_cluster(cfg: ClusterConfig) -> Iterator[Cluster]:
     """Start encode, wait until SERVING, start language, wait until healthy; stop both after."""
     check_model_dir(cfg.model_dir)
+    model_name = cfg.model_name or cfg.model_dir.name
     with ExitStack() as stack:
         enc_args = ["--model", str(cfg.model_dir), "--host", cfg.host,
                     "--port", str(cfg.encode_port)]  # fmt: skip
@@ -163,7 +164,7 @@ def running_cluster(cfg: ClusterConfig) -> Iterator[Cluster]:
         _wait_ready(encode, wait_grpc_serving, encode_address)
         lang_args = ["--model", str(cfg.model_dir), "--host", cfg.host,
                      "--port", str(cfg.http_port), "--encode", encode_address,
-                     "--transport", cfg.transport, "--served-model-name", cfg.model_name,
+                     "--transport", cfg.transport, "--served-model-name", model_name,
                      *LANGUAGE_ARGS]  # fmt: skip
         if cfg.grpc_port is not None:
             lang_args += ["--grpc-port", str(cfg.grpc_port)]
@@ -177,7 +178,7 @@ def running_cluster(cfg: ClusterConfig) -> Iterator[Cluster]:
         base_url = f"http://{cfg.host}:{ports['http_port']}"
         _wait_ready(language, wait_http_healthy, base_url)
         grpc_address = f"{cfg.host}:{ports['grpc_port']}" if ports.get("grpc_port") else None
-        yield Cluster(base_url, encode_address, grpc_address, cfg.model_name, cfg.api_key,
+        yield Cluster(base_url, encode_address, grpc_address, model_name, cfg.api_key,
                       (encode, language))  # fmt: skip
 
 

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from scripts.demo import DEFAULT_MODEL, ClusterConfig, running_cluster
+from scripts.demo import DEFAULT_MODEL, ClusterConfig, chat_messages, running_cluster
 from scripts.smallmodel.data import Example, make_dataset
 from scripts.smallmodel.evaluate import HELD_OUT_SEED, MAX_NEW_TOKENS, Report, shared_answerer
-from tests.e2e.checks import chat_messages
 
 TRANSPORTS = ("grpc", "nccl")
 ABLATIONS = ("no_deepstack", "no_image")
@@ -40,12 +38,6 @@ def report_of(answers: Sequence[str], examples: Sequence[Example]) -> Report:
     return Report(dict(correct), dict(total))
 
 
-def _png(example: Example) -> bytes:
-    buf = io.BytesIO()
-    example.image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 async def ask_cluster(
     base_url: str, model_name: str, examples: Sequence[Example], in_flight: int
 ) -> list[str]:
@@ -60,7 +52,7 @@ async def ask_cluster(
             async with gate:
                 response = await client.chat.completions.create(
                     model=model_name, temperature=0, max_tokens=MAX_NEW_TOKENS,
-                    messages=chat_messages(example.question, _png(example)),
+                    messages=chat_messages(example.image, example.question),
                 )  # fmt: skip
             return response.choices[0].message.content or ""
 
