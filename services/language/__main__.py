@@ -21,10 +21,15 @@ import uvicorn
 
 from services import common
 from services.language.api import APIConfig, LanguageFrontend, create_app
-from services.language.engine import AsyncEngine, EngineConfig
+from services.language.engine import AsyncEngine, EngineConfig, EngineConfigError
 from services.language.images import ImageFetchConfig, ImageLoader
 from services.language.metrics import LanguageMetrics
 from services.language.prompt import ChatTemplate, ContextWindow, PromptBuilder
+from shared.model.config import ConfigError
+from shared.model.loader import CheckpointError
+
+# Start-up failures the user can fix: reported in one line, not as a traceback.
+_STARTUP_ERRORS = (ConfigError, CheckpointError, EngineConfigError, FileNotFoundError)
 
 log = logging.getLogger("services.language")
 
@@ -78,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-request-bytes", type=parse_bytes, default=parse_bytes("64MiB"))
     engine = p.add_argument_group("engine")
     engine.add_argument("--device", default="cpu")
-    engine.add_argument("--dtype", default="auto")
+    engine.add_argument(
+        "--dtype", type=_dtype_arg, default="auto", help="auto, float32, bfloat16 (bf16), float16"
+    )
     engine.add_argument("--block-size", type=int, default=16)
     engine.add_argument("--kv-cache-memory", type=parse_bytes, default=None)
     engine.add_argument("--gpu-memory-fraction", type=float, default=0.9)
@@ -89,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def _dtype_arg(text: str) -> str:
+    if text == "auto":
+        return text
+    return common.dtype_name(common.parse_dtype(text, argparse.ArgumentTypeError))
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -221,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    except _STARTUP_ERRORS as exc:
+        log.error("cannot start the language service: %s", exc)
+        return 1
     return 0
 
 

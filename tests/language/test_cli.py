@@ -49,3 +49,20 @@ def test_announce_writes_the_ports_and_pid_atomically(tmp_path):
         "pid": os.getpid(),
     }
     assert list(tmp_path.iterdir()) == [port_file]  # the temporary file was renamed over it
+
+
+def test_dtype_aliases_and_errors():
+    from services.language.__main__ import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--model", "m", "--dtype", "bf16"]).dtype == "bfloat16"
+    assert parser.parse_args(["--model", "m"]).dtype == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--dtype", "bogus"])
+
+
+def test_missing_model_is_a_one_line_error(tmp_path, caplog):
+    from services.language.__main__ import main
+
+    assert main(["--model", str(tmp_path / "absent"), "--port", "0"]) == 1
+    assert "cannot start the language service" in caplog.text
