@@ -67,13 +67,16 @@ class Service:
     (language first) instead of both racing to exit. `log_path` None shares the terminal.
     """
 
-    def __init__(self, name: str, args: list[str], port_file: Path, log_path: Path | None):
+    def __init__(
+        self, name: str, args: list[str], port_file: Path, log_path: Path | None,
+        env: dict[str, str] | None = None,
+    ):  # fmt: skip
         self.name = name
         self.port_file = port_file
         self.log_path = log_path
         port_file.unlink(missing_ok=True)
         self._log = log_path.open("w") if log_path is not None else None
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         command = [sys.executable, "-m", f"services.{name}", *args, "--port-file", str(port_file)]
         self.process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -127,6 +130,17 @@ class ClusterConfig:
     api_key: str | None = None
     model_name: str | None = None  # None: the checkpoint directory's name
     log_to_files: bool = True
+    # Intra-op threads per service; None inherits the environment. The small model's matrices
+    # are tiny: with several threads per process, OpenMP spin-waiting on a busy machine makes a
+    # forward many times slower, so the demo and the evaluation use one unless
+    # OMP_NUM_THREADS says otherwise.
+    threads: int | None = None
+
+    def service_env(self) -> dict[str, str]:
+        """Environment additions for each service process."""
+        if self.threads is None or "OMP_NUM_THREADS" in os.environ:
+            return {}
+        return {"OMP_NUM_THREADS": str(self.threads)}
 
 
 @dataclass(frozen=True)
@@ -158,7 +172,7 @@ def running_cluster(cfg: ClusterConfig) -> Iterator[Cluster]:
         enc_args = ["--model", str(cfg.model_dir), "--host", cfg.host,
                     "--port", str(cfg.encode_port)]  # fmt: skip
         encode = Service("encode", enc_args, cfg.workdir / "encode.ports.json",
-                         _log_path(cfg, "encode"))  # fmt: skip
+                         _log_path(cfg, "encode"), cfg.service_env())  # fmt: skip
         stack.callback(encode.stop)
         encode_address = f"{cfg.host}:{encode.ports()['port']}"
         _wait_ready(encode, wait_grpc_serving, encode_address)
@@ -171,7 +185,7 @@ def running_cluster(cfg: ClusterConfig) -> Iterator[Cluster]:
         if cfg.api_key:
             lang_args += ["--api-key", cfg.api_key]
         language = Service("language", lang_args, cfg.workdir / "language.ports.json",
-                           _log_path(cfg, "language"))  # fmt: skip
+                           _log_path(cfg, "language"), cfg.service_env())  # fmt: skip
         # ExitStack unwinds in reverse: language stops before the encode replica it calls.
         stack.callback(language.stop)
         ports = language.ports()
@@ -234,7 +248,7 @@ def run_demo(args: argparse.Namespace) -> int:
     api_key = secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory(prefix="splitvl-demo-") as tmp:
         cfg = ClusterConfig(args.model.resolve(), Path(tmp), api_key=api_key,
-                            transport=args.transport)  # fmt: skip
+                            transport=args.transport, threads=1)  # fmt: skip
         print(f"starting encode + language services for {cfg.model_dir} ...", flush=True)
         t0 = time.monotonic()
         with running_cluster(cfg) as cluster:

@@ -19,6 +19,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+
 from scripts.demo import DEFAULT_MODEL, ClusterConfig, chat_messages, running_cluster
 from scripts.smallmodel.data import Example, make_dataset
 from scripts.smallmodel.evaluate import HELD_OUT_SEED, MAX_NEW_TOKENS, Report, shared_answerer
@@ -64,7 +66,7 @@ def split_answers(
 ) -> list[str]:
     """Start encode + language with `transport`, ask every example, stop both."""
     with tempfile.TemporaryDirectory(prefix=f"split-eval-{transport}-") as tmp:
-        cfg = ClusterConfig(model_dir, Path(tmp), transport=transport)
+        cfg = ClusterConfig(model_dir, Path(tmp), transport=transport, threads=1)
         with running_cluster(cfg) as cluster:
             return asyncio.run(ask_cluster(cluster.base_url, cluster.model_name, examples,
                                            in_flight))  # fmt: skip
@@ -104,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.n < 1 or args.in_flight < 1:
         raise SystemExit("-n and --in-flight must be at least 1")
+    # One intra-op thread: the small model's matrices are tiny, and several threads spin-waiting
+    # on a busy machine make every forward many times slower.
+    torch.set_num_threads(1)
     model_dir = args.model.resolve()
     examples = make_dataset(args.seed, args.n)
     routes: dict[str, Callable[[], list[str]]] = {

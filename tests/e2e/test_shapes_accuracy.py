@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,7 +142,17 @@ def test_link_transport_gives_the_same_answers(nccl_cluster, held_out, grpc_answ
     assert asyncio.run(_answer_all(nccl_cluster, held_out)) == grpc_answers
 
 
-def test_in_process_model_gives_the_same_answers(e2e_model, held_out, grpc_answers):
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    # The tiny model's matrices are small: with two threads, OpenMP spin-waiting on a shared
+    # machine makes each forward many times slower than with one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_in_process_model_gives_the_same_answers(e2e_model, held_out, grpc_answers, one_thread):
     model = InProcessModel(e2e_model.path)
     problems = [p for ex, served in zip(held_out, grpc_answers, strict=True)
                 for p in model.check(ex, served)]  # fmt: skip
