@@ -31,7 +31,7 @@ COUNT_WORDS = ("zero", "one", "two", "three")
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 72, 192, 2.0
 # Shape size as a fraction of the image's shorter side; the lower bound keeps a shape at least a
 # few patches wide after the processor resizes the image.
-MIN_SIZE_FRAC, MAX_SIZE_FRAC = 0.22, 0.40
+MIN_SIZE_FRAC, MAX_SIZE_FRAC = 0.26, 0.42
 # Gap (px) between shape bounding boxes: shapes never touch, so counting is unambiguous.
 BOX_GAP = 4
 # A "where" answer needs the shape's centre clearly off-centre along one axis and clearly less

@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from scripts.smallmodel.checkpoint import rewrite_in_hub_layout, write_json
 from scripts.smallmodel.data import QUESTION_KINDS, make_conversation, make_dataset
@@ -30,7 +32,13 @@ from scripts.smallmodel.modelcfg import (
 )
 from scripts.smallmodel.prompts import IGNORE_INDEX, make_batch, make_conversation_batch
 from scripts.smallmodel.tokenizer import build_tokenizer, save_tokenizer, special_token_ids
-from scripts.smallmodel.vision_warmup import WarmupConfig, warm_up_vision
+from scripts.smallmodel.vision_warmup import (
+    TokenCapture,
+    WarmupConfig,
+    targets_for,
+    token_loss,
+    warm_up_vision,
+)
 
 # A copy of the Qwen3-VL chat template, so regenerating needs nothing outside the repo.
 CHAT_TEMPLATE = Path(__file__).with_name("qwen3_vl_chat_template.jinja")
@@ -58,7 +66,9 @@ class TrainConfig:
     max_turns: int = 3
     # Mix of first questions (QUESTION_KINDS order): "where" and the shape-dependent kinds need
     # more examples before the model reads position and shape instead of guessing the prior.
-    first_kind_weights: tuple[float, ...] = (1.0, 1.5, 1.0, 2.0, 2.0)
+    first_kind_weights: tuple[float, ...] = (2.5, 1.0, 1.0, 2.5, 1.5)
+    # Weight of the vision warm-up's per-token loss during this stage (when a head is given).
+    aux_weight: float = 0.5
     log_every: int = 50
     # Teacher-forced exact match on a fixed probe set (seed + 3, never trained on) every N steps.
     probe_every: int = 100
@@ -117,15 +127,25 @@ def exact_by_kind(model, batch, kinds: list[str]) -> dict[str, float]:
             for k in QUESTION_KINDS if k in kinds}
 
 
-def train(model, tokenizer, image_processor, cfg: TrainConfig) -> None:
-    """Run the optimisation loop in place on `model`."""
+def train(model, tokenizer, image_processor, cfg: TrainConfig,
+          aux_head: nn.Linear | None = None) -> None:
+    """Run the optimisation loop in place on `model`.
+
+    With `aux_head` (from the vision warm-up) its per-token loss is added with weight
+    cfg.aux_weight, so the tower keeps separating shapes while the language model learns.
+    """
     probe = make_dataset(cfg.seed + 3, cfg.probe_size if cfg.probe_every else 0)
     probe_kinds = [e.kind for e in probe]
     probe_batch = probe and make_batch(tokenizer, image_processor, [e.image for e in probe],
                                        [e.question for e in probe], [e.answer for e in probe])
     rng = random.Random(cfg.seed + 2)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
+    named = list(model.named_parameters())
+    if aux_head is not None:
+        named += [(f"aux_head.{n}", p) for n, p in aux_head.named_parameters()]
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if p.ndim < 2 or "embed" in n]
+    capture = TokenCapture(model.model.visual) if aux_head is not None else None
+    patch, merge = image_processor.patch_size, image_processor.merge_size
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
@@ -142,19 +162,27 @@ def train(model, tokenizer, image_processor, cfg: TrainConfig) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         out = model(**batch.model_inputs(), labels=batch.labels, output_router_logits=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss = out.loss
+        if capture is not None:
+            targets = targets_for([c[0].scene for c in convs], batch.image_grid_thw, patch, merge)
+            aux_loss, aux_acc, _ = token_loss(aux_head, capture.tokens, targets)
+            loss = loss + cfg.aux_weight * aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        running += out.loss.item()
+        running += out.loss.item()  # the language loss alone, comparable across settings
         if (step + 1) % cfg.log_every == 0:
             elapsed = time.monotonic() - start
-            print(f"step {step + 1}/{cfg.steps} loss {running / cfg.log_every:.4f} "
+            aux = f" shape-token acc {aux_acc:.2f}" if capture is not None else ""
+            print(f"step {step + 1}/{cfg.steps} loss {running / cfg.log_every:.4f}{aux} "
                   f"lr {lr_at(step, cfg):.2e} {elapsed:.0f}s", flush=True)
             running = 0.0
         if cfg.probe_every and (step + 1) % cfg.probe_every == 0:
             scores = exact_by_kind(model, probe_batch, probe_kinds)
             print("  probe " + " ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
+    if capture is not None:
+        capture.remove()
     model.eval()
 
 
@@ -162,7 +190,8 @@ def save_weights(model, out_dir: Path, model_cfg: SmallModelConfig) -> None:
     """Save the weights as model.safetensors in the hub expert layout."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        (Path(tmp) / "model.safetensors").replace(out_dir / "model.safetensors")
+        # A copy (not a move) so the file gets ordinary permissions, not the temp dir's.
+        shutil.copyfile(Path(tmp) / "model.safetensors", out_dir / "model.safetensors")
     rewrite_in_hub_layout(out_dir, model_cfg.hidden_size, model_cfg.moe_intermediate_size)
 
 
@@ -190,10 +219,11 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(config)
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}", flush=True)
     start = time.monotonic()
+    aux_head = None
     if args.vision_steps:
-        warm_up_vision(model.model.visual, image_processor,
-                       WarmupConfig(seed=cfg.seed, steps=args.vision_steps))
-    train(model, tokenizer, image_processor, cfg)
+        aux_head = warm_up_vision(model.model.visual, image_processor,
+                                  WarmupConfig(seed=cfg.seed, steps=args.vision_steps))
+    train(model, tokenizer, image_processor, cfg, aux_head)
     print(f"training took {time.monotonic() - start:.0f}s", flush=True)
     save_weights(model, args.out, model_cfg)
     print(f"saved {args.out}", flush=True)
