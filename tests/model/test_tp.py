@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -23,8 +25,13 @@ def _worker(rank: int, world: int, store_path: str, model_dir: str, out_path: st
             logits = model(ids)
         if rank == 0:
             torch.save(logits, out_path)
+        # Neither rank tears down its gloo pairs while the other may still be using them.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown: gloo's background threads can abort the process ("terminate
+    # called without an active exception") from static destructors after the work is done.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("num_kv_heads", [2, 1], ids=["kv-sharded", "kv-replicated"])
