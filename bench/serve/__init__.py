@@ -1,0 +1,1 @@
+"""An OpenAI-compatible serving load generator: `python -m bench.serve --help`."""
