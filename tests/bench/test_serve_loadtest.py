@@ -234,7 +234,7 @@ def test_failures_are_counted_with_their_messages(fake_server, tmp_path):
                                for m in modes))  # fmt: skip
     rc = main(["--base-url", fake_server, "--dataset-name", "jsonl", "--dataset-path",
                str(dataset), "--num-prompts", str(2 * len(modes)), "--max-concurrency", "3",
-               "--disable-tqdm", "--save-result", "--result-dir", str(tmp_path),
+               "--disable-tqdm", "--timeout", "30", "--save-result", "--result-dir", str(tmp_path),
                "--result-filename", "fake.json"])  # fmt: skip
     assert rc == 0
     result = json.loads((tmp_path / "fake.json").read_text())
@@ -257,7 +257,7 @@ def test_load_run_against_splitvl(bench_cluster, tmp_path, capsys):
                "--dataset-name", "random-mm", "--num-prompts", "32", "--max-concurrency", "8",
                "--random-input-len", "24", "--random-output-len", "12",
                "--random-range-ratio", "0.33", "--random-mm-bucket-config", "64x64:1,96x64:1",
-               "--image-repeat-ratio", "0.25", "--ignore-eos", "--seed", "1",
+               "--image-repeat-ratio", "0.25", "--ignore-eos", "--seed", "1", "--timeout", "60",
                "--goodput", "ttft:60000", "--disable-tqdm", "--plot", str(plot),
                "--metrics-url", bench_cluster.language_metrics_url,
                "--metrics-url", bench_cluster.encode_metrics_url, "--metrics-interval", "0.5",
