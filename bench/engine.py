@@ -7,6 +7,9 @@ longest requested output) and through the engine (continuous batching, vision to
 over all images inside the timed region). Only requested output tokens count for either side.
 
     python -m bench.engine --shape medium --device cpu --dtype float32
+
+With ``--peer-python`` it instead runs bench.peer's side-by-side against vLLM-CPU on that
+recipe's checkpoint and work.json (see bench/peer.py).
 """
 
 from __future__ import annotations
@@ -283,7 +286,21 @@ def main() -> None:
                         help="override the decoder depth (e.g. a shallow 30b-a3b on one GPU)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peer-python", default=None,
+                        help="compare against vLLM-CPU (bench.peer) instead of transformers: "
+                             "the peer venv's python; needs --peer-recipe/--peer-ckpt/--peer-work")
+    parser.add_argument("--peer-recipe", help="folder holding the peer's vllm_offline.py")
+    parser.add_argument("--peer-ckpt", help="checkpoint both engines load")
+    parser.add_argument("--peer-work", help="folder holding the shared work.json")
     args = parser.parse_args()
+    if args.peer_python:
+        if not (args.peer_recipe and args.peer_ckpt and args.peer_work) or args.device != "cpu":
+            parser.error("--peer-python needs --peer-recipe, --peer-ckpt, --peer-work and cpu")
+        from bench.peer import side_by_side
+
+        side_by_side(args.peer_python, args.peer_recipe, args.peer_ckpt, args.peer_work,
+                     args.dtype)
+        return
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
