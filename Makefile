@@ -20,6 +20,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 # Model and addresses for `make demo` / `make serve`; override e.g. `make serve HTTP_PORT=9000`.
 MODEL ?= models/shapes-vl

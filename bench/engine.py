@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -81,57 +80,29 @@ def _special_ids(vocab: int) -> dict[str, int]:
 def write_checkpoint(path: Path, shape: str, layers: int | None, dtype: torch.dtype,
                      device: str) -> None:
     """Random-weight checkpoint of ``shape`` written by transformers, plus a tokenizer."""
-    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+    from scripts.support.checkpoints import (
+        Init,
+        preprocessor_config,
+        vl_config,
+        write_vl_checkpoint,
+    )
+    from scripts.support.tokenizers import save_tokenizer
 
     spec = SHAPES[shape]
-    text = {**spec["text"], "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 5e6,
-                                "mrope_section": list(spec["mrope"]), "mrope_interleaved": True}}
+    text = {**spec["text"], "max_position_embeddings": 32768, "rms_norm_eps": 1e-6}
     if layers:
         text["num_hidden_layers"] = layers
     special = _special_ids(text["vocab_size"])
     vision = {**spec["vision"], "out_hidden_size": text["hidden_size"], "patch_size": 16,
               "spatial_merge_size": 2, "temporal_patch_size": 2}
-    config = Qwen3VLMoeConfig(
-        text_config=text, vision_config=vision, image_token_id=special["image"],
-        video_token_id=special["video"], vision_start_token_id=special["start"],
-        vision_end_token_id=special["end"], tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen3VLMoeForConditionalGeneration(config).to(dtype)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.normal_(1.0, 0.1)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.02)
-            else:
-                p.normal_(0.0, 0.05)
-    model.save_pretrained(path)
-    preprocessor = {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
-                    "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                    "size": {"shortest_edge": 64 * 64, "longest_edge": 1024 * 1024}}
-    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor))
-    _write_tokenizer(path, text["vocab_size"], special)
-
-
-def _write_tokenizer(path: Path, vocab_size: int, special: dict[str, int]) -> None:
-    """A byte-level tokenizer (one token per byte) with the vision special tokens pinned."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {s: i for i, s in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    names = {"image": "<|image_pad|>", "video": "<|video_pad|>", "start": "<|vision_start|>",
-             "end": "<|vision_end|>"}
-    for key, token in names.items():
-        vocab[token] = special[key]
-    vocab["<|im_end|>"] = min(vocab_size - 5, 151645)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([*names.values(), "<|im_end|>"])
-    tokenizer.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    config = vl_config(text, vision, special, spec["mrope"], rope_theta=5e6)
+    write_vl_checkpoint(path, config, preprocessor_config(64 * 64, 1024 * 1024), seed=0,
+                        init=Init(std=0.05, norm_std=0.1, bias_std=0.02), dtype=dtype,
+                        device=device)
+    pinned = {"<|image_pad|>": special["image"], "<|video_pad|>": special["video"],
+              "<|vision_start|>": special["start"], "<|vision_end|>": special["end"],
+              "<|im_end|>": min(text["vocab_size"] - 5, 151645)}
+    save_tokenizer(path, None, pinned, vocab_size=text["vocab_size"])
 
 
 def make_workload(model_dir: Path, num_requests: int, seed: int) -> list[Workload]:
@@ -209,12 +180,12 @@ def run_engine(model_dir: Path, work: list[Workload], dtype_name: str, device,
                max_num_batched_tokens: int) -> tuple[float, list]:
     """The engine with every request submitted at once; the vision tower runs inside the timing."""
     from services.language.engine import AsyncEngine, EngineConfig
-    from services.language.request import GenerationRequest, ImageInput, SamplingParams
-    from shared.model.qwen3_vl_moe import separate_deepstack_embeds
-    from shared.model.vision import Qwen3VLVisionModel
+    from services.language.request import GenerationRequest, SamplingParams
+    from shared.model.loader import load_vision_model
+    from shared.wire.images import EncodedImage
 
     dtype = DTYPES[dtype_name]
-    vision = Qwen3VLVisionModel.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+    vision = load_vision_model(model_dir, dtype=dtype, device=device).eval()
     max_len = max(len(w.ids) + w.max_tokens for w in work)
     config = EngineConfig(max_num_seqs=len(work), max_num_batched_tokens=max_num_batched_tokens,
                           max_model_len=max_len, dtype=dtype_name, device=str(device))
@@ -228,14 +199,13 @@ def run_engine(model_dir: Path, work: list[Workload], dtype_name: str, device,
         with torch.inference_mode():
             packed = vision(torch.cat([w.pixel_values for w in with_images]).to(device, dtype),
                             torch.tensor(grids, device=device))
-        embeds, deepstack = separate_deepstack_embeds(packed, vision.num_deepstack)
         images, row = [], 0
         for w in work:
             per = []
             for grid in w.grid_thw:
                 n = grid[0] * grid[1] * grid[2] // 4
                 digest = hashlib.sha256(str((len(images), row)).encode()).hexdigest()
-                per.append(ImageInput(embeds[row:row + n], deepstack[row:row + n], grid, digest))
+                per.append(EncodedImage(packed[row:row + n], tuple(grid), digest))
                 row += n
             images.append(tuple(per))
         return images

@@ -25,7 +25,6 @@ import io
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,64 +43,20 @@ RAW_METHOD = "/bench.Raw/Stream"
 
 def make_checkpoint(path: Path) -> None:
     """A random Qwen3-VL-MoE with the 30B-A3B vision output width; everything else tiny."""
-    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+    from scripts.support.checkpoints import preprocessor_config, vl_config, write_vl_checkpoint
 
-    text = dict(
-        vocab_size=320,
-        hidden_size=OUT_HIDDEN,
-        num_hidden_layers=NUM_DEEPSTACK,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        moe_intermediate_size=16,
-        intermediate_size=32,
-        num_experts=2,
-        num_experts_per_tok=1,
-        max_position_embeddings=4096,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [6, 5, 5],
-            "mrope_interleaved": True,
-        },
-    )
-    vision = dict(
-        depth=NUM_DEEPSTACK,
-        hidden_size=64,
-        num_heads=2,
-        intermediate_size=128,
-        out_hidden_size=OUT_HIDDEN,
-        num_position_embeddings=64,
-        deepstack_visual_indexes=list(range(NUM_DEEPSTACK)),
-        patch_size=16,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    )
-    config = Qwen3VLMoeConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=300,
-        video_token_id=301,
-        vision_start_token_id=302,
-        vision_end_token_id=303,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    Qwen3VLMoeForConditionalGeneration(config).save_pretrained(path)
+    text = dict(vocab_size=320, hidden_size=OUT_HIDDEN, num_hidden_layers=NUM_DEEPSTACK,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                moe_intermediate_size=16, intermediate_size=32, num_experts=2,
+                num_experts_per_tok=1, max_position_embeddings=4096)  # fmt: skip
+    vision = dict(depth=NUM_DEEPSTACK, hidden_size=64, num_heads=2, intermediate_size=128,
+                  out_hidden_size=OUT_HIDDEN, num_position_embeddings=64,
+                  deepstack_visual_indexes=list(range(NUM_DEEPSTACK)), patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+    special = {"image": 300, "video": 301, "start": 302, "end": 303}
     side = 32 * 32  # 1024x1024 pixels -> 32x32 merged tokens
-    (path / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "patch_size": 16,
-                "merge_size": 2,
-                "temporal_patch_size": 2,
-                "image_mean": [0.5] * 3,
-                "image_std": [0.5] * 3,
-                "rescale_factor": 1 / 255,
-                "size": {"shortest_edge": 256 * 256, "longest_edge": side * side},
-            }
-        )
-    )
+    write_vl_checkpoint(path, vl_config(text, vision, special, (6, 5, 5)),
+                        preprocessor_config(256 * 256, side * side))  # fmt: skip
 
 
 def image_bytes() -> bytes:
@@ -111,48 +66,6 @@ def image_bytes() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def start(cmd: list[str], port_file: Path, log_path: Path) -> subprocess.Popen:
-    port_file.unlink(missing_ok=True)
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_port(proc: subprocess.Popen, port_file: Path, log_path: Path, timeout_s: float) -> int:
-    deadline = time.monotonic() + timeout_s
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"server did not start:\n{log_path.read_text(errors='replace')}")
-        time.sleep(0.05)
-    return json.loads(port_file.read_text())["port"]
-
-
-def wait_serving(proc: subprocess.Popen, address: str, timeout_s: float) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise RuntimeError(f"{address} did not reach SERVING (exit status {proc.poll()})")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 # --- the raw-bytes floor ---------------------------------------------------------------------
@@ -199,10 +112,9 @@ def raw_call(channel: grpc.aio.Channel, num_bytes: int):
 
 def encode_call(client, data: bytes, results: dict, name: str):
     """One cache-hit Encode (by content hash) through EncodeClient, as a coroutine factory."""
-    from services.encode.sources import content_hash
-    from services.language.encode_client import ImageInput
+    from shared.wire.images import ImageRef, content_hash
 
-    by_hash = [ImageInput(content_hash=content_hash(data))]
+    by_hash = [ImageRef(content_hash=content_hash(data))]
 
     async def once() -> None:
         [got] = await client.encode(by_hash)
@@ -217,7 +129,8 @@ async def measure(
     address: str, raw_address: str, data: bytes, repeats: int, num_bytes: int, chunk_bytes: int
 ):
     """Median-friendly timings, the methods interleaved round-robin so load drift hits all alike."""
-    from services.language.encode_client import EncodeClient, EncodeClientConfig, ImageInput
+    from services.language.encode_client import EncodeClient, EncodeClientConfig
+    from shared.wire.images import ImageRef
 
     configs = {
         "gRPC inline": EncodeClientConfig(
@@ -233,7 +146,7 @@ async def measure(
     async with grpc.aio.insecure_channel(raw_address) as raw_channel:
         try:
             for client in clients.values():  # computes once, fills the cache, sets up the link
-                await client.encode([ImageInput(data)])
+                await client.encode([ImageRef(data)])
             calls = {"gRPC raw bytes": raw_call(raw_channel, num_bytes)}
             for name, client in clients.items():
                 calls[name] = encode_call(client, data, results, name)
@@ -275,7 +188,8 @@ def report(rows: list[tuple[str, list[float]]], num_bytes: int) -> None:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> None:
-    from services.encode.config import parse_bytes
+    from scripts.support.launch import ServiceProcess, start_encode
+    from shared.wire.units import parse_bytes
 
     chunk = parse_bytes(args.chunk_bytes)
     model_dir = workdir / "model"
@@ -283,21 +197,14 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         print("writing the benchmark checkpoint ...", flush=True)
         make_checkpoint(model_dir)
     num_bytes = TOKENS * (1 + NUM_DEEPSTACK) * OUT_HIDDEN * 2
-    py = sys.executable
-    enc_port, raw_port = workdir / "encode.json", workdir / "raw.json"
-    encode_log, raw_log = workdir / "encode.log", workdir / "raw.log"
-    encode_args = (
-        f"--dtype bfloat16 --cache-memory 256MiB --log-level WARNING --chunk-bytes {chunk}"
-    )
-    encode_cmd = [py, "-m", "services.encode", "--model", str(model_dir), "--port-file"]
-    encode = start([*encode_cmd, str(enc_port), *encode_args.split()], enc_port, encode_log)
-    raw_args = f"--num-bytes {num_bytes} --chunk-bytes {chunk}"
-    raw_cmd = [py, "-m", "bench.transfer", "--serve-raw", str(raw_port), *raw_args.split()]
-    raw = start(raw_cmd, raw_port, raw_log)
+    encode_args = ["--dtype", "bfloat16", "--cache-memory", "256MiB", "--log-level", "WARNING",
+                   "--chunk-bytes", str(chunk)]  # fmt: skip
+    raw_args = ["--serve-raw", "--num-bytes", str(num_bytes), "--chunk-bytes", str(chunk)]
+    raw = ServiceProcess("raw", raw_args, workdir, module="bench.transfer")
+    encode = None
     try:
-        address = f"127.0.0.1:{wait_port(encode, enc_port, encode_log, 120)}"
-        raw_address = f"127.0.0.1:{wait_port(raw, raw_port, raw_log, 60)}"
-        wait_serving(encode, address, 120)
+        encode, address = start_encode(model_dir, workdir, encode_args)
+        raw_address = f"127.0.0.1:{raw.ports(60)['port']}"
         data = image_bytes()
         rows, results = asyncio.run(
             measure(address, raw_address, data, args.repeats, num_bytes, chunk)
@@ -313,8 +220,9 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         )
         report(rows, num_bytes)
     finally:
-        stop(encode)
-        stop(raw)
+        if encode is not None:
+            encode.stop()
+        raw.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,11 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--chunk-bytes", default="1MiB")
     p.add_argument("--keep", type=Path, default=None, help="work folder to keep (model, logs)")
-    p.add_argument("--serve-raw", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--serve-raw", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--num-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--port-file", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.serve_raw is not None:
-        serve_raw(args.serve_raw, args.num_bytes, int(args.chunk_bytes))
+    if args.serve_raw:
+        serve_raw(args.port_file, args.num_bytes, int(args.chunk_bytes))
         return 0
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)

@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,21 +27,21 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.e2e.services import wait_grpc_serving, wait_http_healthy
+from scripts.support.launch import (
+    REPO,
+    ServiceError,
+    ServiceProcess,
+    wait_grpc_serving,
+    wait_http_healthy,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "shapes-vl"
 START_TIMEOUT_S = 180.0
-STOP_TIMEOUT_S = 20.0
 REQUEST_TIMEOUT_S = 120.0
 MODEL_FILES = ("config.json", "tokenizer.json", "preprocessor_config.json", "model.safetensors")
 # The engine settings the demo needs: short prompts, a small KV cache that fits any laptop.
 LANGUAGE_ARGS = ("--max-model-len", "2048", "--kv-cache-memory", "256MiB",
                  "--max-num-seqs", "32")  # fmt: skip
-
-
-class ServiceError(RuntimeError):
-    """A service did not start, exited early, or the model directory is unusable."""
 
 
 def check_model_dir(model_dir: Path) -> None:
@@ -58,62 +56,6 @@ def check_model_dir(model_dir: Path) -> None:
         if f.read(40).startswith(b"version https://git-lfs"):
             raise ServiceError(f"{model_dir}/model.safetensors is a Git LFS pointer; "
                                "run 'git lfs pull' first")  # fmt: skip
-
-
-class Service:
-    """One `python -m services.<name>` child process in its own session.
-
-    Its own session keeps Ctrl-C away from it, so the parent stops the services in order
-    (language first) instead of both racing to exit. `log_path` None shares the terminal.
-    """
-
-    def __init__(
-        self, name: str, args: list[str], port_file: Path, log_path: Path | None,
-        env: dict[str, str] | None = None,
-    ):  # fmt: skip
-        self.name = name
-        self.port_file = port_file
-        self.log_path = log_path
-        port_file.unlink(missing_ok=True)
-        self._log = log_path.open("w") if log_path is not None else None
-        env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, "-m", f"services.{name}", *args, "--port-file", str(port_file)]
-        self.process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-
-    def ports(self, timeout_s: float = START_TIMEOUT_S) -> dict:
-        """The port file's content, once the service has bound its ports."""
-        deadline = time.monotonic() + timeout_s
-        while not self.port_file.is_file():
-            if self.process.poll() is not None:
-                raise ServiceError(f"{self.name} exited with {self.process.returncode}"
-                                   f"{self.log_tail()}")  # fmt: skip
-            if time.monotonic() > deadline:
-                raise ServiceError(f"{self.name} bound no port in {timeout_s:.0f} s"
-                                   f"{self.log_tail()}")  # fmt: skip
-            time.sleep(0.05)
-        return json.loads(self.port_file.read_text())
-
-    def log_tail(self, num_chars: int = 3000) -> str:
-        """The end of the service's log (empty when it logs to the terminal)."""
-        if self.log_path is None or not self.log_path.is_file():
-            return ""
-        return f"; log {self.log_path}:\n{self.log_path.read_text()[-num_chars:]}"
-
-    def stop(self) -> None:
-        """SIGTERM, wait, then SIGKILL if it has not exited in time."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                print(f"{self.name} ignored SIGTERM for {STOP_TIMEOUT_S:.0f} s; killing it")
-                self.process.kill()
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-        if self._log is not None:
-            self._log.close()
 
 
 @dataclass(frozen=True)
@@ -152,15 +94,11 @@ class Cluster:
     grpc_address: str | None
     model_name: str
     api_key: str | None
-    services: tuple[Service, ...]
+    services: tuple[ServiceProcess, ...]
 
     def exited(self) -> list[str]:
         """Names of the services whose process has ended."""
-        return [s.name for s in self.services if s.process.poll() is not None]
-
-
-def _log_path(cfg: ClusterConfig, name: str) -> Path | None:
-    return cfg.workdir / f"{name}.log" if cfg.log_to_files else None
+        return [s.name for s in self.services if not s.alive()]
 
 
 @contextmanager
@@ -171,11 +109,11 @@ def running_cluster(cfg: ClusterConfig) -> Iterator[Cluster]:
     with ExitStack() as stack:
         enc_args = ["--model", str(cfg.model_dir), "--host", cfg.host,
                     "--port", str(cfg.encode_port)]  # fmt: skip
-        encode = Service("encode", enc_args, cfg.workdir / "encode.ports.json",
-                         _log_path(cfg, "encode"), cfg.service_env())  # fmt: skip
+        encode = ServiceProcess("encode", enc_args, cfg.workdir, cfg.log_to_files,
+                                cfg.service_env(), new_session=True)  # fmt: skip
         stack.callback(encode.stop)
-        encode_address = f"{cfg.host}:{encode.ports()['port']}"
-        _wait_ready(encode, wait_grpc_serving, encode_address)
+        encode_address = f"{cfg.host}:{encode.ports(START_TIMEOUT_S)['port']}"
+        wait_grpc_serving(encode_address, START_TIMEOUT_S, process=encode)
         lang_args = ["--model", str(cfg.model_dir), "--host", cfg.host,
                      "--port", str(cfg.http_port), "--encode", encode_address,
                      "--transport", cfg.transport, "--served-model-name", model_name,
@@ -184,23 +122,16 @@ def running_cluster(cfg: ClusterConfig) -> Iterator[Cluster]:
             lang_args += ["--grpc-port", str(cfg.grpc_port)]
         if cfg.api_key:
             lang_args += ["--api-key", cfg.api_key]
-        language = Service("language", lang_args, cfg.workdir / "language.ports.json",
-                           _log_path(cfg, "language"), cfg.service_env())  # fmt: skip
+        language = ServiceProcess("language", lang_args, cfg.workdir, cfg.log_to_files,
+                                  cfg.service_env(), new_session=True)  # fmt: skip
         # ExitStack unwinds in reverse: language stops before the encode replica it calls.
         stack.callback(language.stop)
-        ports = language.ports()
+        ports = language.ports(START_TIMEOUT_S)
         base_url = f"http://{cfg.host}:{ports['http_port']}"
-        _wait_ready(language, wait_http_healthy, base_url)
+        wait_http_healthy(base_url, START_TIMEOUT_S, process=language)
         grpc_address = f"{cfg.host}:{ports['grpc_port']}" if ports.get("grpc_port") else None
         yield Cluster(base_url, encode_address, grpc_address, model_name, cfg.api_key,
                       (encode, language))  # fmt: skip
-
-
-def _wait_ready(service: Service, wait, address: str) -> None:
-    try:
-        wait(address, timeout_s=START_TIMEOUT_S)
-    except TimeoutError as exc:
-        raise ServiceError(f"{service.name}: {exc}{service.log_tail()}") from None
 
 
 def png_data_url(image) -> str:

@@ -1,16 +1,15 @@
-"""Tiny random Qwen3-VL-MoE / Qwen3-MoE checkpoints written by transformers, for parity tests.
-
-Every norm weight and bias is randomized (mistakes hide behind ones and zeros) and the other weights
-get a
-larger spread than transformers' init so logits are not all near-ties.
-"""
+"""The tiny Qwen3-VL-MoE / Qwen3-MoE shapes of the parity tests (written by scripts.support)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
+from scripts.support.checkpoints import (
+    preprocessor_config,
+    write_text_checkpoint,
+    write_vl_checkpoint,
+)
+from scripts.support.checkpoints import vl_config as _vl_config
 
 IMAGE_TOKEN_ID = 300
 VIDEO_TOKEN_ID = 301
@@ -44,79 +43,21 @@ VISION = dict(
     spatial_merge_size=2,
     temporal_patch_size=2,
 )
-PREPROCESSOR = {
-    "patch_size": 16,
-    "merge_size": 2,
-    "temporal_patch_size": 2,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-    "rescale_factor": 1 / 255,
-    "do_rescale": True,
-    "do_normalize": True,
-    "do_resize": True,
-    "resample": 3,
-    "do_convert_rgb": True,
-    "size": {"shortest_edge": 32 * 32, "longest_edge": 256 * 256},
-    "image_processor_type": "Qwen2VLImageProcessor",
-}
-
-
-def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.08) -> None:
-    """Random weights everywhere, norms included (weights around 1, biases around 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=gen))
+SPECIAL_IDS = {"image": IMAGE_TOKEN_ID, "video": VIDEO_TOKEN_ID, "start": VISION_START_ID,
+               "end": VISION_END_ID}  # fmt: skip
+PREPROCESSOR = preprocessor_config(32 * 32, 256 * 256)
 
 
 def vl_config(text: dict | None = None, vision: dict | None = None, mrope=(6, 5, 5)):
-    from transformers import Qwen3VLMoeConfig
-
-    text_cfg = {
-        **TEXT,
-        **(text or {}),
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": list(mrope),
-            "mrope_interleaved": True,
-        },
-    }
-    return Qwen3VLMoeConfig(
-        text_config=text_cfg,
-        vision_config={**VISION, **(vision or {})},
-        image_token_id=IMAGE_TOKEN_ID,
-        video_token_id=VIDEO_TOKEN_ID,
-        vision_start_token_id=VISION_START_ID,
-        vision_end_token_id=VISION_END_ID,
-        tie_word_embeddings=False,
-    )
+    """The tiny transformers config, with overrides."""
+    return _vl_config({**TEXT, **(text or {})}, {**VISION, **(vision or {})}, SPECIAL_IDS, mrope)
 
 
 def make_vl_checkpoint(path: Path, seed: int = 0, text: dict | None = None, **kw):
     """Save a random HF Qwen3VLMoeForConditionalGeneration to `path`; return the HF model (fp32)."""
-    from transformers import Qwen3VLMoeForConditionalGeneration
-
-    torch.manual_seed(seed)
-    model = Qwen3VLMoeForConditionalGeneration(vl_config(text=text, **kw)).eval()
-    randomize(model, seed)
-    model.save_pretrained(path)
-    (Path(path) / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
-    return model
+    return write_vl_checkpoint(path, vl_config(text=text, **kw), PREPROCESSOR, seed)
 
 
 def make_text_checkpoint(path: Path, seed: int = 0, **overrides):
     """Save a random HF Qwen3MoeForCausalLM (text-only, 1-D RoPE) to `path`; return it."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    cfg = Qwen3MoeConfig(**{**TEXT, **overrides})
-    torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(cfg).eval()
-    randomize(model, seed)
-    model.save_pretrained(path)
-    return model
+    return write_text_checkpoint(path, {**TEXT, **overrides}, seed)

@@ -100,21 +100,20 @@ def shared_answerer(model_dir: Path, mode: str = "full") -> Answerer:
     `mode` "no_deepstack" zeroes the deepstack embeddings, "no_image" the image embeddings.
     """
     from shared.model.config import load_config
+    from shared.model.loader import load_text_model, load_vision_model
     from shared.model.processing import (
         load_image_processor_config,
         mrope_positions,
         num_image_tokens,
         preprocess_image,
     )
-    from shared.model.qwen3_moe import Qwen3MoeForCausalLM
     from shared.model.qwen3_vl_moe import separate_deepstack_embeds, splice_image_embeds
-    from shared.model.vision import Qwen3VLVisionModel
 
     if mode not in SHARED_MODES:
         raise ValueError(f"mode must be one of {SHARED_MODES}, got {mode!r}")
     config = load_config(model_dir)
-    vision = Qwen3VLVisionModel.from_pretrained(model_dir).eval()
-    language = Qwen3MoeForCausalLM.from_pretrained(model_dir).eval()
+    vision = load_vision_model(model_dir).eval()
+    language = load_text_model(model_dir).eval()
     proc_cfg = load_image_processor_config(model_dir)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     sp = SpecialIds.from_tokenizer(tokenizer)

@@ -23,18 +23,10 @@ from tokenizers import (
 )
 from tokenizers.models import BPE
 
-# Same order as in Qwen's vocabulary; they follow the learned tokens, as in the real checkpoints.
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-EOS_TOKEN = "<|im_end|>"
-PAD_TOKEN = "<|endoftext|>"
+from scripts.support.tokenizers import EOS_TOKEN, PAD_TOKEN, QWEN_SPECIAL_TOKENS
+
+# Qwen's order; they follow the learned tokens, as in the real checkpoints.
+SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS
 # Qwen2's pre-tokenization regex (transformers/models/qwen2/tokenization_qwen2.py).
 PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""

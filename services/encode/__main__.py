@@ -23,7 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (the checkpoint's; float32 on a CPU without native bf16), float32, bfloat16, "
+        "float16",
+    )
     p.add_argument(
         "--max-batch-patches",
         type=int,
@@ -98,7 +103,7 @@ def config_from_args(args: argparse.Namespace) -> EncodeServiceConfig:
         host=args.host,
         port=args.port,
         device=args.device,
-        dtype=parse_dtype(args.dtype),
+        dtype=None if args.dtype == "auto" else parse_dtype(args.dtype),
         max_batch_patches=args.max_batch_patches,
         batch_wait_s=args.batch_wait_ms / 1000,
         cache_bytes=parse_bytes(args.cache_memory),

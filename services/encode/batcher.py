@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class QueueFullError(RuntimeError):
+class VisionQueueFullError(RuntimeError):
     """The vision queue holds its maximum number of images; retry later or on another replica."""
 
 
@@ -120,12 +120,12 @@ class VisionBatcher:
         """Queue one image; the future resolves to its packed embeddings [tokens, (1+k)*H].
 
         `deadline` is on the event loop's clock (loop.time()). Cancelling the future withdraws the
-        image if it has not started. Raises QueueFullError when the queue is at its limit.
+        image if it has not started. Raises VisionQueueFullError when the queue is at its limit.
         """
         if self._closed:
             raise BatcherClosedError("the encode service is shutting down")
         if len(self._queue) >= self.max_queue_images:
-            raise QueueFullError(
+            raise VisionQueueFullError(
                 f"vision queue is full ({self.max_queue_images} images waiting); retry later"
             )
         loop = asyncio.get_running_loop()

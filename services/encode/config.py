@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from services.common import GIB, KIB, MIB
-from services.common import dtype_name as _dtype_name
-from services.common import parse_bytes as _parse_bytes
-from services.common import parse_dtype as _parse_dtype
-from shared.model.config import DTYPES
+from shared.wire.units import DTYPES, GIB, KIB, MIB
+from shared.wire.units import dtype_name as _dtype_name
+from shared.wire.units import parse_bytes as _parse_bytes
+from shared.wire.units import parse_dtype as _parse_dtype
 
 __all__ = ["DTYPES", "GIB", "KIB", "MIB", "ConfigError", "dtype_name", "parse_bytes", "parse_dtype"]
 
@@ -74,7 +73,7 @@ class EncodeServiceConfig:
     host: str = "127.0.0.1"
     port: int = 0
     device: str = "cpu"
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | None = None  # None: resolved from the checkpoint (see resolve_dtype)
     # Patches in one vision forward; a single larger image still runs, alone.
     max_batch_patches: int = 16384
     # How long a partial batch waits for more images (0: run as soon as the tower is free).

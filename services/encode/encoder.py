@@ -11,7 +11,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
@@ -19,18 +18,15 @@ from services.encode.batcher import DeadlineExpiredError, VisionBatcher
 from services.encode.cache import CacheEntry, CacheKey, EmbeddingCache
 from services.encode.config import EncodeLimits
 from services.encode.metrics import EncodeMetrics
-from services.encode.sources import (
-    ImageSourceError,
-    content_hash,
-    fetch_url,
-    normalize_hash,
-)
+from services.encode.sources import ImageSourceError, fetch_url
 from shared.model.processing import (
     ImageError,
     ImageProcessorConfig,
     decode_image,
     preprocess_image,
 )
+from shared.wire.errors import ImageRefError
+from shared.wire.images import EncodedImage, ImageRef, content_hash, normalize_hash
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +42,8 @@ class NotCachedError(LookupError):
     """A hash-only image is not in this replica's cache; send its bytes (NOT_FOUND)."""
 
 
-@dataclass(frozen=True)
-class ImageSpec:
-    """One image of a request: bytes, a URL or only a content hash; optional resize bounds."""
-
-    data: bytes | None = None
-    url: str | None = None
-    content_hash: str | None = None
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-
-
-@dataclass(frozen=True)
-class EncodedImage:
-    """An image's packed embeddings [num_tokens, (1+k)*H] (on the tower's device)."""
-
-    index: int
-    packed: torch.Tensor
-    grid_thw: tuple[int, int, int]
-    content_hash: str
-    cache_hit: bool
-
-
 class VisionEncoder:
-    """Turns ImageSpecs into EncodedImages; use it inside the event loop that runs the batcher."""
+    """Turns ImageRefs into EncodedImages; use it inside the event loop that runs the batcher."""
 
     def __init__(
         self,
@@ -92,7 +66,7 @@ class VisionEncoder:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def check_request(self, images: Sequence[ImageSpec]) -> None:
+    def check_request(self, images: Sequence[ImageRef]) -> None:
         """Request-level limits, checked before any work."""
         if not images:
             raise InvalidImageError("the request has no images")
@@ -112,12 +86,12 @@ class VisionEncoder:
             self._pixel_bounds(i, spec)
 
     async def encode(
-        self, images: Sequence[ImageSpec], deadline: float | None = None
-    ) -> AsyncIterator[EncodedImage]:
-        """Encode a request's images concurrently, yielding each as it completes.
+        self, images: Sequence[ImageRef], deadline: float | None = None
+    ) -> AsyncIterator[tuple[int, EncodedImage]]:
+        """Encode a request's images concurrently, yielding (index, image) as each completes.
 
         `deadline` is on the event loop clock. The first failure cancels the other images and
-        propagates (InvalidImageError, NotCachedError, QueueFullError, DeadlineExpiredError).
+        propagates (InvalidImageError, NotCachedError, VisionQueueFullError, DeadlineExpiredError).
         """
         self.check_request(images)
         tasks = [
@@ -132,7 +106,7 @@ class VisionEncoder:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _pixel_bounds(self, index: int, spec: ImageSpec) -> tuple[int, int]:
+    def _pixel_bounds(self, index: int, spec: ImageRef) -> tuple[int, int]:
         max_pixels = spec.max_pixels or self.max_pixels
         min_pixels = spec.min_pixels or min(self.processor.min_pixels, max_pixels)
         if max_pixels > self.max_pixels:
@@ -147,28 +121,28 @@ class VisionEncoder:
         return min_pixels, max_pixels
 
     async def _encode_one(
-        self, index: int, spec: ImageSpec, deadline: float | None
-    ) -> EncodedImage:
+        self, index: int, spec: ImageRef, deadline: float | None
+    ) -> tuple[int, EncodedImage]:
         try:
             min_pixels, max_pixels = self._pixel_bounds(index, spec)
             data = await self._image_bytes(spec)
             digest = await self._hash(data, spec.content_hash)
-        except ImageSourceError as exc:
+        except (ImageSourceError, ImageRefError) as exc:
             raise InvalidImageError(f"image {index}: {exc}") from exc
         key = CacheKey(digest, min_pixels, max_pixels)
         entry = self.cache.get(key)
         if entry is not None:
             self.metrics.cache_hits.inc()
-            return EncodedImage(index, entry.packed, entry.grid_thw, digest, cache_hit=True)
+            return index, EncodedImage(entry.packed, entry.grid_thw, digest, cache_hit=True)
         if data is None and key not in self._inflight:
             raise NotCachedError(
                 f"image {index}: content_hash {digest} is not cached on this replica; "
                 "send the bytes"
             )
         entry = await self._shared_compute(index, key, data, deadline)
-        return EncodedImage(index, entry.packed, entry.grid_thw, digest, cache_hit=False)
+        return index, EncodedImage(entry.packed, entry.grid_thw, digest, cache_hit=False)
 
-    async def _image_bytes(self, spec: ImageSpec) -> bytes | None:
+    async def _image_bytes(self, spec: ImageRef) -> bytes | None:
         if spec.data is not None:
             return spec.data
         if spec.url:
@@ -191,7 +165,7 @@ class VisionEncoder:
         else:
             digest = content_hash(data)
         if claimed is not None and claimed != digest:
-            raise ImageSourceError(
+            raise ImageRefError(
                 f"content_hash {claimed} does not match the bytes (sha256 {digest})"
             )
         return digest

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.encode.transport import (
+from shared.wire.link import (
     LinkError,
     P2PLink,
     link_backend,

@@ -15,28 +15,10 @@ from services.encode.config import ConfigError, EncodeServiceConfig, dtype_name
 from services.encode.encoder import VisionEncoder
 from services.encode.links import LinkManager
 from services.encode.metrics import EncodeMetrics
+from shared.wire.info import EncoderContract, EncoderInfo
+from shared.wire.units import resolve_dtype
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServiceInfo:
-    """What GetInfo reports: the model's output contract and this replica's limits."""
-
-    model: str
-    hidden_size: int
-    num_deepstack: int
-    dtype: str
-    patch_size: int
-    merge_size: int
-    temporal_patch_size: int
-    min_pixels: int
-    max_pixels: int
-    max_image_bytes: int
-    max_images_per_request: int
-    max_batch_patches: int
-    device: str
-    link_backend: str
 
 
 @dataclass(frozen=True)
@@ -46,14 +28,15 @@ class Runtime:
     encoder: VisionEncoder
     batcher: VisionBatcher
     links: LinkManager
-    info: ServiceInfo
+    info: EncoderInfo
 
 
 def load_runtime(config: EncodeServiceConfig, metrics: EncodeMetrics) -> Runtime:
     """Load only the vision weights and build the serving objects (the batcher is not started)."""
     from shared.model.config import load_config
+    from shared.model.fingerprint import vision_fingerprint
+    from shared.model.loader import load_vision_model
     from shared.model.processing import load_image_processor_config
-    from shared.model.vision import Qwen3VLVisionModel
 
     model_config = load_config(config.model_dir)
     if model_config.vision is None:
@@ -70,15 +53,18 @@ def load_runtime(config: EncodeServiceConfig, metrics: EncodeMetrics) -> Runtime
             f"merge {vision.spatial_merge_size})"
         )
     device = select_device(config.device)
+    # The checkpoint's dtype unless the operator chose one: what the language side computes in,
+    # so embeddings are spliced without a cast.
+    dtype = resolve_dtype(config.dtype, model_config.dtype, device)
     t0 = time.perf_counter()
-    model = Qwen3VLVisionModel.from_pretrained(config.model_dir, dtype=config.dtype, device=device)
+    model = load_vision_model(config.model_dir, dtype=dtype, device=device)
     log.info(
         "loaded the vision tower of %s (%d blocks, %d deepstack) on %s in %s in %.2f s",
         config.model_dir.name,
         vision.depth,
         vision.num_deepstack,
         device,
-        dtype_name(config.dtype),
+        dtype_name(dtype),
         time.perf_counter() - t0,
     )
 
@@ -105,14 +91,18 @@ def load_runtime(config: EncodeServiceConfig, metrics: EncodeMetrics) -> Runtime
         config.preprocess_workers,
     )
     links = LinkManager(advertise_host(config), device, config.link_timeout_s, config.ticket_ttl_s)
-    info = ServiceInfo(
-        model=config.model_dir.name,
+    contract = EncoderContract(
+        checkpoint_id=vision_fingerprint(config.model_dir),
         hidden_size=vision.out_hidden_size,
         num_deepstack=vision.num_deepstack,
-        dtype=dtype_name(config.dtype),
+        dtype=dtype_name(dtype),
         patch_size=processor.patch_size,
         merge_size=processor.merge_size,
         temporal_patch_size=processor.temporal_patch_size,
+    )
+    info = EncoderInfo(
+        model=config.model_dir.name,
+        contract=contract,
         min_pixels=processor.min_pixels,
         max_pixels=encoder.max_pixels,
         max_image_bytes=config.limits.max_image_bytes,

@@ -20,18 +20,16 @@ from grpc_reflection.v1alpha import reflection
 
 from proto.splitvl.encode.v1 import encode_pb2 as pb
 from services.common import write_port_file
-from services.encode.batcher import BatcherClosedError, DeadlineExpiredError, QueueFullError
+from services.encode.batcher import BatcherClosedError, DeadlineExpiredError, VisionQueueFullError
 from services.encode.config import EncodeServiceConfig, dtype_name
-from services.encode.encoder import (
-    EncodedImage,
-    ImageSpec,
-    InvalidImageError,
-    NotCachedError,
-)
+from services.encode.encoder import InvalidImageError, NotCachedError
 from services.encode.links import TicketError, UnknownLinkError
 from services.encode.metrics import EncodeMetrics
-from services.encode.runtime import Runtime, ServiceInfo, load_runtime
-from services.encode.transport import LinkError, WireFormatError, iter_chunk_frames, tensor_bytes
+from services.encode.runtime import Runtime, load_runtime
+from shared.wire.codec import iter_chunk_frames, tensor_bytes
+from shared.wire.errors import ImageRefError, LinkError, WireFormatError
+from shared.wire.images import EncodedImage, ImageRef
+from shared.wire.info import EncoderInfo
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +49,13 @@ class UnavailableError(RuntimeError):
 # Most specific first: the code a client sees for each typed error.
 _STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidImageError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ImageRefError, grpc.StatusCode.INVALID_ARGUMENT),
     (WireFormatError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotCachedError, grpc.StatusCode.NOT_FOUND),
     (TicketError, grpc.StatusCode.NOT_FOUND),
     # Distinct from NOT_FOUND so a client knows to open a new link and retry.
     (UnknownLinkError, grpc.StatusCode.FAILED_PRECONDITION),
-    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (VisionQueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (LinkError, grpc.StatusCode.ABORTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
@@ -71,9 +70,9 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _spec(image: pb.ImageInput) -> ImageSpec:
+def _image_ref(image: pb.ImageInput) -> ImageRef:
     source = image.WhichOneof("source")
-    return ImageSpec(
+    return ImageRef(
         data=image.data if source == "data" else None,
         url=image.url if source == "url" else None,
         content_hash=image.content_hash or None,
@@ -82,11 +81,13 @@ def _spec(image: pb.ImageInput) -> ImageSpec:
     )
 
 
-def _header(img: EncodedImage, ticket: int = 0) -> pb.EncodeResponse:
+def _header(
+    index: int, img: EncodedImage, checkpoint_id: str, ticket: int = 0
+) -> pb.EncodeResponse:
     packed = img.packed
     return pb.EncodeResponse(
         header=pb.ImageHeader(
-            index=img.index,
+            index=index,
             grid_thw=list(img.grid_thw),
             num_tokens=packed.shape[0],
             dtype=dtype_name(packed.dtype),
@@ -95,12 +96,13 @@ def _header(img: EncodedImage, ticket: int = 0) -> pb.EncodeResponse:
             cache_hit=img.cache_hit,
             num_bytes=packed.numel() * packed.element_size(),
             ticket=ticket,
+            checkpoint_id=checkpoint_id,
         )
     )
 
 
-def _info_message(info: ServiceInfo, metrics_port: int) -> pb.GetInfoResponse:
-    return pb.GetInfoResponse(**vars(info), metrics_port=metrics_port)
+def _info_message(info: EncoderInfo, metrics_port: int) -> pb.GetInfoResponse:
+    return pb.GetInfoResponse(**{**info.as_flat_dict(), "metrics_port": metrics_port})
 
 
 def _serialize_response(message) -> bytes:
@@ -153,23 +155,23 @@ class EncodeServicer:
                 link = request.transport == pb.TRANSPORT_LINK
                 if link and not rt.links.is_open(request.link_id):
                     raise UnknownLinkError(f"no open link {request.link_id!r}; call OpenLink first")
-                specs = [_spec(image) for image in request.images]
+                refs = [_image_ref(image) for image in request.images]
                 chunk_bytes = self._chunk_bytes(request.max_chunk_bytes)
                 remaining = context.time_remaining()
                 deadline = (
                     None if remaining is None else asyncio.get_running_loop().time() + remaining
                 )
                 hits = 0
-                async with contextlib.aclosing(rt.encoder.encode(specs, deadline)) as results:
-                    async for img in results:
-                        async for message in self._emit(rt, img, link, chunk_bytes):
+                async with contextlib.aclosing(rt.encoder.encode(refs, deadline)) as results:
+                    async for index, img in results:
+                        async for message in self._emit(rt, index, img, link, chunk_bytes):
                             yield message
                         self.metrics.images.inc()
                         hits += img.cache_hit
                 log.info(
                     "Encode %s: %d image(s), %d cached, %s, %.1f ms",
                     request.request_id or "-",
-                    len(specs),
+                    len(refs),
                     hits,
                     "link" if link else "inline",
                     (time.perf_counter() - start) * 1e3,
@@ -191,16 +193,20 @@ class EncodeServicer:
         # Frames carry a few dozen bytes besides the data.
         return max(MIN_CHUNK_BYTES, min(requested, MAX_SEND_MESSAGE_BYTES - 1024))
 
-    async def _emit(self, rt: Runtime, img: EncodedImage, link: bool, chunk_bytes: int):
+    async def _emit(
+        self, rt: Runtime, index: int, img: EncodedImage, link: bool, chunk_bytes: int
+    ):
         if link:
-            yield _header(img, ticket=rt.links.issue(img.packed))
+            # No copy: the ticket holds the cached tensor itself until the link send reads it.
+            ticket = rt.links.issue(img.packed)
+            yield _header(index, img, rt.info.contract.checkpoint_id, ticket)
             return
-        yield _header(img)
+        yield _header(index, img, rt.info.contract.checkpoint_id)
         if img.packed.device.type == "cpu":
             data = tensor_bytes(img.packed)
         else:  # the device-to-host copy must not stall the event loop
             data = await asyncio.get_running_loop().run_in_executor(None, tensor_bytes, img.packed)
-        for frame in iter_chunk_frames(img.index, data, chunk_bytes):
+        for frame in iter_chunk_frames(index, data, chunk_bytes):
             yield frame
         self.metrics.transfer_bytes.labels("inline").inc(len(data))
 

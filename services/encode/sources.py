@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import httpx
 
-from services.common import DataURLError, decode_base64_payload, split_data_url
-
-_HASH = re.compile(r"^[0-9a-f]{64}$")
+from shared.wire.dataurl import DataURLError, decode_base64_payload, split_data_url
 
 
 class ImageSourceError(ValueError):
     """An image reference cannot be turned into bytes (bad URL, fetch failure, too large)."""
-
-
-def content_hash(data: bytes) -> str:
-    """sha256 hex digest: the content hash of an image on the wire and in the cache."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def normalize_hash(value: str) -> str:
-    """Lower-case sha256 hex, or ImageSourceError."""
-    value = value.strip().lower()
-    if not _HASH.match(value):
-        raise ImageSourceError(f"content_hash {value[:80]!r} is not a sha256 hex digest")
-    return value
 
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:

@@ -27,16 +27,22 @@ from services.language.metrics import LanguageMetrics
 from services.language.prompt import ChatTemplate, ContextWindow, PromptBuilder
 from shared.model.config import ConfigError
 from shared.model.loader import CheckpointError
+from shared.wire import units
+from shared.wire.errors import IncompatibleEncoderError
+from shared.wire.info import EncoderContract
 
 # Start-up failures the user can fix: reported in one line, not as a traceback.
-_STARTUP_ERRORS = (ConfigError, CheckpointError, EngineConfigError, FileNotFoundError)
+_STARTUP_ERRORS = (
+    ConfigError, CheckpointError, EngineConfigError, FileNotFoundError, IncompatibleEncoderError
+)
+_HANDSHAKE_TIMEOUT_S = 10.0
 
 log = logging.getLogger("services.language")
 
 
 def parse_bytes(text: str) -> int:
     """'512MiB', '2GiB', '1000000' -> bytes (binary units), for argparse's `type=`."""
-    return common.parse_bytes(text, argparse.ArgumentTypeError)
+    return units.parse_bytes(text, argparse.ArgumentTypeError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _dtype_arg(text: str) -> str:
     if text == "auto":
         return text
-    return common.dtype_name(common.parse_dtype(text, argparse.ArgumentTypeError))
+    return units.dtype_name(units.parse_dtype(text, argparse.ArgumentTypeError))
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -172,14 +178,35 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _build_encoder(args: argparse.Namespace) -> Any:
+def encoder_contract(model_dir: Path, engine: Any) -> EncoderContract:
+    """What an encode replica must serve for this language service to splice its output."""
+    from shared.model.fingerprint import vision_fingerprint
+    from shared.model.processing import load_image_processor_config
+
+    config = engine.model_config
+    processor = load_image_processor_config(model_dir)
+    return EncoderContract(
+        checkpoint_id=vision_fingerprint(model_dir),
+        hidden_size=config.text.hidden_size,
+        num_deepstack=config.num_deepstack,
+        dtype=units.dtype_name(engine.dtype),
+        patch_size=processor.patch_size,
+        merge_size=processor.merge_size,
+        temporal_patch_size=processor.temporal_patch_size,
+    )
+
+
+def _build_encoder(args: argparse.Namespace, engine: Any) -> Any:
     if not args.encode:
         return None
     from services.language.encode_client import EncodeClient, EncodeClientConfig
 
     endpoints = tuple(e.strip() for e in args.encode.split(",") if e.strip())
+    expected = encoder_contract(args.model, engine) if engine.model_config.is_vl else None
     # Built inside the running loop: the client's gRPC channels belong to it
-    return EncodeClient(EncodeClientConfig(endpoints, args.transport, args.device))
+    return EncodeClient(
+        EncodeClientConfig(endpoints, args.transport, args.device, expected=expected)
+    )
 
 
 @asynccontextmanager
@@ -199,10 +226,16 @@ async def running(engine: Any, encoder: Any):
 async def serve(args: argparse.Namespace) -> None:
     """Load, start and serve until a signal arrives."""
     engine = await asyncio.to_thread(AsyncEngine.from_model_dir, args.model, engine_config(args))
-    encoder = _build_encoder(args)
+    encoder = _build_encoder(args, engine)
+    if encoder is not None:
+        # Refuses to start against a replica of another model (IncompatibleEncoderError).
+        await encoder.check_replicas(_HANDSHAKE_TIMEOUT_S)
     frontend = build_frontend(args.model, engine, encoder, image_fetch_config(args))
     name = args.served_model_name or args.model.resolve().name
-    app = create_app(frontend, APIConfig(name, args.api_key, args.max_n, args.max_request_bytes))
+    api_config = APIConfig(
+        name, args.api_key, str(args.model.resolve()), args.max_n, args.max_request_bytes
+    )
+    app = create_app(frontend, api_config)
     sock = _bind(args.host, args.port)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), lifespan="off")
     server = uvicorn.Server(config)

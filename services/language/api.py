@@ -1,18 +1,10 @@
-"""The language service's front end: request building shared by HTTP and gRPC, and the HTTP app.
-
-`LanguageFrontend` turns messages into `GenerationRequest`s (chat template, image loading,
-encode service, pad expansion, context-length checks) and runs them on the engine, recording
-metrics. Text-only requests never reach the encode service. `create_app` serves it as an
-OpenAI-compatible FastAPI app.
-"""
+"""The OpenAI-compatible HTTP app (FastAPI) over the language front end."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import Awaitable
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -20,231 +12,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from services.language.errors import (
-    BadRequestError,
-    NotFoundError,
-    RequestGate,
-    ServiceUnavailableError,
-    encode_failure,
-    engine_failure,
-    install_error_handlers,
-)
-from services.language.images import ImageLoader
-from services.language.metrics import CONTENT_TYPE, LanguageMetrics, RequestTimer
+from services.language.errors import BadRequestError, NotFoundError
+from services.language.frontend import LanguageFrontend
+from services.language.http_errors import RequestGate, install_error_handlers
+from services.language.metrics import CONTENT_TYPE
 from services.language.openai_responses import ResponseBuilder, collect_response, stream_events
 from services.language.openai_schemas import ChatCompletionRequest, CompletionRequest
-from services.language.prompt import (
-    ChatMessage,
-    ContextWindow,
-    ImagePart,
-    PreparedPrompt,
-    PromptBuilder,
-    collect_images,
-    expand_image_pads,
-)
-from services.language.request import (
-    GenerationRequest,
-    ImageInput,
-    RequestOutput,
-    SamplingParams,
-)
-
-logger = logging.getLogger(__name__)
-
-
-class LanguageFrontend:
-    """Builds generation requests from messages and streams their outputs from the engine."""
-
-    def __init__(
-        self,
-        engine: Any,
-        prompt_builder: PromptBuilder,
-        image_loader: ImageLoader,
-        encoder: Any,
-        window: ContextWindow,
-        metrics: LanguageMetrics,
-        merge_size: int = 2,
-        retry_after_s: int = 1,
-    ) -> None:
-        self.engine = engine
-        self.prompt_builder = prompt_builder
-        self.image_loader = image_loader
-        self.encoder = encoder
-        self.window = window
-        self.metrics = metrics
-        self.merge_size = merge_size
-        self.retry_after_s = retry_after_s
-
-    def token_text(self, token_id: int) -> str:
-        """The text of one token, for logprobs."""
-        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    async def prepare_chat(
-        self, messages: Sequence[ChatMessage], request_id: str
-    ) -> PreparedPrompt:
-        """Render, tokenize, load and encode images, expand pads."""
-        image_parts = collect_images(messages)
-        # Tokenizing a long prompt takes milliseconds: keep it off the event loop
-        token_ids = await asyncio.to_thread(self.prompt_builder.tokenize, messages)
-        # Each image adds at least one token: refuse hopeless prompts before encoding anything
-        self.window.check_prompt(len(token_ids))
-        if not image_parts:
-            return PreparedPrompt(tuple(token_ids))
-        images = await self._encode_images(image_parts, request_id)
-        image_token_id = self.prompt_builder.image_token_id
-        expanded = expand_image_pads(token_ids, image_token_id, images, self.merge_size)
-        return PreparedPrompt(expanded, tuple(images))
-
-    def prepare_text(self, prompt: str | Sequence[int]) -> PreparedPrompt:
-        """A plain completion prompt (text, or token ids that must not contain image pads)."""
-        if isinstance(prompt, str):
-            token_ids = list(self.engine.tokenizer.encode(prompt))
-        else:
-            token_ids = list(prompt)
-            vocab = self.engine.model_config.text.vocab_size
-            if any(not 0 <= t < vocab for t in token_ids):
-                raise BadRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        if self.prompt_builder.image_token_id in token_ids:
-            raise BadRequestError(
-                "plain completions cannot carry images; use /v1/chat/completions", param="prompt"
-            )
-        self.window.check_prompt(len(token_ids))
-        return PreparedPrompt(tuple(token_ids))
-
-    async def _encode_images(self, parts: list[ImagePart], request_id: str) -> list[ImageInput]:
-        """Images -> embeddings through the encode client (`EncodeClient` or the same shape)."""
-        if self.encoder is None:
-            raise BadRequestError("this server has no encode service; images are not accepted")
-        from services.language.encode_client import EncodeError
-        from services.language.encode_client import ImageInput as EncodeInput
-
-        start = time.monotonic()
-        datas = await asyncio.gather(*(self._image_bytes(part) for part in parts))
-        try:
-            encoded = await self.encoder.encode([EncodeInput(data=data) for data in datas])
-        except EncodeError as exc:
-            raise encode_failure(exc, self.retry_after_s) from exc
-        self.metrics.encode_latency.observe(time.monotonic() - start)
-        num_deepstack = self.engine.model_config.num_deepstack
-        images = []
-        for image in encoded:
-            embeds, deepstack = image.split(num_deepstack)
-            images.append(ImageInput(embeds, deepstack, tuple(image.grid_thw), image.content_hash))
-        return images
-
-    async def _image_bytes(self, part: ImagePart) -> bytes:
-        if part.data is not None:
-            return self.image_loader.check(part.data)
-        return await self.image_loader.load(part.url)
-
-    def make_requests(
-        self,
-        request_id: str,
-        prompt: PreparedPrompt,
-        sampling: SamplingParams,
-        requested_max_tokens: int | None,
-        n: int,
-        arrival_time: float,
-    ) -> list[GenerationRequest]:
-        """One engine request per choice; choices with a seed get seed, seed+1, ..."""
-        max_tokens = self.window.max_tokens(len(prompt.token_ids), requested_max_tokens)
-        requests = []
-        for index in range(n):
-            seed = None if sampling.seed is None else sampling.seed + index
-            params = dataclasses.replace(sampling, max_tokens=max_tokens, seed=seed)
-            rid = request_id if n == 1 else f"{request_id}-{index}"
-            requests.append(
-                GenerationRequest(rid, prompt.token_ids, prompt.images, params, arrival_time)
-            )
-        return requests
-
-    async def generate(
-        self, requests: Sequence[GenerationRequest], num_image_tokens: int = 0
-    ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(choice index, output) pairs; the first output of every choice is awaited first.
-
-        Errors the engine raises on submission (queue full, prompt too long) therefore surface
-        before a response starts. Closing the iterator early aborts every choice.
-        """
-        iterators = await self._submit(requests)
-        timers = [RequestTimer(self.metrics, r.arrival_time) for r in requests]
-        queue: asyncio.Queue = asyncio.Queue()
-        pumps = [
-            asyncio.create_task(_pump(index, it, queue)) for index, it in enumerate(iterators)
-        ]
-        unfinished, counted = set(range(len(requests))), False
-        try:
-            while unfinished:
-                index, item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise engine_failure(item, self.retry_after_s) from item
-                if not counted:  # once per API request, when the engine has accepted it
-                    counted = True
-                    self.metrics.prompt_tokens.inc(len(requests[0].prompt_token_ids))
-                    self.metrics.image_tokens.inc(num_image_tokens)
-                _record(timers[index], item)
-                if item.finished:
-                    unfinished.discard(index)
-                yield index, item
-        finally:
-            # Cancelling a pump closes its engine stream mid-flight, which aborts the request
-            for pump in pumps:
-                pump.cancel()
-            for _ in unfinished:
-                self.metrics.requests_finished.labels(finish_reason="abort").inc()
-            # Shielded: a cancelled caller (client gone) may be cancelled again at every await
-            aborted = [requests[index].request_id for index in unfinished]
-            await asyncio.shield(asyncio.ensure_future(self._settle(pumps, aborted)))
-
-    async def _settle(self, pumps: list[asyncio.Task], aborted: list[str]) -> None:
-        await asyncio.gather(*pumps, return_exceptions=True)
-        # Covers a stream cancelled before it ever ran (its own cleanup never started)
-        for request_id in aborted:
-            with suppress(Exception):
-                await self.engine.abort(request_id)
-
-    async def _submit(self, requests: Sequence[GenerationRequest]) -> list:
-        iterators = []
-        try:
-            for request in requests:
-                iterators.append(self.engine.generate(request))
-        except Exception as exc:
-            # Choices already queued would otherwise run unobserved
-            for request in requests[: len(iterators)]:
-                await self.engine.abort(request.request_id)
-            for iterator in iterators:
-                with suppress(Exception):
-                    await asyncio.wait_for(_drain(iterator), timeout=5.0)
-            raise engine_failure(exc, self.retry_after_s) from exc
-        return iterators
-
-
-async def _drain(iterator: AsyncIterator) -> None:
-    async for _ in iterator:
-        pass
-
-
-async def _pump(index: int, iterator: AsyncIterator[RequestOutput], queue: asyncio.Queue) -> None:
-    finished = False
-    try:
-        async for output in iterator:
-            finished = output.finished
-            queue.put_nowait((index, output))
-    except Exception as exc:  # handed to the consumer, which raises it in the request's task
-        queue.put_nowait((index, exc))
-        return
-    if not finished:
-        queue.put_nowait((index, ServiceUnavailableError("the engine dropped the request")))
-
-
-def _record(timer: RequestTimer, output: RequestOutput) -> None:
-    now = time.monotonic()
-    timer.on_tokens(now, len(output.new_token_ids))
-    if output.finished:
-        timer.on_finish(now, output.finish_reason, output.num_output_tokens)
-
-
-# ----------------------------------------------------------------------------------- HTTP app
+from services.language.request import GenerationRequest
 
 
 @dataclass(frozen=True)
@@ -253,6 +27,7 @@ class APIConfig:
 
     model_name: str
     api_key: str | None = None
+    model_root: str | None = None  # the checkpoint path, reported as /v1/models "root"
     max_n: int = 8
     max_request_bytes: int = 64 * 2**20
 
@@ -307,7 +82,8 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
 
     def model_card() -> dict:
         return {"id": config.model_name, "object": "model", "created": created,
-                "owned_by": "splitvl", "max_model_len": frontend.window.max_model_len}  # fmt: skip
+                "owned_by": "splitvl", "root": config.model_root or config.model_name,
+                "parent": None, "max_model_len": frontend.window.max_model_len}  # fmt: skip
 
     def check_model(name: str) -> None:
         if name != config.model_name:

@@ -16,14 +16,16 @@ from grpc_reflection.v1alpha import reflection
 
 from proto.splitvl.language.v1 import language_pb2 as pb
 from proto.splitvl.language.v1 import language_pb2_grpc as pb_grpc
-from services.language.api import LanguageFrontend
 from services.language.errors import (
     APIError,
     AuthenticationError,
     BadRequestError,
     NotFoundError,
+    OverloadedError,
+    PayloadTooLargeError,
     ServiceUnavailableError,
 )
+from services.language.frontend import LanguageFrontend
 from services.language.prompt import ChatMessage, ImagePart, TextPart
 from services.language.request import InvalidRequestError, RequestOutput, SamplingParams
 
@@ -32,14 +34,21 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LanguageService"].full_name
 _HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-_STATUS = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.INVALID_ARGUMENT,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    503: grpc.StatusCode.UNAVAILABLE,
-}
+# Most specific first: the status code of each error class.
+_STATUS: tuple[tuple[type[APIError], grpc.StatusCode], ...] = (
+    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (PayloadTooLargeError, grpc.StatusCode.INVALID_ARGUMENT),
+    (BadRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ServiceUnavailableError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_for(error: APIError) -> grpc.StatusCode:
+    """The gRPC status of a front-end error (INTERNAL for anything unexpected)."""
+    return next((code for kind, code in _STATUS if isinstance(error, kind)),
+                grpc.StatusCode.INTERNAL)  # fmt: skip
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "seed")  # fmt: skip
 
@@ -123,8 +132,7 @@ class LanguageServicer(pb_grpc.LanguageServiceServicer):
             async for response in self._generate(request, context):
                 yield response
         except APIError as exc:
-            await context.abort(_STATUS.get(int(exc.status_code), grpc.StatusCode.INTERNAL),
-                                exc.message)  # fmt: skip
+            await context.abort(status_for(exc), exc.message)
         except Exception:
             log.exception("Generate failed")
             await context.abort(grpc.StatusCode.INTERNAL, "internal server error")

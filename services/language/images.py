@@ -21,13 +21,13 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from services.common import (
+from services.language.errors import ImageInputError, ImageTooLargeError
+from shared.wire.dataurl import (
     DataURLError,
     DataURLTooLargeError,
     decode_base64_payload,
     split_data_url,
 )
-from services.language.errors import ImageInputError, ImageTooLargeError
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _MAX_URL_IN_MESSAGE = 80

@@ -22,7 +22,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from services.language.errors import BadRequestError
-from services.language.request import ImageInput
+from shared.wire.images import EncodedImage
 
 # Variables transformers passes to every template from the tokenizer (its `special_tokens_map`)
 _SPECIAL_TOKEN_KEYS = (
@@ -267,7 +267,7 @@ class PromptBuilder:
 def expand_image_pads(
     token_ids: Sequence[int],
     image_token_id: int,
-    images: Sequence[ImageInput],
+    images: Sequence[EncodedImage],
     merge_size: int,
 ) -> tuple[int, ...]:
     """Replace the i-th single image pad by one pad per row of images[i]'s embeddings."""
@@ -298,7 +298,7 @@ class PreparedPrompt:
     """A prompt ready for the engine: expanded token ids and the images' embeddings."""
 
     token_ids: tuple[int, ...]
-    images: tuple[ImageInput, ...] = ()
+    images: tuple[EncodedImage, ...] = ()
 
     @property
     def num_image_tokens(self) -> int:

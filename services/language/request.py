@@ -1,4 +1,4 @@
-"""Request types shared by the engine and the servers, and the engine's per-request state."""
+"""Request types shared by the engine and the servers, and the scheduler's per-request state."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import math
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from shared.wire.images import EncodedImage
 
 
 class InvalidRequestError(ValueError):
@@ -79,36 +82,12 @@ def _check(condition: bool, message: str) -> None:
 
 
 @dataclass(frozen=True)
-class ImageInput:
-    """One image's language-side inputs, as shipped by the encode service."""
-
-    embeds: torch.Tensor  # [n, H]
-    deepstack: torch.Tensor  # [n, k*H], k may be 0
-    grid_thw: tuple[int, int, int]
-    content_hash: str
-
-    def __post_init__(self) -> None:
-        _check(self.embeds.dim() == 2,
-               f"image embeds must be [n, H], got {tuple(self.embeds.shape)}")
-        _check(self.deepstack.dim() == 2 and self.deepstack.shape[0] == self.embeds.shape[0],
-               f"image deepstack must be [n, k*H] with n = {self.embeds.shape[0]}, "
-               f"got {tuple(self.deepstack.shape)}")
-        _check(len(self.grid_thw) == 3 and all(int(x) >= 1 for x in self.grid_thw),
-               f"grid_thw must be three positive ints, got {self.grid_thw!r}")
-        _check(bool(self.content_hash), "image content_hash must be a non-empty string")
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.embeds.shape[0])
-
-
-@dataclass(frozen=True)
 class GenerationRequest:
     """A tokenized prompt whose image pads are already expanded, one run of pads per image."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
-    images: tuple[ImageInput, ...]
+    images: tuple[EncodedImage, ...]  # packed [n, (1+k)*H] each, in prompt order
     sampling: SamplingParams
     arrival_time: float
 
@@ -144,20 +123,17 @@ class SequenceStatus(enum.Enum):
 
 
 @dataclass(eq=False)
-class Sequence:
-    """The engine's mutable state of one request (owned by the engine thread only).
+class RequestState:
+    """The scheduler's mutable state of one request (owned by the engine thread only).
 
     ``token_ids`` holds the prompt followed by the generated tokens; ``num_computed_tokens`` of
-    them have their K/V in the blocks listed in ``block_ids``.
+    them have their K/V in the blocks listed in ``block_ids``. The model runner keeps its own
+    copy of what it needs, fed by step plans; ``num_sent_*`` record how much of it was sent.
     """
 
     request: GenerationRequest
     token_ids: list[int]
-    image_positions: list[int]  # prompt indices of image pads, ascending
-    image_embeds: torch.Tensor | None  # [num_image_tokens, H], images concatenated in order
-    image_deepstack: torch.Tensor | None  # [num_image_tokens, k*H]
-    mrope_positions: torch.Tensor | None  # [3, num_prompt_tokens] long; None: plain positions
-    rope_delta: int = 0
+    image_positions: list[int]  # prompt indices of image pads, ascending (for block hashes)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
@@ -168,6 +144,19 @@ class Sequence:
     generator: torch.Generator | None = None
     num_preemptions: int = 0
     arrival_index: int = 0  # admission order; lower is served first and preempted last
+    num_sent_tokens: int = 0  # 0: the runner does not know this request (new or preempted)
+    num_sent_blocks: int = 0
+    mrope_positions: np.ndarray | None = None  # [3, num_prompt_tokens] int64 with images
+    rope_delta: int = 0
+
+    @classmethod
+    def of(cls, request: GenerationRequest, image_token_id: int | None) -> RequestState:
+        """A fresh state; image pad positions found by ``image_token_id``."""
+        positions = []
+        if request.images and image_token_id is not None:
+            positions = [i for i, t in enumerate(request.prompt_token_ids) if t == image_token_id]
+        return cls(request=request, token_ids=list(request.prompt_token_ids),
+                   image_positions=positions)  # fmt: skip
 
     @property
     def request_id(self) -> str:
@@ -195,7 +184,7 @@ class Sequence:
 
     @property
     def has_images(self) -> bool:
-        return self.image_embeds is not None
+        return bool(self.request.images)
 
     @property
     def is_finished(self) -> bool:

@@ -25,6 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from shared.model.config import ModelConfig, load_config
+from shared.model.qwen3_moe import Qwen3MoeForCausalLM
+from shared.model.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
+from shared.model.vision import Qwen3VLVisionModel
 
 log = logging.getLogger(__name__)
 
@@ -224,10 +227,10 @@ def _finish(module: nn.Module, tie: bool) -> nn.Module:
     return module.eval()
 
 
-def load_text_model(model_dir: str | Path, dtype=torch.float32, device="cpu"):
+def load_text_model(
+    model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Qwen3MoeForCausalLM:
     """The language side: `Qwen3MoeForCausalLM` with only the text tensors read."""
-    from shared.model.qwen3_moe import Qwen3MoeForCausalLM
-
     config = load_config(model_dir)
     model = _build(Qwen3MoeForCausalLM, config.text, False)
     load_weights(
@@ -236,10 +239,10 @@ def load_text_model(model_dir: str | Path, dtype=torch.float32, device="cpu"):
     return _finish(model, config.tie_word_embeddings)
 
 
-def load_vision_model(model_dir: str | Path, dtype=torch.float32, device="cpu"):
+def load_vision_model(
+    model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Qwen3VLVisionModel:
     """The encode side: `Qwen3VLVisionModel` with only the vision tensors read."""
-    from shared.model.vision import Qwen3VLVisionModel
-
     config = load_config(model_dir)
     if config.vision is None:
         raise CheckpointError(f"{model_dir} is a text-only checkpoint; it has no vision tower")
@@ -248,10 +251,10 @@ def load_vision_model(model_dir: str | Path, dtype=torch.float32, device="cpu"):
     return model.eval()
 
 
-def load_vl_model(model_dir: str | Path, dtype=torch.float32, device="cpu"):
+def load_vl_model(
+    model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Qwen3VLMoeForConditionalGeneration:
     """The monolithic `Qwen3VLMoeForConditionalGeneration` (tests and tools)."""
-    from shared.model.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
-
     config = load_config(model_dir)
     model = _build(Qwen3VLMoeForConditionalGeneration, _untied(config))
     prefixes = [("visual.", "model.visual.")] + _text_prefixes(config)

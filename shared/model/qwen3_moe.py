@@ -9,8 +9,6 @@ dimension); batching several sequences is the attention backend's business.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -170,15 +168,3 @@ class Qwen3MoeForCausalLM(nn.Module):
         if logits_indices is not None:
             hidden = hidden[logits_indices]
         return self.compute_logits(hidden)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model_dir: str | Path,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-    ) -> Qwen3MoeForCausalLM:
-        """Load the text part of a Qwen3-VL-MoE checkpoint, or a whole Qwen3-MoE one."""
-        from shared.model.loader import load_text_model
-
-        return load_text_model(model_dir, dtype=dtype, device=device)

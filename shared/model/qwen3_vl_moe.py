@@ -7,8 +7,6 @@ side,
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -100,14 +98,3 @@ class Qwen3VLMoeForConditionalGeneration(nn.Module):
             input_deepstack_embeds=deepstack,
         )
         return self.lm_head(hidden)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model_dir: str | Path,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-    ) -> Qwen3VLMoeForConditionalGeneration:
-        from shared.model.loader import load_vl_model
-
-        return load_vl_model(model_dir, dtype=dtype, device=device)

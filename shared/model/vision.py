@@ -10,7 +10,6 @@ the per-image forwards up to float noise.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -203,15 +202,3 @@ class Qwen3VLVisionModel(nn.Module):
                 j = self.config.deepstack_visual_indexes.index(i)
                 deepstack.append(self.deepstack_merger_list[j](x))
         return torch.cat([self.merger(x), *deepstack], dim=1)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model_dir: str | Path,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-    ) -> Qwen3VLVisionModel:
-        """Load only the vision tensors of a Qwen3-VL-MoE checkpoint."""
-        from shared.model.loader import load_vision_model
-
-        return load_vision_model(model_dir, dtype=dtype, device=device)

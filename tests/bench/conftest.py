@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-# The process helpers live here; this is the one line to change if they move.
-from tests.e2e.services import REPO, ServiceProcess, start_language, wait_grpc_serving
+from scripts.support.launch import REPO, ServiceProcess, start_encode, start_language
 
 SHAPES_VL = REPO / "models" / "shapes-vl"
 API_KEY = "bench-key"
@@ -36,17 +35,8 @@ class BenchCluster:
 
 def start_encode_with_metrics(model_dir: Path, workdir: Path) -> tuple[ServiceProcess, str, int]:
     """An encode replica serving /metrics; returns it, its gRPC address and its metrics port."""
-    args = ["--model", str(model_dir), "--port", "0", "--metrics-port", "0"]
-    proc = ServiceProcess("encode", args, workdir)
-    try:
-        ports = proc.ports()
-        address = f"127.0.0.1:{ports['port']}"
-        wait_grpc_serving(address)
-    except BaseException:
-        log = proc.log_tail()
-        proc.stop()
-        raise RuntimeError(f"encode service did not start:\n{log}") from None
-    return proc, address, int(ports["metrics_port"])
+    proc, address = start_encode(model_dir, workdir, ["--metrics-port", "0"])
+    return proc, address, int(proc.ports()["metrics_port"])
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from scripts.support.launch import REPO, start_encode, start_language
 from tests.e2e.reference import Reference
-from tests.e2e.services import REPO, start_encode, start_language
 from tests.e2e.support import png_bytes, servable_copy
 
 SHAPES_VL = REPO / "models" / "shapes-vl"

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from scripts.support.tokenizers import save_tokenizer
 from services.language.encode_client import EncodedImage
-from services.language.encode_client import ImageInput as EncodeInput
-from tests.e2e.tokenizer_util import save_tokenizer
+from shared.wire.images import ImageRef
 
 # The Qwen3-VL chat template, as shipped with the small model's tooling
 QWEN3_VL_TEMPLATE = (
@@ -64,11 +64,11 @@ class InProcessEncoder:
     """The vision tower run in this process; for API tests that are not about the transport."""
 
     def __init__(self, model_dir: Path) -> None:
+        from shared.model.loader import load_vision_model
         from shared.model.processing import load_image_processor_config
-        from shared.model.vision import Qwen3VLVisionModel
 
         self.processor = load_image_processor_config(model_dir)
-        self.model = Qwen3VLVisionModel.from_pretrained(model_dir).eval()
+        self.model = load_vision_model(model_dir).eval()
         self.num_calls = 0
 
     def encode_sync(self, data: bytes) -> EncodedImage:
@@ -79,9 +79,9 @@ class InProcessEncoder:
         with torch.no_grad():
             packed = self.model(pixels, torch.tensor([grid]))
         digest = hashlib.sha256(data).hexdigest()
-        return EncodedImage(packed, grid, digest, cache_hit=False, endpoint="in-process")
+        return EncodedImage(packed, grid, digest, cache_hit=False, source="in-process")
 
-    async def encode(self, images: Sequence[EncodeInput]) -> list[EncodedImage]:
+    async def encode(self, images: Sequence[ImageRef]) -> list[EncodedImage]:
         """EncodeClient.encode's interface, computed off the event loop."""
         self.num_calls += 1
         return await asyncio.to_thread(lambda: [self.encode_sync(i.data) for i in images])

@@ -21,15 +21,14 @@ from scripts.smallmodel.data import Example, make_dataset
 from scripts.smallmodel.evaluate import HELD_OUT_SEED
 from scripts.smallmodel.prompts import prompt_ids
 from shared.model.config import load_config
+from shared.model.loader import load_text_model, load_vision_model
 from shared.model.processing import (
     load_image_processor_config,
     mrope_positions,
     num_image_tokens,
     preprocess_image,
 )
-from shared.model.qwen3_moe import Qwen3MoeForCausalLM
 from shared.model.qwen3_vl_moe import separate_deepstack_embeds, splice_image_embeds
-from shared.model.vision import Qwen3VLVisionModel
 from tests.e2e.checks import chat_messages
 from tests.e2e.conftest import Cluster
 
@@ -88,8 +87,8 @@ class InProcessModel:
     def __init__(self, model_dir: Path) -> None:
         self.config = load_config(model_dir)
         self.processor = load_image_processor_config(model_dir)
-        self.vision = Qwen3VLVisionModel.from_pretrained(model_dir).eval()
-        self.language = Qwen3MoeForCausalLM.from_pretrained(model_dir).eval()
+        self.vision = load_vision_model(model_dir).eval()
+        self.language = load_text_model(model_dir).eval()
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
 
     @torch.no_grad()

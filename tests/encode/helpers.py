@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import io
-import json
-import os
-import signal
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from pathlib import Path
 
-import grpc
 import numpy as np
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from scripts.support.launch import ServiceProcess, grpc_health, wait_grpc_serving
 
 
 def png_bytes(width: int, height: int, seed: int) -> bytes:
@@ -47,10 +39,10 @@ class Reference:
     """The vision tower run in-process on one image: what the service must deliver."""
 
     def __init__(self, model_dir: Path):
+        from shared.model.loader import load_vision_model
         from shared.model.processing import load_image_processor_config
-        from shared.model.vision import Qwen3VLVisionModel
 
-        self.model = Qwen3VLVisionModel.from_pretrained(model_dir, dtype=torch.float32)
+        self.model = load_vision_model(model_dir, dtype=torch.float32)
         self.processor = load_image_processor_config(model_dir)
 
     def preprocess(self, data: bytes, max_pixels: int | None = None):
@@ -66,14 +58,14 @@ class Reference:
 
 
 class EncodeProcess:
-    """`python -m services.encode` on 127.0.0.1, a port picked by the OS, stopped in teardown."""
+    """`python -m services.encode` on 127.0.0.1 with a metrics port, ports picked by the OS."""
 
     def __init__(self, model_dir: Path, workdir: Path, *extra_args: str, name: str = "encode"):
         self.model_dir = model_dir
-        self.port_file = workdir / f"{name}.port.json"
-        self.log_path = workdir / f"{name}.log"
+        self.workdir = workdir
+        self.name = name
         self.extra_args = extra_args
-        self.proc: subprocess.Popen | None = None
+        self.service: ServiceProcess | None = None
         self.port = 0
         self.metrics_port = 0
 
@@ -81,75 +73,38 @@ class EncodeProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def proc(self):
+        return self.service.process
+
     def start(self) -> EncodeProcess:
         """Launch without waiting (so several replicas start in parallel)."""
-        self.port_file.unlink(missing_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "services.encode",
-            "--model",
-            str(self.model_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--port-file",
-            str(self.port_file),
-            "--metrics-port",
-            "0",
-            *self.extra_args,
-        ]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        args = ["--model", str(self.model_dir), "--host", "127.0.0.1", "--port", "0",
+                "--metrics-port", "0", *self.extra_args]  # fmt: skip
+        self.service = ServiceProcess("encode", args, self.workdir, label=self.name)
         return self
 
     def wait_serving(self, timeout_s: float = 60.0) -> EncodeProcess:
-        deadline = time.monotonic() + timeout_s
-        while not self.port_file.exists():
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no port file after {timeout_s}s:\n{self.log()}")
-            time.sleep(0.05)
-        info = json.loads(self.port_file.read_text())
+        info = self.service.ports(timeout_s)
         self.port, self.metrics_port = info["port"], info["metrics_port"]
-        while self.health() != health_pb2.HealthCheckResponse.SERVING:
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"not SERVING after {timeout_s}s:\n{self.log()}")
-            time.sleep(0.05)
+        wait_grpc_serving(self.address, timeout_s, process=self.service)
         return self
 
     def health(self, service: str = "") -> int:
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            request = health_pb2.HealthCheckRequest(service=service)
-            return stub.Check(request, timeout=5).status
+        return grpc_health(self.address, service)
 
     def signal(self, sig: int) -> None:
-        os.kill(self.proc.pid, sig)
+        self.service.signal(sig)
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(timeout_s)
+        return None if self.service is None else self.service.stop(timeout_s)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.service is not None:
+            self.service.kill()
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def _check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"encode service exited with {self.proc.returncode}:\n{self.log()}")
+        return "" if self.service is None else self.service.log()
 
 
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:

@@ -10,8 +10,8 @@ import torch
 from services.encode.batcher import (
     BatcherClosedError,
     DeadlineExpiredError,
-    QueueFullError,
     VisionBatcher,
+    VisionQueueFullError,
 )
 from tests.encode.helpers import png_bytes
 
@@ -95,7 +95,7 @@ def test_full_queue_expired_and_cancelled_images(reference, images):
         expired = batcher.submit(pv, grid, deadline=loop.time() - 1)
         cancelled = batcher.submit(pv, grid)
         kept = batcher.submit(pv, grid, deadline=loop.time() + 60)
-        with pytest.raises(QueueFullError, match="full"):
+        with pytest.raises(VisionQueueFullError, match="full"):
             batcher.submit(pv, grid)
         cancelled.cancel()
         batcher.start()  # the loop starts only now, with all three queued

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from services.encode.__main__ import build_parser, config_from_args
-from services.encode.batcher import DeadlineExpiredError, QueueFullError
+from services.encode.batcher import DeadlineExpiredError, VisionQueueFullError
 from services.encode.config import ConfigError, dtype_name, parse_bytes, parse_dtype
 from services.encode.encoder import InvalidImageError, NotCachedError
 from services.encode.links import TicketError, UnknownLinkError
 from services.encode.server import UnavailableError, status_for
-from services.encode.transport import LinkError
+from shared.wire.errors import LinkError
 
 
 @pytest.mark.parametrize(
@@ -84,7 +84,7 @@ def test_bad_values_are_rejected(tiny_vl_dir, tmp_path):
         (NotCachedError("x"), grpc.StatusCode.NOT_FOUND),
         (TicketError("x"), grpc.StatusCode.NOT_FOUND),
         (UnknownLinkError("x"), grpc.StatusCode.FAILED_PRECONDITION),
-        (QueueFullError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (VisionQueueFullError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (DeadlineExpiredError("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
         (LinkError("x"), grpc.StatusCode.ABORTED),
         (UnavailableError("x"), grpc.StatusCode.UNAVAILABLE),

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tests.e2e.tokenizer_util import save_tokenizer
+from scripts.support.tokenizers import save_tokenizer
+from tests.encode.conftest import encode_service, reference  # noqa: F401 (client tests use them)
 from tests.tiny import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_END_ID, VISION_START_ID, VOCAB
 
 TINY_SPECIAL_IDS = {
@@ -39,9 +40,9 @@ def tiny_vl_hf(tiny_vl):
 @pytest.fixture(scope="session")
 def tiny_vision(tiny_vl_dir):
     """The vision tower of the tiny checkpoint, loaded by shared.model."""
-    from shared.model.vision import Qwen3VLVisionModel
+    from shared.model.loader import load_vision_model
 
-    return Qwen3VLVisionModel.from_pretrained(tiny_vl_dir, dtype=torch.float32).eval()
+    return load_vision_model(tiny_vl_dir, dtype=torch.float32).eval()
 
 
 def make_sequence(
@@ -51,31 +52,20 @@ def make_sequence(
     request_id: str = "r",
     **sampling,
 ):
-    """An engine Sequence for unit tests; ``images`` are ImageInputs placed on the pad ids."""
-    from services.language.request import GenerationRequest, SamplingParams, Sequence
+    """An engine RequestState for unit tests; ``images`` are EncodedImages on the pad ids."""
+    from services.language.request import GenerationRequest, RequestState, SamplingParams
 
     request = GenerationRequest(
         request_id, tuple(token_ids), tuple(images), SamplingParams(**sampling), 0.0
     )
-    positions = [i for i, t in enumerate(token_ids) if t == image_token_id] if images else []
-    return Sequence(
-        request=request,
-        token_ids=list(token_ids),
-        image_positions=positions,
-        image_embeds=torch.cat([im.embeds for im in images]) if images else None,
-        image_deepstack=torch.cat([im.deepstack for im in images]) if images else None,
-        mrope_positions=None,
-    )
+    return RequestState.of(request, image_token_id)
 
 
 def fake_image(num_tokens: int, content_hash: str, hidden: int = 4):
-    """An ImageInput with random rows (for cache/scheduler tests that never run a model)."""
-    from services.language.request import ImageInput
+    """An EncodedImage with random rows (for cache/scheduler tests that never run a model)."""
+    from shared.wire.images import EncodedImage
 
-    return ImageInput(
-        torch.randn(num_tokens, hidden), torch.zeros(num_tokens, 0), (1, 2, 2 * num_tokens),
-        content_hash,
-    )
+    return EncodedImage(torch.randn(num_tokens, hidden), (1, 2, 2 * num_tokens), content_hash)
 
 
 # -- engine parity helpers -------------------------------------------------------------------
@@ -97,8 +87,7 @@ def make_prompt_case(vision, text_runs, image_sizes, seed) -> PromptCase:
     """Random text runs around random images of (w, h) sizes, encoded by the vision tower."""
     import hashlib
 
-    from services.language.request import ImageInput
-    from shared.model.qwen3_vl_moe import separate_deepstack_embeds
+    from shared.wire.images import EncodedImage
     from tests.model.helpers import images_inputs, prompt_ids
 
     if not image_sizes:
@@ -110,9 +99,8 @@ def make_prompt_case(vision, text_runs, image_sizes, seed) -> PromptCase:
         patches = thw[0] * thw[1] * thw[2]
         with torch.no_grad():
             packed = vision(pixel_values[row:row + patches], grid[i:i + 1])
-        embeds, deepstack = separate_deepstack_embeds(packed, vision.num_deepstack)
         digest = hashlib.sha256(pixel_values[row:row + patches].numpy().tobytes()).hexdigest()
-        images.append(ImageInput(embeds, deepstack, tuple(thw), digest))
+        images.append(EncodedImage(packed, tuple(thw), digest))
         row += patches
     return PromptCase(ids, pixel_values, grid, tuple(images))
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from services.language.engine import AsyncEngine, EngineConfig, InvalidRequestError, QueueFullError
-from services.language.request import GenerationRequest, ImageInput, SamplingParams
+from services.language.request import GenerationRequest, SamplingParams
+from shared.wire.images import EncodedImage
 from tests.tiny import IMAGE_TOKEN_ID
 
 
@@ -86,7 +87,7 @@ def test_full_queue_and_invalid_requests_raise_at_once(tiny_vl_model_dir):
             engine.generate(_request("overflow"))
         with pytest.raises(InvalidRequestError, match="600 tokens.*max_model_len is 512"):
             engine.generate(_request("long", num_prompt=600))
-        image = ImageInput(torch.zeros(3, 64), torch.zeros(3, 128), (1, 2, 6), "h")
+        image = EncodedImage(torch.zeros(3, 192), (1, 2, 6), "h")
         with pytest.raises(InvalidRequestError, match="2 image pad tokens.*3 embedding rows"):
             engine.generate(GenerationRequest(
                 "pads", (1, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 2), (image,),

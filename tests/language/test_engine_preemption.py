@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from services.language.engine import EngineConfig
-from services.language.kv_cache import KVCacheSpec
+from services.language.runner.kv_pool import KVCacheSpec
 from shared.model.config import load_config
 from tests.language.conftest import greedy_request, make_prompt_case, run_engine
 

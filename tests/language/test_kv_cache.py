@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.language.kv_cache import (
-    BlockManager,
-    KVCache,
-    KVCacheConfigError,
-    KVCacheSpec,
-    update_block_hashes,
-)
+from services.language.engine.kv_cache import BlockManager, update_block_hashes
+from services.language.runner.kv_pool import KVCache, KVCacheConfigError, KVCacheSpec
 from tests.language.conftest import fake_image, make_sequence
 from tests.tiny import IMAGE_TOKEN_ID
 

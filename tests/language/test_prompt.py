@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from scripts.support.tokenizers import save_tokenizer
 from services.language.errors import BadRequestError
 from services.language.prompt import (
     ChatMessage,
@@ -22,9 +23,8 @@ from services.language.prompt import (
     load_chat_template_source,
     message_to_template_dict,
 )
-from services.language.request import ImageInput
+from shared.wire.images import EncodedImage
 from tests.e2e.support import template_source
-from tests.e2e.tokenizer_util import save_tokenizer
 
 IMAGE = ImagePart(url="data:image/png;base64,AAAA")
 
@@ -131,7 +131,7 @@ def test_text_only_model_refuses_images(builder):
 
 def _image(grid_thw: tuple[int, int, int], merge: int = 2, hidden: int = 4, k: int = 2):
     n = grid_thw[0] * grid_thw[1] * grid_thw[2] // (merge * merge)
-    return ImageInput(torch.zeros(n, hidden), torch.zeros(n, k * hidden), grid_thw, "hash")
+    return EncodedImage(torch.zeros(n, (1 + k) * hidden), grid_thw, "hash")
 
 
 def test_expand_image_pads_in_order():
@@ -146,7 +146,7 @@ def test_expand_image_pads_in_order():
 def test_expand_image_pads_checks_counts():
     with pytest.raises(ValueError, match="2 image pads in the prompt but 1 encoded images"):
         expand_image_pads([9, 9], 9, [_image((1, 2, 2))], merge_size=2)
-    bad = ImageInput(torch.zeros(3, 4), torch.zeros(3, 0), (1, 4, 4), "hash")
+    bad = EncodedImage(torch.zeros(3, 4), (1, 4, 4), "hash")
     with pytest.raises(ValueError, match="means 4 tokens"):
         expand_image_pads([9], 9, [bad], merge_size=2)
 

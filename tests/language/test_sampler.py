@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from services.language.engine.sampler import Sampler, apply_penalties, build_sampling_batch
 from services.language.request import InvalidRequestError, SamplingParams
-from services.language.sampler import Sampler, apply_penalties, build_sampling_batch
 from tests.language.conftest import make_sequence
 
 V = 32

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.language.kv_cache import BlockManager
+from services.language.engine.kv_cache import BlockManager
+from services.language.engine.scheduler import Scheduler, SchedulerConfig
 from services.language.request import SequenceStatus
-from services.language.scheduler import Scheduler, SchedulerConfig
 from tests.language.conftest import make_sequence
 
 BS = 4

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
+from scripts.support.tokenizers import build_tokenizer, save_tokenizer
 from services.language.tokenizer import (
     IncrementalDetokenizer,
     LanguageTokenizer,
     TokenizerLoadError,
 )
-from tests.e2e.tokenizer_util import build_tokenizer, save_tokenizer
 
 
 @pytest.fixture(scope="module")

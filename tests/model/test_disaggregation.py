@@ -7,14 +7,12 @@ import numpy as np
 import torch
 
 from shared.model.config import load_config
+from shared.model.loader import load_text_model, load_vision_model, load_vl_model
 from shared.model.processing import mrope_positions
-from shared.model.qwen3_moe import Qwen3MoeForCausalLM
 from shared.model.qwen3_vl_moe import (
-    Qwen3VLMoeForConditionalGeneration,
     separate_deepstack_embeds,
     splice_image_embeds,
 )
-from shared.model.vision import Qwen3VLVisionModel
 from tests.model.helpers import images_inputs, prompt_ids
 from tests.tiny import IMAGE_TOKEN_ID
 
@@ -27,9 +25,9 @@ def _wire_roundtrip(packed: torch.Tensor) -> torch.Tensor:
 
 def test_split_equals_monolithic(tiny_vl_dir):
     cfg = load_config(tiny_vl_dir)
-    mono = Qwen3VLMoeForConditionalGeneration.from_pretrained(tiny_vl_dir)
-    vision = Qwen3VLVisionModel.from_pretrained(tiny_vl_dir)
-    text = Qwen3MoeForCausalLM.from_pretrained(tiny_vl_dir)
+    mono = load_vl_model(tiny_vl_dir)
+    vision = load_vision_model(tiny_vl_dir)
+    text = load_text_model(tiny_vl_dir)
     pv, grid = images_inputs([(96, 64), (64, 128)], seed=11)
     ids = prompt_ids([5, 3, 4], grid.tolist(), seed=2)
     with torch.no_grad():
@@ -47,7 +45,7 @@ def test_split_equals_monolithic(tiny_vl_dir):
 
 def test_deepstack_changes_logits(tiny_vl_dir):
     """Guard against a silently ignored input_deepstack_embeds."""
-    text = Qwen3MoeForCausalLM.from_pretrained(tiny_vl_dir)
+    text = load_text_model(tiny_vl_dir)
     ids = torch.arange(10)
     ds = torch.zeros(10, 2 * 64)
     ds[4:6] = 0.5

@@ -11,10 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from shared.model.config import ConfigError, load_config
-from shared.model.loader import CheckpointError
-from shared.model.qwen3_moe import Qwen3MoeForCausalLM
-from shared.model.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
-from shared.model.vision import Qwen3VLVisionModel
+from shared.model.loader import CheckpointError, load_text_model, load_vision_model, load_vl_model
 from tests.model.helpers import hf_logits, images_inputs, prompt_ids
 from tests.tiny import make_vl_checkpoint
 
@@ -31,7 +28,7 @@ def _rewrite(src, dst, edit) -> None:
 
 
 def _logits(path):
-    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(path)
+    model = load_vl_model(path)
     pv, grid = images_inputs([(96, 64)])
     with torch.no_grad():
         return model(prompt_ids([4, 5], grid.tolist()), pv, grid)
@@ -63,16 +60,16 @@ def test_sharded_checkpoint(tmp_path):
 def test_text_load_never_needs_vision_tensors(tiny_vl_dir, tmp_path):
     text_only = tmp_path / "no_vision"
     _rewrite(tiny_vl_dir, text_only, lambda t: {k: v for k, v in t.items() if ".visual." not in k})
-    model = Qwen3MoeForCausalLM.from_pretrained(text_only)
+    model = load_text_model(text_only)
     assert not any(p.is_meta for p in model.parameters())
     with pytest.raises(CheckpointError, match="lacks"):
-        Qwen3VLVisionModel.from_pretrained(text_only)
+        load_vision_model(text_only)
 
 
 def test_vision_load_never_needs_text_tensors(tiny_vl_dir, tmp_path):
     vision_only = tmp_path / "no_text"
     _rewrite(tiny_vl_dir, vision_only, lambda t: {k: v for k, v in t.items() if ".visual." in k})
-    model = Qwen3VLVisionModel.from_pretrained(vision_only)
+    model = load_vision_model(vision_only)
     assert not any(p.is_meta for p in model.parameters())
 
 
@@ -80,34 +77,34 @@ def test_missing_tensor_is_named(tiny_vl_dir, tmp_path):
     key = "model.language_model.layers.1.self_attn.q_norm.weight"
     _rewrite(tiny_vl_dir, tmp_path / "m", lambda t: {k: v for k, v in t.items() if k != key})
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
-        Qwen3MoeForCausalLM.from_pretrained(tmp_path / "m")
+        load_text_model(tmp_path / "m")
 
 
 def test_unexpected_tensor_is_named(tiny_vl_dir, tmp_path):
     key = "model.language_model.layers.0.self_attn.extra.weight"
     _rewrite(tiny_vl_dir, tmp_path / "u", lambda t: {**t, key: torch.zeros(2)})
     with pytest.raises(CheckpointError, match="extra"):
-        Qwen3MoeForCausalLM.from_pretrained(tmp_path / "u")
+        load_text_model(tmp_path / "u")
 
 
 def test_misshaped_tensor_is_named(tiny_vl_dir, tmp_path):
     key = "model.language_model.layers.2.self_attn.k_proj.weight"
     _rewrite(tiny_vl_dir, tmp_path / "s", lambda t: {**t, key: torch.zeros(3, 64)})
     with pytest.raises(CheckpointError, match="k_proj"):
-        Qwen3MoeForCausalLM.from_pretrained(tmp_path / "s")
+        load_text_model(tmp_path / "s")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_load_dtype(tiny_vl_dir, dtype):
-    model = Qwen3MoeForCausalLM.from_pretrained(tiny_vl_dir, dtype=dtype)
+    model = load_text_model(tiny_vl_dir, dtype=dtype)
     assert {p.dtype for p in model.parameters()} == {dtype}
 
 
 def test_bf16_forward_near_fp32(tiny_vl_dir):
     pv, grid = images_inputs([(96, 64), (64, 64)])
     ids = prompt_ids([6, 5, 3], grid.tolist())
-    fp32 = Qwen3VLMoeForConditionalGeneration.from_pretrained(tiny_vl_dir)
-    bf16 = Qwen3VLMoeForConditionalGeneration.from_pretrained(tiny_vl_dir, dtype=torch.bfloat16)
+    fp32 = load_vl_model(tiny_vl_dir)
+    bf16 = load_vl_model(tiny_vl_dir, dtype=torch.bfloat16)
     with torch.no_grad():
         a = fp32(ids, pv, grid)
         b = bf16(ids, pv, grid).float()
@@ -150,7 +147,7 @@ def test_tying_follows_top_level_flag(tiny_vl_dir):
     # text_config carries the v5 class default tie_word_embeddings=true; the top level says false.
     raw = json.loads((tiny_vl_dir / "config.json").read_text())
     assert raw["text_config"]["tie_word_embeddings"] is True
-    model = Qwen3MoeForCausalLM.from_pretrained(tiny_vl_dir)
+    model = load_text_model(tiny_vl_dir)
     assert load_config(tiny_vl_dir).tie_word_embeddings is False
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
 

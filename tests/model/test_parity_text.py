@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shared.model.config import load_config
-from shared.model.qwen3_moe import Qwen3MoeForCausalLM
+from shared.model.loader import load_text_model
 from tests.tiny import make_text_checkpoint
 
 
@@ -15,7 +15,7 @@ from tests.tiny import make_text_checkpoint
 def test_qwen3_moe_text_parity(tmp_path, norm_topk_prob):
     hf = make_text_checkpoint(tmp_path, seed=7, norm_topk_prob=norm_topk_prob)
     assert load_config(tmp_path).text.norm_topk_prob is norm_topk_prob
-    model = Qwen3MoeForCausalLM.from_pretrained(tmp_path)
+    model = load_text_model(tmp_path)
     ids = torch.randint(0, 320, (29,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = model(ids)
@@ -24,7 +24,7 @@ def test_qwen3_moe_text_parity(tmp_path, norm_topk_prob):
 
 
 def test_logits_indices_select_rows(tiny_vl_dir):
-    model = Qwen3MoeForCausalLM.from_pretrained(tiny_vl_dir)
+    model = load_text_model(tiny_vl_dir)
     ids = torch.arange(12)
     with torch.no_grad():
         full = model(ids)

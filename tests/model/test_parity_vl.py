@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from shared.model.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
+from shared.model.loader import load_vl_model
 from tests.model.helpers import hf_logits, images_inputs, prompt_ids
 from tests.tiny import make_vl_checkpoint
 
@@ -16,7 +16,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def ours(tiny_vl_dir):
-    return Qwen3VLMoeForConditionalGeneration.from_pretrained(tiny_vl_dir)
+    return load_vl_model(tiny_vl_dir)
 
 
 def _compare(ours, hf, ids, pv=None, grid=None):
@@ -50,7 +50,7 @@ def test_sparse_step_and_mlp_only_layers(tmp_path):
     hf = make_vl_checkpoint(
         tmp_path, seed=5, text=dict(num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3])
     )
-    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path)
+    model = load_vl_model(tmp_path)
     kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
     assert kinds == ["DenseMLP", "SparseMoeBlock", "DenseMLP", "DenseMLP"]
     pv, grid = images_inputs([(96, 64)])
@@ -68,6 +68,6 @@ def test_config_in_457_dialect(tmp_path, tiny_vl):
     cfg["text_config"]["rope_scaling"] = {**rope, "type": "default"}
     cfg["text_config"]["num_experts"] = cfg["text_config"].pop("num_local_experts")
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path)
+    model = load_vl_model(tmp_path)
     pv, grid = images_inputs([(64, 96)])
     _compare(model, tiny_vl[1], prompt_ids([6, 4], grid.tolist()), pv, grid)

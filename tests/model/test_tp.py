@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from shared.model.qwen3_moe import Qwen3MoeForCausalLM
+from shared.model.loader import load_text_model
 from shared.model.tp import TensorParallelError, TPGroup, apply_tensor_parallel
 from tests.tiny import make_vl_checkpoint
 
@@ -18,7 +18,7 @@ def _worker(rank: int, world: int, store_path: str, model_dir: str, out_path: st
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        model = Qwen3MoeForCausalLM.from_pretrained(model_dir)
+        model = load_text_model(model_dir)
         apply_tensor_parallel(model, TPGroup(rank, world))
         ids = torch.arange(3, 40) % 290
         with torch.no_grad():
@@ -50,7 +50,7 @@ def test_tp2_matches_single_process(tmp_path, num_kv_heads):
         join=True,
         start_method="spawn",
     )
-    ref = Qwen3MoeForCausalLM.from_pretrained(model_dir)
+    ref = load_text_model(model_dir)
     with torch.no_grad():
         want = ref(torch.arange(3, 40) % 290)
     got = torch.load(out)
@@ -58,6 +58,6 @@ def test_tp2_matches_single_process(tmp_path, num_kv_heads):
 
 
 def test_indivisible_heads_rejected(tiny_vl_dir):
-    model = Qwen3MoeForCausalLM.from_pretrained(tiny_vl_dir)
+    model = load_text_model(tiny_vl_dir)
     with pytest.raises(TensorParallelError, match="heads"):
         apply_tensor_parallel(model, TPGroup(0, 3))

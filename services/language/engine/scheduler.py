@@ -14,8 +14,9 @@ from bisect import insort
 from collections import deque
 from dataclasses import dataclass
 
-from services.language.kv_cache import BlockManager
-from services.language.request import Sequence, SequenceStatus
+from services.language.engine.kv_cache import BlockManager
+from services.language.request import RequestState, SequenceStatus
+from services.language.runner.step_plan import NewRequest, RequestDiff, ScheduledChunk, StepPlan
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,16 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
-class ScheduledChunk:
-    """Tokens ``[start, start + num_tokens)`` of ``seq`` computed this step."""
+class Work:
+    """Tokens ``[start, start + num_tokens)`` of ``seq`` computed this step (scheduler side)."""
 
-    seq: Sequence
+    seq: RequestState
     start: int
     num_tokens: int
     samples: bool  # the chunk reaches the sequence's last token, so a new token is sampled
 
     @classmethod
-    def of(cls, seq: Sequence, num_tokens: int) -> ScheduledChunk:
+    def of(cls, seq: RequestState, num_tokens: int) -> Work:
         """The next ``num_tokens`` uncomputed tokens of ``seq``."""
         start = seq.num_computed_tokens
         return cls(seq, start, num_tokens, start + num_tokens == seq.num_tokens)
@@ -55,10 +56,11 @@ class ScheduledChunk:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    """What one step computes, and who was preempted to make room."""
+    """What one step computes, who was preempted to make room, and the runners' plan of it."""
 
-    chunks: tuple[ScheduledChunk, ...]
-    preempted: tuple[Sequence, ...]
+    chunks: tuple[Work, ...]
+    preempted: tuple[RequestState, ...]
+    plan: StepPlan
 
     @property
     def num_batched_tokens(self) -> int:
@@ -71,10 +73,11 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
         self.config = config
         self.block_manager = block_manager
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # sorted by arrival_index
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []  # sorted by arrival_index
         self.num_preemptions = 0
         self._next_index = 0
+        self._forgotten: list[str] = []  # runner state to drop with the next plan
 
     @property
     def num_waiting(self) -> int:
@@ -87,33 +90,67 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: RequestState) -> None:
         seq.arrival_index = self._next_index
         self._next_index += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: RequestState, reason: str) -> None:
         """Mark ``seq`` finished, drop it from the queues and free its blocks."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        self._forget(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
+    def _forget(self, seq: RequestState) -> None:
+        """Runners drop the request's state with the next plan (it is sent anew if resumed)."""
+        if seq.num_sent_tokens:
+            self._forgotten.append(seq.request_id)
+        seq.num_sent_tokens = seq.num_sent_blocks = 0
+
+    def has_pending_plan(self) -> bool:
+        """Whether runners have state to drop even with nothing to compute."""
+        return bool(self._forgotten)
+
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
-        preempted: list[Sequence] = []
+        chunks: list[Work] = []
+        preempted: list[RequestState] = []
         budget = self._schedule_running(budget, chunks, preempted)
         if not preempted:
             self._admit_waiting(budget, chunks)
-        return SchedulerOutput(tuple(chunks), tuple(preempted))
+        # One-token chunks first (a stable sort): the runner batches them as one decode group.
+        chunks.sort(key=lambda w: w.num_tokens != 1)
+        return SchedulerOutput(tuple(chunks), tuple(preempted), self._plan(chunks))
+
+    def _plan(self, chunks: list[Work]) -> StepPlan:
+        """The plain-data plan of ``chunks``; marks what it sends as sent."""
+        forgotten, self._forgotten = tuple(self._forgotten), []
+        new, diffs = [], []
+        for work in chunks:
+            seq = work.seq
+            if seq.num_sent_tokens == 0:
+                new.append(NewRequest(
+                    seq.request_id, tuple(seq.token_ids), seq.num_prompt_tokens,
+                    seq.request.images, tuple(seq.block_ids), work.start,
+                    seq.mrope_positions, seq.rope_delta,
+                ))  # fmt: skip
+            else:
+                diffs.append(RequestDiff(
+                    seq.request_id, tuple(seq.token_ids[seq.num_sent_tokens:]),
+                    tuple(seq.block_ids[seq.num_sent_blocks:]), work.start,
+                ))  # fmt: skip
+            seq.num_sent_tokens, seq.num_sent_blocks = seq.num_tokens, len(seq.block_ids)
+        scheduled = tuple(ScheduledChunk(w.seq.request_id, w.num_tokens, w.samples) for w in chunks)
+        return StepPlan(forgotten, tuple(new), tuple(diffs), scheduled)
 
     def _schedule_running(
-        self, budget: int, chunks: list[ScheduledChunk], preempted: list[Sequence]
+        self, budget: int, chunks: list[Work], preempted: list[RequestState]
     ) -> int:
         # Decodes first: one token each keeps inter-token latency flat under prefill load.
         decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
@@ -132,11 +169,11 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                chunks.append(ScheduledChunk.of(seq, num_new))
+                chunks.append(Work.of(seq, num_new))
                 budget -= num_new
         return budget
 
-    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> None:
+    def _admit_waiting(self, budget: int, chunks: list[Work]) -> None:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
@@ -151,11 +188,12 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             insort(self.running, seq, key=lambda s: s.arrival_index)
-            chunks.append(ScheduledChunk.of(seq, num_new))
+            chunks.append(Work.of(seq, num_new))
             budget -= num_new
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: RequestState) -> None:
         self.block_manager.free(seq)
+        self._forget(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -163,7 +201,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     @staticmethod
-    def _unschedule(seq: Sequence, chunks: list[ScheduledChunk]) -> int:
+    def _unschedule(seq: RequestState, chunks: list[Work]) -> int:
         for i, chunk in enumerate(chunks):
             if chunk.seq is seq:
                 del chunks[i]

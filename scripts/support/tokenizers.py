@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+# Qwen's chat and vision special tokens, in the order of Qwen's vocabulary.
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -21,6 +22,8 @@ QWEN_SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
+EOS_TOKEN = "<|im_end|>"
+PAD_TOKEN = "<|endoftext|>"
 
 
 def _byte_vocab() -> dict[str, int]:
@@ -58,20 +61,21 @@ def build_tokenizer(
 
 def save_tokenizer(
     model_dir: str | Path,
-    chat_template: str,
+    chat_template: str | None,
     special_ids: Mapping[str, int] | None = None,
     vocab_size: int = 300,
 ) -> Tokenizer:
-    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja into model_dir."""
+    """Write tokenizer.json, tokenizer_config.json and (unless None) chat_template.jinja."""
     model_dir = Path(model_dir)
     tokenizer = build_tokenizer(special_ids, vocab_size)
     tokenizer.save(str(model_dir / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
+        "eos_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
         "model_max_length": 4096,
     }
     (model_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (model_dir / "chat_template.jinja").write_text(chat_template)
+    if chat_template is not None:
+        (model_dir / "chat_template.jinja").write_text(chat_template)
     return tokenizer

@@ -12,17 +12,10 @@ import hashlib
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
-from dataclasses import dataclass
 from itertools import accumulate
 
-import torch
-
-from services.language.request import Sequence
-
-
-class KVCacheConfigError(ValueError):
-    """The KV cache budget cannot hold even one block."""
-
+from services.language.request import RequestState
+from services.language.runner.kv_pool import KVCacheConfigError
 
 _ROOT_HASH = b"splitvl-kv-v1"
 
@@ -35,7 +28,7 @@ def hash_block(parent: bytes, token_ids: list[int], extra: str) -> bytes:
     return digest.digest()
 
 
-def _image_keys(seq: Sequence, start: int, end: int) -> str:
+def _image_keys(seq: RequestState, start: int, end: int) -> str:
     """Key of the image rows placed in prompt indices [start, end).
 
     Image pads are one token id for every image, so the pad ids alone would let two requests
@@ -56,7 +49,7 @@ def _image_keys(seq: Sequence, start: int, end: int) -> str:
     return "|".join(keys)
 
 
-def update_block_hashes(seq: Sequence, block_size: int) -> None:
+def update_block_hashes(seq: RequestState, block_size: int) -> None:
     """Extend ``seq.block_hashes`` to cover every full block of its current tokens."""
     num_full = seq.num_tokens // block_size
     for index in range(len(seq.block_hashes), num_full):
@@ -96,7 +89,7 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def lookup_prefix(self, seq: Sequence) -> list[int]:
+    def lookup_prefix(self, seq: RequestState) -> list[int]:
         """Cached blocks matching the longest full-block prefix of ``seq`` (not yet referenced).
 
         At least the last token is always left out: its logits are needed to sample.
@@ -119,7 +112,9 @@ class BlockManager:
             self.prefix_cache_queries += num_tokens
             self.prefix_cache_hits += num_hit_tokens
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
+    def allocate(
+        self, seq: RequestState, num_new_tokens: int, cached_blocks: list[int] = ()
+    ) -> bool:
         """Give ``seq`` blocks for ``cached_blocks`` plus ``num_new_tokens`` more tokens.
 
         ``cached_blocks`` (from :meth:`lookup_prefix`, only for a sequence holding no blocks)
@@ -154,7 +149,7 @@ class BlockManager:
         self._ref_counts[block] = 1
         return block
 
-    def register_computed_blocks(self, seq: Sequence) -> None:
+    def register_computed_blocks(self, seq: RequestState) -> None:
         """Offer the full blocks of ``seq`` whose K/V is now computed to the prefix cache."""
         if not self.enable_prefix_caching:
             return
@@ -171,7 +166,7 @@ class BlockManager:
                 self._block_hash[block] = block_hash
         seq.num_registered_blocks = num_full
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: RequestState) -> None:
         """Release every block of ``seq`` and reset its computed state."""
         # Tail blocks first, so the shared head of a prefix is evicted last.
         for block in reversed(seq.block_ids):
@@ -190,53 +185,3 @@ class BlockManager:
             if self._ref_counts[block] == 0:
                 del self._cached[block_hash]
                 self._block_hash[block] = None
-
-
-@dataclass(frozen=True)
-class KVCacheSpec:
-    """Shape of the K/V pool for one model."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    dtype: torch.dtype
-
-    @property
-    def bytes_per_block(self) -> int:
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * itemsize
-
-    def num_blocks_for(self, memory_bytes: int) -> int:
-        """Blocks that fit in ``memory_bytes``; raises when not even one does."""
-        num_blocks = int(memory_bytes) // self.bytes_per_block
-        if num_blocks < 1:
-            raise KVCacheConfigError(
-                f"KV cache budget of {int(memory_bytes)} bytes holds no block of "
-                f"{self.bytes_per_block} bytes; raise --kv-cache-memory or the GPU memory fraction"
-            )
-        return num_blocks
-
-
-class KVCache:
-    """The preallocated K/V tensors: per layer ``[num_blocks + 1, block_size, kv_heads, head_dim]``.
-
-    The extra last block is scratch: padded slots (static CUDA-graph batches) write there, so
-    padding never needs a branch and never touches a live block.
-    """
-
-    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device | str):
-        self.spec = spec
-        self.num_blocks = num_blocks
-        self.scratch_block = num_blocks
-        shape = (num_blocks + 1, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=spec.dtype, device=device)
-                  for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, dtype=spec.dtype, device=device)
-                  for _ in range(spec.num_layers)]
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store new keys/values ``[T, kv_heads, head_dim]`` at flat slot indices ``[T]``."""
-        heads, dim = self.spec.num_kv_heads, self.spec.head_dim
-        self.k[layer].view(-1, heads, dim).index_copy_(0, slots, k.to(self.spec.dtype))
-        self.v[layer].view(-1, heads, dim).index_copy_(0, slots, v.to(self.spec.dtype))

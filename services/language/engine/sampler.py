@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.language.request import Sequence, TokenLogprob
+from services.language.request import RequestState, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ _FLOAT_COLUMNS = (
 
 
 def build_sampling_batch(
-    seqs: list[Sequence], vocab_size: int, device: torch.device | str
+    seqs: list[RequestState], vocab_size: int, device: torch.device | str
 ) -> SamplingBatch:
     """Collect the sampling parameters of ``seqs`` (one logits row each, in order)."""
     params = [s.sampling for s in seqs]

@@ -9,17 +9,17 @@ from dataclasses import dataclass
 
 import torch
 
-from services.language.kv_cache import BlockManager
-from services.language.model_runner import ModelRunner
+from services.language.engine.kv_cache import BlockManager
+from services.language.engine.sampler import Sampler, build_sampling_batch
+from services.language.engine.scheduler import Scheduler
 from services.language.request import (
     GenerationRequest,
     InvalidRequestError,
     RequestOutput,
-    Sequence,
+    RequestState,
     TokenLogprob,
 )
-from services.language.sampler import Sampler, build_sampling_batch
-from services.language.scheduler import Scheduler
+from services.language.runner.executor import Executor
 from services.language.tokenizer import IncrementalDetokenizer, LanguageTokenizer
 from shared.model.config import ModelConfig
 from shared.model.processing import mrope_positions
@@ -41,23 +41,25 @@ class EngineStats:
 
 @dataclass
 class _Tracked:
-    seq: Sequence
+    seq: RequestState
     detokenizer: IncrementalDetokenizer
     pending_logprobs: list[TokenLogprob]
 
 
 class EngineCore:
-    """Holds the scheduler, model runner and sampler; ``step`` advances every running request."""
+    """The scheduler, the executor and the sampler; ``step`` advances every running request."""
 
     def __init__(
         self,
-        runner: ModelRunner,
+        executor: Executor,
         scheduler: Scheduler,
         model_config: ModelConfig,
         tokenizer: LanguageTokenizer,
         max_model_len: int,
+        dtype: torch.dtype = torch.float32,
     ):
-        self.runner = runner
+        self.executor = executor
+        self.dtype = dtype
         self.scheduler = scheduler
         self.block_manager: BlockManager = scheduler.block_manager
         self.model_config = model_config
@@ -98,17 +100,13 @@ class EngineCore:
             return
         if not cfg.is_vl or cfg.image_token_id is None:
             raise InvalidRequestError("this model is text-only: remove the images")
-        hidden = cfg.text.hidden_size
+        width = (1 + cfg.num_deepstack) * cfg.text.hidden_size
         for i, image in enumerate(request.images):
-            if image.embeds.shape[1] != hidden:
+            if image.packed.shape[1] != width:
                 raise InvalidRequestError(
-                    f"image {i}: embeddings have width {image.embeds.shape[1]}, model hidden is "
-                    f"{hidden}; the encode service serves another model"
-                )
-            if image.deepstack.shape[1] != cfg.num_deepstack * hidden:
-                raise InvalidRequestError(
-                    f"image {i}: deepstack width {image.deepstack.shape[1]} != "
-                    f"{cfg.num_deepstack} x {hidden}"
+                    f"image {i}: packed embeddings have width {image.packed.shape[1]}, this "
+                    f"model needs (1 + {cfg.num_deepstack}) x {cfg.text.hidden_size} = {width}; "
+                    "the encode service serves another model"
                 )
         num_pads = sum(1 for t in request.prompt_token_ids if t == cfg.image_token_id)
         num_rows = sum(image.num_tokens for image in request.images)
@@ -128,30 +126,13 @@ class EngineCore:
         self._tracked[request.request_id] = _Tracked(seq, detok, [])
         self.scheduler.add(seq)
 
-    def _make_sequence(self, request: GenerationRequest) -> Sequence:
+    def _make_sequence(self, request: GenerationRequest) -> RequestState:
         cfg = self.model_config
-        device = self.runner.device
-        dtype = self.runner.kv_cache.spec.dtype
-        generator = None
+        seq = RequestState.of(request, cfg.image_token_id if cfg.is_vl else None)
         if request.sampling.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(request.sampling.seed)
-        seq = Sequence(
-            request=request,
-            token_ids=list(request.prompt_token_ids),
-            image_positions=[],
-            image_embeds=None,
-            image_deepstack=None,
-            mrope_positions=None,
-            generator=generator,
-        )
+            device = self.executor.device
+            seq.generator = torch.Generator(device=device).manual_seed(request.sampling.seed)
         if request.images:
-            seq.image_positions = [
-                i for i, t in enumerate(request.prompt_token_ids) if t == cfg.image_token_id
-            ]
-            seq.image_embeds = torch.cat([im.embeds for im in request.images]).to(device, dtype)
-            seq.image_deepstack = torch.cat([im.deepstack for im in request.images]).to(
-                device, dtype
-            )
             try:
                 positions, delta = mrope_positions(
                     list(request.prompt_token_ids),
@@ -161,7 +142,7 @@ class EngineCore:
                 )
             except ValueError as exc:
                 raise InvalidRequestError(f"image tokens do not match the images: {exc}") from exc
-            seq.mrope_positions, seq.rope_delta = positions, delta
+            seq.mrope_positions, seq.rope_delta = positions.numpy(), delta
         return seq
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -175,18 +156,19 @@ class EngineCore:
     # -- stepping --------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.scheduler.has_pending_plan()
 
     def live_request_ids(self) -> list[str]:
         return list(self._tracked)
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, sample; returns one output per request that produced tokens."""
-        plan = self.scheduler.schedule()
-        if not plan.chunks:
+        scheduled = self.scheduler.schedule()
+        if scheduled.plan.is_empty:
             return []
-        logits, seqs = self.runner.execute(list(plan.chunks))
-        self.scheduler.complete_step(plan)
+        logits = self.executor.execute(scheduled.plan)
+        self.scheduler.complete_step(scheduled)
+        seqs = [w.seq for w in scheduled.chunks if w.samples]
         if not seqs:
             return []
         batch = build_sampling_batch(list(seqs), logits.shape[1], logits.device)
@@ -197,7 +179,7 @@ class EngineCore:
         return outputs
 
     def _append_token(
-        self, seq: Sequence, token_id: int, logprob: TokenLogprob | None
+        self, seq: RequestState, token_id: int, logprob: TokenLogprob | None
     ) -> RequestOutput:
         tracked = self._tracked[seq.request_id]
         seq.token_ids.append(token_id)
@@ -211,7 +193,7 @@ class EngineCore:
         return self._make_output(tracked, [token_id], finished=reason is not None)
 
     def _finish_reason(
-        self, seq: Sequence, detok: IncrementalDetokenizer, token_id: int
+        self, seq: RequestState, detok: IncrementalDetokenizer, token_id: int
     ) -> str | None:
         params = seq.sampling
         if token_id in params.stop_token_ids:

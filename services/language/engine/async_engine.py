@@ -17,19 +17,23 @@ from pathlib import Path
 
 import torch
 
-from services.language.engine_core import EngineCore, EngineStats
-from services.language.kv_cache import BlockManager, KVCache, KVCacheSpec
-from services.language.model_runner import ModelRunner
+from services.language.engine.core import EngineCore, EngineStats
+from services.language.engine.kv_cache import BlockManager
+from services.language.engine.scheduler import Scheduler, SchedulerConfig
 from services.language.request import (
     GenerationRequest,
     InvalidRequestError,
     QueueFullError,
     RequestOutput,
 )
-from services.language.scheduler import Scheduler, SchedulerConfig
+from services.language.runner.executor import LocalExecutor
+from services.language.runner.kv_pool import KVCache, KVCacheSpec
+from services.language.runner.model_runner import ModelRunner, RunnerConfig
 from services.language.tokenizer import LanguageTokenizer
 from shared.model.config import DTYPES, ModelConfig, load_config
+from shared.model.loader import load_text_model
 from shared.model.qwen3_moe import Qwen3MoeForCausalLM
+from shared.wire.units import resolve_dtype
 
 __all__ = [
     "AsyncEngine",
@@ -105,8 +109,11 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     max_queue_len: int = 1024
-    dtype: str = "auto"  # "auto": the checkpoint's dtype on CUDA, float32 on CPU
+    dtype: str = "auto"  # "auto": the checkpoint's (float32 on a CPU without native bf16)
     device: str = "cpu"
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
+    # Pad decode-only steps to capture sizes; None: only where graphs replay them (CUDA).
+    pad_decodes: bool | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -129,9 +136,11 @@ class EngineConfig:
             raise EngineConfigError(f"dtype must be auto or one of {sorted(DTYPES)}")
 
     def resolve_dtype(self, model_config: ModelConfig) -> torch.dtype:
-        if self.dtype != "auto":
-            return DTYPES[self.dtype]
-        return model_config.dtype if torch.device(self.device).type == "cuda" else torch.float32
+        return resolve_dtype(self.dtype, model_config.dtype, self.device, EngineConfigError)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return torch.device(self.device).type == "cuda" and not self.enforce_eager
 
 
 def _kv_budget(config: EngineConfig, device: torch.device) -> int:
@@ -163,15 +172,21 @@ def build_engine_core(
     if config.kv_cache_memory is None:
         num_blocks = min(num_blocks, needed)
     kv_cache = KVCache(spec, num_blocks, device)
-    runner = ModelRunner(
-        model, kv_cache, use_mrope=text.mrope_section is not None,
-        num_deepstack=model_config.num_deepstack,
-    )
+    pad = config.cuda_graphs if config.pad_decodes is None else config.pad_decodes
+    runner_config = RunnerConfig(
+        config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.block_size,
+        pad_decodes=pad or config.cuda_graphs, cuda_graphs=config.cuda_graphs,
+    )  # fmt: skip
+    runner = ModelRunner(model, model_config, kv_cache, runner_config)
+    if runner.graphs is not None:
+        runner.graphs.capture()
     block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     scheduler = Scheduler(
         SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), block_manager
     )
-    return EngineCore(runner, scheduler, model_config, tokenizer, max_model_len)
+    return EngineCore(
+        LocalExecutor(runner), scheduler, model_config, tokenizer, max_model_len, dtype
+    )
 
 
 class AsyncEngine:
@@ -193,7 +208,7 @@ class AsyncEngine:
         """Load the text weights and tokenizer of ``model_dir`` and build the engine."""
         model_config = load_config(model_dir)
         device = torch.device(config.device)
-        model = Qwen3MoeForCausalLM.from_pretrained(
+        model = load_text_model(
             model_dir, dtype=config.resolve_dtype(model_config), device=device
         ).eval()
         tokenizer = LanguageTokenizer.from_model_dir(model_dir)
@@ -210,6 +225,11 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self._core.max_model_len
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's compute dtype (what image embeddings must arrive in)."""
+        return self._core.dtype
 
     def stats(self) -> EngineStats:
         # Plain integer reads of engine-thread state: a snapshot, possibly one step old.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from services.language.kv_cache import KVCache
+from services.language.runner.kv_pool import KVCache
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ class PrefillSpan:
     token_start: int
     num_tokens: int
     context_start: int  # tokens of this sequence already in the cache before the chunk
-    block_table: torch.Tensor  # [num_blocks] long, covering context_start + num_tokens
+    table_row: int  # its row of the prefill block tables
+    num_blocks: int  # blocks covering context_start + num_tokens
 
 
 @dataclass(frozen=True)
@@ -39,18 +40,27 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] long, flat cache slot of every new token
     num_decode_tokens: int
-    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] long, padded with scratch
+    decode_block_tables: torch.Tensor  # [num_decodes, width] long, padded with scratch
     decode_context_lens: torch.Tensor  # [num_decodes] long, including the new token
+    prefill_block_tables: torch.Tensor  # [max_num_seqs, max_blocks] long
     prefills: tuple[PrefillSpan, ...]
 
 
 class PagedAttention:
-    """Writes each layer's new K/V into the cache, then attends over every sequence's context."""
+    """Writes each layer's new K/V into the cache, then attends over every sequence's context.
 
-    def __init__(self, kv_cache: KVCache, metadata: AttentionMetadata):
+    One object for the runner's lifetime; ``bind`` gives it each step's metadata (views of the
+    runner's persistent buffers, so a captured graph keeps reading the right addresses).
+    """
+
+    def __init__(self, kv_cache: KVCache):
         self.kv_cache = kv_cache
+        self.metadata: AttentionMetadata | None = None
+        self._decode_mask: torch.Tensor | None = None
+
+    def bind(self, metadata: AttentionMetadata) -> None:
         self.metadata = metadata
-        width = metadata.decode_block_tables.shape[1] * kv_cache.spec.block_size
+        width = metadata.decode_block_tables.shape[1] * self.kv_cache.spec.block_size
         positions = torch.arange(width, device=metadata.decode_context_lens.device)
         # [num_decodes, 1, 1, width]: shared by every layer of the step.
         self._decode_mask = (positions < metadata.decode_context_lens[:, None])[:, None, None, :]
@@ -100,8 +110,9 @@ class PagedAttention:
         else:
             cache = self.kv_cache
             num_kv, dim = cache.spec.num_kv_heads, cache.spec.head_dim
-            keys = cache.k[layer_idx][span.block_table].view(-1, num_kv, dim)[:num_context]
-            values = cache.v[layer_idx][span.block_table].view(-1, num_kv, dim)[:num_context]
+            table = self.metadata.prefill_block_tables[span.table_row, :span.num_blocks]
+            keys = cache.k[layer_idx][table].view(-1, num_kv, dim)[:num_context]
+            values = cache.v[layer_idx][table].view(-1, num_kv, dim)[:num_context]
             query_pos = torch.arange(span.num_tokens, device=q.device) + span.context_start
             mask = torch.arange(num_context, device=q.device)[None, :] <= query_pos[:, None]
         out = F.scaled_dot_product_attention(

@@ -10,18 +10,15 @@ import pytest
 import torch
 
 from proto.splitvl.encode.v1 import encode_pb2 as pb
-from services.encode.transport import (
+from shared.wire.codec import (
     DATA_ALIGNMENT,
-    LinkError,
-    P2PLink,
     TensorAssembler,
-    WireFormatError,
-    connect_store,
     iter_chunk_frames,
     parse_chunk_frame,
-    start_store_server,
     tensor_bytes,
 )
+from shared.wire.errors import LinkError, WireFormatError
+from shared.wire.link import P2PLink, connect_store, start_store_server
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -1,0 +1,89 @@
+"""Image descriptors and encoded images: what the language side asks for and what it gets back."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import torch
+
+from shared.model.qwen3_vl_moe import separate_deepstack_embeds
+from shared.wire.errors import ImageRefError
+
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+def content_hash(data: bytes) -> str:
+    """sha256 hex digest: the content hash of an image on the wire and in the caches."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def normalize_hash(value: str) -> str:
+    """Lower-case sha256 hex, or ImageRefError."""
+    value = value.strip().lower()
+    if not _HASH.match(value):
+        raise ImageRefError(f"content_hash {value[:80]!r} is not a sha256 hex digest")
+    return value
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image to encode: its bytes, a URL, or only the content hash of an image sent before.
+
+    `min_pixels` / `max_pixels` bound the resize (None: the encode replica's defaults); they are
+    part of what determines the embeddings, so caches key on them too.
+    """
+
+    data: bytes | None = None
+    url: str | None = None
+    content_hash: str | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.data is not None and self.url is not None:
+            raise ImageRefError("give an image's data or its url, not both")
+        if self.data is None and self.url is None and not self.content_hash:
+            raise ImageRefError("an image needs data, a url or a content_hash")
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ImageRefError(f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One image's packed embeddings `[num_tokens, (1+k)*H]`: `cat([embeds, ds_0..ds_{k-1}], 1)`.
+
+    The packed tensor is the unit that travels: from the vision tower through the wire into the
+    language engine's step inputs, it is never split into separate tensors or re-packed; readers
+    take views (`split`). A tensor received inline may view the received message: read-only.
+    """
+
+    packed: torch.Tensor
+    grid_thw: tuple[int, int, int]
+    content_hash: str
+    cache_hit: bool = False
+    source: str = ""  # the replica that encoded it (diagnostics only)
+
+    def __post_init__(self) -> None:
+        if self.packed.dim() != 2:
+            raise ImageRefError(
+                f"packed embeddings must be [n, (1+k)*H], got {tuple(self.packed.shape)}"
+            )
+        if len(self.grid_thw) != 3 or any(int(x) < 1 for x in self.grid_thw):
+            raise ImageRefError(f"grid_thw must be three positive ints, got {self.grid_thw!r}")
+        if not self.content_hash:
+            raise ImageRefError("an encoded image needs its content_hash")
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.packed.shape[0])
+
+    def split(self, num_deepstack: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeds `[n, H]`, deepstack `[n, k*H]`) views of the packed tensor."""
+        try:
+            return separate_deepstack_embeds(self.packed, num_deepstack)
+        except ValueError as exc:
+            raise ImageRefError(str(exc)) from exc
