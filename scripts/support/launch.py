@@ -122,43 +122,45 @@ def grpc_health(address: str, service: str = "", timeout_s: float = 5.0) -> int:
         return stub.Check(request, timeout=timeout_s).status
 
 
+def _poll(ready, what: str, timeout_s: float, process: ServiceProcess | None) -> None:
+    """Call `ready()` until it is true; fail when `process` exits or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if process is not None and not process.alive():
+            raise ServiceError(f"{process.name} exited with {process.process.returncode}"
+                               f"{process.log_tail()}")  # fmt: skip
+        if time.monotonic() > deadline:
+            raise ServiceError(f"{what} after {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
 def wait_grpc_serving(
     address: str, timeout_s: float = START_TIMEOUT_S, service: str = "",
     process: ServiceProcess | None = None,
 ) -> None:  # fmt: skip
     """Poll grpc.health.v1 until `service` is SERVING (fails early if `process` exits)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def ready() -> bool:
         try:
-            if grpc_health(address, service, 2) == health_pb2.HealthCheckResponse.SERVING:
-                return
+            return grpc_health(address, service, 2) == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
-            pass
-        if process is not None and not process.alive():
-            raise ServiceError(f"{process.name} exited with {process.process.returncode}"
-                               f"{process.log_tail()}")  # fmt: skip
-        if time.monotonic() > deadline:
-            raise ServiceError(f"{address} not SERVING after {timeout_s:.0f} s")
-        time.sleep(0.1)
+            return False
+
+    _poll(ready, f"{address} not SERVING", timeout_s, process)
 
 
 def wait_http_healthy(
     base_url: str, timeout_s: float = START_TIMEOUT_S, process: ServiceProcess | None = None
 ) -> None:
     """Poll GET /health until it answers 200 (fails early if `process` exits)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def ready() -> bool:
         try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                return
+            return httpx.get(f"{base_url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
-        if process is not None and not process.alive():
-            raise ServiceError(f"{process.name} exited with {process.process.returncode}"
-                               f"{process.log_tail()}")  # fmt: skip
-        if time.monotonic() > deadline:
-            raise ServiceError(f"{base_url} not healthy after {timeout_s:.0f} s")
-        time.sleep(0.1)
+            return False
+
+    _poll(ready, f"{base_url} not healthy", timeout_s, process)
 
 
 def start_encode(

@@ -21,6 +21,7 @@ import torch
 
 from shared.wire.link import (
     LinkError,
+    LinkOffer,
     P2PLink,
     link_backend,
     start_store_server,
@@ -37,16 +38,6 @@ class TicketError(LookupError):
 class UnknownLinkError(LookupError):
     """No open link has this id (closed, broken, never opened, or the service restarted)."""
 
-
-@dataclass(frozen=True)
-class LinkOffer:
-    """What a client needs to join a link as rank 1."""
-
-    link_id: str
-    store_host: str
-    store_port: int
-    backend: str
-    timeout_s: float
 
 
 @dataclass
@@ -104,7 +95,7 @@ class LinkManager:
         ).start()
         self._links[link_id] = pending
         log.info("link %s opening for a peer on %s (%s)", link_id, peer_device or "?", self.backend)
-        return LinkOffer(link_id, self.host, self._store.port, self.backend, self.timeout_s)
+        return LinkOffer(link_id, self.host, self._store.port, self.backend, 1, self.timeout_s)
 
     def issue(self, tensor: torch.Tensor) -> int:
         """Hold a tensor for a later Transfer; returns its ticket."""

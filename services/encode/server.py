@@ -235,7 +235,7 @@ class EncodeServicer:
             store_host=offer.store_host,
             store_port=offer.store_port,
             backend=offer.backend,
-            rank=1,
+            rank=offer.rank,
             timeout_s=offer.timeout_s,
         )
 

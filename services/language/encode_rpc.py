@@ -20,6 +20,7 @@ from shared.wire.codec import ChunkView, parse_chunk_frame
 from shared.wire.errors import IncompatibleEncoderError
 from shared.wire.images import ImageRef
 from shared.wire.info import EncoderInfo
+from shared.wire.link import LinkOffer
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["EncodeService"].full_name
 
@@ -77,18 +78,6 @@ class ImageHeader:
     cache_hit: bool
     ticket: int
     checkpoint_id: str
-
-
-@dataclass(frozen=True)
-class LinkOffer:
-    """How to join a link the replica opened (as rank `rank`)."""
-
-    link_id: str
-    store_host: str
-    store_port: int
-    backend: str
-    rank: int
-    timeout_s: float
 
 
 def check_checkpoint(header: ImageHeader, expected: str | None, endpoint: str) -> None:

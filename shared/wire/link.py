@@ -12,6 +12,7 @@ import logging
 import socket
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,19 @@ import torch.distributed as dist
 from shared.wire.errors import LinkError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinkOffer:
+    """How a peer joins a link the offering process opened: as `rank` of two, through the
+    TCPStore at store_host:store_port, under `link_id` as the store prefix."""
+
+    link_id: str
+    store_host: str
+    store_port: int
+    backend: str
+    rank: int
+    timeout_s: float
 
 
 def link_backend(device: torch.device | str) -> str:
