@@ -1,13 +1,10 @@
 """Attention over the paged KV cache, as the model's pluggable ``AttentionBackend``.
 
-Kernel choice: plain ``torch.nn.functional.scaled_dot_product_attention`` on gathered blocks,
-on CPU and CUDA alike. Single-token queries (decodes) are batched into one SDPA call over a
-``[batch, max_blocks * block_size]`` gather with a length mask: every shape depends only on the
-batch size and the padded block-table width, nothing reads a tensor value on the host, so the
-decode step is capturable by CUDA graphs with static input buffers and needs no compile step
-(FlexAttention's paged block mask would avoid the gather but costs a torch.compile per shape,
-about as long as this whole path takes to run a benchmark). Multi-token chunks (prefills) attend
-one sequence at a time: there are few per step and each is large enough to keep SDPA busy.
+Per layer: write the step's new K/V at their slots, then one batched paged-decode call for the
+single-token rows (read through block tables inside the kernel; the PyTorch reference gathers)
+and one paged-prefill call per multi-token chunk (causal over its cached context). The kernels
+come from `shared.kernels.select`: C++ on CPU, Triton on CUDA, the PyTorch references
+otherwise. Nothing here reads a tensor value on the host, so a decode step can be captured.
 """
 
 from __future__ import annotations
@@ -15,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from services.language.runner.kv_pool import KVCache
+from shared.kernels.select import paged_decode, paged_prefill
 
 
 @dataclass(frozen=True)
@@ -56,72 +53,27 @@ class PagedAttention:
     def __init__(self, kv_cache: KVCache):
         self.kv_cache = kv_cache
         self.metadata: AttentionMetadata | None = None
-        self._decode_mask: torch.Tensor | None = None
 
     def bind(self, metadata: AttentionMetadata) -> None:
         self.metadata = metadata
-        width = metadata.decode_block_tables.shape[1] * self.kv_cache.spec.block_size
-        positions = torch.arange(width, device=metadata.decode_context_lens.device)
-        # [num_decodes, 1, 1, width]: shared by every layer of the step.
-        self._decode_mask = (positions < metadata.decode_context_lens[:, None])[:, None, None, :]
 
     def __call__(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
         meta = self.metadata
         self.kv_cache.write(layer_idx, k, v, meta.slot_mapping)
+        k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
+        num = meta.num_decode_tokens
+        if not meta.prefills:  # decode-only steps: no copy of the output
+            return paged_decode(q[:num], k_cache, v_cache, meta.decode_block_tables,
+                                meta.decode_context_lens, scale)  # fmt: skip
         out = torch.empty_like(q)
-        if meta.num_decode_tokens:
-            num = meta.num_decode_tokens
-            out[:num] = self._decode(layer_idx, q[:num], scale)
+        if num:
+            out[:num] = paged_decode(q[:num], k_cache, v_cache, meta.decode_block_tables,
+                                     meta.decode_context_lens, scale)  # fmt: skip
         for span in meta.prefills:
             rows = slice(span.token_start, span.token_start + span.num_tokens)
-            out[rows] = self._prefill(layer_idx, span, q[rows], k[rows], v[rows], scale)
+            table = meta.prefill_block_tables[span.table_row, :span.num_blocks]
+            out[rows] = paged_prefill(q[rows], k[rows], v[rows], k_cache, v_cache, table,
+                                      span.context_start, scale)  # fmt: skip
         return out
-
-    def _decode(self, layer_idx: int, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """q [B, Hq, D] -> [B, Hq, D] over each row's cached context."""
-        cache = self.kv_cache
-        tables = self.metadata.decode_block_tables
-        batch, num_heads, dim = q.shape
-        num_kv = cache.spec.num_kv_heads
-        keys = cache.k[layer_idx][tables].view(batch, -1, num_kv, dim).transpose(1, 2)
-        values = cache.v[layer_idx][tables].view(batch, -1, num_kv, dim).transpose(1, 2)
-        # GQA without copying K/V: the q heads sharing a kv head become that head's queries.
-        grouped = q.view(batch, num_kv, num_heads // num_kv, dim)
-        out = F.scaled_dot_product_attention(
-            grouped, keys, values, attn_mask=self._decode_mask, scale=scale
-        )
-        return out.reshape(batch, num_heads, dim)
-
-    def _prefill(
-        self,
-        layer_idx: int,
-        span: PrefillSpan,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        scale: float,
-    ) -> torch.Tensor:
-        """q [n, Hq, D] of one chunk -> [n, Hq, D], causal over cache + chunk."""
-        num_context = span.context_start + span.num_tokens
-        if span.context_start == 0:
-            keys, values, mask = k, v, None  # nothing cached before: the chunk is the context
-        else:
-            cache = self.kv_cache
-            num_kv, dim = cache.spec.num_kv_heads, cache.spec.head_dim
-            table = self.metadata.prefill_block_tables[span.table_row, :span.num_blocks]
-            keys = cache.k[layer_idx][table].view(-1, num_kv, dim)[:num_context]
-            values = cache.v[layer_idx][table].view(-1, num_kv, dim)[:num_context]
-            query_pos = torch.arange(span.num_tokens, device=q.device) + span.context_start
-            mask = torch.arange(num_context, device=q.device)[None, :] <= query_pos[:, None]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            keys.transpose(0, 1).to(q.dtype),
-            values.transpose(0, 1).to(q.dtype),
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=scale,
-            enable_gqa=True,
-        )
-        return out.transpose(0, 1)

@@ -1,13 +1,7 @@
-"""Sparse MoE block: softmax router, top-k, optional renormalization, grouped expert compute.
+"""Sparse MoE block: softmax router, top-k, optional renormalization, routed experts.
 
-Expert weights are stored fused in the hub layout, `gate_up_proj [E, H, 2I]` and `down_proj [E, I,
-H]`,
-which is the right-hand operand layout of `torch._grouped_mm`: tokens sorted by expert multiply
-their
-expert's matrix in one call. Where grouped_mm is unavailable (or strides are not 16-byte aligned)
-the same
-sorted layout is computed with one matmul per expert that received tokens (never a loop over
-tokens).
+Expert weights are stored fused in the hub layout, `gate_up_proj [E, H, 2I]` and `down_proj
+[E, I, H]`, the layout every expert kernel in `shared.kernels` reads in place.
 """
 
 from __future__ import annotations
@@ -16,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+from shared.kernels.select import fused_moe
 
 
 class Router(nn.Module):
@@ -37,10 +31,6 @@ class Router(nn.Module):
         return weights.to(x.dtype), experts
 
 
-def _aligned(*tensors: torch.Tensor) -> bool:
-    return all(t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
-
-
 class Experts(nn.Module):
     """E SwiGLU experts with fused weights; gate is the first I columns of gate_up, up the
     second."""
@@ -53,33 +43,11 @@ class Experts(nn.Module):
         )
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
 
-    def _grouped(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x [n, K] sorted by expert, w [E, K, N], counts [E] -> [n, N]."""
-        if _HAS_GROUPED_MM and _aligned(x, w) and x.dtype in (torch.float32, torch.bfloat16):
-            offs = torch.cumsum(counts, 0, dtype=torch.int32)
-            return torch._grouped_mm(x, w, offs=offs)
-        out = x.new_empty(x.shape[0], w.shape[-1])
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                out[start : start + n] = x[start : start + n] @ w[e]
-                start += n
-        return out
-
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     ) -> torch.Tensor:
         """x [T, H]; weights, experts [T, k] -> [T, H]."""
-        num_tokens, top_k = experts.shape
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        token_idx = order // top_k
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        h = self._grouped(x[token_idx], self.gate_up_proj, counts)  # [T*k, 2I]
-        gate, up = h.chunk(2, dim=-1)
-        h = self._grouped(F.silu(gate) * up, self.down_proj, counts)  # [T*k, H]
-        h = h * weights.reshape(-1)[order, None]
-        return torch.zeros_like(x).index_add_(0, token_idx, h)
+        return fused_moe(x, self.gate_up_proj, self.down_proj, weights, experts)
 
 
 class SparseMoeBlock(nn.Module):

@@ -1,0 +1,70 @@
+"""Routed experts: out[t] = sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j].
+
+Weights stay in the fused hub layout: ``gate_up [E, H, 2I]`` (gate is the first I columns) and
+``down [E, I, H]``. The sum over a token's experts runs in top-k order, so every
+implementation adds the same terms in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    return all(t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not (_HAS_GROUPED_MM and _aligned(x, w)):
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16
+    return x.dtype in (torch.float32, torch.bfloat16)
+
+
+def expert_offsets(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Cumulative row counts per expert, int32 ``[E]``, computed on the device (no host sync:
+    ``bincount`` would read the maximum back to size its output)."""
+    flat = ids.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
+    counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return counts.cumsum(0, dtype=torch.int32)
+
+
+def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x ``[n, K]`` sorted by expert, w ``[E, K, N]`` -> ``[n, N]``."""
+    if _grouped_mm_ok(x, w):
+        return torch._grouped_mm(x, w, offs=offs)
+    # One matmul per expert that has rows; reads the offsets on the host (eager only).
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(x[start:end], w[e], out=out[start:end])
+        start = end
+    return out
+
+
+def fused_moe_torch(
+    x: torch.Tensor,  # [T, H]
+    gate_up: torch.Tensor,  # [E, H, 2I]
+    down: torch.Tensor,  # [E, I, H]
+    weights: torch.Tensor,  # [T, k] routing weights, x.dtype
+    ids: torch.Tensor,  # [T, k] int64 expert ids
+) -> torch.Tensor:  # [T, H]
+    """The reference: rows sorted by expert, grouped matmuls, then un-sorted and summed."""
+    num_tokens, top_k = ids.shape
+    order = torch.argsort(ids.reshape(-1), stable=True)
+    offs = expert_offsets(ids, gate_up.shape[0])
+    h = _grouped(x[order // top_k], gate_up, offs)  # [T*k, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    h = _grouped((F.silu(gate) * up).contiguous(), down, offs)  # [T*k, H]
+    unsorted = torch.empty_like(h).index_copy_(0, order, h)  # row j of token t at t*k + j
+    terms = unsorted.view(num_tokens, top_k, -1) * weights.unsqueeze(-1)
+    out = terms[:, 0]
+    for j in range(1, top_k):  # top-k order, explicitly
+        out = out + terms[:, j]
+    return out

@@ -1,0 +1,75 @@
+"""Which implementation runs each kernel on each device.
+
+Backends are modules exposing the reference functions' signatures (`fused_moe`,
+`paged_decode`, `paged_prefill`, each optional): `shared.kernels.cpu` on CPUs when its
+extension compiled on this machine, `shared.kernels.triton` on CUDA when Triton imports. A
+missing backend or operation falls back to the PyTorch reference. ``SPLITVL_KERNELS=torch``
+forces the references (the parity baseline); the choice is made once per device type.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+
+from shared.kernels.attention import paged_decode_torch, paged_prefill_torch
+from shared.kernels.moe import fused_moe_torch
+
+log = logging.getLogger(__name__)
+
+_REFERENCES: dict[str, Callable] = {
+    "fused_moe": fused_moe_torch,
+    "paged_decode": paged_decode_torch,
+    "paged_prefill": paged_prefill_torch,
+}
+
+
+def _backend(device_type: str) -> ModuleType | None:
+    """The accelerated backend module for a device type, or None."""
+    if os.environ.get("SPLITVL_KERNELS", "auto") == "torch":
+        return None
+    try:
+        if device_type == "cpu":
+            from shared.kernels import cpu
+
+            return cpu if cpu.available() else None
+        if device_type == "cuda":
+            from shared.kernels import triton
+
+            return triton if triton.available() else None
+    except ImportError as exc:  # the backend package itself is absent
+        log.debug("no %s kernels: %s", device_type, exc)
+    return None
+
+
+@functools.cache
+def implementation(name: str, device_type: str) -> Callable:
+    """The function running kernel `name` on `device_type` (logged once)."""
+    backend = _backend(device_type)
+    fn = getattr(backend, name, None) if backend is not None else None
+    if fn is None:
+        fn = _REFERENCES[name]
+    log.info("kernel %s on %s: %s.%s", name, device_type, fn.__module__, fn.__name__)
+    return fn
+
+
+def fused_moe(x, gate_up, down, weights, ids) -> torch.Tensor:
+    """See shared.kernels.moe.fused_moe_torch."""
+    return implementation("fused_moe", x.device.type)(x, gate_up, down, weights, ids)
+
+
+def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
+    """See shared.kernels.attention.paged_decode_torch."""
+    fn = implementation("paged_decode", q.device.type)
+    return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def paged_prefill(q, k, v, k_cache, v_cache, block_table, context_start, scale) -> torch.Tensor:
+    """See shared.kernels.attention.paged_prefill_torch."""
+    fn = implementation("paged_prefill", q.device.type)
+    return fn(q, k, v, k_cache, v_cache, block_table, context_start, scale)
