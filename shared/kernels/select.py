@@ -10,6 +10,7 @@ forces the references (the parity baseline); the choice is made once per device 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 from collections.abc import Callable
@@ -33,18 +34,16 @@ def _backend(device_type: str) -> ModuleType | None:
     """The accelerated backend module for a device type, or None."""
     if os.environ.get("SPLITVL_KERNELS", "auto") == "torch":
         return None
+    name = {"cpu": "cpu", "cuda": "triton"}.get(device_type)
+    if name is None:
+        return None
     try:
-        if device_type == "cpu":
-            from shared.kernels import cpu
-
-            return cpu if cpu.available() else None
-        if device_type == "cuda":
-            from shared.kernels import triton
-
-            return triton if triton.available() else None
-    except ImportError as exc:  # the backend package itself is absent
-        log.debug("no %s kernels: %s", device_type, exc)
-    return None
+        module = importlib.import_module(f"shared.kernels.{name}")
+        return module if module.available() else None
+    except Exception as exc:  # noqa: BLE001 - a broken backend must never stop the model
+        log.warning("no %s kernels on %s, using the PyTorch references: %r", name, device_type,
+                    exc)  # fmt: skip
+        return None
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from shared.model.loader import checkpoint_files
+from shared.model.checkpoint import checkpoint_files
 
 _VISION_PREFIX = "model.visual."
 _LAST_PROJECTION = ("model.visual.merger.linear_fc2.weight", "model.visual.merger.linear_fc2.bias")

@@ -1,0 +1,195 @@
+"""Reading tensors out of safetensors checkpoints, whole or as one rank's slices.
+
+A parameter is built from one or more checkpoint tensors by a *source*: a plain tensor (a
+Conv3d patch embedding reshaped to a Linear), fused experts in the hub layout `[E, H, 2I]` /
+`[E, I, H]` or transformers v5's transposes, or experts stored one by one. Every source can read
+a `Shard` (this rank's ranges along one dimension of the parameter) straight from the files with
+`safe_open(...).get_slice`, so a tensor-parallel rank never materializes the tensors it does not
+keep: a 30B-A3B rank reads its 1/N of the experts, not all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's tensors do not match the model: missing, unexpected or mis-shaped."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's piece of a parameter: along `dim`, the concatenation of `ranges`."""
+
+    dim: int
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(stop - start for start, stop in self.ranges)
+
+
+def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
+    """Map every tensor name to its safetensors file (single file or sharded with an index)."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: model_dir / v for k, v in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(
+            f"no model.safetensors or model.safetensors.index.json in {model_dir}"
+        )
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+class Reader:
+    """Open safetensors files (each once) and read whole tensors or ranges of one dimension.
+
+    `bytes_read` counts, per tensor name, the bytes actually read: what a rank loaded.
+    """
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+        self._handles: dict[Path, object] = {}
+        self.bytes_read: Counter[str] = Counter()
+
+    def _handle(self, key: str):
+        path = self.files[key]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, "pt", device="cpu")
+        return self._handles[path]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def full(self, key: str) -> torch.Tensor:
+        tensor = self._handle(key).get_tensor(key)
+        self.bytes_read[key] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def part(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Indices [start, stop) of dimension `dim` (the other dimensions whole)."""
+        piece = self._handle(key).get_slice(key)
+        index = [slice(None)] * len(piece.get_shape())
+        index[dim] = slice(start, stop)
+        tensor = piece[tuple(index)]
+        self.bytes_read[key] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def ranges(self, key: str, dim: int, ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
+        parts = [self.part(key, dim, a, b) for a, b in ranges]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class PlainSource:
+    """One checkpoint tensor as the parameter; `flatten` reshapes it 2-D (Conv3d -> Linear)."""
+
+    def __init__(self, key: str, flatten: bool = False):
+        self.keys = (key,)
+        self.flatten = flatten
+
+    def load(self, reader: Reader, shard: Shard | None) -> torch.Tensor:
+        key = self.keys[0]
+        tensor = reader.full(key) if shard is None else reader.ranges(key, shard.dim, shard.ranges)
+        return tensor.reshape(tensor.shape[0], -1) if self.flatten else tensor
+
+
+class FusedExpertSource:
+    """Fused experts: hub `[E, A, B]` as is, or the v5 transpose `[E, B, A]`.
+
+    When A == B the shape cannot tell; `square_is_v5` (the writer's transformers version)
+    decides, since transformers 5 transposes on save and the 4.x-era hub checkpoints do not.
+    """
+
+    def __init__(self, key: str, target: Sequence[int], square_is_v5: bool):
+        self.keys = (key,)
+        self.target = tuple(target)  # the full (unsharded) parameter shape
+        self.square_is_v5 = square_is_v5
+
+    def _transposed(self, reader: Reader) -> bool:
+        e, a, b = self.target
+        shape = reader.shape(self.keys[0])
+        if a == b and shape == self.target:
+            log.warning("%s: square expert matrices; assuming the %s layout", self.keys[0],
+                        "transformers-v5" if self.square_is_v5 else "hub")  # fmt: skip
+            return self.square_is_v5
+        if shape == self.target:
+            return False
+        if shape == (e, b, a):
+            return True
+        raise CheckpointError(
+            f"{self.keys[0]}: shape {shape} is neither {self.target} nor its transpose"
+        )
+
+    def load(self, reader: Reader, shard: Shard | None) -> torch.Tensor:
+        key = self.keys[0]
+        transposed = self._transposed(reader)
+        if shard is None:
+            tensor = reader.full(key)
+        else:
+            dim = {1: 2, 2: 1}.get(shard.dim, shard.dim) if transposed else shard.dim
+            tensor = reader.ranges(key, dim, shard.ranges)
+        return tensor.transpose(1, 2).contiguous() if transposed else tensor
+
+
+class PerExpertGateUpSource:
+    """`experts.{e}.gate_proj.weight` / `up_proj.weight` ([I, H] each) -> `[E, H, 2I]`."""
+
+    def __init__(self, base: str, num_experts: int, intermediate: int):
+        self.base, self.num_experts, self.intermediate = base, num_experts, intermediate
+        self.keys = tuple(f"{base}.{e}.{p}_proj.weight"
+                          for e in range(num_experts) for p in ("gate", "up"))  # fmt: skip
+
+    def load(self, reader: Reader, shard: Shard | None) -> torch.Tensor:
+        inter = self.intermediate
+        if shard is None or shard.dim == 0:
+            gate_rows = up_rows = [(0, inter)]
+        else:  # ranges of [0, 2I): below I they are gate rows, above I up rows
+            gate_rows = [(a, b) for a, b in shard.ranges if b <= inter]
+            up_rows = [(a - inter, b - inter) for a, b in shard.ranges if a >= inter]
+        stacked = []
+        for e in _experts_of(shard, self.num_experts):
+            gate = reader.ranges(f"{self.base}.{e}.gate_proj.weight", 0, gate_rows)
+            up = reader.ranges(f"{self.base}.{e}.up_proj.weight", 0, up_rows)
+            stacked.append(torch.cat([gate.t(), up.t()], dim=1))
+        return torch.stack(stacked)
+
+
+class PerExpertDownSource:
+    """`experts.{e}.down_proj.weight` ([H, I] each) -> `[E, I, H]`."""
+
+    def __init__(self, base: str, num_experts: int):
+        self.base, self.num_experts = base, num_experts
+        self.keys = tuple(f"{base}.{e}.down_proj.weight" for e in range(num_experts))
+
+    def load(self, reader: Reader, shard: Shard | None) -> torch.Tensor:
+        stacked = []
+        for e in _experts_of(shard, self.num_experts):
+            key = f"{self.base}.{e}.down_proj.weight"
+            if shard is None or shard.dim == 0:
+                stacked.append(reader.full(key).t())
+            else:  # the parameter's dim 1 (I) is the stored tensor's dim 1
+                stacked.append(reader.ranges(key, 1, shard.ranges).t())
+        return torch.stack(stacked)
+
+
+def _experts_of(shard: Shard | None, num_experts: int) -> list[int]:
+    if shard is None or shard.dim != 0:
+        return list(range(num_experts))
+    return [e for a, b in shard.ranges for e in range(a, b)]
