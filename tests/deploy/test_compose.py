@@ -1,7 +1,13 @@
-"""docker-compose.yml parses and every service command is accepted by that service's CLI parser."""
+"""docker-compose.yml, deploy/compose.gpu.yml and deploy/Dockerfile agree with the services.
+
+Every service command is parsed by that service's CLI parser; healthchecks point at a script the
+image contains; the image build context keeps what the Dockerfile copies. Building and starting
+the cluster is tests/deploy/test_compose_e2e.py's job.
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import shlex
 from pathlib import Path
@@ -13,6 +19,9 @@ from services.language.__main__ import build_parser as language_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 PARSERS = {"services.encode": encode_parser, "services.language": language_parser}
+COMPOSE = ROOT / "docker-compose.yml"
+GPU = ROOT / "deploy" / "compose.gpu.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 
 
 def _defaults(text: str) -> str:
@@ -20,19 +29,94 @@ def _defaults(text: str) -> str:
     return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
 
 
+def _services(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())["services"]
+
+
+def _parse(name: str, command: str) -> tuple[str, object]:
+    argv = shlex.split(_defaults(command))
+    assert argv[:2] == ["python", "-m"], name
+    module = argv[2]
+    return module, PARSERS[module]().parse_args(argv[3:])  # SystemExit on an unknown flag
+
+
 def test_compose_commands_parse():
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     seen = set()
-    for name, service in compose["services"].items():
-        argv = shlex.split(_defaults(service["command"]))
-        assert argv[:2] == ["python", "-m"], name
-        module = argv[2]
-        PARSERS[module]().parse_args(argv[3:])  # exits (SystemExit) on an unknown flag
+    for name, service in _services(COMPOSE).items():
+        module, _ = _parse(name, service["command"])
         seen.add(module)
     assert seen == set(PARSERS)
 
 
 def test_gpu_override_names_existing_services():
-    base = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    gpu = yaml.safe_load((ROOT / "deploy" / "compose.gpu.yml").read_text())["services"]
-    assert set(gpu) <= set(base)
+    assert set(_services(GPU)) <= set(_services(COMPOSE))
+
+
+def test_gpu_override_commands_parse_and_use_cuda_and_nccl():
+    for name, service in _services(GPU).items():
+        module, args = _parse(name, service["command"])
+        assert args.device == "cuda", name
+        if module == "services.language":
+            assert args.transport == "nccl"
+        assert service["ipc"] == "host", name
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia", name
+
+
+def test_language_waits_for_healthy_encoders_and_reaches_both():
+    services = _services(COMPOSE)
+    encoders = {n for n, s in services.items() if "services.encode" in s["command"]}
+    assert len(encoders) == 2
+    language = services["language"]
+    assert language["depends_on"] == {n: {"condition": "service_healthy"} for n in encoders}
+    _, args = _parse("language", language["command"])
+    assert set(args.encode.split(",")) == {f"{n}:50051" for n in encoders}
+    for name in encoders:  # each replica's link store is reachable under its service name
+        _, enc = _parse(name, services[name]["command"])
+        assert enc.advertise_host == name and enc.host == "0.0.0.0"
+
+
+def test_only_the_http_port_is_fixed_and_user_set():
+    for name, service in _services(COMPOSE).items():
+        for port in service.get("ports", []):
+            # HOST_IP:HOST_PORT:CONTAINER_PORT, HOST_PORT from $HTTP_PORT or empty (a free one).
+            match = re.fullmatch(r"\$\{BIND_ADDRESS:-[^}]*\}:(.*):\d+", port)
+            assert match and match.group(1) in ("", "${HTTP_PORT:-8000}"), (name, port)
+
+
+def test_healthchecks_run_the_script_the_image_contains():
+    dockerfile = DOCKERFILE.read_text()
+    assert re.search(r"^WORKDIR /app$", dockerfile, re.M)
+    assert re.search(r"^COPY deploy/healthcheck\.py .*\./deploy/$", dockerfile, re.M)
+    for name, service in _services(COMPOSE).items():
+        test = service["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "python", "/app/deploy/healthcheck.py"], name
+        assert test[3] == ("grpc" if "services.encode" in service["command"] else "http")
+
+
+def _dockerignore_allows(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last matching pattern wins; `!` re-includes."""
+    allowed = True
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatchcase(p, pattern) for p in prefixes):
+            allowed = negate
+    return allowed
+
+
+def test_build_context_keeps_what_the_dockerfile_copies():
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]  # fmt: skip
+    sources = []
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            sources += line.split()[1:-1]
+    assert "deploy/healthcheck.py" in sources and "models" in sources
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert _dockerignore_allows(source, patterns), f".dockerignore drops {source}"
+    for dropped in (".venv", ".git", "tests/e2e"):
+        assert not _dockerignore_allows(dropped, patterns), dropped
