@@ -1,0 +1,170 @@
+"""Triton kernels against their PyTorch references on one GPU: ``python -m bench.kernels_triton``.
+
+Shapes are Qwen3-VL-30B-A3B's (hidden 2048, 128 experts top-8, moe_intermediate 768; 32 q / 4 kv
+heads of 128, block size 16), bf16. Fused MoE runs for T = 1, 16, 64, 128, 1024 tokens; paged
+decode for B = 1, 16, 64 sequences at contexts 1024 and 8192 (every sequence full).
+
+Each measurement captures one pass over several "layers", each with its own weights or cache
+and its own routing, in a CUDA graph, so the numbers are GPU time without Python launch cost
+(the decode path replays graphs too) and no layer's data sits in L2 from the previous call:
+there are enough layers to move at least ~512 MB per pass. Triton and reference alternate
+within every round; the table gives per-layer medians. GB/s is the bytes a call must move at
+least (the experts that got a token, or the K/V of every context, plus activations) over its
+time; the H200's copy bandwidth is about 4.3 TB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+
+A3B = {"hidden": 2048, "experts": 128, "top_k": 8, "inter": 768, "heads": 32, "kv_heads": 4,
+       "head_dim": 128, "block_size": 16}  # fmt: skip
+BYTES_PER_PASS = 512 * 2**20
+MAX_LAYERS = 128
+
+
+def _graph(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn captured in a CUDA graph (after a warm-up that compiles every kernel)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _ms(run: Callable[[], None]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _alternate(passes: dict[str, Callable[[], object]], rounds: int, layers: int):
+    """Per-layer median ms of each pass, captured in graphs, alternating within rounds. A pass
+    that cannot be captured runs eagerly (its time then includes launch overhead)."""
+    runs = {}
+    for name, fn in passes.items():
+        try:
+            runs[name] = _graph(fn)
+        except RuntimeError as exc:
+            print(f"  {name}: not capturable ({str(exc).splitlines()[0]}); timing it eagerly")
+            runs[name] = fn
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            times[name].append(_ms(run) / layers)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _layers(bytes_per_layer: float) -> int:
+    return max(2, min(MAX_LAYERS, math.ceil(BYTES_PER_PASS / bytes_per_layer)))
+
+
+def bench_moe(num_tokens: int, rounds: int, kernels, references) -> dict[str, float]:
+    hidden, experts, top_k, inter = (A3B[k] for k in ("hidden", "experts", "top_k", "inter"))
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    expert_bytes = (hidden * 2 * inter + inter * hidden) * 2
+    layers = _layers(min(experts, num_tokens * top_k) * expert_bytes)
+    x = torch.randn(num_tokens, hidden, device=dev, dtype=dt)
+    weights, ids, needed = [], [], 0
+    gate_up = [torch.randn(experts, hidden, 2 * inter, device=dev, dtype=dt) * hidden**-0.5
+               for _ in range(layers)]  # fmt: skip
+    down = [torch.randn(experts, inter, hidden, device=dev, dtype=dt) * inter**-0.5
+            for _ in range(layers)]  # fmt: skip
+    for _ in range(layers):
+        scores = torch.rand(num_tokens, experts, device=dev)
+        w, i = torch.topk(scores.softmax(-1), top_k, dim=-1)
+        weights.append((w / w.sum(-1, keepdim=True)).to(dt))
+        ids.append(i)
+        needed += int(torch.unique(i).numel()) * expert_bytes + 2 * num_tokens * hidden * 2
+
+    def run(fn):
+        return lambda: [fn(x, gate_up[n], down[n], weights[n], ids[n]) for n in range(layers)]
+
+    ms = _alternate({"triton": run(kernels.fused_moe), "torch": run(references["fused_moe"])},
+                    rounds, layers)  # fmt: skip
+    return {**ms, "gbps": {k: needed / layers / (v * 1e-3) / 1e9 for k, v in ms.items()}}
+
+
+def bench_decode(batch: int, context: int, rounds: int, kernels, references) -> dict[str, float]:
+    heads, kv_heads, dim, block = (A3B[k] for k in ("heads", "kv_heads", "head_dim",
+                                                    "block_size"))  # fmt: skip
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    width = context // block
+    kv_bytes = 2 * batch * context * kv_heads * dim * 2
+    layers = _layers(kv_bytes)
+    shape = (batch * width + 1, block, kv_heads, dim)
+    k_cache = [torch.randn(shape, device=dev, dtype=dt) for _ in range(layers)]
+    v_cache = [torch.randn(shape, device=dev, dtype=dt) for _ in range(layers)]
+    tables = torch.randperm(batch * width, device=dev).view(batch, width) + 1
+    lens = torch.full((batch,), context, device=dev, dtype=torch.long)
+    q = torch.randn(batch, heads, dim, device=dev, dtype=dt)
+    scale = dim**-0.5
+    needed = kv_bytes + 2 * q.numel() * 2
+
+    def run(fn):
+        return lambda: [fn(q, k_cache[n], v_cache[n], tables, lens, scale) for n in range(layers)]
+
+    ms = _alternate({"triton": run(kernels.paged_decode),
+                     "torch": run(references["paged_decode"])}, rounds, layers)  # fmt: skip
+    return {**ms, "gbps": {k: needed / (v * 1e-3) / 1e9 for k, v in ms.items()}}
+
+
+def _row(label: str, result: dict) -> str:
+    t, r = result["triton"], result["torch"]
+    gt, gr = result["gbps"]["triton"], result["gbps"]["torch"]
+    return (f"{label:<26} {t:9.4f} {r:9.4f} {r / t:7.2f}x {gt:10.0f} {gr:10.0f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 128, 1024])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.kernels_triton needs a CUDA GPU and found none; the Triton kernels only "
+              "run on CUDA (their CPU tests use Triton's interpreter).", file=sys.stderr)
+        return 2
+    from shared.kernels import triton as kernels
+    from shared.kernels.attention import paged_decode_torch
+    from shared.kernels.moe import fused_moe_torch
+    from shared.kernels.triton.paged_attention import num_splits
+
+    if not kernels.available():
+        print("bench.kernels_triton: triton is not installed", file=sys.stderr)
+        return 2
+    references = {"fused_moe": fused_moe_torch, "paged_decode": paged_decode_torch}
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, per-layer times")
+    header = f"{'':<26} {'triton ms':>9} {'torch ms':>9} {'speedup':>8} {'triton GB/s':>10} " \
+             f"{'torch GB/s':>10}"  # fmt: skip
+    print(header)
+    for tokens in args.tokens:
+        print(_row(f"fused MoE T={tokens}", bench_moe(tokens, args.rounds, kernels, references)))
+        torch.cuda.empty_cache()
+    for context in args.contexts:
+        for batch in args.batches:
+            splits = num_splits(batch, A3B["kv_heads"], context, torch.device("cuda"))
+            label = f"decode B={batch} ctx={context} s={splits}"
+            print(_row(label, bench_decode(batch, context, args.rounds, kernels, references)))
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

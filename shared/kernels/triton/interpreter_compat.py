@@ -1,0 +1,68 @@
+"""Two fixes to Triton 3.6's CPU interpreter, so the kernels' CPU tests exercise them fully.
+
+- Loops with runtime bounds under NumPy >= 2.4: the interpreter holds every scalar as a
+  one-element array and converts it with ``int()`` where Python needs an index
+  (``range(0, n, BLOCK)`` with a runtime ``n``). NumPy 2.4 made that conversion of a non-0-d
+  array a TypeError; Triton fixed it after 3.6 (triton-lang/triton#9172). The fix here converts
+  through the single element.
+- ``tl.dot`` on bf16: the interpreter stores bf16 as raw uint16 bits and multiplies the bits.
+  The fix widens bf16 operands to fp32 first (exact), as the GPU's fp32 accumulation sees them.
+
+``apply()`` installs both once; it only touches the interpreter's own objects.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _needs_patch() -> bool:
+    try:
+        int(np.zeros(1, dtype=np.int32))
+    except TypeError:
+        return True
+    return False
+
+
+def apply() -> None:
+    """Install both fixes (each once; the index fix only where this NumPy needs it)."""
+    _apply_bf16_dot()
+    _apply_index()
+
+
+def _apply_index() -> None:
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_splitvl_index_fix", False) or not _needs_patch():
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        # The scope restores attributes last-in first-out, so this layer unwinds cleanly.
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor._splitvl_index_fix = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+def _apply_bf16_dot() -> None:
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_dot
+    if getattr(original, "_splitvl_bf16_fix", False):
+        return
+
+    def widen(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        data = interpreter._convert_float(handle.data, tl.bfloat16, tl.float32, None)
+        return interpreter.TensorHandle(data.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._splitvl_bf16_fix = True
+    builder.create_dot = create_dot

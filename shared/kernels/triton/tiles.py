@@ -1,0 +1,66 @@
+"""Tile configurations for the fused-MoE kernels, read from ``configs/`` as vLLM keeps them.
+
+One JSON file per (number of experts E, intermediate size N, device name):
+``E=128,N=768,device_name=NVIDIA_H200.json``. Each maps a token count M to the launch
+parameters of both GEMMs; a call takes the entry whose M is nearest to its own. Without a file
+for the shape and device, ``default.json`` applies. The lookup runs on the host from shapes
+alone, so a captured graph always replays the tiles it was captured with.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_FILE = "default.json"
+KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+
+
+class TileConfigError(ValueError):
+    """A tile configuration file is malformed."""
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    """The device's name as config files spell it (``NVIDIA_H200``); ``cpu`` off CUDA."""
+    if device.type != "cuda":
+        return "cpu"
+    return torch.cuda.get_device_name(device).replace(" ", "_")
+
+
+def config_file_name(num_experts: int, intermediate: int, name: str) -> str:
+    return f"E={num_experts},N={intermediate},device_name={name}.json"
+
+
+@functools.cache
+def _load(path: Path) -> dict[int, dict[str, int]]:
+    raw = json.loads(path.read_text())
+    table: dict[int, dict[str, int]] = {}
+    for m, entry in raw.items():
+        missing = [key for key in KEYS if key not in entry]
+        if missing:
+            raise TileConfigError(f"{path.name}: entry M={m} lacks {', '.join(missing)}")
+        table[int(m)] = {key: int(entry[key]) for key in KEYS}
+    if not table:
+        raise TileConfigError(f"{path.name}: no entries")
+    return table
+
+
+@functools.cache
+def table_for(num_experts: int, intermediate: int, name: str) -> dict[int, dict[str, int]]:
+    """The per-M table for a shape and device: its own file if there is one, else the default."""
+    path = CONFIG_DIR / config_file_name(num_experts, intermediate, name)
+    return _load(path if path.exists() else CONFIG_DIR / DEFAULT_FILE)
+
+
+def moe_config(
+    num_experts: int, intermediate: int, num_tokens: int, device: torch.device
+) -> dict[str, int]:
+    """Launch parameters for ``num_tokens`` tokens: the entry with the nearest M."""
+    table = table_for(num_experts, intermediate, device_name(device))
+    nearest = min(table, key=lambda m: (abs(m - num_tokens), m))
+    return table[nearest]
