@@ -11,6 +11,12 @@ there are enough layers to move at least ~512 MB per pass. Triton and reference 
 within every round; the table gives per-layer medians. GB/s is the bytes a call must move at
 least (the experts that got a token, or the K/V of every context, plus activations) over its
 time; the H200's copy bandwidth is about 4.3 TB/s.
+
+``--compile-only`` needs no GPU: it runs the same wrappers on uninitialized CPU tensors of the
+benchmark's shapes with a stand-in driver for an sm_90 target, so every launch is compiled
+exactly as the JIT would specialize it (and not run), then prints each kernel variant's
+registers, spills and shared memory from its cubin and fails on spills or on more shared
+memory than an H200 block can have.
 """
 
 from __future__ import annotations
@@ -130,13 +136,116 @@ def _row(label: str, result: dict) -> str:
     return (f"{label:<26} {t:9.4f} {r:9.4f} {r / t:7.2f}x {gt:10.0f} {gr:10.0f}")
 
 
+H200_SHARED_LIMIT = 227 * 1024
+
+
+class _Sm90Driver:
+    """Just enough of a Triton driver to compile for an H200 without one."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+    line = next(row for row in out.splitlines() if "REG:" in row)
+    fields = dict(item.split(":") for item in line.split() if ":" in item)
+    return {k: int(fields[k]) for k in ("REG", "STACK", "LOCAL")}
+
+
+def compile_only(tokens: list[int], batches: list[int], contexts: list[int]) -> int:
+    """Compile every launch of the benchmark for sm_90 on the CPU; report, fail on spills."""
+    import triton.runtime.jit as jit
+    from triton.runtime import driver
+
+    from shared.kernels import triton as kernels
+    from shared.kernels.triton import paged_attention, tiles
+
+    compiled: dict[str, object] = {}
+    run = jit.JITFunction.run
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.setdefault(f"{self.__name__} {kernel.hash[:8]}", kernel)
+        return kernel
+
+    previous = driver._active  # reset_active() would look for a real GPU
+    driver.set_active(_Sm90Driver())
+    jit.JITFunction.run = compile_instead
+    tiles.device_name = lambda device: "NVIDIA_H200"
+    paged_attention._num_sms = lambda device: 132
+    try:
+        hidden, experts, top_k, inter = (A3B[k] for k in ("hidden", "experts", "top_k", "inter"))
+        dt = torch.bfloat16
+        gate_up = torch.empty(experts, hidden, 2 * inter, dtype=dt)
+        down = torch.empty(experts, inter, hidden, dtype=dt)
+        for t in tokens:
+            kernels.fused_moe(torch.empty(t, hidden, dtype=dt), gate_up, down,
+                              torch.empty(t, top_k, dtype=dt),
+                              torch.zeros(t, top_k, dtype=torch.long))  # fmt: skip
+        heads, kv_heads, dim, block = (A3B[k] for k in ("heads", "kv_heads", "head_dim",
+                                                        "block_size"))  # fmt: skip
+        scale = dim**-0.5
+        for context in contexts:
+            for b in batches:
+                width = context // block
+                cache = torch.empty(b * width + 1, block, kv_heads, dim, dtype=dt)
+                kernels.paged_decode(torch.empty(b, heads, dim, dtype=dt), cache, cache,
+                                     torch.zeros(b, width, dtype=torch.long),
+                                     torch.ones(b, dtype=torch.long), scale)  # fmt: skip
+        cache = torch.empty(128, block, kv_heads, dim, dtype=dt)
+        table = torch.zeros(128, dtype=torch.long)
+        for start, n in [(0, 1066), (1000, 66), (0, 16)]:
+            kv = torch.empty(n, kv_heads, dim, dtype=dt)
+            kernels.paged_prefill(torch.empty(n, heads, dim, dtype=dt), kv, kv, cache, cache,
+                                  table, start, scale)  # fmt: skip
+    finally:
+        jit.JITFunction.run = run
+        driver._active = previous
+    failures = 0
+    print(f"{'kernel variant':<32} {'warps':>5} {'stages':>6} {'regs':>4} {'spill B':>7} "
+          f"{'shared KiB':>10}")  # fmt: skip
+    for name, kernel in compiled.items():
+        use, md = _resource_usage(kernel.asm["cubin"]), kernel.metadata
+        spill = use["STACK"] + use["LOCAL"]
+        bad = spill > 0 or md.shared > H200_SHARED_LIMIT
+        failures += bad
+        print(f"{name:<32} {md.num_warps:>5} {md.num_stages:>6} {use['REG']:>4} {spill:>7} "
+              f"{md.shared / 1024:>10.1f}{'  <-- over budget' if bad else ''}")  # fmt: skip
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 128, 1024])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile every launch for sm_90 on the CPU and report registers, "
+                        "spills and shared memory (no GPU needed)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.compile_only:
+        return compile_only(args.tokens, args.batches, args.contexts)
     if not torch.cuda.is_available():
         print("bench.kernels_triton needs a CUDA GPU and found none; the Triton kernels only "
               "run on CUDA (their CPU tests use Triton's interpreter).", file=sys.stderr)

@@ -8,6 +8,7 @@ graph capture of fused MoE + paged decode.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
@@ -235,10 +236,10 @@ def test_paged_decode_public_entry_and_bf16():
 
 
 def test_num_splits_fills_the_gpu_for_one_long_sequence():
-    h200 = torch.device("cpu")  # only shapes matter; the SM count is the interpreter's
-    assert attn_mod.num_splits(1, 4, 70, h200) == 1  # below one partition: no split
-    assert attn_mod.num_splits(1, 4, 8192, h200) > 1
-    assert attn_mod.num_splits(64, 4, 8192, h200) == 1  # enough programs already
+    cpu = torch.device("cpu")  # the split count depends on shapes and the SM count only
+    assert attn_mod.num_splits(1, 4, 70, cpu) == 1  # below one partition: no split
+    assert attn_mod.num_splits(1, 4, 8192, cpu) > 1
+    assert attn_mod.num_splits(64, 4, 8192, cpu) == 1  # enough programs already
 
 
 # ----------------------------------------------------------------------------- paged prefill
@@ -357,6 +358,15 @@ def test_gpu_paged_prefill_a3b(context_start, num_tokens):
     _close_to_fp32(out, ref, ref32)
 
 
+@contextlib.contextmanager
+def _sync_debug_error():
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @gpu
 @needs_cuda
 def test_gpu_moe_and_decode_replay_in_a_cuda_graph():
@@ -378,25 +388,26 @@ def test_gpu_moe_and_decode_replay_in_a_cuda_graph():
     lens2 = torch.tensor([7, 1024, 300, 16], device=lens.device)
     torch.cuda.synchronize()
 
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()  # compiles every kernel outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            moe_out, attn_out = step()
+    # Eager first (every kernel compiles here), then the capture, which itself rejects any
+    # synchronizing call; torch.cuda.graph synchronizes around it, so the mode is off there.
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), _sync_debug_error():
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        moe_out, attn_out = step()
+    with _sync_debug_error():
         graph.replay()
         first = (moe_out.clone(), attn_out.clone())
         for dst, src in [(x, x2), (weights, weights2), (ids, ids2), (q, q2), (lens, lens2)]:
             dst.copy_(src)
         graph.replay()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert not torch.equal(moe_out, first[0]) and not torch.equal(attn_out, first[1])
+    eager = step()  # the kernels are deterministic: a replay is bit-identical to a launch
+    assert torch.equal(moe_out, eager[0]) and torch.equal(attn_out, eager[1])
     _close_to_fp32(moe_out, fused_moe_torch(x, gate_up, down, weights, ids),
                    fused_moe_torch(*_fp32([x, gate_up, down, weights, ids])))  # fmt: skip
     ref32 = paged_decode_torch(q.float(), k_cache.float(), v_cache.float(), tables, lens, scale)
