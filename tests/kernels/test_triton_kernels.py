@@ -93,6 +93,7 @@ def test_tile_configs_load_and_fall_back():
     default = tiles.table_for(128, 768, "some_other_gpu")
     assert h200 is not default and h200[1]["BLOCK_SIZE_M"] == 16
     assert tiles.moe_config(4, 48, 33, torch.device("cpu")) == default[16]  # nearest M
+    assert default == tiles.BUILTIN_DEFAULT  # the fallback for installs without the JSON
     for table in (h200, default):
         for entry in table.values():
             assert entry["BLOCK_SIZE_M"] >= 16 and entry["BLOCK_SIZE_K"] >= 16

@@ -3,14 +3,16 @@
 One JSON file per (number of experts E, intermediate size N, device name):
 ``E=128,N=768,device_name=NVIDIA_H200.json``. Each maps a token count M to the launch
 parameters of both GEMMs; a call takes the entry whose M is nearest to its own. Without a file
-for the shape and device, ``default.json`` applies. The lookup runs on the host from shapes
-alone, so a captured graph always replays the tiles it was captured with.
+for the shape and device, ``default.json`` applies, and where the JSON files were not installed
+at all, the same default kept here. The lookup runs on the host from shapes alone, so a
+captured graph always replays the tiles it was captured with.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -18,6 +20,23 @@ import torch
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_FILE = "default.json"
 KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+
+log = logging.getLogger(__name__)
+
+
+def _entry(m: int, n: int, k: int, group: int, warps: int, stages: int) -> dict[str, int]:
+    return dict(zip(KEYS, (m, n, k, group, warps, stages), strict=True))
+
+
+# default.json's content (a test keeps the two equal), for installs without the data files.
+BUILTIN_DEFAULT = {
+    1: _entry(16, 64, 64, 1, 4, 3),
+    16: _entry(16, 64, 64, 1, 4, 3),
+    64: _entry(16, 64, 64, 1, 4, 3),
+    256: _entry(32, 64, 64, 4, 4, 3),
+    1024: _entry(64, 64, 64, 8, 4, 3),
+    4096: _entry(64, 128, 64, 8, 8, 3),
+}
 
 
 class TileConfigError(ValueError):
@@ -53,8 +72,12 @@ def _load(path: Path) -> dict[int, dict[str, int]]:
 @functools.cache
 def table_for(num_experts: int, intermediate: int, name: str) -> dict[int, dict[str, int]]:
     """The per-M table for a shape and device: its own file if there is one, else the default."""
-    path = CONFIG_DIR / config_file_name(num_experts, intermediate, name)
-    return _load(path if path.exists() else CONFIG_DIR / DEFAULT_FILE)
+    for path in (CONFIG_DIR / config_file_name(num_experts, intermediate, name),
+                 CONFIG_DIR / DEFAULT_FILE):  # fmt: skip
+        if path.exists():
+            return _load(path)
+    log.warning("no tile configs under %s; using the built-in default", CONFIG_DIR)
+    return BUILTIN_DEFAULT
 
 
 def moe_config(
