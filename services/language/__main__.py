@@ -36,6 +36,7 @@ _STARTUP_ERRORS = (
     ConfigError, CheckpointError, EngineConfigError, FileNotFoundError, IncompatibleEncoderError
 )
 _HANDSHAKE_TIMEOUT_S = 10.0
+_FATAL_EXIT_DELAY_S = 5.0
 
 log = logging.getLogger("services.language")
 
@@ -100,8 +101,29 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-model-len", type=int, default=None)
     engine.add_argument("--max-queue-len", type=int, default=1024)
     engine.add_argument("--no-prefix-caching", action="store_true")
+    engine.add_argument("--enforce-eager", action="store_true",
+                        help="no CUDA graphs for decode steps")  # fmt: skip
+    parallel = p.add_argument_group("parallelism")
+    parallel.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                          help="ranks the language model is split across (workers spawned)")
+    parallel.add_argument("--enable-expert-parallel", action="store_true",
+                          help="give each rank whole experts instead of a slice of every one")
+    parallel.add_argument("--devices", default=None, type=_devices_arg,
+                          help="CUDA device indices, one per rank (e.g. 0,2); default 0..N-1")
+    parallel.add_argument("--threads", type=int, default=None,
+                          help="CPU threads per rank (default: the usable cores split "
+                          "between the ranks)")  # fmt: skip
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def _devices_arg(text: str) -> tuple[str, ...]:
+    try:
+        return tuple(f"cuda:{int(d)}" for d in text.split(",") if d.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--devices takes CUDA indices like 0,2; got {text!r}"
+        ) from None
 
 
 def _dtype_arg(text: str) -> str:
@@ -123,6 +145,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_queue_len=args.max_queue_len,
         dtype=args.dtype,
         device=args.device,
+        enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
+        expert_parallel=args.enable_expert_parallel,
+        devices=args.devices,
+        threads=args.threads,
     )
 
 
@@ -223,7 +250,17 @@ async def running(engine: Any, encoder: Any):
         await engine.shutdown()
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def _exit_when_fatal(engine: Any, server: uvicorn.Server, delay_s: float) -> None:
+    """Once the engine cannot serve (a worker died), answer 503 for `delay_s` so clients and
+    health probes see why, then stop: an orchestrator restarts the service."""
+    while engine.fatal_error is None:
+        await asyncio.sleep(0.25)
+    log.error("the engine cannot serve (%s); exiting in %.0f s", engine.fatal_error, delay_s)
+    await asyncio.sleep(delay_s)
+    server.should_exit = True
+
+
+async def serve(args: argparse.Namespace) -> int:
     """Load, start and serve until a signal arrives."""
     engine = await asyncio.to_thread(AsyncEngine.from_model_dir, args.model, engine_config(args))
     encoder = _build_encoder(args, engine)
@@ -247,13 +284,16 @@ async def serve(args: argparse.Namespace) -> None:
             grpc_server, grpc_port = await start_grpc_server(
                 frontend, args.host, args.grpc_port, name, args.api_key, args.max_request_bytes
             )
+        watcher = asyncio.ensure_future(_exit_when_fatal(engine, server, _FATAL_EXIT_DELAY_S))
         try:
             http_port = sock.getsockname()[1]
             _announce(args.port_file, http_port, grpc_port)
             await server.serve(sockets=[sock])
         finally:
+            watcher.cancel()
             if grpc_server is not None:
                 await grpc_server.stop(grace=5.0)
+    return 1 if engine.fatal_error is not None else 0
 
 
 def _announce(port_file: Path | None, http_port: int, grpc_port: int | None) -> None:
@@ -268,11 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
-        asyncio.run(serve(args))
+        return asyncio.run(serve(args))
     except _STARTUP_ERRORS as exc:
         log.error("cannot start the language service: %s", exc)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -98,8 +98,11 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
             raise BadRequestError(f"n must be in [1, {config.max_n}], got {n}", param="n")
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    async def health() -> Response:
+        serving, reason = frontend.engine.health()
+        if serving:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

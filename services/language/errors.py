@@ -12,7 +12,7 @@ from http import HTTPStatus
 from typing import Any
 
 from services.language.encode_rpc import ErrorKind
-from services.language.request import InvalidRequestError, QueueFullError
+from services.language.request import EngineDeadError, InvalidRequestError, QueueFullError
 
 
 class APIError(Exception):
@@ -134,6 +134,8 @@ def engine_failure(exc: BaseException, retry_after_s: int) -> BaseException:
     """The client-facing error for an engine exception."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, EngineDeadError):
+        return ServiceUnavailableError(str(exc), retry_after_s=retry_after_s, code="engine_dead")
     if isinstance(exc, QueueFullError):
         return OverloadedError(
             f"the server is at capacity ({exc}); retry shortly", retry_after_s=retry_after_s

@@ -17,6 +17,10 @@ class InvalidRequestError(ValueError):
     """A request the engine cannot serve as given; the message says which field to change."""
 
 
+class EngineDeadError(RuntimeError):
+    """The engine can no longer run steps (a tensor-parallel worker died): 503, retry elsewhere."""
+
+
 class QueueFullError(RuntimeError):
     """The engine's bounded waiting queue is full; the client should retry later (HTTP 503/429)."""
 

@@ -6,13 +6,12 @@ or gRPC; the front ends call `AsyncEngine`.
 
 from services.language.engine.async_engine import (
     AsyncEngine,
-    EngineConfig,
-    EngineConfigError,
     EngineStats,
     InvalidRequestError,
     QueueFullError,
-    build_engine_core,
 )
+from services.language.engine.build import build_engine_core
+from services.language.engine.config import EngineConfig, EngineConfigError
 
 __all__ = [
     "AsyncEngine",

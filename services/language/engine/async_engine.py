@@ -12,28 +12,21 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from services.language.engine.config import EngineConfig
 from services.language.engine.core import EngineCore, EngineStats
-from services.language.engine.kv_cache import BlockManager
-from services.language.engine.scheduler import Scheduler, SchedulerConfig
 from services.language.request import (
+    EngineDeadError,
     GenerationRequest,
     InvalidRequestError,
     QueueFullError,
     RequestOutput,
 )
-from services.language.runner.executor import LocalExecutor
-from services.language.runner.kv_pool import KVCache, KVCacheSpec
-from services.language.runner.model_runner import ModelRunner, RunnerConfig
 from services.language.tokenizer import LanguageTokenizer
-from shared.model.config import DTYPES, ModelConfig, load_config
-from shared.model.loader import load_text_model
-from shared.model.qwen3_moe import Qwen3MoeForCausalLM
-from shared.wire.units import resolve_dtype
+from shared.model.config import ModelConfig
 
 __all__ = [
     "AsyncEngine",
@@ -45,8 +38,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Without a GPU there is no free-memory probe; this caps the CPU pool when no budget is given.
-_CPU_DEFAULT_KV_BYTES = 1 << 30
 _IDLE_WAIT_S = 0.05
 _SHUTDOWN_TIMEOUT_S = 30.0
 
@@ -93,102 +84,6 @@ class OutputStream:
         self._finish(False)
 
 
-class EngineConfigError(ValueError):
-    """An engine setting is out of range; the message names the flag to change."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Engine settings, fixed at start-up."""
-
-    block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes; None: gpu_memory_fraction of free GPU memory
-    gpu_memory_fraction: float = 0.9
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    max_queue_len: int = 1024
-    dtype: str = "auto"  # "auto": the checkpoint's (float32 on a CPU without native bf16)
-    device: str = "cpu"
-    enforce_eager: bool = False  # no CUDA graphs for decode steps
-    # Pad decode-only steps to capture sizes; None: only where graphs replay them (CUDA).
-    pad_decodes: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise EngineConfigError(f"block_size must be >= 1, got {self.block_size}")
-        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
-            raise EngineConfigError(
-                f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}"
-            )
-        if not 0.0 < self.gpu_memory_fraction <= 1.0:
-            raise EngineConfigError(
-                f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}"
-            )
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_queue_len < 1:
-            raise EngineConfigError(
-                "max_num_seqs, max_num_batched_tokens and max_queue_len must be >= 1"
-            )
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise EngineConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise EngineConfigError(f"dtype must be auto or one of {sorted(DTYPES)}")
-
-    def resolve_dtype(self, model_config: ModelConfig) -> torch.dtype:
-        return resolve_dtype(self.dtype, model_config.dtype, self.device, EngineConfigError)
-
-    @property
-    def cuda_graphs(self) -> bool:
-        return torch.device(self.device).type == "cuda" and not self.enforce_eager
-
-
-def _kv_budget(config: EngineConfig, device: torch.device) -> int:
-    if config.kv_cache_memory is not None:
-        return config.kv_cache_memory
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * config.gpu_memory_fraction)
-    return _CPU_DEFAULT_KV_BYTES
-
-
-def build_engine_core(
-    model: Qwen3MoeForCausalLM,
-    model_config: ModelConfig,
-    tokenizer: LanguageTokenizer,
-    config: EngineConfig,
-) -> EngineCore:
-    """Wire a loaded model into a ready engine core (KV pool sized from the budget)."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    text = model_config.text
-    spec = KVCacheSpec(
-        text.num_hidden_layers, text.num_key_value_heads, text.head_dim, config.block_size, dtype
-    )
-    num_blocks = spec.num_blocks_for(_kv_budget(config, device))
-    max_model_len = config.max_model_len or text.max_position_embeddings
-    # No point holding more blocks than every sequence could ever fill at once.
-    needed = config.max_num_seqs * -(-max_model_len // config.block_size)
-    if config.kv_cache_memory is None:
-        num_blocks = min(num_blocks, needed)
-    kv_cache = KVCache(spec, num_blocks, device)
-    pad = config.cuda_graphs if config.pad_decodes is None else config.pad_decodes
-    runner_config = RunnerConfig(
-        config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.block_size,
-        pad_decodes=pad or config.cuda_graphs, cuda_graphs=config.cuda_graphs,
-    )  # fmt: skip
-    runner = ModelRunner(model, model_config, kv_cache, runner_config)
-    if runner.graphs is not None:
-        runner.graphs.capture()
-    block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-    scheduler = Scheduler(
-        SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), block_manager
-    )
-    return EngineCore(
-        LocalExecutor(runner), scheduler, model_config, tokenizer, max_model_len, dtype
-    )
-
-
 class AsyncEngine:
     """asyncio front of the engine: ``generate`` streams outputs, leaving the stream aborts."""
 
@@ -202,17 +97,14 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._fatal: str | None = None  # why the engine can no longer serve, once it cannot
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig) -> AsyncEngine:
         """Load the text weights and tokenizer of ``model_dir`` and build the engine."""
-        model_config = load_config(model_dir)
-        device = torch.device(config.device)
-        model = load_text_model(
-            model_dir, dtype=config.resolve_dtype(model_config), device=device
-        ).eval()
-        tokenizer = LanguageTokenizer.from_model_dir(model_dir)
-        return cls(build_engine_core(model, model_config, tokenizer, config), config)
+        from services.language.engine.build import build_engine_core
+
+        return cls(build_engine_core(model_dir, config), config)
 
     @property
     def tokenizer(self) -> LanguageTokenizer:
@@ -230,6 +122,19 @@ class AsyncEngine:
     def dtype(self) -> torch.dtype:
         """The model's compute dtype (what image embeddings must arrive in)."""
         return self._core.dtype
+
+    @property
+    def fatal_error(self) -> str | None:
+        """Why the engine stopped serving for good (a tensor-parallel worker died), or None."""
+        return self._fatal
+
+    def health(self) -> tuple[bool, str]:
+        """(serving, reason): False when stopped, fatally failed or its thread is gone."""
+        if self._fatal is not None:
+            return False, self._fatal
+        if self._thread is None or not self._thread.is_alive():
+            return False, "the engine is not running"
+        return True, "ok"
 
     def stats(self) -> EngineStats:
         # Plain integer reads of engine-thread state: a snapshot, possibly one step old.
@@ -250,7 +155,8 @@ class AsyncEngine:
         self._wakeup.set()
         thread, self._thread = self._thread, None
         await asyncio.to_thread(thread.join, _SHUTDOWN_TIMEOUT_S)
-        error = RuntimeError("the engine was shut down")
+        await asyncio.to_thread(self._core.executor.shutdown)
+        error = EngineDeadError("the engine was shut down")
         for stream in self._streams.values():
             stream.put_nowait(error)
         self._streams.clear()
@@ -263,6 +169,8 @@ class AsyncEngine:
         """
         if self._thread is None:
             raise RuntimeError("call await engine.start() before generate()")
+        if self._fatal is not None:
+            raise EngineDeadError(f"the engine cannot serve: {self._fatal}")
         self._core.validate(request)
         if request.request_id in self._streams:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
@@ -285,8 +193,8 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> None:
         """Abort ``request_id`` and wait until its KV blocks are free (no-op if unknown)."""
-        if self._thread is None:
-            return
+        if self._thread is None or not self._thread.is_alive():
+            return  # a stopped engine thread holds no request any more
         done = asyncio.get_running_loop().create_future()
         self._send(("abort", request_id, done))
         await asyncio.wait_for(done, _SHUTDOWN_TIMEOUT_S)
@@ -307,6 +215,8 @@ class AsyncEngine:
             try:
                 outputs = self._core.step()
             except Exception as exc:  # noqa: BLE001 - a failed step must not kill the thread
+                if self._check_fatal(exc):
+                    return
                 log.exception("engine step failed; failing its requests")
                 self._fail_all(exc)
                 continue
@@ -338,6 +248,17 @@ class AsyncEngine:
 
     def _submitted(self) -> None:
         self._num_submitted -= 1
+
+    def _check_fatal(self, exc: Exception) -> bool:
+        """After a failed step: if the executor is gone, fail everything and stop for good."""
+        try:
+            self._core.executor.check_health()
+            return False
+        except Exception as dead:  # noqa: BLE001 - the executor's own account of its death
+            self._fatal = str(dead)
+        log.error("engine stopped: %s (step error: %r)", self._fatal, exc)
+        self._fail_all(EngineDeadError(f"the engine stopped: {self._fatal}"))
+        return True
 
     def _fail_all(self, exc: Exception) -> None:
         for request_id in list(self._core.live_request_ids()):

@@ -1,0 +1,69 @@
+"""Building the engine core from a checkpoint: the executor (one rank here, or N ranks), the
+KV block manager sized like the runners' pools, the scheduler."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from services.language.engine.config import EngineConfig
+from services.language.engine.core import EngineCore
+from services.language.engine.kv_cache import BlockManager
+from services.language.engine.scheduler import Scheduler, SchedulerConfig
+from services.language.runner.executor import Executor, LocalExecutor
+from services.language.runner.model_runner import RunnerConfig
+from services.language.runner.multiproc import MultiprocExecutor, RankSpec
+from services.language.runner.setup import RunnerSetup, build_runner, num_kv_blocks
+from services.language.tokenizer import LanguageTokenizer
+from shared.model.config import ModelConfig, load_config
+from shared.model.loader import load_text_model
+
+log = logging.getLogger(__name__)
+
+# Loading a big checkpoint on every rank can take minutes; a rank that never joins fails then.
+_RANK_TIMEOUT_S = 900.0
+
+
+def runner_setup(config: EngineConfig, model_config: ModelConfig) -> RunnerSetup:
+    max_model_len = config.max_model_len or model_config.text.max_position_embeddings
+    runner = RunnerConfig(
+        config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.block_size,
+        pad_decodes=config.cuda_graphs if config.pad_decodes is None else config.pad_decodes,
+        cuda_graphs=config.cuda_graphs,
+    )  # fmt: skip
+    return RunnerSetup(runner, config.kv_cache_memory, config.gpu_memory_fraction,
+                       config.max_num_seqs)  # fmt: skip
+
+
+def build_executor(
+    model_dir: Path, model_config: ModelConfig, config: EngineConfig, setup: RunnerSetup
+) -> tuple[Executor, int]:
+    """(executor, KV blocks per rank): in this process, or over tensor-parallel ranks."""
+    dtype = config.resolve_dtype(model_config)
+    if config.tensor_parallel_size == 1:
+        model = load_text_model(model_dir, dtype=dtype, device=config.device).eval()
+        num_blocks = num_kv_blocks(model, model_config, setup)
+        return LocalExecutor(build_runner(model, model_config, setup, num_blocks)), num_blocks
+    specs = [
+        RankSpec(rank, config.tensor_parallel_size, config.expert_parallel, str(model_dir),
+                 dtype, device, setup, "127.0.0.1", 0, config.threads_per_rank(),
+                 _RANK_TIMEOUT_S)
+        for rank, device in enumerate(config.rank_devices())
+    ]  # fmt: skip
+    executor = MultiprocExecutor.start(specs)
+    return executor, executor.num_blocks
+
+
+def build_engine_core(model_dir: str | Path, config: EngineConfig) -> EngineCore:
+    """Load the checkpoint's text weights and tokenizer and wire a ready engine core."""
+    model_dir = Path(model_dir)
+    model_config = load_config(model_dir)
+    tokenizer = LanguageTokenizer.from_model_dir(model_dir)
+    setup = runner_setup(config, model_config)
+    executor, num_blocks = build_executor(model_dir, model_config, config, setup)
+    block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+    scheduler = Scheduler(
+        SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), block_manager
+    )
+    return EngineCore(executor, scheduler, model_config, tokenizer, setup.runner.max_model_len,
+                      config.resolve_dtype(model_config))  # fmt: skip

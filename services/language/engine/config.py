@@ -1,0 +1,93 @@
+"""Engine settings, fixed at start-up (built from the command line by the service)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from shared.model.config import DTYPES, ModelConfig
+from shared.wire.units import resolve_dtype
+
+
+class EngineConfigError(ValueError):
+    """An engine setting is out of range; the message names the flag to change."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings, fixed at start-up."""
+
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None: gpu_memory_fraction of free GPU memory
+    gpu_memory_fraction: float = 0.9
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    max_queue_len: int = 1024
+    dtype: str = "auto"  # "auto": the checkpoint's (float32 on a CPU without native bf16)
+    device: str = "cpu"
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
+    # Pad decode-only steps to capture sizes; None: only where graphs replay them (CUDA).
+    pad_decodes: bool | None = None
+    tensor_parallel_size: int = 1
+    expert_parallel: bool = False  # whole experts per rank instead of slices of every expert
+    devices: tuple[str, ...] | None = None  # one per rank; None: derived from `device`
+    threads: int | None = None  # intra-op threads per rank; None: the cores split between ranks
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise EngineConfigError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise EngineConfigError(
+                f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}"
+            )
+        if not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise EngineConfigError(
+                f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}"
+            )
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_queue_len < 1:
+            raise EngineConfigError(
+                "max_num_seqs, max_num_batched_tokens and max_queue_len must be >= 1"
+            )
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise EngineConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise EngineConfigError(f"dtype must be auto or one of {sorted(DTYPES)}")
+        if self.tensor_parallel_size < 1:
+            raise EngineConfigError(
+                f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"
+            )
+        if self.devices is not None and len(self.devices) != self.tensor_parallel_size:
+            raise EngineConfigError(
+                f"{len(self.devices)} devices given for {self.tensor_parallel_size} ranks"
+            )
+        if self.threads is not None and self.threads < 1:
+            raise EngineConfigError(f"threads must be >= 1, got {self.threads}")
+
+    def resolve_dtype(self, model_config: ModelConfig) -> torch.dtype:
+        return resolve_dtype(self.dtype, model_config.dtype, self.device, EngineConfigError)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return torch.device(self.device).type == "cuda" and not self.enforce_eager
+
+    def rank_devices(self) -> tuple[str, ...]:
+        """The device of each tensor-parallel rank: `devices`, or cuda:0..N-1, or cpu N times."""
+        n = self.tensor_parallel_size
+        if self.devices is not None:
+            return self.devices
+        if torch.device(self.device).type == "cuda":
+            first = torch.device(self.device).index or 0
+            return tuple(f"cuda:{first + r}" for r in range(n))
+        return (self.device,) * n
+
+    def threads_per_rank(self) -> int | None:
+        """CPU threads each rank uses: `threads`, or the usable cores split between the ranks."""
+        if self.threads is not None:
+            return self.threads
+        if torch.device(self.device).type != "cpu":
+            return None
+        return max(1, len(os.sched_getaffinity(0)) // self.tensor_parallel_size)

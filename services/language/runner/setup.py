@@ -1,0 +1,76 @@
+"""Building one rank's model runner: its K/V pool sized from the memory budget, its buffers.
+
+The same steps run in the service process (rank 0, or the only rank) and in every
+tensor-parallel worker, from one picklable `RunnerSetup`, so all ranks agree on the shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from services.language.runner.kv_pool import KVCache, KVCacheSpec
+from services.language.runner.model_runner import ModelRunner, RunnerConfig
+from shared.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Without a GPU there is no free-memory probe; this caps the CPU pool when no budget is given.
+CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class RunnerSetup:
+    """Everything a rank needs besides the model to build its runner (picklable)."""
+
+    runner: RunnerConfig
+    kv_cache_memory: int | None  # bytes per rank; None: gpu_memory_fraction of free memory
+    gpu_memory_fraction: float
+    max_num_seqs: int
+
+
+def kv_spec(model: nn.Module, config: ModelConfig, block_size: int) -> KVCacheSpec:
+    """The K/V layout of this rank's model: its kv heads (a tensor-parallel rank holds fewer)."""
+    text = config.text
+    attn = model.model.layers[0].self_attn
+    num_kv_heads = attn.k_proj.weight.shape[0] // text.head_dim
+    dtype = next(model.parameters()).dtype
+    return KVCacheSpec(text.num_hidden_layers, num_kv_heads, text.head_dim, block_size, dtype)
+
+
+def kv_budget(setup: RunnerSetup, device: torch.device) -> int:
+    if setup.kv_cache_memory is not None:
+        return setup.kv_cache_memory
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * setup.gpu_memory_fraction)
+    return CPU_DEFAULT_KV_BYTES
+
+
+def num_kv_blocks(model: nn.Module, config: ModelConfig, setup: RunnerSetup) -> int:
+    """Blocks this rank's budget holds, capped where no more could ever be used."""
+    device = next(model.parameters()).device
+    cfg = setup.runner
+    num_blocks = kv_spec(model, config, cfg.block_size).num_blocks_for(kv_budget(setup, device))
+    if setup.kv_cache_memory is None:
+        # No point holding more blocks than every sequence could ever fill at once.
+        needed = setup.max_num_seqs * -(-cfg.max_model_len // cfg.block_size)
+        num_blocks = min(num_blocks, needed)
+    return num_blocks
+
+
+def build_runner(
+    model: nn.Module, config: ModelConfig, setup: RunnerSetup, num_blocks: int
+) -> ModelRunner:
+    """The runner with a K/V pool of `num_blocks` (the same on every rank), graphs captured."""
+    device = next(model.parameters()).device
+    kv_cache = KVCache(kv_spec(model, config, setup.runner.block_size), num_blocks, device)
+    runner = ModelRunner(model, config, kv_cache, setup.runner)
+    if runner.graphs is not None:
+        runner.graphs.capture()
+    log.info("runner on %s: %d KV blocks of %d tokens", device, num_blocks,
+             setup.runner.block_size)  # fmt: skip
+    return runner
