@@ -3,8 +3,9 @@
 Runs where Docker can: Linux, root, and a running docker daemon or dockerd / apt-get to install
 and start one. The script installs what it needs, builds the image, starts two encode replicas
 and the language service, checks answers and a load with one encode replica killed, and cleans
-up (compose down, the dockerd it started) on every exit path. A cold run (nothing cached) takes
-a few minutes, a warm one about a minute and a half; deploy/README.md has the measured times.
+up (compose down, the dockerd it started) on every exit path. On a busy 2-core machine a cold
+run (nothing installed or cached) took 5 to 9 minutes, a warm one about 2; deploy/README.md has
+the measured times.
 SPLITVL_SKIP_COMPOSE_E2E=1 skips it.
 """
 
