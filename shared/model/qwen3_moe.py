@@ -143,6 +143,15 @@ class Qwen3MoeForCausalLM(nn.Module):
         if tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def fuse_projections(self) -> Qwen3MoeForCausalLM:
+        """Concatenate q/k/v (and dense gate/up) weights for fewer, larger GEMMs; call after
+        loading (and after tensor-parallel slicing)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_qkv()
+            if isinstance(layer.mlp, DenseMLP):
+                layer.mlp.fuse_gate_up()
+        return self
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 

@@ -31,3 +31,14 @@ def test_logits_indices_select_rows(tiny_vl_dir):
         some = model(ids, logits_indices=torch.tensor([3, 11]))
     assert some.shape == (2, 320)
     assert torch.allclose(some, full[[3, 11]], atol=1e-6)
+
+
+def test_fused_projections_give_the_same_logits(tmp_path):
+    make_text_checkpoint(tmp_path, seed=3, decoder_sparse_step=2, intermediate_size=64)
+    model = load_text_model(tmp_path)
+    ids = torch.arange(5, 30)
+    with torch.no_grad():
+        before = model(ids)
+        after = model.fuse_projections()(ids)
+    assert model.model.layers[0].self_attn.qkv_proj is not None
+    assert (after - before).abs().max().item() <= 1e-6

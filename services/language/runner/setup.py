@@ -35,8 +35,7 @@ class RunnerSetup:
 def kv_spec(model: nn.Module, config: ModelConfig, block_size: int) -> KVCacheSpec:
     """The K/V layout of this rank's model: its kv heads (a tensor-parallel rank holds fewer)."""
     text = config.text
-    attn = model.model.layers[0].self_attn
-    num_kv_heads = attn.k_proj.weight.shape[0] // text.head_dim
+    num_kv_heads = model.model.layers[0].self_attn.num_kv_heads
     dtype = next(model.parameters()).dtype
     return KVCacheSpec(text.num_hidden_layers, num_kv_heads, text.head_dim, block_size, dtype)
 
@@ -67,6 +66,7 @@ def build_runner(
 ) -> ModelRunner:
     """The runner with a K/V pool of `num_blocks` (the same on every rank), graphs captured."""
     device = next(model.parameters()).device
+    model.fuse_projections()
     kv_cache = KVCache(kv_spec(model, config, setup.runner.block_size), num_blocks, device)
     runner = ModelRunner(model, config, kv_cache, setup.runner)
     if runner.graphs is not None:

@@ -73,6 +73,31 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
         self.q_norm = RMSNorm(head_dim, rms_norm_eps)
         self.k_norm = RMSNorm(head_dim, rms_norm_eps)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse_qkv after loading
+        self._qkv_sizes: tuple[int, int, int] = ()
+
+    @property
+    def num_kv_heads(self) -> int:
+        """kv heads of this module's weights (fewer on a tensor-parallel rank)."""
+        rows = self._qkv_sizes[1] if self.qkv_proj is not None else self.k_proj.weight.shape[0]
+        return rows // self.head_dim
+
+    def fuse_qkv(self) -> None:
+        """Replace q/k/v by one projection of their concatenated weights (one GEMM instead of
+        three). Done after loading, so checkpoints keep their q/k/v names."""
+        if self.qkv_proj is not None:
+            return
+        weights = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+        self._qkv_sizes = tuple(w.shape[0] for w in weights)
+        fused = torch.cat(weights)
+        self.qkv_proj = nn.Linear(fused.shape[1], fused.shape[0], bias=False, device="meta")
+        self.qkv_proj.weight = nn.Parameter(fused, requires_grad=False)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.qkv_proj(x).split(self._qkv_sizes, dim=-1)
 
     def forward(
         self,
@@ -82,9 +107,10 @@ class Attention(nn.Module):
         backend: AttentionBackend | None,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(num_tokens, -1, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(num_tokens, -1, self.head_dim))
-        v = self.v_proj(x).view(num_tokens, -1, self.head_dim)
+        q, k, v = self._project(x)
+        q = self.q_norm(q.reshape(num_tokens, -1, self.head_dim))
+        k = self.k_norm(k.reshape(num_tokens, -1, self.head_dim))
+        v = v.reshape(num_tokens, -1, self.head_dim)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         if backend is None:

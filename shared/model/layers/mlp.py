@@ -13,6 +13,20 @@ class DenseMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse_gate_up after loading
+
+    def fuse_gate_up(self) -> None:
+        """One projection of the concatenated gate and up weights (one GEMM instead of two)."""
+        if self.gate_up_proj is not None:
+            return
+        fused = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        self.gate_up_proj = nn.Linear(fused.shape[1], fused.shape[0], bias=False, device="meta")
+        self.gate_up_proj.weight = nn.Parameter(fused, requires_grad=False)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
