@@ -89,12 +89,13 @@ stop_dockerd() {
     fi
     log "stopping dockerd (pid $DOCKERD_PID)"
     kill -TERM "$DOCKERD_PID" 2>/dev/null || true
-    for _ in $(seq 60); do
+    # Containers still running get their stop grace period (40 s) from the daemon first.
+    for _ in $(seq 120); do
         kill -0 "$DOCKERD_PID" 2>/dev/null || break
         sleep 0.5
     done
     if kill -0 "$DOCKERD_PID" 2>/dev/null; then
-        log "dockerd ignored SIGTERM for 30 s; killing it"
+        log "dockerd ignored SIGTERM for 60 s; killing it"
         kill -KILL "$DOCKERD_PID" 2>/dev/null || true
     fi
     wait "$DOCKERD_PID" 2>/dev/null || true
@@ -113,6 +114,9 @@ cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM
+    # A signal can arrive while a redirected function runs (`compose up >up.log`): report to
+    # the script's own output, not to that file.
+    exec 1>&3 2>&4
     if [[ -n $COMPOSE_UP ]]; then
         if [[ $rc -ne 0 ]]; then
             log "cluster state at failure:"
@@ -241,7 +245,9 @@ start_dockerd() {
     fi
     local driver
     for driver in overlay2 vfs; do
-        dockerd --storage-driver="$driver" --pidfile "$WORK/dockerd.pid" \
+        # A session of its own: a signal to this script's process group (Ctrl-C, a test's
+        # timeout) must not stop the daemon before cleanup has taken the cluster down.
+        setsid dockerd --storage-driver="$driver" --pidfile "$WORK/dockerd.pid" \
             >"$WORK/dockerd-$driver.log" 2>&1 &
         DOCKERD_PID=$!
         for _ in $(seq 120); do
@@ -286,6 +292,7 @@ start_wheel_server() {
 main() {
     [[ $(uname -s) == Linux ]] || cannot_run "needs Linux"
     [[ $(id -u) == 0 ]] || cannot_run "needs root (it installs packages and starts dockerd)"
+    exec 3>&1 4>&2
     trap cleanup EXIT
     trap 'exit 130' INT
     trap 'exit 143' TERM
