@@ -25,39 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.shapes import SHAPES, special_ids
 from shared.model.config import DTYPES
-
-# moe_intermediate_size is chosen so that 2 * I != hidden: the loader tells the hub expert layout
-# from transformers' transposed one by shape, which is ambiguous when they are equal.
-SHAPES = {
-    "tiny": dict(
-        text=dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32, moe_intermediate_size=48,
-                  intermediate_size=96, num_experts=8, num_experts_per_tok=2, vocab_size=2048),
-        vision=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64,
-                    num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
-        mrope=(6, 5, 5),
-    ),
-    "medium": dict(
-        text=dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=64, moe_intermediate_size=384,
-                  intermediate_size=1024, num_experts=16, num_experts_per_tok=4,
-                  vocab_size=16384),
-        vision=dict(depth=4, hidden_size=128, num_heads=4, intermediate_size=256,
-                    num_position_embeddings=576, deepstack_visual_indexes=[1, 3]),
-        mrope=(12, 10, 10),
-    ),
-    "30b-a3b": dict(
-        text=dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
-                  num_key_value_heads=4, head_dim=128, moe_intermediate_size=768,
-                  intermediate_size=6144, num_experts=128, num_experts_per_tok=8,
-                  vocab_size=151936),
-        vision=dict(depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304,
-                    num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
-        mrope=(24, 20, 20),
-    ),
-}
-SPECIAL = {"image": 151655, "video": 151656, "start": 151652, "end": 151653}
 
 
 @dataclass(frozen=True)
@@ -68,13 +37,6 @@ class Workload:
     pixel_values: torch.Tensor | None  # [N, patch_dim]
     grid_thw: list[tuple[int, int, int]]
     max_tokens: int
-
-
-def _special_ids(vocab: int) -> dict[str, int]:
-    # Real ids where the vocabulary has room; otherwise the last four ids of a small vocabulary.
-    if vocab > max(SPECIAL.values()):
-        return dict(SPECIAL)
-    return {name: vocab - 4 + i for i, name in enumerate(SPECIAL)}
 
 
 def write_checkpoint(path: Path, shape: str, layers: int | None, dtype: torch.dtype,
@@ -92,7 +54,7 @@ def write_checkpoint(path: Path, shape: str, layers: int | None, dtype: torch.dt
     text = {**spec["text"], "max_position_embeddings": 32768, "rms_norm_eps": 1e-6}
     if layers:
         text["num_hidden_layers"] = layers
-    special = _special_ids(text["vocab_size"])
+    special = special_ids(text["vocab_size"])
     vision = {**spec["vision"], "out_hidden_size": text["hidden_size"], "patch_size": 16,
               "spatial_merge_size": 2, "temporal_patch_size": 2}
     config = vl_config(text, vision, special, spec["mrope"], rope_theta=5e6)

@@ -17,6 +17,7 @@ from services.language.runner.setup import RunnerSetup, build_runner, num_kv_blo
 from services.language.tokenizer import LanguageTokenizer
 from shared.model.config import ModelConfig, load_config
 from shared.model.loader import load_text_model
+from shared.model.qwen3_moe import Qwen3MoeForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,28 @@ def build_engine_core(model_dir: str | Path, config: EngineConfig) -> EngineCore
     tokenizer = LanguageTokenizer.from_model_dir(model_dir)
     setup = runner_setup(config, model_config)
     executor, num_blocks = build_executor(model_dir, model_config, config, setup)
+    dtype = config.resolve_dtype(model_config)
+    return _core(executor, num_blocks, model_config, tokenizer, config, setup, dtype)
+
+
+def core_for_model(
+    model: Qwen3MoeForCausalLM,
+    model_config: ModelConfig,
+    tokenizer: LanguageTokenizer,
+    config: EngineConfig,
+) -> EngineCore:
+    """An engine core over a model already in memory (benchmarks build random ones)."""
+    setup = runner_setup(config, model_config)
+    num_blocks = num_kv_blocks(model, model_config, setup)
+    runner = build_runner(model, model_config, setup, num_blocks)
+    dtype = next(model.parameters()).dtype
+    return _core(LocalExecutor(runner), num_blocks, model_config, tokenizer, config, setup, dtype)
+
+
+def _core(executor, num_blocks, model_config, tokenizer, config, setup, dtype) -> EngineCore:
     block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     scheduler = Scheduler(
         SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), block_manager
     )
     return EngineCore(executor, scheduler, model_config, tokenizer, setup.runner.max_model_len,
-                      config.resolve_dtype(model_config))  # fmt: skip
+                      dtype)  # fmt: skip

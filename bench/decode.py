@@ -1,0 +1,148 @@
+"""Decode throughput of the engine at several batch sizes, beside transformers' on the same shape.
+
+Random weights made in memory on the device (no checkpoint): for each batch size B, B requests
+with a P-token prompt are prefilled, then N greedy decode steps are timed through the whole
+engine core (scheduler, step plan, runner with CUDA graphs on CUDA, sampler, detokenizer).
+With `--hf`, transformers' `generate` runs the same shape afterwards (its own random weights,
+our model freed first) and the ratio is printed per batch size.
+
+    python -m bench.decode --shape 30b-a3b --device cuda --dtype bfloat16 --batches 1,16,64,128
+    python -m bench.decode --shape tiny --device cpu --batches 1,4 --new 8 --hf   (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+from bench.shapes import SHAPES, model_config, random_text_model
+from scripts.support.tokenizers import build_tokenizer
+from services.language.engine.build import core_for_model
+from services.language.engine.config import EngineConfig
+from services.language.request import GenerationRequest, SamplingParams
+from services.language.tokenizer import LanguageTokenizer
+from shared.model.config import DTYPES
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _tokenizer(vocab: int) -> LanguageTokenizer:
+    return LanguageTokenizer(build_tokenizer(vocab_size=max(vocab, 300)), ())
+
+
+def engine_decode(args, config, batches: list[int]) -> dict[int, float]:
+    """tok/s of N decode steps at each batch size, and the prefill time of each batch."""
+    dtype = DTYPES[args.dtype]
+    model = random_text_model(config, dtype, args.device)
+    engine_config = EngineConfig(
+        max_num_seqs=max(batches), max_num_batched_tokens=max(2048, args.prompt),
+        max_model_len=args.prompt + args.new + 8, device=args.device, dtype=args.dtype,
+        enforce_eager=args.enforce_eager, kv_cache_memory=args.kv_cache_memory,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    core = core_for_model(model, config, _tokenizer(config.text.vocab_size), engine_config)
+    print(f"engine ready in {time.perf_counter() - t0:.1f} s (CUDA graphs captured if on)")
+    gen = torch.Generator().manual_seed(0)
+    results = {}
+    for b in batches:
+        sampling = SamplingParams(temperature=0.0, max_tokens=args.new + 2, ignore_eos=True)
+        for i in range(b):
+            ids = torch.randint(100, 800, (args.prompt,), generator=gen).tolist()
+            core.add_request(GenerationRequest(f"b{b}-{i}", tuple(ids), (), sampling, 0.0))
+        _sync(args.device)
+        t0 = time.perf_counter()
+        while core.scheduler.num_waiting or any(s.num_output_tokens == 0
+                                                for s in core.scheduler.running):  # fmt: skip
+            core.step()
+        core.step()  # the first decode step (warm)
+        _sync(args.device)
+        prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(args.new):
+            core.step()
+        _sync(args.device)
+        decode_s = time.perf_counter() - t0
+        while core.has_work():
+            core.step()
+        results[b] = b * args.new / decode_s
+        print(f"engine  B={b:<4} decode {results[b]:10.1f} tok/s  "
+              f"({decode_s / args.new * 1e3:7.2f} ms/step; prefill + 1 step {prefill_s:.2f} s)",
+              flush=True)  # fmt: skip
+    core = model = None  # freed before transformers loads its own copy
+    gc.collect()
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+def hf_decode(args, batches: list[int]) -> dict[int, float]:
+    """transformers generate at each batch size (greedy, min = max new tokens)."""
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    from bench.shapes import special_ids
+    from scripts.support.checkpoints import vl_config
+
+    spec = SHAPES[args.shape]
+    text = {**spec["text"], "max_position_embeddings": 32768, "rms_norm_eps": 1e-6}
+    if args.layers:
+        text["num_hidden_layers"] = args.layers
+    vision = {**spec["vision"], "out_hidden_size": text["hidden_size"]}
+    cfg = vl_config(text, vision, special_ids(text["vocab_size"]), spec["mrope"], 5e6)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = Qwen3VLMoeForConditionalGeneration._from_config(cfg, dtype=DTYPES[args.dtype])
+    model.eval()
+    results = {}
+    for b in batches:
+        ids = torch.randint(100, 800, (b, args.prompt), device=args.device)
+        kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+        model.generate(input_ids=ids, max_new_tokens=2, min_new_tokens=2, **kw)
+        _sync(args.device)
+        t0 = time.perf_counter()
+        model.generate(input_ids=ids, max_new_tokens=args.new, min_new_tokens=args.new, **kw)
+        _sync(args.device)
+        results[b] = b * args.new / (time.perf_counter() - t0)
+        print(f"hf      B={b:<4} generate {results[b]:8.1f} tok/s", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="30b-a3b")
+    p.add_argument("--layers", type=int, default=None, help="override the decoder depth")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--batches", default="1,16,64,128")
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens per request")
+    p.add_argument("--new", type=int, default=64, help="timed decode steps")
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes (default: fraction)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--hf", action="store_true", help="also time transformers generate")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    config = model_config(args.shape, args.layers)
+    print(f"shape={args.shape} layers={config.text.num_hidden_layers} device={args.device} "
+          f"dtype={args.dtype} prompt={args.prompt} new={args.new} torch={torch.__version__}")
+    ours = engine_decode(args, config, batches)
+    result = {"engine_tok_s": ours}
+    if args.hf:
+        theirs = hf_decode(args, batches)
+        result["hf_tok_s"] = theirs
+        for b in batches:
+            print(f"ratio B={b}: engine / transformers = {ours[b] / theirs[b]:.2f}x")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
