@@ -50,7 +50,9 @@ class ServiceProcess:
         self.port_file = workdir / f"{label}.ports.json"
         self.log_path = workdir / f"{label}.log" if log_path is True else (log_path or None)
         self.port_file.unlink(missing_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # One intra-op thread unless told otherwise: tests and the demo run several services on
+        # few cores, where OpenMP spin-waiting threads of one starve the others.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self._log = self.log_path.open("w") if self.log_path is not None else None
         command = [sys.executable, "-m", module or f"services.{name}", *args, "--port-file",
                    str(self.port_file)]  # fmt: skip

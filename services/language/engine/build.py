@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from services.language.engine.config import EngineConfig
 from services.language.engine.core import EngineCore
 from services.language.engine.kv_cache import BlockManager
@@ -42,6 +44,10 @@ def build_executor(
     """(executor, KV blocks per rank): in this process, or over tensor-parallel ranks."""
     dtype = config.resolve_dtype(model_config)
     if config.tensor_parallel_size == 1:
+        threads = config.threads_per_rank()
+        if threads is not None:
+            torch.set_num_threads(threads)
+            log.info("intra-op threads: %d", threads)
         model = load_text_model(model_dir, dtype=dtype, device=config.device).eval()
         num_blocks = num_kv_blocks(model, model_config, setup)
         return LocalExecutor(build_runner(model, model_config, setup, num_blocks)), num_blocks

@@ -85,9 +85,12 @@ class EngineConfig:
         return (self.device,) * n
 
     def threads_per_rank(self) -> int | None:
-        """CPU threads each rank uses: `threads`, or the usable cores split between the ranks."""
+        """CPU threads each rank uses: `threads`, else $OMP_NUM_THREADS or the usable cores,
+        split between the ranks."""
         if self.threads is not None:
             return self.threads
         if torch.device(self.device).type != "cpu":
             return None
-        return max(1, len(os.sched_getaffinity(0)) // self.tensor_parallel_size)
+        available = os.environ.get("OMP_NUM_THREADS", "")
+        cores = int(available) if available.isdigit() else len(os.sched_getaffinity(0))
+        return max(1, cores // self.tensor_parallel_size)
