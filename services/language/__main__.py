@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -21,7 +22,13 @@ import uvicorn
 
 from services import common
 from services.language.api import APIConfig, LanguageFrontend, create_app
+from services.language.cli_options import (
+    add_chat_arguments,
+    chat_template_source,
+    frontend_options,
+)
 from services.language.engine import AsyncEngine, EngineConfig, EngineConfigError
+from services.language.frontend import FrontendOptions
 from services.language.images import ImageFetchConfig, ImageLoader
 from services.language.metrics import LanguageMetrics
 from services.language.prompt import ChatTemplate, ContextWindow, PromptBuilder
@@ -85,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     images.add_argument("--max-image-bytes", type=parse_bytes, default=parse_bytes("20MiB"))
     images.add_argument("--image-fetch-timeout", type=float, default=10.0, help="seconds")
+    add_chat_arguments(p, images)
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-n", type=int, default=8, help="most choices per request")
     limits.add_argument("--max-request-bytes", type=parse_bytes, default=parse_bytes("64MiB"))
@@ -161,6 +169,7 @@ def image_fetch_config(args: argparse.Namespace) -> ImageFetchConfig:
         max_image_bytes=args.max_image_bytes,
         fetch_timeout_s=args.image_fetch_timeout,
         allowed_networks=networks,
+        allowed_local_media_path=args.allowed_local_media_path,
     )
 
 
@@ -175,15 +184,34 @@ def _merge_size(model_dir: Path, engine: Any) -> int:
     return vision.spatial_merge_size
 
 
+def _image_processor(model_dir: Path, engine: Any):
+    if engine.model_config.vision is None:
+        return None
+    from shared.model.processing import ImageProcessorConfig, load_image_processor_config
+
+    if (model_dir / "preprocessor_config.json").is_file():
+        return load_image_processor_config(model_dir)
+    return ImageProcessorConfig(merge_size=engine.model_config.vision.spatial_merge_size)
+
+
 def build_frontend(
-    model_dir: Path, engine: Any, encoder: Any, fetch: ImageFetchConfig
+    model_dir: Path,
+    engine: Any,
+    encoder: Any,
+    fetch: ImageFetchConfig,
+    options: FrontendOptions | None = None,
+    chat_template: str | None = None,
 ) -> LanguageFrontend:
-    """Wire the chat template, tokenizer, image loader, encoder and engine together."""
+    """Wire the chat template, tokenizer, image loader, encoder and engine together;
+    `chat_template` (the source text) replaces the checkpoint's."""
     model_config = engine.model_config
     image_token_id = model_config.image_token_id if model_config.is_vl else None
     prompt_builder = PromptBuilder(
-        ChatTemplate.from_model_dir(model_dir), engine.tokenizer.encode, image_token_id
-    )
+        ChatTemplate.from_model_dir(model_dir, chat_template), engine.tokenizer.encode,
+        image_token_id,
+    )  # fmt: skip
+    options = options or FrontendOptions()
+    policy = dataclasses.replace(options.images, processor=_image_processor(model_dir, engine))
     return LanguageFrontend(
         engine,
         prompt_builder,
@@ -192,6 +220,7 @@ def build_frontend(
         ContextWindow(engine.max_model_len),
         LanguageMetrics(engine.stats),
         merge_size=_merge_size(model_dir, engine),
+        options=dataclasses.replace(options, images=policy),
     )
 
 
@@ -262,12 +291,14 @@ async def _exit_when_fatal(engine: Any, server: uvicorn.Server, delay_s: float) 
 
 async def serve(args: argparse.Namespace) -> int:
     """Load, start and serve until a signal arrives."""
+    options, template = frontend_options(args), chat_template_source(args.chat_template)
+    fetch = image_fetch_config(args)
     engine = await asyncio.to_thread(AsyncEngine.from_model_dir, args.model, engine_config(args))
     encoder = _build_encoder(args, engine)
     if encoder is not None:
         # Refuses to start against a replica of another model (IncompatibleEncoderError).
         await encoder.check_replicas(_HANDSHAKE_TIMEOUT_S)
-    frontend = build_frontend(args.model, engine, encoder, image_fetch_config(args))
+    frontend = build_frontend(args.model, engine, encoder, fetch, options, template)
     name = args.served_model_name or args.model.resolve().name
     api_config = APIConfig(
         name, args.api_key, str(args.model.resolve()), args.max_n, args.max_request_bytes

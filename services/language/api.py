@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 from collections.abc import Awaitable
 from contextlib import suppress
@@ -12,13 +14,18 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from services.language.api_tokenize import add_tokenize_routes
 from services.language.errors import BadRequestError, NotFoundError
-from services.language.frontend import LanguageFrontend
+from services.language.frontend import ChatInput, LanguageFrontend
 from services.language.http_errors import RequestGate, install_error_handlers
 from services.language.metrics import CONTENT_TYPE
 from services.language.openai_responses import ResponseBuilder, collect_response, stream_events
 from services.language.openai_schemas import ChatCompletionRequest, CompletionRequest
 from services.language.request import GenerationRequest
+from services.language.structured_output import Constraint
+from services.language.tool_calls import plan_tools
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,30 @@ class _ClientGone(Exception):
     """The client disconnected; nothing is left to answer."""
 
 
+def warn_unknown(names: list[str]) -> None:
+    """One log line naming the request fields this server ignored (vLLM does the same)."""
+    if names:
+        logger.warning("ignoring request fields this server does not know: %s", ", ".join(names))
+
+
+def _chat_input(body: ChatCompletionRequest, frontend: LanguageFrontend):
+    """(ChatInput, ToolPlan) of a chat request: template inputs, image limits, constraint."""
+    render = body.render_options()
+    parallel = body.parallel_tool_calls is not False
+    plan = plan_tools(body.tools, body.tool_choice, parallel, frontend.options.tools)
+    constraint = body.constraint()
+    if plan.forced_format is not None:
+        if constraint is not None:
+            raise BadRequestError(
+                f"tool_choice {body.tool_choice!r} forces a tool call; it cannot be combined "
+                f"with {constraint.param}",
+                param="tool_choice",
+            )
+        constraint = Constraint(plan.forced_format, "tools")
+    pixels = frontend.options.images.pixel_limits(body.mm_processor_kwargs)
+    return ChatInput(render, pixels, constraint), plan
+
+
 def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> FastAPI:
     """The OpenAI-compatible HTTP app around a frontend."""
     app = FastAPI(
@@ -85,8 +116,8 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
                 "owned_by": "splitvl", "root": config.model_root or config.model_name,
                 "parent": None, "max_model_len": frontend.window.max_model_len}  # fmt: skip
 
-    def check_model(name: str) -> None:
-        if name != config.model_name:
+    def check_model(name: str | None) -> None:
+        if name is not None and name != config.model_name:
             raise NotFoundError(
                 f"the model {name!r} does not exist; this server serves {config.model_name!r}",
                 param="model",
@@ -120,6 +151,7 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
+        warn_unknown(body.check_fields())
         check_model(body.model)
         check_n(body.n)
         logprobs = body.logprobs_count()
@@ -127,11 +159,13 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
         # Validate sampling before any image is fetched or encoded
         sampling = body.sampling_params(requested if requested is not None else 1, logprobs)
         messages = body.chat_messages()
+        chat, plan = _chat_input(body, frontend)
         options = body.response_options(logprobs)
         builder = ResponseBuilder("chat", config.model_name, options, frontend.token_text)
 
         async def prepare() -> tuple[list[GenerationRequest], int]:
-            prompt = await frontend.prepare_chat(messages, builder.id)
+            prompt = await frontend.prepare_chat(messages, builder.id, chat)
+            builder.configure_output(frontend.output_config(plan, prompt))
             requests = frontend.make_requests(
                 builder.id, prompt, sampling, requested, body.n, arrival
             )
@@ -142,23 +176,29 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
+        warn_unknown(body.check_fields())
         check_model(body.model)
         check_n(body.n)
         logprobs = body.logprobs_count()
         requested = body.max_tokens
         sampling = body.sampling_params(requested if requested is not None else 1, logprobs)
         prompt_input = body.single_prompt()
+        constraint = body.constraint()
         options = body.response_options(logprobs)
         builder = ResponseBuilder("text", config.model_name, options, frontend.token_text)
 
         async def prepare() -> tuple[list[GenerationRequest], int]:
             prompt = await asyncio.to_thread(frontend.prepare_text, prompt_input)
+            grammar = await frontend.compile(constraint)
+            prompt = dataclasses.replace(prompt, grammar=grammar)
             requests = frontend.make_requests(
                 builder.id, prompt, sampling, requested, body.n, arrival
             )
             return requests, 0
 
         return await _run(request, body.stream, builder, prepare)
+
+    add_tokenize_routes(app, frontend, check_model, warn_unknown)
 
     async def _run(request: Request, stream_response: bool, builder, prepare) -> Response:
         async def start():

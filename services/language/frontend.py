@@ -1,8 +1,10 @@
 """The language service's front end, shared by the HTTP and gRPC APIs.
 
-`LanguageFrontend` turns messages into `GenerationRequest`s (chat template, image loading,
-encode service, pad expansion, context-length checks) and runs them on the engine, recording
-metrics. Text-only requests never reach the encode service. It knows nothing of HTTP or gRPC.
+`LanguageFrontend` turns messages into `GenerationRequest`s (chat template, image limits and
+loading, encode service, pad expansion, context-length checks, grammar compilation) and runs
+them on the engine, recording metrics. Text-only requests never reach the encode service.
+Grammars compile on a worker thread, so neither the event loop nor the engine thread waits on
+them. It knows nothing of HTTP or gRPC.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
+from dataclasses import dataclass, field
 from typing import Any
 
+from services.language.chat_output import ChatOutputConfig
 from services.language.encode_client import EncodeError
 from services.language.errors import (
     BadRequestError,
@@ -22,7 +26,12 @@ from services.language.errors import (
     encode_failure,
     engine_failure,
 )
-from services.language.images import ImageLoader
+from services.language.image_policy import (
+    ImagePolicy,
+    PixelLimits,
+    expand_pads_by_count,
+)
+from services.language.images import ImageLoader, check_image_bytes
 from services.language.metrics import LanguageMetrics, RequestTimer
 from services.language.prompt import (
     ChatMessage,
@@ -30,13 +39,40 @@ from services.language.prompt import (
     ImagePart,
     PreparedPrompt,
     PromptBuilder,
+    RenderOptions,
     collect_images,
     expand_image_pads,
 )
+from services.language.reasoning import prompt_opens_reasoning, reasoning_format
 from services.language.request import GenerationRequest, RequestOutput, SamplingParams
+from services.language.structured_output import (
+    CompiledGrammar,
+    Constraint,
+    GrammarCompiler,
+    GrammarError,
+)
+from services.language.tool_calls import ToolConfig, ToolPlan
 from shared.wire.images import EncodedImage, ImageRef
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """A chat request's inputs besides the messages."""
+
+    render: RenderOptions = field(default_factory=RenderOptions)
+    pixels: PixelLimits = field(default_factory=PixelLimits)
+    constraint: Constraint | None = None
+
+
+@dataclass(frozen=True)
+class FrontendOptions:
+    """Server-wide front-end settings from the command line."""
+
+    reasoning_parser: str | None = None  # "qwen3"
+    tools: ToolConfig = field(default_factory=ToolConfig)
+    images: ImagePolicy = field(default_factory=ImagePolicy)
 
 
 class LanguageFrontend:
@@ -52,6 +88,7 @@ class LanguageFrontend:
         metrics: LanguageMetrics,
         merge_size: int = 2,
         retry_after_s: int = 1,
+        options: FrontendOptions | None = None,
     ) -> None:
         self.engine = engine
         self.prompt_builder = prompt_builder
@@ -61,26 +98,86 @@ class LanguageFrontend:
         self.metrics = metrics
         self.merge_size = merge_size
         self.retry_after_s = retry_after_s
+        self.options = options or FrontendOptions()
+        self.grammars = GrammarCompiler(engine.tokenizer, engine.model_config.text.vocab_size)
 
     def token_text(self, token_id: int) -> str:
         """The text of one token, for logprobs."""
         return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
     async def prepare_chat(
-        self, messages: Sequence[ChatMessage], request_id: str
+        self, messages: Sequence[ChatMessage], request_id: str, chat: ChatInput | None = None
     ) -> PreparedPrompt:
-        """Render, tokenize, load and encode images, expand pads."""
+        """Render, tokenize, compile the grammar, load and encode images, expand pads."""
+        chat = chat or ChatInput()
         image_parts = collect_images(messages)
-        # Tokenizing a long prompt takes milliseconds: keep it off the event loop
-        token_ids = await asyncio.to_thread(self.prompt_builder.tokenize, messages)
+        self.options.images.check_count(len(image_parts))  # before any image is loaded
+        text, token_ids = await self._render(messages, chat.render)
         # Each image adds at least one token: refuse hopeless prompts before encoding anything
         self.window.check_prompt(len(token_ids))
+        opens = self.options.reasoning_parser is not None and prompt_opens_reasoning(text)
+        grammar = await self.compile(chat.constraint, opens)
         if not image_parts:
-            return PreparedPrompt(tuple(token_ids))
-        images = await self._encode_images(image_parts, request_id)
+            return PreparedPrompt(tuple(token_ids), grammar=grammar, reasoning_open=opens)
+        images = await self._encode_images(image_parts, request_id, chat.pixels)
         image_token_id = self.prompt_builder.image_token_id
         expanded = expand_image_pads(token_ids, image_token_id, images, self.merge_size)
-        return PreparedPrompt(expanded, tuple(images))
+        return PreparedPrompt(expanded, tuple(images), grammar, opens)
+
+    async def _render(
+        self, messages: Sequence[ChatMessage], options: RenderOptions
+    ) -> tuple[str, list[int]]:
+        def render() -> tuple[str, list[int]]:
+            text = self.prompt_builder.render(messages, options)
+            return text, self.prompt_builder.tokenize_rendered(messages, text)
+
+        # Tokenizing a long prompt takes milliseconds: keep it off the event loop
+        return await asyncio.to_thread(render)
+
+    async def compile(
+        self, constraint: Constraint | None, reasoning_open: bool = False
+    ) -> CompiledGrammar | None:
+        """The constraint's grammar (cached), compiled on a worker thread; 400 naming the field
+        when it does not compile. With a reasoning parser the model may think before it."""
+        if constraint is None:
+            return None
+        fmt = constraint.format
+        if self.options.reasoning_parser is not None:
+            fmt = reasoning_format(fmt, reasoning_open)
+        try:
+            return await asyncio.to_thread(self.grammars.compile, fmt)
+        except GrammarError as exc:
+            raise BadRequestError(
+                f"{constraint.param} cannot be compiled into a grammar: {exc}",
+                param=constraint.param,
+            ) from exc
+
+    def output_config(self, plan: ToolPlan, prompt: PreparedPrompt) -> ChatOutputConfig:
+        """The parsers a chat request's choices run."""
+        return ChatOutputConfig(
+            reasoning=self.options.reasoning_parser is not None,
+            reasoning_open=prompt.reasoning_open,
+            tool_calls=plan.parse,
+            max_tool_calls=plan.max_calls,
+        )
+
+    async def count_chat(
+        self, messages: Sequence[ChatMessage], chat: ChatInput
+    ) -> list[int]:
+        """The prompt token ids a chat request would have, image pads expanded to each image's
+        token count computed from its size (the images are loaded, not encoded)."""
+        image_parts = collect_images(messages)
+        self.options.images.check_count(len(image_parts))
+        _, token_ids = await self._render(messages, chat.render)
+        if not image_parts:
+            return token_ids
+        if self.options.images.processor is None:
+            raise BadRequestError("this server has no image processor; images are not accepted")
+        datas = await asyncio.gather(*(self._image_bytes(part) for part in image_parts))
+        max_pixels = self.image_loader.config.max_image_pixels
+        sizes = [check_image_bytes(data, max_pixels) for data in datas]
+        counts = [self.options.images.num_tokens(w, h, chat.pixels) for w, h in sizes]
+        return expand_pads_by_count(token_ids, self.prompt_builder.image_token_id, counts)
 
     def prepare_text(self, prompt: str | Sequence[int]) -> PreparedPrompt:
         """A plain completion prompt (text, or token ids that must not contain image pads)."""
@@ -98,15 +195,19 @@ class LanguageFrontend:
         self.window.check_prompt(len(token_ids))
         return PreparedPrompt(tuple(token_ids))
 
-    async def _encode_images(self, parts: list[ImagePart], request_id: str) -> list[EncodedImage]:
+    async def _encode_images(
+        self, parts: list[ImagePart], request_id: str, pixels: PixelLimits
+    ) -> list[EncodedImage]:
         """Images -> packed embeddings through the encode client (`EncodeClient` or the same
         shape), handed to the engine as they arrived: no unpacking here."""
         if self.encoder is None:
             raise BadRequestError("this server has no encode service; images are not accepted")
         start = time.monotonic()
         datas = await asyncio.gather(*(self._image_bytes(part) for part in parts))
+        refs = [ImageRef(data=data, min_pixels=pixels.min_pixels, max_pixels=pixels.max_pixels)
+                for data in datas]  # fmt: skip
         try:
-            encoded = await self.encoder.encode([ImageRef(data=data) for data in datas])
+            encoded = await self.encoder.encode(refs)
         except EncodeError as exc:
             raise encode_failure(exc, self.retry_after_s) from exc
         self.metrics.encode_latency.observe(time.monotonic() - start)
@@ -133,9 +234,8 @@ class LanguageFrontend:
             seed = None if sampling.seed is None else sampling.seed + index
             params = dataclasses.replace(sampling, max_tokens=max_tokens, seed=seed)
             rid = request_id if n == 1 else f"{request_id}-{index}"
-            requests.append(
-                GenerationRequest(rid, prompt.token_ids, prompt.images, params, arrival_time)
-            )
+            requests.append(GenerationRequest(rid, prompt.token_ids, prompt.images, params,
+                                              arrival_time, prompt.grammar))  # fmt: skip
         return requests
 
     async def generate(

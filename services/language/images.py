@@ -1,11 +1,13 @@
-"""Loading the bytes of image parts: `data:` URLs, and http(s) URLs when the operator enables them.
+"""Loading the bytes of image parts: `data:` URLs, http(s) URLs when the operator enables them, and
+`file://` URLs under one directory the operator names.
 
 Fetching URLs on behalf of clients is a server-side request forgery risk, so http(s) fetching
 is off by default and, when on, every hop (redirects included) is resolved first and refused if
 any address is not globally routable (loopback, private, link-local such as cloud metadata at
 169.254.169.254, ...). The connection then goes to the address that was checked, so a DNS answer
 that changes between the check and the connect (DNS rebinding) cannot redirect it. Size and time
-limits bound what one image can cost.
+limits bound what one image can cost. A `file://` path is resolved (symlinks followed) before it
+is checked, so neither `..` nor a link can reach outside the allowed directory.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import ipaddress
 import socket
 import warnings
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
 from PIL import Image, UnidentifiedImageError
@@ -51,6 +54,7 @@ class ImageFetchConfig:
     fetch_timeout_s: float = 10.0
     max_redirects: int = 3
     allowed_networks: tuple[str, ...] = ()
+    allowed_local_media_path: str | None = None  # file:// URLs are served from here only
 
     def __post_init__(self) -> None:
         if self.max_image_bytes <= 0 or self.max_image_pixels <= 0:
@@ -133,6 +137,15 @@ class ImageLoader:
         self._allowed = tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in config.allowed_networks
         )
+        self._media_root: Path | None = None
+        if config.allowed_local_media_path is not None:
+            root = Path(config.allowed_local_media_path).resolve()
+            if not root.is_dir():
+                raise FileNotFoundError(
+                    f"--allowed-local-media-path {config.allowed_local_media_path} is not a "
+                    "directory"
+                )
+            self._media_root = root
 
     async def load(self, url: str) -> bytes:
         """Return the image bytes behind `url`; raises ImageInputError or ImageTooLargeError."""
@@ -151,12 +164,40 @@ class ImageLoader:
                     "base64 data URL ('data:image/png;base64,...')"
                 )
             data = await self._fetch(url)
+        elif scheme == "file":
+            data = await asyncio.to_thread(self._read_local, url)
         else:
             raise ImageInputError(
                 f"unsupported image URL scheme {scheme!r} in {_short(url)!r}; use a data: URL"
                 + (" or http(s)" if self.config.allow_http else "")
             )
         return self.check(data)
+
+    def _read_local(self, url: str) -> bytes:
+        root = self._media_root
+        if root is None:
+            raise ImageInputError(
+                "file:// image URLs are disabled on this server (it was started without "
+                "--allowed-local-media-path); send the image as a base64 data URL"
+            )
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ImageInputError(
+                f"{_short(url)!r} is not an absolute local file URL (file:///path/to/image.png)"
+            )
+        path = Path(unquote(parts.path)).resolve()
+        if not path.is_relative_to(root):
+            raise ImageInputError(
+                f"image file {_short(url)!r} is outside the allowed directory {root}"
+            )
+        if not path.is_file():
+            raise ImageInputError(f"image file {_short(url)!r} does not exist")
+        limit = self.config.max_image_bytes
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            raise ImageTooLargeError(f"image file is over the limit of {limit} bytes")
+        return data
 
     def check(self, data: bytes) -> bytes:
         """Return `data` if it is an image within the byte and pixel limits; raise otherwise."""

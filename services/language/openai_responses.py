@@ -2,7 +2,9 @@
 
 `ResponseBuilder` folds each choice's `RequestOutput`s into a chat or text-completion body (or
 one stream event per output); `collect_response` and `stream_events` drive it from an engine
-stream and close that stream however they end, which aborts an unfinished request.
+stream and close that stream however they end, which aborts an unfinished request. Chat choices
+may run output parsers (reasoning, tool calls) that turn the text into `reasoning_content`,
+`content` and `tool_calls`; a choice that called tools finishes with "tool_calls".
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from services.language.chat_output import ChatOutputConfig, ChoiceDelta, ChoiceOutputParser
 from services.language.errors import APIError, InternalServerError, ServiceUnavailableError
 from services.language.request import RequestOutput, TokenLogprob
 
@@ -66,6 +69,9 @@ class ChoiceState:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     num_output_tokens: int = 0
+    content: list[str] = field(default_factory=list)  # the answer, once parsers took their part
+    reasoning: list[str] = field(default_factory=list)
+    parser: ChoiceOutputParser | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class ResponseOptions:
     logprobs: bool = False
     include_usage: bool = False  # streams only: a closing usage chunk
     return_token_ids: bool = False  # vLLM's extension: token ids beside the text
+    continuous_usage: bool = False  # streams with include_usage: usage on every chunk
 
 
 class ResponseBuilder:
@@ -95,9 +102,17 @@ class ResponseBuilder:
         self.token_text = token_text
         self.prompt_token_ids: tuple[int, ...] = ()
         self.last_output: RequestOutput | None = None
+        self.output_config = ChatOutputConfig()
 
-    def add(self, index: int, output: RequestOutput) -> None:
-        """Fold one output of choice `index` into the totals."""
+    def configure_output(self, config: ChatOutputConfig) -> None:
+        """Run `config`'s parsers on every choice (chat only; before the first output)."""
+        self.output_config = config
+        if self.kind == "chat" and config.active:
+            for state in self.choices:
+                state.parser = ChoiceOutputParser(config)
+
+    def add(self, index: int, output: RequestOutput) -> ChoiceDelta:
+        """Fold one output of choice `index` into the totals; returns what it adds."""
         state = self.choices[index]
         state.text.append(output.new_text)
         state.token_ids.extend(output.new_token_ids)
@@ -106,18 +121,58 @@ class ResponseBuilder:
         if output.finished:
             state.finish_reason = output.finish_reason
         self.last_output = output
+        delta = ChoiceDelta(output.new_text)
+        if state.parser is not None:
+            delta = state.parser.feed(output.new_text, len(output.new_token_ids))
+            if output.finished:
+                delta = delta + state.parser.finish()
+        state.content.append(delta.content)
+        state.reasoning.append(delta.reasoning)
+        return delta
 
     def usage(self) -> dict:
-        """OpenAI `usage`: prompt tokens (image tokens included) counted once."""
+        """OpenAI `usage`: prompt tokens (image tokens included) counted once; completion
+        tokens count reasoning and answer alike."""
         out = self.last_output
         prompt = out.num_prompt_tokens if out else 0
         completion = sum(state.num_output_tokens for state in self.choices)
-        return {
+        usage = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens if out else 0},
         }
+        if self.output_config.reasoning:
+            reasoning = sum(s.parser.num_reasoning_tokens for s in self.choices if s.parser)
+            usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+        return usage
+
+    @staticmethod
+    def _finish_reason(state: ChoiceState, reason: str | None) -> str | None:
+        if reason == "stop" and state.parser is not None and state.parser.tool_calls:
+            return "tool_calls"
+        return reason
+
+    def _message(self, state: ChoiceState) -> dict:
+        content = "".join(state.content)
+        calls = state.parser.tool_calls if state.parser is not None else []
+        message: dict = {"role": "assistant", "content": content or (None if calls else "")}
+        if self.output_config.reasoning:
+            message["reasoning_content"] = "".join(state.reasoning) or None
+        if calls:
+            message["tool_calls"] = [call.to_dict() for call in calls]
+        return message
+
+    @staticmethod
+    def _delta(delta: ChoiceDelta) -> dict:
+        body: dict = {}
+        if delta.reasoning:
+            body["reasoning_content"] = delta.reasoning
+        if delta.content:
+            body["content"] = delta.content
+        if delta.tool_calls:
+            body["tool_calls"] = [d.to_dict() for d in delta.tool_calls]
+        return body
 
     def _logprobs(self, entries: Sequence[TokenLogprob] | None, offset: int = 0) -> dict | None:
         if not self.options.logprobs or entries is None:
@@ -126,15 +181,11 @@ class ResponseBuilder:
             return chat_logprobs(entries, self.token_text)
         return completion_logprobs(entries, self.token_text, offset)
 
-    def _choice(self, index: int, text: str, token_ids, logprobs, reason, delta: bool) -> dict:
-        if self.kind == "text":
-            choice = {"index": index, "text": text}
-        elif delta:
-            choice = {"index": index, "delta": {"content": text} if text else {}}
-        else:
-            choice = {"index": index, "message": {"role": "assistant", "content": text}}
+    def _choice(self, index: int, body, token_ids, logprobs, reason, delta: bool) -> dict:
+        key = "text" if self.kind == "text" else "delta" if delta else "message"
+        choice = {"index": index, key: body}
         choice["logprobs"] = logprobs
-        choice["finish_reason"] = reason
+        choice["finish_reason"] = self._finish_reason(self.choices[index], reason)
         if self.options.return_token_ids:
             choice["token_ids"] = list(token_ids)
         return choice
@@ -142,8 +193,9 @@ class ResponseBuilder:
     def response(self) -> dict:
         """The whole (non-streamed) response body."""
         choices = [
-            self._choice(i, "".join(state.text), state.token_ids,
-                         self._logprobs(state.logprobs), state.finish_reason, delta=False)
+            self._choice(i, "".join(state.text) if self.kind == "text" else self._message(state),
+                         state.token_ids, self._logprobs(state.logprobs), state.finish_reason,
+                         delta=False)
             for i, state in enumerate(self.choices)
         ]  # fmt: skip
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
@@ -158,6 +210,8 @@ class ResponseBuilder:
         body = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices}  # fmt: skip
         if self.options.include_usage:  # OpenAI sends usage: null on every chunk but the last
+            if usage is None and self.options.continuous_usage:
+                usage = self.usage()  # vLLM's continuous_usage_stats: the running totals
             body["usage"] = usage
         return sse(body)
 
@@ -175,14 +229,19 @@ class ResponseBuilder:
     def delta_event(self, index: int, output: RequestOutput) -> str | None:
         """The stream event of one output, or None when it carries nothing to send."""
         offset = sum(len(t) for t in self.choices[index].text)
-        self.add(index, output)
-        if not (output.new_text or output.finished or output.logprobs or output.new_token_ids):
+        delta = self.add(index, output)
+        if self.kind == "chat":
+            # Text a parser holds back (a tag being written) is sent later, not as empty deltas
+            carries = not delta.is_empty() or (self.options.logprobs and output.logprobs) or (
+                self.options.return_token_ids and output.new_token_ids)
+        else:
+            carries = output.new_text or output.logprobs or output.new_token_ids
+        if not (carries or output.finished):
             return None
         reason = output.finish_reason if output.finished else None
         logprobs = self._logprobs(output.logprobs, offset)
-        choice = self._choice(
-            index, output.new_text, output.new_token_ids, logprobs, reason, delta=True
-        )
+        body = output.new_text if self.kind == "text" else self._delta(delta)
+        choice = self._choice(index, body, output.new_token_ids, logprobs, reason, delta=True)
         return self._chunk([choice])
 
     def usage_event(self) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,11 @@ class ChatMessage:
 
     role: str
     content: str | tuple[ContentPart, ...] | None
+    # Assistant calls in the history, as OpenAI sends them ({"id", "type", "function": {...}})
+    tool_calls: tuple[Mapping[str, Any], ...] | None = None
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
+    reasoning_content: str | None = None  # an assistant turn's earlier thinking
 
     def image_parts(self) -> list[ImagePart]:
         """The message's image parts, in order."""
@@ -163,6 +168,21 @@ def _compile(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+# Variables the server itself passes to the template; chat_template_kwargs may not set them
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "documents",
+                                         "add_generation_prompt"})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Per-request template inputs besides the messages: tools (OpenAI's dicts, rendered as
+    sent) and extra variables (`chat_template_kwargs`, e.g. `enable_thinking`)."""
+
+    tools: tuple[Mapping[str, Any], ...] | None = None
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    add_generation_prompt: bool = True
+
+
 class ChatTemplate:
     """A compiled chat template plus the special-token variables it is rendered with."""
 
@@ -175,24 +195,29 @@ class ChatTemplate:
         self.special_tokens = dict(special_tokens or {})
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> ChatTemplate:
-        """Load the template and special tokens of a Hugging Face checkpoint directory."""
-        return cls(load_chat_template_source(model_dir), load_special_tokens(model_dir))
+    def from_model_dir(cls, model_dir: str | Path, source: str | None = None) -> ChatTemplate:
+        """Load the template and special tokens of a Hugging Face checkpoint directory;
+        `source` replaces the checkpoint's template (`--chat-template`)."""
+        if source is None:
+            source = load_chat_template_source(model_dir)
+        return cls(source, load_special_tokens(model_dir))
 
     def render(
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
         add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> str:
         """Render plain message dicts; raises BadRequestError when the template rejects them."""
         plain = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        variables = {**self.special_tokens, **kwargs}
+        extra = {k: v for k, v in kwargs.items() if k not in RESERVED_TEMPLATE_VARIABLES}
+        variables = {**self.special_tokens, **extra}
         try:
             return self._template.render(
                 messages=plain,
-                tools=None,
+                tools=list(tools) if tools is not None else None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **variables,
@@ -204,16 +229,21 @@ class ChatTemplate:
 def message_to_template_dict(message: ChatMessage) -> dict[str, Any]:
     """The message in the dict form chat templates read (OpenAI-style content parts)."""
     role = _ROLE_ALIASES.get(message.role, message.role)
-    if not isinstance(message.content, tuple):
-        return {"role": role, "content": message.content}
-    parts: list[dict[str, Any]] = []
-    for part in message.content:
-        if isinstance(part, TextPart):
-            parts.append({"type": "text", "text": part.text})
-        else:
-            # Templates only test that an image key is present; they never read the URL
-            parts.append({"type": "image"})
-    return {"role": role, "content": parts}
+    item: dict[str, Any] = {"role": role, "content": message.content}
+    if isinstance(message.content, tuple):
+        parts: list[dict[str, Any]] = []
+        for part in message.content:
+            if isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+            else:
+                # Templates only test that an image key is present; they never read the URL
+                parts.append({"type": "image"})
+        item["content"] = parts
+    extras = {"tool_calls": list(message.tool_calls) if message.tool_calls else None,
+              "tool_call_id": message.tool_call_id, "name": message.name,
+              "reasoning_content": message.reasoning_content}  # fmt: skip
+    item.update((key, value) for key, value in extras.items() if value is not None)
+    return item
 
 
 def collect_images(messages: Iterable[ChatMessage]) -> list[ImagePart]:
@@ -244,16 +274,30 @@ class PromptBuilder:
         self._encode = encode
         self.image_token_id = image_token_id
 
-    def render(self, messages: Sequence[ChatMessage]) -> str:
-        """The prompt text, ending with the assistant header."""
-        return self.template.render([message_to_template_dict(m) for m in messages])
+    def render(
+        self, messages: Sequence[ChatMessage], options: RenderOptions | None = None
+    ) -> str:
+        """The prompt text, ending with the assistant header (unless options say otherwise)."""
+        options = options or RenderOptions()
+        return self.template.render(
+            [message_to_template_dict(m) for m in messages],
+            add_generation_prompt=options.add_generation_prompt,
+            tools=options.tools,
+            **options.template_kwargs,
+        )
 
-    def tokenize(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def tokenize(
+        self, messages: Sequence[ChatMessage], options: RenderOptions | None = None
+    ) -> list[int]:
         """Token ids of the rendered prompt; checks one pad per image part."""
+        return self.tokenize_rendered(messages, self.render(messages, options))
+
+    def tokenize_rendered(self, messages: Sequence[ChatMessage], text: str) -> list[int]:
+        """Token ids of `text`, the messages' rendering; checks one pad per image part."""
         num_images = len(collect_images(messages))
         if num_images and self.image_token_id is None:
             raise BadRequestError("this model is text-only; remove the image parts")
-        token_ids = list(self._encode(self.render(messages)))
+        token_ids = list(self._encode(text))
         num_pads = token_ids.count(self.image_token_id) if self.image_token_id is not None else 0
         if num_pads != num_images:
             # Literal special-token text in a message would otherwise be taken as an image slot
@@ -299,6 +343,8 @@ class PreparedPrompt:
 
     token_ids: tuple[int, ...]
     images: tuple[EncodedImage, ...] = ()
+    grammar: Any = None  # structured_output.CompiledGrammar the answer must follow
+    reasoning_open: bool = False  # the rendered prompt leaves <think> open
 
     @property
     def num_image_tokens(self) -> int:

@@ -6,6 +6,7 @@ import enum
 import math
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    # (token id, bias) pairs added to the logits before sampling, OpenAI's `logit_bias`
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         _check(_finite(self.temperature) and self.temperature >= 0.0,
@@ -70,6 +73,7 @@ class SamplingParams:
         _check(self.logprobs is None
                or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
                f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}")
+        _check_logit_bias(self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -85,6 +89,18 @@ def _check(condition: bool, message: str) -> None:
         raise InvalidRequestError(message)
 
 
+def _check_logit_bias(pairs: tuple[tuple[int, float], ...]) -> None:
+    _check(isinstance(pairs, tuple), f"logit_bias must be a tuple of pairs, got {pairs!r}")
+    for pair in pairs:
+        _check(isinstance(pair, tuple) and len(pair) == 2, f"logit_bias entry {pair!r} is not a "
+               "(token id, bias) pair")
+        token_id, bias = pair
+        _check(isinstance(token_id, int) and token_id >= 0,
+               f"logit_bias keys must be token ids >= 0, got {token_id!r}")
+        _check(_finite(bias) and -100.0 <= bias <= 100.0,
+               f"logit_bias values must be in [-100, 100], got {bias!r} for token {token_id}")
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """A tokenized prompt whose image pads are already expanded, one run of pads per image."""
@@ -94,6 +110,9 @@ class GenerationRequest:
     images: tuple[EncodedImage, ...]  # packed [n, (1+k)*H] each, in prompt order
     sampling: SamplingParams
     arrival_time: float
+    # A compiled grammar (structured_output.CompiledGrammar) the output must follow; shared by
+    # the choices of one API request, each of which gets its own matcher in the engine
+    grammar: Any = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +171,8 @@ class RequestState:
     num_sent_blocks: int = 0
     mrope_positions: np.ndarray | None = None  # [3, num_prompt_tokens] int64 with images
     rope_delta: int = 0
+    # xgrammar GrammarMatcher of a structured request, advanced by every sampled token
+    grammar: Any = None
 
     @classmethod
     def of(cls, request: GenerationRequest, image_token_id: int | None) -> RequestState:

@@ -93,6 +93,28 @@ CASES = {
     ),  # fmt: skip
     "unknown_model": ({**chat("hi"), "model": "gpt-4"}, 404, "does not exist"),
     "body_too_large": (chat("x" * 250_000), 413, "above the limit"),
+    # OpenAI's ranges
+    "temperature_over_2": (chat("hi", temperature=3), 400, "temperature"),
+    "five_stop_sequences": (chat("hi", stop=list("abcde")), 400, "at most 4"),
+    "top_logprobs_over_20": (chat("hi", logprobs=True, top_logprobs=21), 400, "top_logprobs"),
+    "zero_max_tokens": (chat("hi", max_tokens=0), 400, "max_tokens"),
+    "zero_choices": (chat("hi", n=0), 400, "n must be"),
+    "logit_bias_out_of_range": (chat("hi", logit_bias={"5": 150}), 400, "[-100, 100]"),
+    "logit_bias_not_a_token_id": (chat("hi", logit_bias={"abc": 1}), 400, "token ids"),
+    "logit_bias_over_the_vocab": (chat("hi", logit_bias={"999999": 1}), 400, "logit_bias"),
+    # Output-changing OpenAI fields that are not implemented
+    "audio_output": (chat("hi", audio={"voice": "alloy", "format": "wav"}), 400, "audio"),
+    "audio_modality": (chat("hi", modalities=["text", "audio"]), 400, "modalities"),
+    "prediction": (chat("hi", prediction={"type": "content", "content": "x"}), 400, "prediction"),
+    "web_search": (chat("hi", web_search_options={}), 400, "web_search_options"),
+    "legacy_functions": (chat("hi", functions=[{"name": "f"}]), 400, "functions"),
+    "verbosity": (chat("hi", verbosity="high"), 400, "verbosity"),
+    "tools_without_auto_tool_choice": (
+        chat("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+        "--enable-auto-tool-choice",
+    ),
+    "tool_choice_without_tools": (chat("hi", tool_choice="required"), 400, "needs tools"),
+    "malformed_tool": (chat("hi", tools=[{"type": "function"}]), 400, "tools[0]"),
 }
 
 
@@ -129,6 +151,20 @@ def test_error_status_and_body(server, name):
     if name == "negative_max_tokens":
         assert error["param"] == "max_tokens"
     assert_still_serving(server)
+
+
+def test_harmless_fields_are_accepted_and_unknown_ones_named_in_a_warning(server, caplog):
+    import logging
+
+    harmless = {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
+                "parallel_tool_calls": True, "reasoning_effort": "low", "seed": 3,
+                "prompt_cache_key": "c", "safety_identifier": "s", "modalities": ["text"],
+                "verbosity": "medium"}  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="services.language.api"):
+        response = _post(server, {**VALID, **harmless, "frobnicate": 1, "zzz_extension": {}})
+    assert response.status_code == 200, response.text
+    warnings = [r.getMessage() for r in caplog.records if "frobnicate" in r.getMessage()]
+    assert len(warnings) == 1 and "zzz_extension" in warnings[0]
 
 
 def test_prompt_over_context_names_both_numbers(server):

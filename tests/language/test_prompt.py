@@ -177,3 +177,45 @@ def test_special_tokens_and_tojson_are_available():
     assert template.render([{"role": "user", "content": "<b>é"}]) == (
         '<e>|{"role": "user", "content": "<b>é"}'
     )
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather by city.",
+                                      "parameters": {"type": "object", "properties": {
+                                          "city": {"type": "string"}}, "required": ["city"]}}},
+    {"function": {"parameters": {"type": "object"}, "name": "ünïcode_tool"}, "type": "function"},
+]  # fmt: skip
+TOOL_CALLS = (
+    {"id": "call_1", "type": "function",
+     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+    {"id": "call_2", "type": "function",
+     "function": {"name": "ünïcode_tool", "arguments": "{}"}},
+)  # fmt: skip
+TOOL_TURNS = {
+    "tools_first_turn": [ChatMessage("system", "Use tools."), ChatMessage("user", "Weather?")],
+    "tool_results": [
+        ChatMessage("user", "Weather in Paris?"),
+        ChatMessage("assistant", "Checking.", tool_calls=TOOL_CALLS),
+        ChatMessage("tool", '{"temp": 21}', tool_call_id="call_1"),
+        ChatMessage("tool", (TextPart("done"), IMAGE), tool_call_id="call_2"),
+        ChatMessage("assistant", None, tool_calls=TOOL_CALLS[:1]),
+        ChatMessage("tool", "again", tool_call_id="call_1", name="get_weather"),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOOL_TURNS))
+def test_tools_and_tool_turns_render_like_transformers(name, builder, hf_tokenizer):
+    from services.language.prompt import RenderOptions
+
+    messages = TOOL_TURNS[name]
+    options = RenderOptions(tools=tuple(TOOLS), template_kwargs={"add_vision_id": True})
+    hf_messages = _hf_messages(messages)
+    kwargs = dict(tools=TOOLS, add_generation_prompt=True, add_vision_id=True)
+    expected = hf_tokenizer.apply_chat_template(hf_messages, tokenize=False, **kwargs)
+    assert builder.render(messages, options) == expected
+    assert "<tools>" in expected
+    if name == "tool_results":
+        assert "Picture 1: " in expected and expected.count("<tool_response>") == 3
+    ids = hf_tokenizer.apply_chat_template(hf_messages, tokenize=True, return_dict=False, **kwargs)
+    assert builder.tokenize(messages, options) == list(ids)

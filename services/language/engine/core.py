@@ -5,6 +5,7 @@ Single-threaded by design; ``AsyncEngine`` drives it from one dedicated thread.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ from services.language.runner.executor import Executor
 from services.language.tokenizer import IncrementalDetokenizer, LanguageTokenizer
 from shared.model.config import ModelConfig
 from shared.model.processing import mrope_positions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,11 @@ class EngineCore:
         vocab = self.model_config.text.vocab_size
         if min(request.prompt_token_ids) < 0 or max(request.prompt_token_ids) >= vocab:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        for token_id, _ in request.sampling.logit_bias:
+            if token_id >= vocab:
+                raise InvalidRequestError(
+                    f"logit_bias names token {token_id}, but token ids are in [0, {vocab})"
+                )
         total = min(num_prompt + request.sampling.max_tokens, self.max_model_len)
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
         if total > capacity:
@@ -132,6 +140,8 @@ class EngineCore:
         if request.sampling.seed is not None:
             device = self.executor.device
             seq.generator = torch.Generator(device=device).manual_seed(request.sampling.seed)
+        if request.grammar is not None:
+            seq.grammar = request.grammar.new_matcher()
         if request.images:
             try:
                 positions, delta = mrope_positions(
@@ -196,12 +206,19 @@ class EngineCore:
         self, seq: RequestState, detok: IncrementalDetokenizer, token_id: int
     ) -> str | None:
         params = seq.sampling
+        grammar = seq.grammar
+        if grammar is not None and not grammar.accept_token(token_id):
+            # The sampler masked every token the grammar refuses, so this is a bug, not input
+            log.error("request %s: token %d breaks its grammar; aborting", seq.request_id, token_id)
+            return "abort"
         if token_id in params.stop_token_ids:
             return "stop"
         if not params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
             return "stop"
         if detok.add_token(token_id):
             return "stop"
+        if grammar is not None and grammar.is_terminated():
+            return "stop"  # the grammar is complete and took its stop token (even with ignore_eos)
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None

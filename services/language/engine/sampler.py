@@ -1,17 +1,22 @@
-"""Batched token sampling: penalties, temperature, top-k / top-p / min-p, seeds and logprobs.
+"""Batched token sampling: grammar masks, logit bias, penalties, temperature, top-k / top-p /
+min-p, seeds and logprobs.
 
 Every transform runs on the whole ``[batch, vocab]`` logits at once with per-row parameters;
 the only per-request loop draws the noise of seeded requests from their own generators, so a
-seeded request samples the same tokens whatever else shares its batch.
+seeded request samples the same tokens whatever else shares its batch. Grammar rows get their
+bitmask in one batched fill and one in-place apply; rows without a grammar are left alone, so
+structured and free requests share a batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from services.language.request import RequestState, TokenLogprob
+from services.language.structured_output import TokenBitmask
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,10 @@ class SamplingBatch:
     use_min_p: bool
     max_num_logprobs: int  # -1 when no row asks for logprobs
     num_logprobs: tuple[int | None, ...]
+    grammar_rows: tuple[int, ...] = ()  # rows whose request follows a grammar
+    matchers: tuple[Any, ...] = ()  # their xgrammar matchers, in the same order
+    # (rows [N] long, token ids [N] long, biases [N] float) of every logit_bias entry, or None
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -74,6 +83,7 @@ def build_sampling_batch(
         prompt_ids = _padded([list(s.request.prompt_token_ids) for s in seqs], vocab_size, device)
         output_ids = _padded([s.output_token_ids for s in seqs], vocab_size, device)
     num_logprobs = tuple(p.logprobs for p in params)
+    grammar_rows = tuple(i for i, s in enumerate(seqs) if s.grammar is not None)
     return SamplingBatch(
         temperature=column["temperature"],
         top_p=column["top_p"],
@@ -94,7 +104,19 @@ def build_sampling_batch(
         use_min_p=any(p.min_p > 0.0 for p in params),
         max_num_logprobs=max((n for n in num_logprobs if n is not None), default=-1),
         num_logprobs=num_logprobs,
+        grammar_rows=grammar_rows,
+        matchers=tuple(seqs[i].grammar for i in grammar_rows),
+        logit_bias=_logit_bias(params, device),
     )
+
+
+def _logit_bias(params: list, device: torch.device | str):
+    entries = [(row, token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias]
+    if not entries:
+        return None
+    rows, tokens, biases = zip(*entries, strict=True)
+    ids = torch.tensor([rows, tokens], dtype=torch.long).to(device)
+    return ids[0], ids[1], torch.tensor(biases, dtype=torch.float32).to(device)
 
 
 @dataclass(frozen=True)
@@ -154,11 +176,24 @@ def _exponential_noise(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
     return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 
 
+def apply_logit_bias(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    rows, tokens, biases = batch.logit_bias
+    # accumulate: two entries of one row and token add up rather than the last one winning
+    return logits.index_put((rows, tokens), biases, accumulate=True)
+
+
 class Sampler:
-    """Picks one token per logits row and reports the requested logprobs."""
+    """Picks one token per logits row and reports the requested logprobs.
+
+    Logprobs are those of the constrained distribution (after the grammar mask and the logit
+    bias, before penalties and temperature): the chosen token's logprob is never -inf.
+    """
+
+    def __init__(self) -> None:
+        self._bitmask: TokenBitmask | None = None  # built at the first grammar row
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        logits = logits.float()  # [B, V]
+        logits = self._constrain(logits.float(), batch)  # [B, V]
         raw_logits = logits
         logits = apply_penalties(logits, batch)
         greedy = logits.argmax(dim=-1)
@@ -168,6 +203,17 @@ class Sampler:
             sampled = torch.where(batch.temperature == 0, greedy, self._random(logits, batch))
         sampled_ids = sampled.tolist()  # the step's one unavoidable device-to-host sync
         return SamplerOutput(sampled_ids, self._logprobs(raw_logits, sampled, sampled_ids, batch))
+
+    def _constrain(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        if batch.logit_bias is not None:
+            logits = apply_logit_bias(logits, batch)  # a new tensor
+        if batch.grammar_rows:
+            if batch.logit_bias is None:
+                logits = logits.clone()  # the executor's logits may be a reused buffer
+            if self._bitmask is None:
+                self._bitmask = TokenBitmask()
+            self._bitmask.apply(logits, batch.grammar_rows, batch.matchers)
+        return logits
 
     @staticmethod
     def _random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
