@@ -25,9 +25,17 @@ logger = logging.getLogger(__name__)
 TokenText = Callable[[int], str]
 
 
+# A token a grammar or a bias ruled out has logprob -inf, which JSON cannot carry; vLLM's value
+MIN_LOGPROB = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
 def _token_entry(token_id: int, logprob: float, token_text: TokenText) -> dict:
     text = token_text(token_id)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
 
 
 def chat_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText) -> dict:
@@ -48,8 +56,8 @@ def completion_logprobs(
     for entry in entries:
         text = token_text(entry.token_id)
         tokens.append(text)
-        token_logprobs.append(entry.logprob)
-        top.append({token_text(t): lp for t, lp in entry.top})
+        token_logprobs.append(_finite(entry.logprob))
+        top.append({token_text(t): _finite(lp) for t, lp in entry.top})
         offsets.append(text_offset)
         text_offset += len(text)
     return {

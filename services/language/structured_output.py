@@ -84,7 +84,8 @@ class CompiledGrammar:
     """A compiled constraint; immutable and shared by every request that uses it."""
 
     compiled: Any  # xgrammar.CompiledGrammar
-    key: str  # the structural tag's canonical JSON
+    key: str  # the format's JSON text
+    num_bytes: int = 0  # its memory, for the cache's budget
 
     def new_matcher(self) -> Any:
         """A fresh xgrammar GrammarMatcher at the start of the grammar."""
@@ -114,19 +115,27 @@ def _clean_message(exc: Exception) -> str:
 class GrammarCompiler:
     """Compiles structural tags against the served tokenizer, with an LRU cache by tag text.
 
-    Thread-safe: the front end compiles off the event loop, several requests at once.
+    The cache is bounded by count and by bytes: a grammar compiled for a 150k-token vocabulary
+    holds token masks of its own, megabytes for a large schema. Thread-safe: the front end
+    compiles off the event loop, several requests at once.
     """
 
     def __init__(
-        self, tokenizer: LanguageTokenizer, vocab_size: int, cache_size: int = 256
+        self,
+        tokenizer: LanguageTokenizer,
+        vocab_size: int,
+        cache_size: int = 256,
+        cache_bytes: int = 512 * 2**20,
     ) -> None:
-        if cache_size < 1:
-            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        if cache_size < 1 or cache_bytes < 1:
+            raise ValueError("cache_size and cache_bytes must be >= 1")
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
         self._compiler: Any = None
         self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
+        self._num_bytes = 0
         self._lock = threading.Lock()
         self.num_compiled = 0  # cache misses, for tests and logs
 
@@ -154,12 +163,15 @@ class GrammarCompiler:
             compiled = backend.compile_structural_tag(tag)
         except Exception as exc:  # xgrammar raises RuntimeError / ValueError / pydantic errors
             raise GrammarError(_clean_message(exc)) from exc
-        grammar = CompiledGrammar(compiled, key)
+        grammar = CompiledGrammar(compiled, key, int(getattr(compiled, "memory_size_bytes", 0)))
         with self._lock:
             self.num_compiled += 1
-            self._cache[key] = grammar
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            if key not in self._cache:
+                self._cache[key] = grammar
+                self._num_bytes += grammar.num_bytes
+            while len(self._cache) > 1 and (len(self._cache) > self.cache_size
+                                            or self._num_bytes > self.cache_bytes):
+                self._num_bytes -= self._cache.popitem(last=False)[1].num_bytes
         return grammar
 
 

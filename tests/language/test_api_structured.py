@@ -88,11 +88,13 @@ def test_every_answer_validates_streamed_and_not(client, examples):
         jsonschema.validate(answer, SCHEMA)
         stream = client.chat.completions.create(
             model=MODEL, messages=messages(image, question), max_tokens=200, temperature=0,
-            response_format=JSON_SCHEMA, stream=True)  # fmt: skip
-        chunks = [c for c in stream if c.choices]
-        text = "".join(c.choices[0].delta.content or "" for c in chunks)
-        assert chunks[-1].choices[0].finish_reason == "stop"
-        assert json.loads(text) == answer  # greedy, and the prefix cache served the prompt
+            response_format=JSON_SCHEMA, stream=True,
+            stream_options={"include_usage": True})  # fmt: skip
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[-2].choices[0].finish_reason == "stop"
+        assert json.loads(text) == answer  # greedy, with the prompt from the prefix cache
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
 
 
 def test_sampled_choices_each_follow_the_schema(client, examples):
@@ -104,6 +106,15 @@ def test_sampled_choices_each_follow_the_schema(client, examples):
     for answer in answers:
         jsonschema.validate(answer, SCHEMA)
     assert response.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_logit_bias_forces_a_token(client, examples):
+    image, question, _ = examples[0]
+    token = 64  # "a" in the shapes tokenizer
+    response = client.chat.completions.create(
+        model=MODEL, messages=messages(image, question), max_tokens=3, temperature=0,
+        logit_bias={str(token): 100}, extra_body={"return_token_ids": True})  # fmt: skip
+    assert response.choices[0].model_extra["token_ids"] == [token] * 3
 
 
 def test_parse_with_a_pydantic_model(client, examples):
@@ -147,8 +158,12 @@ def test_vllm_structured_outputs_and_guided_fields(client, examples):
     assert choice.choices[0].message.content in ("left", "right", "top")
     regex = client.chat.completions.create(**base, extra_body={"guided_regex": "[a-z]{2,5}!"})
     assert re.fullmatch("[a-z]{2,5}!", regex.choices[0].message.content)
-    guided = client.chat.completions.create(**base, extra_body={"guided_choice": ["yes", "no"]})
+    guided = client.chat.completions.create(**base, logprobs=True, top_logprobs=5,
+                                            extra_body={"guided_choice": ["yes", "no"]})
     assert guided.choices[0].message.content in ("yes", "no")
+    for entry in guided.choices[0].logprobs.content:  # masked tokens: -9999, not -inf
+        assert all(-9999.0 <= top.logprob <= 0.0 for top in entry.top_logprobs)
+        assert entry.logprob > -9999.0
     grammar = 'root ::= ("one" | "two") " " ("circle" | "square")'
     ebnf = client.chat.completions.create(**base,
                                           extra_body={"structured_outputs": {"grammar": grammar}})

@@ -52,7 +52,10 @@ def test_cache_by_format_text_and_errors_name_the_problem(compiler):
     before = compiler.num_compiled
     a = compiler.compile({"type": "regex", "pattern": "[0-9]+"})
     assert compiler.compile({"type": "regex", "pattern": "[0-9]+"}) is a
-    assert compiler.num_compiled == before + 1
+    assert compiler.num_compiled == before + 1 and a.num_bytes > 0
+    compiler.compile({"type": "regex", "pattern": "x"})
+    compiler.compile({"type": "regex", "pattern": "y"})  # the cache holds 2: [0-9]+ goes
+    assert compiler.compile({"type": "regex", "pattern": "[0-9]+"}) is not a
     with pytest.raises(GrammarError, match='Unsupported type "objectx"'):
         compiler.compile({"type": "json_schema", "json_schema": {"type": "objectx"}})
     with pytest.raises(GrammarError, match="parenthesis"):
@@ -144,3 +147,21 @@ def test_reasoning_comes_before_the_grammar(compiler):
     optional = compiler.compile(reasoning_format(CHOICE, prompt_open=False))
     assert optional.new_matcher().accept_string("blue")
     assert optional.new_matcher().accept_string("<think>hmm</think>\n\nred")
+
+
+@pytest.mark.gpu
+def test_bitmask_on_cuda_equals_cpu(compiler):
+    from services.language.structured_output import TokenBitmask
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 448)
+    matchers = [compiler.compile(CHOICE).new_matcher() for _ in range(2)]
+    on_cpu, on_gpu = logits.clone(), logits.cuda()
+    TokenBitmask().apply(on_cpu, (1, 3), matchers)
+    TokenBitmask().apply(on_gpu, (1, 3), matchers)
+    assert torch.equal(on_gpu.cpu(), on_cpu)
+    assert torch.equal(on_cpu[[0, 2]], logits[[0, 2]]) and torch.isinf(on_cpu[1]).any()
+    seqs = [_grammar_seq(compiler, str(i), temperature=0.0) for i in range(3)]
+    batch = build_sampling_batch(seqs, 448, "cuda")
+    assert Sampler()(logits.cuda(), batch).token_ids == Sampler()(
+        logits, build_sampling_batch(seqs, 448, "cpu")).token_ids
