@@ -1,0 +1,93 @@
+"""C++ CPU kernels: routed experts and paged decode attention (``torch.ops.splitvl``).
+
+Compiled on first use by `available()` (never at import), once per machine, into a cache
+keyed by sources, flags, compiler, torch and CPU (see `shared.kernels.cpu.build`);
+``python -m shared.kernels.cpu`` builds it ahead of time. Both kernels parallelize with ATen's
+intra-op pool, so ``torch.set_num_threads`` sets their thread count, and give the same results
+for any thread count. The wrappers keep the references' signatures and fall back to them for
+what the kernels do not cover (other dtypes or devices, inputs that need autograd).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from shared.kernels.attention import paged_decode_torch
+from shared.kernels.moe import fused_moe_torch
+
+log = logging.getLogger(__name__)
+
+_DTYPES = (torch.float32, torch.bfloat16)
+_lock = threading.Lock()
+_loaded: bool | None = None
+_error: str | None = None
+
+
+def _load() -> bool:
+    global _error
+    try:
+        from shared.kernels.cpu.build import library
+
+        path, _ = library()
+        if not hasattr(torch.ops.splitvl, "fused_moe"):
+            torch.ops.load_library(str(path))
+        return True
+    except Exception as exc:  # a missing or broken toolchain must never stop the engine
+        _error = f"{type(exc).__name__}: {exc}"
+        log.warning("C++ CPU kernels unavailable, using the PyTorch references: %s", _error)
+        return False
+
+
+def available() -> bool:
+    """Whether the extension is built and loaded (builds it on the first call)."""
+    global _loaded
+    if _loaded is None:
+        with _lock:
+            if _loaded is None:
+                _loaded = _load()
+    return _loaded
+
+
+def build_error() -> str | None:
+    """Why `available()` returned False, or None."""
+    return _error
+
+
+def _reference_needed(*tensors: torch.Tensor) -> bool:
+    if not available():
+        return True
+    grad = torch.is_grad_enabled()
+    return any(t.device.type != "cpu" or (grad and t.requires_grad) for t in tensors)
+
+
+def fused_moe(
+    x: torch.Tensor,  # [T, H]
+    gate_up: torch.Tensor,  # [E, H, 2I]
+    down: torch.Tensor,  # [E, I, H]
+    weights: torch.Tensor,  # [T, k], x.dtype
+    ids: torch.Tensor,  # [T, k] int64
+) -> torch.Tensor:  # [T, H]
+    """See shared.kernels.moe.fused_moe_torch; float32 or bfloat16 throughout."""
+    same = x.dtype in _DTYPES and gate_up.dtype == down.dtype == weights.dtype == x.dtype
+    if not same or _reference_needed(x, gate_up, down, weights):
+        return fused_moe_torch(x, gate_up, down, weights, ids)
+    return torch.ops.splitvl.fused_moe(x, gate_up, down, weights, ids)
+
+
+def paged_decode(
+    q: torch.Tensor,  # [B, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, W] int64
+    context_lens: torch.Tensor,  # [B] int64
+    scale: float,
+) -> torch.Tensor:  # [B, Hq, D]
+    """See shared.kernels.attention.paged_decode_torch; q and the cache float32 or bfloat16."""
+    ok = q.dtype in _DTYPES and k_cache.dtype in _DTYPES and v_cache.dtype == k_cache.dtype
+    if not ok or _reference_needed(q, k_cache, v_cache):
+        return paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return torch.ops.splitvl.paged_decode(q, k_cache, v_cache, block_tables, context_lens,
+                                          float(scale))

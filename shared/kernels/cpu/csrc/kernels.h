@@ -1,0 +1,33 @@
+// Raw-pointer entry points of the CPU kernels (contiguous row-major tensors), kept free of the
+// heavy torch headers so that these translation units compile quickly; ops.cpp adapts tensors.
+#pragma once
+
+#include <cstdint>
+
+namespace splitvl {
+
+using bf16 = uint16_t;  // raw bf16 bits
+
+// out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j], summed
+// in j order. gate_up [E, H, 2I] (gate = first I columns), down [E, I, H]. T is float or bf16
+// (raw uint16 bits). Returns the index of the first id outside [0, E), or -1.
+template <typename T>
+int64_t fused_moe(const T* x, const T* gate_up, const T* down, const T* weights,
+                  const int64_t* ids, T* out, int64_t num_tokens, int64_t hidden,
+                  int64_t inter, int64_t num_experts, int64_t top_k);
+
+struct CacheLayout {
+  int64_t block_stride, row_stride, head_stride;  // elements; head_dim is contiguous
+  int64_t num_blocks, block_size, num_kv_heads, head_dim;
+};
+
+// One query token per sequence over its first context_lens[b] cached tokens (block tables
+// [B, W]); q, out [B, Hq, D] contiguous fp32; C is the cache's element type (float or bf16).
+// Returns the first sequence whose context or table entries are out of range, or -1.
+template <typename C>
+int64_t paged_decode(const float* q, const C* k_cache, const C* v_cache,
+                     const CacheLayout& layout, const int64_t* block_tables,
+                     int64_t table_width, const int64_t* context_lens, float* out,
+                     int64_t batch, int64_t num_heads, float scale);
+
+}  // namespace splitvl

@@ -1,0 +1,352 @@
+// Routed experts on the CPU, reading the fused expert weights in place.
+//
+// Rows (token, j) are bucketed by expert on the fly. A work item is (expert e, slice s of the
+// intermediate dimension, block of e's rows): it computes act = silu(x W_gate) * (x W_up) for
+// its slice's columns, then w * (act W_down[slice rows]), a partial sum over the slice, so no
+// item waits for another. The threads take items from a shared counter and stream disjoint
+// parts of the weights (the bound at decode sizes). A final pass adds each token's k rows in
+// j order (and the slices in s order). Each output element is computed by one item in a fixed
+// order and the slicing depends on the shapes only: results do not depend on the thread count.
+#include "common.h"
+#include "kernels.h"
+
+namespace splitvl {
+namespace {
+
+constexpr int kMr = 6;               // rows of a register tile
+constexpr int64_t kMb = 96;          // rows per item, whose activations stay in L2
+constexpr int64_t kPanelRows = 12;   // items with at most this many rows take the panel path
+constexpr int64_t kPanelDepth = 16;   // weight rows per panel step
+constexpr int64_t kSliceCols = 128;  // intermediate columns per slice at decode sizes
+constexpr int64_t kSliceRows = 4096; // at most this many (row, slice) partial rows per chunk
+constexpr int64_t kChunk = 1024;     // tokens per pass, bounding the scratch buffers
+constexpr int64_t kLine = 64;
+
+// c0[m] += a[m][k0:k1] . b0[k0:k1, 0:8], c1[m] likewise with b1 (rows ldb apart). n0 / n1:
+// valid columns of each stream (8 when FULL). pf: prefetch this many rows ahead (0: none).
+template <int MR, bool FULL, typename W>
+inline void tile(const float* const* a, int64_t k0, int64_t k1, const W* b0, const W* b1,
+                 int64_t ldb, int n0, int n1, int64_t pf, f8 (&c0)[MR], f8 (&c1)[MR]) {
+  const float* ar[MR];
+  for (int m = 0; m < MR; ++m) ar[m] = a[m];
+  for (int64_t k = k0; k < k1; ++k) {
+    const W* r0 = b0 + k * ldb;
+    const W* r1 = b1 + k * ldb;
+    if (pf) {
+      __builtin_prefetch(r0 + pf * ldb);
+      __builtin_prefetch(r1 + pf * ldb);
+    }
+    const f8 w0 = FULL ? load8(r0) : load_partial(r0, n0);
+    const f8 w1 = FULL ? load8(r1) : load_partial(r1, n1);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const f8 av = splat(ar[m][k]);
+      c0[m] += av * w0;
+      c1[m] += av * w1;
+    }
+  }
+}
+
+// Where tile t of a panel reads: column offsets into both streams and their valid lanes.
+struct TileCols {
+  int64_t o0, o1;
+  int n0, n1;
+};
+
+// Weight rows a panel streams (for prefetching): per row, up to two byte ranges from base.
+struct Segments {
+  const char* base;
+  int64_t row_bytes;    // distance between weight rows
+  int64_t off[2], len[2];
+};
+
+// The register tile for r <= kMr rows (rows m0.. of the tile's acc [rows, 16]): starts from
+// zero on the first weight rows, else from acc; hands the sums to epi(m, v0, v1) after the
+// last weight rows, else parks them in acc.
+template <bool FULL, typename W, typename Epi>
+inline void tile_rows(int r, const float* const* a, int64_t k0, int64_t k1, bool last,
+                      const W* b0, const W* b1, int64_t ldb, int n0, int n1, int64_t pf,
+                      float* acc, const Epi& epi) {
+  switch (r) {
+#define SPLITVL_TILE_CASE(R)                                      \
+  case R: {                                                       \
+    f8 c0[R], c1[R];                                              \
+    for (int m = 0; m < R; ++m) {                                 \
+      c0[m] = k0 == 0 ? splat(0.f) : load8(acc + m * 16);         \
+      c1[m] = k0 == 0 ? splat(0.f) : load8(acc + m * 16 + kLanes); \
+    }                                                             \
+    tile<R, FULL>(a, k0, k1, b0, b1, ldb, n0, n1, pf, c0, c1);    \
+    for (int m = 0; m < R; ++m) {                                 \
+      if (last) {                                                 \
+        epi(m, c0[m], c1[m]);                                     \
+      } else {                                                    \
+        store8(acc + m * 16, c0[m]);                              \
+        store8(acc + m * 16 + kLanes, c1[m]);                     \
+      }                                                           \
+    }                                                             \
+    break;                                                        \
+  }
+    SPLITVL_TILE_CASE(1)
+    SPLITVL_TILE_CASE(2)
+    SPLITVL_TILE_CASE(3)
+    SPLITVL_TILE_CASE(4)
+    SPLITVL_TILE_CASE(5)
+    SPLITVL_TILE_CASE(6)
+#undef SPLITVL_TILE_CASE
+  }
+}
+
+// Applies the register tiles of `rows` rows and `num_tiles` column tiles over K weight rows;
+// epi(t, m, v0, v1) receives the finished sums. Two loop orders:
+//  - few rows (decode): step through the weights kPanelDepth rows at a time, every column tile
+//    of those rows before the next rows, the partial sums parked in acc [num_tiles, rows, 16];
+//    the weights are then read nearly in address order, and the next rows are prefetched
+//    line by line while these compute (walking a column tile down all K rows instead touches
+//    one line per row, each in another page, at about half the streaming bandwidth);
+//  - many rows (prefill): each tile runs over all K with its sums in registers, prefetching a
+//    few rows ahead; the arithmetic is the bound there.
+template <typename W, typename Geom, typename Epi>
+void run_tiles(const float* const* a, int64_t rows, int64_t K, const W* b0, const W* b1,
+               int64_t ldb, int64_t num_tiles, const Geom& geom, const Segments& seg,
+               float* acc, const Epi& epi) {
+  auto one = [&](int64_t t, int64_t m0, int64_t k0, int64_t k1, int64_t pf) {
+    const TileCols tc = geom(t);
+    const int r = static_cast<int>(std::min<int64_t>(kMr, rows - m0));
+    float* ac = acc + (t * rows + m0) * 16;
+    auto out = [&](int m, f8 v0, f8 v1) { epi(t, m0 + m, v0, v1); };
+    if (tc.n0 == kLanes && tc.n1 == kLanes)
+      tile_rows<true>(r, a + m0, k0, k1, k1 == K, b0 + tc.o0, b1 + tc.o1, ldb, tc.n0, tc.n1, pf,
+                      ac, out);
+    else
+      tile_rows<false>(r, a + m0, k0, k1, k1 == K, b0 + tc.o0, b1 + tc.o1, ldb, tc.n0,
+                       std::max(tc.n1, 1), pf, ac, out);
+  };
+  if (rows > kPanelRows) {
+    for (int64_t t = 0; t < num_tiles; ++t) {
+      // Tiles inside a cache line find it fetched by the tile that started the line.
+      const bool lead = (reinterpret_cast<uintptr_t>(b0 + geom(t).o0) & (kLine - 1)) == 0;
+      for (int64_t m0 = 0; m0 < rows; m0 += kMr) one(t, m0, 0, K, m0 == 0 && lead ? 12 : 0);
+    }
+    return;
+  }
+  // Line addresses of weight rows [k0, k1), issued a share per column tile.
+  int64_t lines_per_row = 0;
+  for (int s = 0; s < 2; ++s) lines_per_row += (seg.len[s] + kLine - 1) / kLine;
+  const int64_t lines0 = (seg.len[0] + kLine - 1) / kLine;
+  auto prefetch_rows = [&](int64_t k0, int64_t k1, int64_t& cursor, int64_t quota) {
+    for (; quota > 0 && cursor < (k1 - k0) * lines_per_row; --quota, ++cursor) {
+      const int64_t row = k0 + cursor / lines_per_row, line = cursor % lines_per_row;
+      const int64_t off = line < lines0 ? seg.off[0] + line * kLine
+                                        : seg.off[1] + (line - lines0) * kLine;
+      __builtin_prefetch(seg.base + row * seg.row_bytes + off);
+    }
+  };
+  int64_t cursor = 0;
+  prefetch_rows(0, std::min(K, kPanelDepth), cursor, kPanelDepth * lines_per_row);
+  for (int64_t k0 = 0; k0 < K; k0 += kPanelDepth) {
+    const int64_t k1 = std::min(K, k0 + kPanelDepth), k2 = std::min(K, k1 + kPanelDepth);
+    const int64_t quota = ((k2 - k1) * lines_per_row + num_tiles - 1) / num_tiles;
+    cursor = 0;
+    for (int64_t t = 0; t < num_tiles; ++t) {
+      prefetch_rows(k1, k2, cursor, quota);
+      for (int64_t m0 = 0; m0 < rows; m0 += kMr) one(t, m0, k0, k1, 0);
+    }
+  }
+}
+
+struct Buckets {
+  std::vector<int64_t> offs;  // [E + 1] start of each expert's rows
+  std::vector<int64_t> row;   // [N] sorted position -> flat (t * k + j)
+  std::vector<int64_t> slot;  // [N] flat (t * k + j) -> sorted position
+};
+
+// Stable counting sort of the flat (t, j) pairs by expert; -1 or the first bad index.
+int64_t bucket(const int64_t* ids, int64_t n, int64_t num_experts, Buckets& b) {
+  b.offs.assign(num_experts + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = ids[i];
+    if (e < 0 || e >= num_experts) return i;
+    ++b.offs[e + 1];
+  }
+  for (int64_t e = 0; e < num_experts; ++e) b.offs[e + 1] += b.offs[e];
+  std::vector<int64_t> fill(b.offs.begin(), b.offs.end() - 1);
+  b.row.resize(n);
+  b.slot.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t p = fill[ids[i]]++;
+    b.row[p] = i;
+    b.slot[i] = p;
+  }
+  return -1;
+}
+
+inline f8 silu_mul(f8 g, f8 u) { return g / (splat(1.f) + exp8(-g)) * u; }
+
+// act[m, c - c0] = silu(gate) * up for rows m < rows, the slice's columns [c0, c1) of I.
+template <typename W>
+void gate_up_slice(const float* const* arows, int64_t rows, const W* gu, int64_t hidden,
+                   int64_t inter, int64_t c0, int64_t c1, float* acc, float* act) {
+  const int64_t ld = c1 - c0, num_tiles = (ld + kLanes - 1) / kLanes;
+  auto geom = [&](int64_t t) {
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, ld - t * kLanes));
+    return TileCols{t * kLanes, t * kLanes, n, n};
+  };
+  const int64_t esz = sizeof(W);
+  const Segments seg{reinterpret_cast<const char*>(gu), 2 * inter * esz,
+                     {c0 * esz, (inter + c0) * esz}, {ld * esz, ld * esz}};
+  auto epi = [&](int64_t t, int64_t m, f8 g, f8 u) {
+    const int64_t c = t * kLanes;
+    float* dst = act + m * ld + c;
+    if (c + kLanes <= ld) store8(dst, silu_mul(g, u));
+    else store_partial(dst, silu_mul(g, u), static_cast<int>(ld - c));
+  };
+  run_tiles(arows, rows, hidden, gu + c0, gu + inter + c0, 2 * inter, num_tiles, geom, seg, acc,
+            epi);
+}
+
+// y[m, :] = w[m] * act[m, :] . dn[0:depth, :] for rows m < rows (dn: the slice's rows of W_down).
+template <typename W>
+void down_slice(const float* act, int64_t rows, int64_t depth, const W* dn, int64_t hidden,
+                const float* row_weight, float* const* yrows, float* acc) {
+  const float* arows[kMb];
+  for (int64_t m = 0; m < rows; ++m) arows[m] = act + m * depth;
+  const int64_t num_tiles = (hidden + 2 * kLanes - 1) / (2 * kLanes);
+  auto geom = [&](int64_t t) {
+    const int64_t c = t * 2 * kLanes;
+    const int n0 = static_cast<int>(std::min<int64_t>(kLanes, hidden - c));
+    const int n1 = static_cast<int>(std::clamp<int64_t>(hidden - c - kLanes, 0, kLanes));
+    return TileCols{c, n1 > 0 ? c + kLanes : c, n0, n1};
+  };
+  const int64_t esz = sizeof(W);
+  const Segments seg{reinterpret_cast<const char*>(dn), hidden * esz, {0, 0}, {hidden * esz, 0}};
+  auto epi = [&](int64_t t, int64_t m, f8 v0, f8 v1) {
+    const TileCols tc = geom(t);
+    const f8 w = splat(row_weight[m]);
+    float* dst = yrows[m] + t * 2 * kLanes;
+    if (tc.n0 == kLanes) store8(dst, v0 * w);
+    else store_partial(dst, v0 * w, tc.n0);
+    if (tc.n1 == kLanes) store8(dst + kLanes, v1 * w);
+    else if (tc.n1 > 0) store_partial(dst + kLanes, v1 * w, tc.n1);
+  };
+  run_tiles(arows, rows, depth, dn, dn, hidden, num_tiles, geom, seg, acc, epi);
+}
+
+// Per-thread scratch reused across calls at decode sizes (no page faults per step).
+float* scratch(std::vector<float>& local, int64_t n) {
+  constexpr int64_t kKeep = int64_t(2) << 20;  // floats kept between calls (8 MB)
+  static thread_local std::vector<float> cached;
+  if (n <= kKeep) {
+    if (static_cast<int64_t>(cached.size()) < n) cached.resize(n);
+    return cached.data();
+  }
+  local.resize(n);
+  return local.data();
+}
+
+// Slices of I: several at decode sizes (more, smaller items for the threads to share, each
+// streaming its own part of an expert), one when experts have many rows (then row blocks
+// give the items) or the partial sums would need too much scratch. Shapes only.
+int64_t num_slices(int64_t num_rows, int64_t inter, int64_t num_experts) {
+  if (num_rows > 16 * num_experts) return 1;
+  const int64_t by_width = (inter + kSliceCols - 1) / kSliceCols;
+  return std::max<int64_t>(1, std::min(by_width, kSliceRows / std::max<int64_t>(num_rows, 1)));
+}
+
+template <typename T>
+void moe_chunk(const T* x, const T* gate_up, const T* down, const T* weights, const Buckets& bk,
+               T* out, int64_t num_tokens, int64_t hidden, int64_t inter, int64_t num_experts,
+               int64_t top_k) {
+  const int64_t n = num_tokens * top_k;
+  const int64_t slices = num_slices(n, inter, num_experts);
+  // Slice width: a multiple of 16 columns (whole 64-byte lines of fp32 weights).
+  const int64_t width = ((inter + slices - 1) / slices + 15) / 16 * 16;
+  std::vector<float> local;
+  const int64_t xf_size = std::is_same_v<T, float> ? 0 : num_tokens * hidden;
+  float* buf = scratch(local, xf_size + slices * n * hidden + n);
+  float* xf = buf;
+  float* y = buf + xf_size;                   // [slices, n, H] partial sums, sorted rows
+  float* row_weight = y + slices * n * hidden;  // [n]
+
+  std::vector<const float*> arows(n);
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t p = 0; p < n; ++p) arows[p] = x + (bk.row[p] / top_k) * hidden;
+  } else {
+    for (int64_t i = 0; i < num_tokens * hidden; ++i) xf[i] = to_float(x[i]);
+    for (int64_t p = 0; p < n; ++p) arows[p] = xf + (bk.row[p] / top_k) * hidden;
+  }
+  for (int64_t p = 0; p < n; ++p) row_weight[p] = to_float(weights[bk.row[p]]);
+
+  struct Item { int64_t e, s, p0, p1; };
+  std::vector<Item> items;
+  std::vector<double> cost;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    for (int64_t p0 = bk.offs[e]; p0 < bk.offs[e + 1]; p0 += kMb) {
+      const int64_t p1 = std::min(bk.offs[e + 1], p0 + kMb);
+      for (int64_t s = 0; s < slices && s * width < inter; ++s) {
+        items.push_back({e, s, p0, p1});
+        // Weight bytes streamed plus arithmetic, in row-equivalents.
+        cost.push_back(static_cast<double>(std::min(width, inter - s * width)) * (8.0 + (p1 - p0)));
+      }
+    }
+  }
+  const std::vector<int64_t> order = by_cost(cost);
+  parallel_items(static_cast<int64_t>(items.size()), [&](int64_t i) {
+    const Item& it = items[order[i]];
+    const int64_t c0 = it.s * width, c1 = std::min(inter, c0 + width), rows = it.p1 - it.p0;
+    static thread_local std::vector<float> act, acc;
+    act.resize(kMb * width);
+    // Panel sums: [tiles, rows, 16] for both products (rows <= kPanelRows there).
+    acc.resize(kPanelRows * 16 * std::max((width + kLanes - 1) / kLanes, (hidden + 15) / 16));
+    gate_up_slice(arows.data() + it.p0, rows, gate_up + it.e * hidden * 2 * inter, hidden, inter,
+                  c0, c1, acc.data(), act.data());
+    float* yrows[kMb];
+    for (int64_t m = 0; m < rows; ++m) yrows[m] = y + (it.s * n + it.p0 + m) * hidden;
+    down_slice(act.data(), rows, c1 - c0, down + (it.e * inter + c0) * hidden, hidden,
+               row_weight + it.p0, yrows, acc.data());
+  });
+  const int64_t used = (inter + width - 1) / width;  // slices that got columns
+  auto combine = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      T* dst = out + t * hidden;
+      for (int64_t h = 0; h < hidden; ++h) {
+        float sum = 0.f;
+        for (int64_t j = 0; j < top_k; ++j) {
+          const float* r = y + bk.slot[t * top_k + j] * hidden + h;
+          float term = r[0];
+          for (int64_t s = 1; s < used; ++s) term += r[s * n * hidden];
+          sum = j == 0 ? term : sum + term;
+        }
+        dst[h] = from_float<T>(sum);
+      }
+    }
+  };
+  // At decode sizes the sum is a few microseconds: not worth waking the pool again.
+  if (n * used * hidden < (int64_t(1) << 20)) combine(0, num_tokens);
+  else at::parallel_for(0, num_tokens, 16, combine);
+}
+
+}  // namespace
+
+template <typename T>
+int64_t fused_moe(const T* x, const T* gate_up, const T* down, const T* weights,
+                  const int64_t* ids, T* out, int64_t num_tokens, int64_t hidden,
+                  int64_t inter, int64_t num_experts, int64_t top_k) {
+  Buckets bk;
+  for (int64_t t0 = 0; t0 < num_tokens; t0 += kChunk) {
+    const int64_t nt = std::min(kChunk, num_tokens - t0);
+    const int64_t bad = bucket(ids + t0 * top_k, nt * top_k, num_experts, bk);
+    if (bad >= 0) return t0 * top_k + bad;
+    moe_chunk(x + t0 * hidden, gate_up, down, weights + t0 * top_k, bk, out + t0 * hidden, nt,
+              hidden, inter, num_experts, top_k);
+  }
+  return -1;
+}
+
+template int64_t fused_moe<float>(const float*, const float*, const float*, const float*,
+                                  const int64_t*, float*, int64_t, int64_t, int64_t, int64_t,
+                                  int64_t);
+template int64_t fused_moe<bf16>(const bf16*, const bf16*, const bf16*, const bf16*,
+                                 const int64_t*, bf16*, int64_t, int64_t, int64_t, int64_t,
+                                 int64_t);
+
+}  // namespace splitvl

@@ -1,0 +1,118 @@
+// Tensor-level checks and the torch.ops.splitvl registrations of the CPU kernels.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/to.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+namespace splitvl {
+namespace {
+
+bool supported(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16; }
+
+at::Tensor fused_moe_op(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
+                        const at::Tensor& weights, const at::Tensor& ids) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && gate_up.dim() == 3 && down.dim() == 3 && weights.dim() == 2 &&
+                        ids.dim() == 2,
+                    "fused_moe: expected x [T, H], gate_up [E, H, 2I], down [E, I, H], weights "
+                    "and ids [T, k]");
+  const int64_t num_tokens = x.size(0), hidden = x.size(1), num_experts = gate_up.size(0);
+  const int64_t inter = down.size(1), top_k = ids.size(1);
+  TORCH_CHECK_VALUE(gate_up.size(1) == hidden && gate_up.size(2) == 2 * inter &&
+                        down.size(0) == num_experts && down.size(2) == hidden,
+                    "fused_moe: weight shapes ", gate_up.sizes(), " and ", down.sizes(),
+                    " do not match hidden size ", hidden);
+  TORCH_CHECK_VALUE(ids.size(0) == num_tokens && weights.sizes() == ids.sizes(),
+                    "fused_moe: weights ", weights.sizes(), " and ids ", ids.sizes(),
+                    " must both be [", num_tokens, ", k]");
+  TORCH_CHECK_TYPE(supported(x.scalar_type()) && gate_up.scalar_type() == x.scalar_type() &&
+                       down.scalar_type() == x.scalar_type() &&
+                       weights.scalar_type() == x.scalar_type(),
+                   "fused_moe: x, gate_up, down and weights must share one dtype, float32 or "
+                   "bfloat16");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "fused_moe: ids must be int64");
+  at::Tensor out = at::empty({num_tokens, hidden}, x.options());
+  if (num_tokens == 0 || top_k == 0) return out.zero_();
+  const at::Tensor xc = x.contiguous(), gc = gate_up.contiguous(), dc = down.contiguous();
+  const at::Tensor wc = weights.contiguous(), ic = ids.contiguous();
+  int64_t bad;
+  if (x.scalar_type() == at::kFloat) {
+    bad = fused_moe<float>(xc.data_ptr<float>(), gc.data_ptr<float>(), dc.data_ptr<float>(),
+                           wc.data_ptr<float>(), ic.data_ptr<int64_t>(), out.data_ptr<float>(),
+                           num_tokens, hidden, inter, num_experts, top_k);
+  } else {
+    auto raw = [](const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr()); };
+    bad = fused_moe<bf16>(raw(xc), raw(gc), raw(dc), raw(wc), ic.data_ptr<int64_t>(),
+                          reinterpret_cast<bf16*>(out.data_ptr()), num_tokens, hidden, inter,
+                          num_experts, top_k);
+  }
+  const int64_t bad_id = bad < 0 ? 0 : ic.const_data_ptr<int64_t>()[bad];
+  TORCH_CHECK_INDEX(bad < 0, "fused_moe: expert id ", bad_id, " at flat index ", bad,
+                    " is outside [0, ", num_experts, ")");
+  return out;
+}
+
+at::Tensor paged_decode_op(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& block_tables,
+                           const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK_VALUE(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+                    "paged_decode: expected q [B, Hq, D] and k/v caches [blocks, block_size, "
+                    "Hkv, D] of one shape");
+  const int64_t batch = q.size(0), num_heads = q.size(1), dim = q.size(2);
+  const int64_t num_kv = k_cache.size(2);
+  TORCH_CHECK_VALUE(k_cache.size(3) == dim && num_kv > 0 && num_heads % num_kv == 0,
+                    "paged_decode: q heads ", num_heads, " x ", dim, " do not fit kv heads ",
+                    num_kv, " x ", k_cache.size(3));
+  TORCH_CHECK_VALUE(block_tables.dim() == 2 && block_tables.size(0) == batch &&
+                        context_lens.dim() == 1 && context_lens.size(0) == batch,
+                    "paged_decode: block_tables must be [B, W] and context_lens [B], B = ", batch);
+  TORCH_CHECK_TYPE(supported(q.scalar_type()) && supported(k_cache.scalar_type()) &&
+                       v_cache.scalar_type() == k_cache.scalar_type(),
+                   "paged_decode: q and the caches must be float32 or bfloat16");
+  TORCH_CHECK_TYPE(block_tables.scalar_type() == at::kLong &&
+                       context_lens.scalar_type() == at::kLong,
+                   "paged_decode: block_tables and context_lens must be int64");
+  // The kernel reads and writes fp32 queries (a few kilobytes); the cache stays as it is.
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({batch, num_heads, dim}, qf.options());
+  if (batch == 0) return out.to(q.scalar_type());
+  at::Tensor k = k_cache, v = v_cache;
+  if (k.stride(3) != 1 || v.strides() != k.strides()) {
+    k = k.contiguous();
+    v = v.contiguous();
+  }
+  const CacheLayout lay{k.stride(0), k.stride(1), k.stride(2), k.size(0), k.size(1), num_kv, dim};
+  const at::Tensor tc = block_tables.contiguous(), lc = context_lens.contiguous();
+  const int64_t* tables = tc.const_data_ptr<int64_t>();
+  const int64_t* lens = lc.const_data_ptr<int64_t>();
+  const float* qp = qf.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const int64_t bad =
+      k.scalar_type() == at::kFloat
+          ? paged_decode<float>(qp, k.const_data_ptr<float>(), v.const_data_ptr<float>(), lay,
+                                tables, tc.size(1), lens, op, batch, num_heads, sc)
+          : paged_decode<bf16>(qp, reinterpret_cast<const bf16*>(k.const_data_ptr()),
+                               reinterpret_cast<const bf16*>(v.const_data_ptr()), lay, tables,
+                               tc.size(1), lens, op, batch, num_heads, sc);
+  TORCH_CHECK_INDEX(bad < 0, "paged_decode: sequence ", bad, " has a context length outside [1, ",
+                    block_tables.size(1) * k.size(1), "] or a block id outside [0, ", k.size(0),
+                    ")");
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+}
+
+}  // namespace
+}  // namespace splitvl
+
+TORCH_LIBRARY(splitvl, m) {
+  m.def("fused_moe(Tensor x, Tensor gate_up, Tensor down, Tensor weights, Tensor ids) -> Tensor");
+  m.def(
+      "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor context_lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(splitvl, CPU, m) {
+  m.impl("fused_moe", &splitvl::fused_moe_op);
+  m.impl("paged_decode", &splitvl::paged_decode_op);
+}

@@ -1,0 +1,263 @@
+"""The C++ CPU kernels against the PyTorch references.
+
+Tolerances. fp32: both sides accumulate in fp32 in different orders, ~1e-6 relative on
+outputs of order one; 1e-5 leaves a margin. bf16: the kernels widen bf16 exactly, accumulate in
+fp32 and round once at the end, so against the fp32 reference run on the same (bf16-valued)
+inputs they are within half a bf16 ulp, 2^-8 relative, plus the fp32 noise above. The bf16
+references themselves round every intermediate and are further off; they are not the oracle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shared.kernels import cpu
+from shared.kernels.attention import paged_decode_torch
+from shared.kernels.cpu import build
+from shared.kernels.moe import fused_moe_torch
+
+BF16_RTOL = 2.0**-8
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if not cpu.available():
+        pytest.skip(f"CPU extension not built here: {cpu.build_error()}")
+    return cpu
+
+
+@pytest.fixture
+def threads():
+    """Sets the intra-op thread count for a test and restores it afterwards."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+def test_extension_builds_where_a_compiler_exists():
+    """A machine with a C++ compiler must get the extension; only one without may skip."""
+    if build.compiler() is None:
+        pytest.skip("no C++ compiler on PATH: the PyTorch references run instead")
+    assert cpu.available(), f"a C++ compiler exists but the CPU kernels failed: {cpu.build_error()}"
+
+
+def test_missing_compiler_is_reported_not_raised(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SPLITVL_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(cpu, "_error", None)
+    with pytest.raises(build.BuildError, match="no C\\+\\+ compiler"):
+        build.library()
+    assert cpu._load() is False
+    assert "no C++ compiler" in cpu.build_error()
+    assert [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_held_build_lock_times_out(tmp_path, monkeypatch):
+    if build.compiler() is None:
+        pytest.skip("no C++ compiler on PATH")
+    from filelock import FileLock
+
+    monkeypatch.setenv("SPLITVL_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "LOCK_TIMEOUT_S", 0.2)
+    directory = build.cache_dir()
+    directory.mkdir(parents=True)
+    with FileLock(str(directory / "build.lock")):
+        with pytest.raises(build.BuildError, match="build.lock"):
+            build.library()
+
+
+# --- fused_moe -------------------------------------------------------------------------------
+
+
+def _moe_inputs(num_tokens, hidden, inter, num_experts, top_k, dtype, seed, route=None):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=gen)
+    gate_up = torch.randn(num_experts, hidden, 2 * inter, generator=gen) / math.sqrt(hidden)
+    down = torch.randn(num_experts, inter, hidden, generator=gen) / math.sqrt(inter)
+    if route is None:
+        scores = torch.rand(num_tokens, num_experts, generator=gen)
+        ids = scores.topk(top_k, dim=-1).indices
+    else:
+        ids = route
+    weights = torch.rand(num_tokens, top_k, generator=gen)
+    return [t.to(dtype) for t in (x, gate_up, down, weights)] + [ids]
+
+
+def _check_moe(kernels, inputs, dtype):
+    x, gate_up, down, weights, ids = inputs
+    out = kernels.fused_moe(x, gate_up, down, weights, ids)
+    assert out.dtype == dtype and out.shape == x.shape
+    ref = fused_moe_torch(x.float(), gate_up.float(), down.float(), weights.float(), ids)
+    scale = max(1.0, ref.abs().max().item())
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * scale)
+    else:
+        torch.testing.assert_close(out.float(), ref, rtol=BF16_RTOL, atol=1e-4 * scale)
+
+
+MOE_SHAPES = [  # tokens, hidden, intermediate, experts, top_k
+    (1, 64, 48, 4, 1),
+    (3, 40, 24, 4, 2),
+    (32, 512, 384, 16, 4),
+    (257, 72, 52, 16, 4),
+    (32, 36, 20, 16, 2),
+    (257, 128, 136, 4, 2),
+    (3, 24, 12, 16, 4),
+    (1, 512, 384, 16, 4),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", MOE_SHAPES, ids=lambda s: "T{}-H{}-I{}-E{}-k{}".format(*s))
+def test_fused_moe_matches_reference(kernels, shape, dtype):
+    _check_moe(kernels, _moe_inputs(*shape, dtype, seed=sum(shape)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_moe_all_tokens_one_expert(kernels, dtype):
+    """Every row on expert 2 (its row blocks split the work); the other experts get none."""
+    num_tokens, top_k = 200, 1
+    route = torch.full((num_tokens, top_k), 2, dtype=torch.long)
+    _check_moe(kernels, _moe_inputs(num_tokens, 96, 80, 4, top_k, dtype, 1, route), dtype)
+
+
+def test_fused_moe_idle_experts_and_repeated_order(kernels):
+    """Experts 0 and 3 get nothing; top-k order is not sorted by id."""
+    route = torch.tensor([[5, 1], [1, 5], [2, 4], [4, 2], [1, 2]])
+    _check_moe(kernels, _moe_inputs(5, 48, 40, 6, 2, torch.float32, 2, route), torch.float32)
+
+
+def test_fused_moe_beyond_one_token_chunk(kernels):
+    """More tokens than one pass of the kernel handles (it works in chunks of tokens)."""
+    _check_moe(kernels, _moe_inputs(1100, 32, 24, 4, 2, torch.float32, 3), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("num_tokens", [3, 32, 257])
+def test_fused_moe_same_for_any_thread_count(kernels, threads, dtype, num_tokens):
+    inputs = _moe_inputs(num_tokens, 136, 200, 16, 4, dtype, seed=4)
+    threads(1)
+    one = kernels.fused_moe(*inputs)
+    threads(2)
+    two = kernels.fused_moe(*inputs)
+    assert torch.equal(one, two)
+
+
+def test_fused_moe_bad_expert_id(kernels):
+    x, gate_up, down, weights, ids = _moe_inputs(4, 16, 8, 4, 2, torch.float32, 5)
+    ids[2, 1] = 4
+    with pytest.raises(IndexError, match="expert id 4"):
+        kernels.fused_moe(x, gate_up, down, weights, ids)
+
+
+def test_fused_moe_other_dtypes_and_autograd_use_the_reference(kernels):
+    x, gate_up, down, weights, ids = _moe_inputs(3, 16, 8, 4, 2, torch.float16, 6)
+    ref = fused_moe_torch(x.float(), gate_up.float(), down.float(), weights.float(), ids)
+    torch.testing.assert_close(kernels.fused_moe(x, gate_up, down, weights, ids).float(), ref,
+                               rtol=1e-2, atol=1e-2)
+    x, gate_up, down, weights, ids = _moe_inputs(3, 16, 8, 4, 2, torch.float32, 6)
+    gate_up.requires_grad_(True)
+    out = kernels.fused_moe(x, gate_up, down, weights, ids)
+    out.sum().backward()  # the reference ran: gradients flow
+    assert gate_up.grad is not None
+
+
+# --- paged_decode ----------------------------------------------------------------------------
+
+
+def _decode_inputs(context_lens, heads, kv_heads, dim, block_size, dtype, seed):
+    """(kernel inputs with NaN wherever nothing may be read, the same with zeros there)."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(context_lens, dtype=torch.long)
+    batch = len(context_lens)
+    used = [-(-n // block_size) for n in context_lens]
+    width = max(used) + 2  # rows padded past every context
+    num_blocks = sum(used) + 1
+    scratch = num_blocks - 1  # where padding entries point
+    order = torch.randperm(num_blocks - 1, generator=gen).tolist()
+    tables = torch.full((batch, width), scratch, dtype=torch.long)
+    at = 0
+    for b, n in enumerate(used):
+        tables[b, :n] = torch.tensor(order[at:at + n])
+        at += n
+    shape = (num_blocks, block_size, kv_heads, dim)
+    k = torch.randn(shape, generator=gen).to(dtype)
+    v = torch.randn(shape, generator=gen).to(dtype)
+    k_nan, v_nan = k.clone(), v.clone()
+    k[scratch] = v[scratch] = 0.0
+    k_nan[scratch] = v_nan[scratch] = float("nan")
+    for b, n in enumerate(context_lens):  # rows of the last block past the context
+        last, filled = tables[b, used[b] - 1], n - (used[b] - 1) * block_size
+        k[last, filled:] = v[last, filled:] = 0.0
+        k_nan[last, filled:] = v_nan[last, filled:] = float("nan")
+    q = torch.randn(batch, heads, dim, generator=gen).to(dtype)
+    scale = dim**-0.5
+    return (q, k_nan, v_nan, tables, lens, scale), (q, k, v, tables, lens, scale)
+
+
+def _check_decode(kernels, nan_inputs, finite_inputs):
+    q, k, v, tables, lens, scale = finite_inputs
+    out = kernels.paged_decode(*nan_inputs)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert not out.isnan().any(), "read a position past a context or a scratch block"
+    ref = paged_decode_torch(q.float(), k.float(), v.float(), tables, lens, scale)
+    if q.dtype == torch.float32 and k.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(out.float(), ref, rtol=BF16_RTOL, atol=1e-4)
+
+
+def _case_id(case) -> str:
+    lens, heads, kv, dim, block = case
+    return f"B{len(lens)}-max{max(lens)}-G{heads // kv}-D{dim}-bs{block}"
+
+
+DECODE_CASES = [  # context lengths, q heads, kv heads, head_dim, block size
+    ([1], 4, 4, 64, 16),
+    ([600], 8, 4, 64, 16),
+    ([1, 17, 33, 100, 600], 8, 2, 64, 4),
+    ([5, 16, 15, 64, 257], 8, 8, 36, 16),
+    (list(range(1, 600, 19))[:32], 8, 4, 64, 16),
+    (list(range(7, 600, 37)) * 2, 4, 1, 40, 4),
+    ([300, 2], 16, 4, 128, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=_case_id)
+def test_paged_decode_matches_reference(kernels, case, dtype):
+    lens, heads, kv, dim, block = case
+    nan_inputs, finite = _decode_inputs(lens, heads, kv, dim, block, dtype, seed=len(lens) + dim)
+    _check_decode(kernels, nan_inputs, finite)
+
+
+def test_paged_decode_fp32_queries_on_a_bf16_cache(kernels):
+    nan_inputs, finite = _decode_inputs([40, 300], 8, 4, 64, 16, torch.bfloat16, seed=7)
+    as_fp32 = lambda inputs: (inputs[0].float(), *inputs[1:])  # noqa: E731
+    _check_decode(kernels, as_fp32(nan_inputs), as_fp32(finite))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lens", [[600], [3, 500, 64, 129, 7], list(range(10, 600, 18))[:32]],
+                         ids=["B1", "B5", "B32"])
+def test_paged_decode_same_for_any_thread_count(kernels, threads, dtype, lens):
+    nan_inputs, _ = _decode_inputs(lens, 8, 4, 64, 16, dtype, seed=8)
+    threads(1)
+    one = kernels.paged_decode(*nan_inputs)
+    threads(2)
+    two = kernels.paged_decode(*nan_inputs)
+    assert torch.equal(one, two)
+
+
+def test_paged_decode_rejects_out_of_range_tables(kernels):
+    (q, k, v, tables, lens, scale), _ = _decode_inputs([20, 5], 4, 2, 32, 16, torch.float32, 9)
+    bad = tables.clone()
+    bad[0, 1] = k.shape[0]
+    with pytest.raises(IndexError, match="sequence 0"):
+        kernels.paged_decode(q, k, v, bad, lens, scale)
+    too_long = torch.tensor([20, tables.shape[1] * 16 + 1])
+    with pytest.raises(IndexError, match="sequence 1"):
+        kernels.paged_decode(q, k, v, tables, too_long, scale)
