@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
 from services.encode.config import (
+    ConfigError,
     EncodeLimits,
     EncodeServiceConfig,
     parse_bytes,
     parse_dtype,
 )
-from services.encode.server import serve
+from shared.wire.security import TOKEN_ENV, load_tls_files, resolve_token
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,11 +87,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="write {port, metrics_port, pid} as JSON here once bound",
     )
+    p.add_argument(
+        "--max-links",
+        type=int,
+        default=64,
+        help="links open or waiting for their peer at once (OpenLink beyond: RESOURCE_EXHAUSTED)",
+    )
+    security = p.add_argument_group("security (see README: which ports to keep private)")
+    security.add_argument(
+        "--internal-token",
+        default=os.environ.get(TOKEN_ENV),
+        help=f"require metadata x-splitvl-token: TOKEN on every RPC but health (default: "
+        f"${TOKEN_ENV}); prefer --internal-token-file, command lines are visible to other users",
+    )
+    security.add_argument("--internal-token-file", type=Path, default=None,
+                          help="read the internal token from this file's first line")
+    security.add_argument("--tls-cert", type=Path, default=None,
+                          help="serve gRPC over TLS with this PEM certificate (chain)")
+    security.add_argument("--tls-key", type=Path, default=None, help="its PEM private key")
+    security.add_argument("--tls-ca", type=Path, default=None,
+                          help="require client certificates signed by this PEM CA (mutual TLS)")
     p.add_argument("--log-level", default="INFO")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> EncodeServiceConfig:
+    """The frozen config; ConfigError / SecurityConfigError (ValueErrors) name a bad value."""
+    tls = load_tls_files(args.tls_cert, args.tls_key, args.tls_ca, "--tls")
+    if tls is not None and tls.cert is None:
+        raise ConfigError("--tls-ca needs --tls-cert and --tls-key (the server's own pair)")
     limits = EncodeLimits(
         max_image_bytes=parse_bytes(args.max_image_bytes),
         max_decoded_pixels=args.max_decoded_pixels,
@@ -116,6 +142,9 @@ def config_from_args(args: argparse.Namespace) -> EncodeServiceConfig:
         link_timeout_s=args.link_timeout,
         advertise_host=args.advertise_host,
         port_file=args.port_file,
+        internal_token=resolve_token(args.internal_token, args.internal_token_file),
+        tls=tls,
+        max_links=args.max_links,
     )
 
 
@@ -130,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
     except ValueError as exc:
-        parser.error(str(exc))
+        # One line, no usage text: the value is wrong, not the syntax.
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    # Imported only now: the serving stack takes seconds to import, a bad flag should not wait.
+    from services.encode.lifecycle import serve
+
     return asyncio.run(serve(config))
 
 

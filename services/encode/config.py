@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from shared.wire.security import TLSFiles
 from shared.wire.units import DTYPES, GIB, KIB, MIB
 from shared.wire.units import dtype_name as _dtype_name
 from shared.wire.units import parse_bytes as _parse_bytes
@@ -91,6 +92,12 @@ class EncodeServiceConfig:
     advertise_host: str | None = None
     # Written (JSON: port, metrics_port, pid) once the port is bound, so callers can use port 0.
     port_file: Path | None = None
+    # Required as x-splitvl-token metadata on every RPC but health; None: no check.
+    internal_token: str | None = field(default=None, repr=False)
+    # Server certificate and key (and, for mutual TLS, the CA client certificates must chain to).
+    tls: TLSFiles | None = None
+    # Links open or waiting for their peer; OpenLink beyond this is RESOURCE_EXHAUSTED.
+    max_links: int = 64
 
     def __post_init__(self) -> None:
         if self.port < 0 or self.port > 65535:
@@ -104,5 +111,22 @@ class EncodeServiceConfig:
             raise ConfigError(f"chunk_bytes must be in 4KiB..3MiB, got {self.chunk_bytes}")
         if self.preprocess_workers <= 0:
             raise ConfigError("preprocess_workers must be positive")
+        if self.max_links <= 0:
+            raise ConfigError(f"max_links must be positive, got {self.max_links}")
+        _check_device(self.device)
+        if self.port_file is not None and not self.port_file.parent.is_dir():
+            raise ConfigError(
+                f"the directory of --port-file {self.port_file} does not exist; create it first"
+            )
         if not self.model_dir.is_dir():
             raise ConfigError(f"model directory {self.model_dir} does not exist")
+
+
+def _check_device(name: str) -> None:
+    """Refuse a device string torch cannot parse or the service cannot run on, before binding."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}; use cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {name!r}; use cpu or cuda[:N]")

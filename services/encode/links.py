@@ -19,11 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.wire.errors import LinkRefusedError
 from shared.wire.link import (
     LinkError,
     LinkOffer,
     P2PLink,
     link_backend,
+    new_link_secret,
     start_store_server,
     transfer_tag,
 )
@@ -39,6 +41,8 @@ class UnknownLinkError(LookupError):
     """No open link has this id (closed, broken, never opened, or the service restarted)."""
 
 
+class LinkLimitError(RuntimeError):
+    """As many links are open or waiting for their peer as the service allows."""
 
 @dataclass
 class _Ticket:
@@ -56,12 +60,14 @@ class LinkManager:
         timeout_s: float,
         ticket_ttl_s: float,
         max_workers: int = 16,
+        max_links: int = 64,
     ):
         self.host = host
         self.device = torch.device(device)
         self.backend = link_backend(self.device)
         self.timeout_s = timeout_s
         self.ticket_ttl_s = ticket_ttl_s
+        self.max_links = max_links
         self._store = None
         self._links: dict[str, Future] = {}
         self._tickets: OrderedDict[int, _Ticket] = OrderedDict()
@@ -71,6 +77,7 @@ class LinkManager:
 
     @property
     def num_links(self) -> int:
+        self._prune()
         return len(self._links)
 
     def is_open(self, link_id: str) -> bool:
@@ -82,20 +89,38 @@ class LinkManager:
         return len(self._tickets)
 
     def open(self, peer_device: str) -> LinkOffer:
-        """Start a link (rank 0 joins on a worker thread) and return how the peer joins it."""
+        """Start a link (rank 0 joins on a worker thread) and return how the peer joins it.
+
+        The offer's secret goes only to the caller; rank 0 refuses a peer that cannot prove it.
+        """
+        if self.num_links >= self.max_links:
+            raise LinkLimitError(
+                f"{self.max_links} links are open or waiting for their peer; close unused links "
+                "or start the encode service with a larger --max-links"
+            )
         if self._store is None:
             self._store = start_store_server(self.host, self.timeout_s)
             log.info("link store listening on %s:%d", self.host, self._store.port)
         link_id = uuid.uuid4().hex
+        secret = new_link_secret()
         pending: Future = Future()
         args = (link_id, self._store, 0, self.device, self.timeout_s, self.host)
         # A daemon thread, not the pool: a peer that never joins must not hold up process exit.
         threading.Thread(
-            target=_construct, args=(pending, args), name=f"link-{link_id[:8]}", daemon=True
-        ).start()
+            target=_construct, args=(pending, args, secret), name=f"link-{link_id[:8]}",
+            daemon=True,
+        ).start()  # fmt: skip
         self._links[link_id] = pending
         log.info("link %s opening for a peer on %s (%s)", link_id, peer_device or "?", self.backend)
-        return LinkOffer(link_id, self.host, self._store.port, self.backend, 1, self.timeout_s)
+        return LinkOffer(
+            link_id, self.host, self._store.port, self.backend, 1, self.timeout_s, secret
+        )
+
+    def _prune(self) -> None:
+        """Forget links whose set-up failed (peer never came, or was refused)."""
+        for link_id, pending in list(self._links.items()):
+            if pending.done() and pending.exception() is not None:
+                del self._links[link_id]
 
     def issue(self, tensor: torch.Tensor) -> int:
         """Hold a tensor for a later Transfer; returns its ticket."""
@@ -167,9 +192,12 @@ class LinkManager:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _construct(pending: Future, args: tuple) -> None:
+def _construct(pending: Future, args: tuple, secret: str) -> None:
     try:
-        pending.set_result(P2PLink(*args))
+        pending.set_result(P2PLink(*args, secret=secret))
+    except LinkRefusedError as exc:
+        log.warning("%s", exc)
+        pending.set_exception(exc)
     except BaseException as exc:  # delivered to whoever awaits the link
         pending.set_exception(exc)
 

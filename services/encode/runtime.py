@@ -90,7 +90,13 @@ def load_runtime(config: EncodeServiceConfig, metrics: EncodeMetrics) -> Runtime
         metrics,
         config.preprocess_workers,
     )
-    links = LinkManager(advertise_host(config), device, config.link_timeout_s, config.ticket_ttl_s)
+    links = LinkManager(
+        advertise_host(config),
+        device,
+        config.link_timeout_s,
+        config.ticket_ttl_s,
+        max_links=config.max_links,
+    )
     contract = EncoderContract(
         checkpoint_id=vision_fingerprint(config.model_dir),
         hidden_size=vision.out_hidden_size,

@@ -1,8 +1,8 @@
 """gRPC adapter of the encode service (the only module that touches the generated protobuf code).
 
-Maps EncodeService calls onto VisionEncoder and LinkManager, typed errors onto status codes, and
-runs the service's life: bind (health NOT_SERVING), load the vision tower (SERVING), and on SIGTERM
-drain (NOT_SERVING, new work refused, in-flight calls and unredeemed tickets finished), then exit.
+Maps EncodeService calls onto VisionEncoder and LinkManager and typed errors onto status codes;
+requests arrive as bytes and are parsed here, so a malformed one is INVALID_ARGUMENT. The
+process's life (bind, load, drain) is `lifecycle`.
 """
 
 from __future__ import annotations
@@ -10,22 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from proto.splitvl.encode.v1 import encode_pb2 as pb
-from services.common import write_port_file
 from services.encode.batcher import BatcherClosedError, DeadlineExpiredError, VisionQueueFullError
 from services.encode.config import EncodeServiceConfig, dtype_name
 from services.encode.encoder import InvalidImageError, NotCachedError
-from services.encode.links import TicketError, UnknownLinkError
+from services.encode.links import LinkLimitError, TicketError, UnknownLinkError
 from services.encode.metrics import EncodeMetrics
-from services.encode.runtime import Runtime, load_runtime
+from services.encode.runtime import Runtime
 from shared.wire.codec import iter_chunk_frames, tensor_bytes
 from shared.wire.errors import ImageRefError, LinkError, WireFormatError
 from shared.wire.images import EncodedImage, ImageRef
@@ -34,7 +29,6 @@ from shared.wire.info import EncoderInfo
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EncodeService"].full_name
-_HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 # Whole tensors in one message for callers that ask (EncodeRequest.max_chunk_bytes).
@@ -56,6 +50,7 @@ _STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     # Distinct from NOT_FOUND so a client knows to open a new link and retry.
     (UnknownLinkError, grpc.StatusCode.FAILED_PRECONDITION),
     (VisionQueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (LinkLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (LinkError, grpc.StatusCode.ABORTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
@@ -108,6 +103,34 @@ def _info_message(info: EncoderInfo, metrics_port: int) -> pb.GetInfoResponse:
 def _serialize_response(message) -> bytes:
     # Tensor chunks arrive pre-serialized from transport.iter_chunk_frames.
     return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+async def _parse(raw: bytes, request_type, context):
+    """The request message, or INVALID_ARGUMENT: gRPC's own deserializer would answer a
+    malformed message with INTERNAL, which reads as a bug in the service, not in the call."""
+    try:
+        return request_type.FromString(raw)
+    except Exception as exc:  # protobuf's DecodeError, and anything its parser raises
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"malformed {request_type.DESCRIPTOR.full_name} message: {exc}",
+        )
+
+
+def _unary(method, request_type):
+    async def handle(raw: bytes, context):
+        return await method(await _parse(raw, request_type, context), context)
+
+    return grpc.unary_unary_rpc_method_handler(handle, None, _serialize_response)
+
+
+def _unary_stream(method, request_type):
+    async def handle(raw: bytes, context):
+        request = await _parse(raw, request_type, context)
+        async for message in method(request, context):
+            yield message
+
+    return grpc.unary_stream_rpc_method_handler(handle, None, _serialize_response)
 
 
 class EncodeServicer:
@@ -237,6 +260,7 @@ class EncodeServicer:
             backend=offer.backend,
             rank=offer.rank,
             timeout_s=offer.timeout_s,
+            secret=offer.secret,
         )
 
     async def CloseLink(self, request: pb.CloseLinkRequest, context):  # noqa: N802
@@ -259,14 +283,11 @@ class EncodeServicer:
         return pb.GetMetricsResponse(text=self.metrics.render())
 
     def handler(self) -> grpc.GenericRpcHandler:
-        """Method handlers built by hand so Encode can send pre-serialized tensor chunks."""
+        """Method handlers built by hand: requests arrive as bytes and are parsed here (a bad
+        message is INVALID_ARGUMENT), and Encode can send pre-serialized tensor chunks."""
         handlers = {
-            "Encode": grpc.unary_stream_rpc_method_handler(
-                self.Encode, pb.EncodeRequest.FromString, _serialize_response
-            ),
-            "Transfer": grpc.unary_stream_rpc_method_handler(
-                self.Transfer, pb.TransferRequest.FromString, _serialize_response
-            ),
+            "Encode": _unary_stream(self.Encode, pb.EncodeRequest),
+            "Transfer": _unary_stream(self.Transfer, pb.TransferRequest),
         }
         for name, request_type in (
             ("GetInfo", pb.GetInfoRequest),
@@ -274,129 +295,5 @@ class EncodeServicer:
             ("CloseLink", pb.CloseLinkRequest),
             ("GetMetrics", pb.GetMetricsRequest),
         ):
-            handlers[name] = grpc.unary_unary_rpc_method_handler(
-                getattr(self, name), request_type.FromString, _serialize_response
-            )
+            handlers[name] = _unary(getattr(self, name), request_type)
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
-
-
-class EncodeServer:
-    """The encode process: gRPC server, health, metrics endpoint, model and drain."""
-
-    def __init__(self, config: EncodeServiceConfig):
-        self.config = config
-        self.metrics = EncodeMetrics()
-        self.servicer = EncodeServicer(config, self.metrics)
-        self.health = HealthServicer()
-        self.port = 0
-        self._server: grpc.aio.Server | None = None
-        self._stopped = asyncio.Event()
-        self._draining_task: asyncio.Task | None = None
-
-    async def start(self) -> int:
-        """Bind and serve (health NOT_SERVING until load()); returns the bound port."""
-        max_bytes = self.config.limits.max_request_bytes
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", max_bytes),
-                ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
-            ]
-        )
-        server.add_generic_rpc_handlers((self.servicer.handler(),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, _HEALTH_SERVICE, reflection.SERVICE_NAME), server
-        )
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await server.start()
-        self._server = server
-        if self.config.metrics_port is not None:
-            self.servicer.metrics_port = self.metrics.serve_http(
-                self.config.host, self.config.metrics_port
-            )
-            log.info(
-                "metrics on http://%s:%d/metrics", self.config.host, self.servicer.metrics_port
-            )
-        log.info("listening on %s:%d", self.config.host, self.port)
-        if self.config.port_file is not None:
-            info = {"port": self.port, "metrics_port": self.servicer.metrics_port}
-            write_port_file(self.config.port_file, info)
-        return self.port
-
-    async def load(self) -> None:
-        """Load the model on a thread, start batching, then report SERVING."""
-        runtime = await asyncio.to_thread(load_runtime, self.config, self.metrics)
-        runtime.batcher.start()
-        # Read live at each scrape, from the event loop's objects (plain int reads).
-        self.metrics.queue_depth.set_function(lambda: runtime.batcher.queue_depth)
-        self.metrics.links.set_function(lambda: runtime.links.num_links)
-        self.servicer.runtime = runtime
-        if self.servicer.draining:
-            return
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving")
-
-    def request_drain(self, reason: str) -> None:
-        """Start draining (idempotent); safe to call from a signal handler."""
-        if self._draining_task is None:
-            self._draining_task = asyncio.ensure_future(self.drain(reason))
-
-    async def drain(self, reason: str) -> None:
-        """NOT_SERVING, refuse new work, finish in-flight calls and tickets, then stop."""
-        self.servicer.draining = True
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        rt = self.servicer.runtime
-        log.info(
-            "%s: draining %d call(s), %d ticket(s)",
-            reason,
-            self.servicer.active_calls,
-            rt.links.pending_tickets if rt else 0,
-        )
-        deadline = time.monotonic() + self.config.drain_timeout_s
-        while time.monotonic() < deadline and not self._idle():
-            await asyncio.sleep(0.05)
-        if not self._idle():
-            log.warning(
-                "drain timed out after %.0f s; stopping anyway", self.config.drain_timeout_s
-            )
-        await self.stop()
-
-    def _idle(self) -> bool:
-        rt = self.servicer.runtime
-        return self.servicer.active_calls == 0 and (rt is None or rt.links.pending_tickets == 0)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            await self._server.stop(grace=1.0)
-        rt = self.servicer.runtime
-        if rt is not None:
-            await rt.batcher.close()
-            rt.encoder.close()
-            rt.links.close_all()
-        log.info("stopped")
-        self._stopped.set()
-
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
-
-    async def _set_health(self, status) -> None:
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
-
-
-async def serve(config: EncodeServiceConfig) -> int:
-    """Run the encode service until SIGTERM/SIGINT has drained it; returns the exit status."""
-    server = EncodeServer(config)
-    await server.start()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.request_drain, signal.Signals(sig).name)
-    try:
-        await server.load()
-    except Exception:
-        log.exception("could not load the model from %s", config.model_dir)
-        await server.stop()
-        return 1
-    await server.wait_stopped()
-    return 0

@@ -1,12 +1,18 @@
-"""Async client of the encode replicas: balancing, retries and the model-contract handshake.
+"""Async client of the encode replicas: balancing, retries, fail-over and the handshake.
 
 Each image of a request becomes its own Encode call, so a request's images are encoded in
 parallel across replicas. Calls go to the replica with the fewest outstanding calls; a replica
-that is unavailable (down, draining, overloaded) or whose link broke is skipped and the image
-retried on another one, within the request's deadline. Embeddings arrive inline
+that is unavailable (down, draining, overloaded), too slow, or whose link broke is skipped and the
+image retried on another one, within the request's deadline. Embeddings arrive inline
 (`encode_inline`) or over a torch.distributed link per replica (`encode_link`). With an expected
 `EncoderContract`, every replica's GetInfo is checked before it is used, and again after it
 was unreachable: a replica that comes back serving another model is never used.
+
+Fail-over: every attempt has its own deadline (`attempt_timeout_s`, never past the request's),
+so a replica that stalls costs one attempt, not the request. A replica that answered UNAVAILABLE
+or let an attempt's deadline pass, or whose channel cannot connect, is taken out of rotation for
+`cooldown_s`; then a grpc.health.v1 probe every `probe_interval_s` puts it back once it is
+SERVING (a successful call does too). Only when every replica is out are they tried anyway.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,11 +34,16 @@ from services.language.encode_rpc import EncodeStub, ErrorKind, RemoteError
 from shared.wire.errors import IncompatibleEncoderError, LinkError
 from shared.wire.images import EncodedImage, ImageRef
 from shared.wire.info import EncoderContract, EncoderInfo, check_compatible
+from shared.wire.security import TLSFiles
 
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ("grpc", "nccl")
-_RETRYABLE = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.OVERLOADED, ErrorKind.LINK_BROKEN})
+_RETRYABLE = frozenset(
+    {ErrorKind.UNAVAILABLE, ErrorKind.OVERLOADED, ErrorKind.LINK_BROKEN, ErrorKind.DEADLINE}
+)
+# Failures that say the replica itself is gone or stuck, not just this call.
+_COOL_DOWN = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE})
 _FRAME_OVERHEAD = 1024  # a chunk message's bytes besides its data, with room to spare
 
 
@@ -53,14 +64,22 @@ class EncodeClientConfig:
     transport: str = "grpc"  # "grpc" (inline bytes) or "nccl" (a link; gloo on CPU devices)
     device: str = "cpu"  # where link transfers land (inline tensors stay on the host)
     timeout_s: float = 60.0  # per request, all attempts included
+    # Per attempt (never more than what is left of the request's timeout_s).
+    attempt_timeout_s: float = 15.0
     max_attempts: int = 3  # per image
-    cooldown_s: float = 2.0  # a replica that was unavailable is avoided this long
+    cooldown_s: float = 2.0  # a replica that was unavailable or too slow is avoided this long
+    probe_interval_s: float = 0.5  # after the cool-down, health probes this often until SERVING
+    probe_timeout_s: float = 1.0
     max_message_bytes: int = 256 * 1024 * 1024  # gRPC receive limit
     # Inline tensors arrive in chunks of this size, reassembled as they come (bench/transfer.py:
     # the pipelining beats the copy it costs). 0 asks for each tensor in one message (up to
     # max_message_bytes), then used in place without any copy of the client's own.
     inline_chunk_bytes: int = 1024 * 1024
     expected: EncoderContract | None = None  # None: replicas are not checked
+    internal_token: str | None = field(default=None, repr=False)  # the encode service's
+    # TLS to the replicas: the CA they are verified by (None: the system's roots) and, for mutual
+    # TLS, this client's certificate and key. None: plaintext.
+    tls: TLSFiles | None = None
 
     def __post_init__(self) -> None:
         if not self.endpoints:
@@ -73,19 +92,43 @@ class EncodeClientConfig:
             raise ValueError("inline_chunk_bytes must be 0 or fit in max_message_bytes")
         if self.max_attempts < 1 or self.timeout_s <= 0:
             raise ValueError("max_attempts must be >= 1 and timeout_s > 0")
+        for name in ("attempt_timeout_s", "probe_interval_s", "probe_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.cooldown_s < 0:
+            raise ValueError(f"cooldown_s must be >= 0, got {self.cooldown_s}")
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    """What the client knows of one replica (for logs, metrics and tests)."""
+
+    address: str
+    admitted: bool  # in rotation; False while cooling down or until a health probe passes
+    outstanding: int
+    attempts: int  # calls sent to it, all outcomes
+    failures: int  # of those, the ones that failed
 
 
 class _Replica:
-    """One replica's stub, load, cool-down, handshake state and (link transport) its link."""
+    """One replica's stub, load, rotation state, handshake state and (link transport) link."""
 
     def __init__(self, stub: EncodeStub, link: LinkReceiver | None):
         self.stub = stub
         self.link = link
         self.outstanding = 0
         self.last_pick = 0
+        self.admitted = True
         self.down_until = 0.0
+        self.probe: asyncio.Task | None = None
         self.verified = False
         self.incompatible: str | None = None
+        self.attempts = 0
+        self.failures = 0
+
+    def stats(self) -> ReplicaStats:
+        return ReplicaStats(self.stub.address, self.admitted, self.outstanding, self.attempts,
+                            self.failures)  # fmt: skip
 
 
 class EncodeClient:
@@ -99,7 +142,7 @@ class EncodeClient:
         )
         self._replicas = []
         for address in config.endpoints:
-            stub = EncodeStub(address, config.max_message_bytes)
+            stub = EncodeStub(address, config.max_message_bytes, config.internal_token, config.tls)
             link = None
             if config.transport == "nccl":
                 link = LinkReceiver(stub, self.device, self._pool)
@@ -110,6 +153,10 @@ class EncodeClient:
     def outstanding(self, endpoint: str) -> int:
         """Calls in flight to one endpoint."""
         return self._by_address(endpoint).outstanding
+
+    def replica_stats(self) -> dict[str, ReplicaStats]:
+        """Per endpoint: in rotation or not, load, attempts and failures so far."""
+        return {r.stub.address: r.stats() for r in self._replicas}
 
     def link_id(self, endpoint: str) -> str | None:
         """The id of the link to one endpoint, if one is up (for logs and diagnostics)."""
@@ -152,6 +199,9 @@ class EncodeClient:
     async def close(self) -> None:
         """Close links (telling the replicas) and channels."""
         for replica in self._replicas:
+            if replica.probe is not None:
+                replica.probe.cancel()
+        for replica in self._replicas:
             if replica.link is not None:
                 await replica.link.close()
             await replica.stub.close()
@@ -166,11 +216,36 @@ class EncodeClient:
     def _pick(self, tried: set[str]) -> _Replica:
         now = time.monotonic()
         usable = [r for r in self._replicas if r.incompatible is None] or self._replicas
-        fresh = [r for r in usable if r.stub.address not in tried] or usable
-        up = [r for r in fresh if r.down_until <= now] or fresh
-        replica = min(up, key=lambda r: (r.outstanding, r.last_pick))
+        for replica in usable:
+            if replica.admitted and not replica.stub.reachable():
+                self._cool_down(replica, "its channel cannot connect")
+            if not replica.admitted and replica.probe is None and replica.down_until <= now:
+                replica.probe = asyncio.ensure_future(self._probe(replica))
+        # When every replica is out of rotation they are tried anyway: a down one fails fast.
+        candidates = [r for r in usable if r.admitted] or usable
+        fresh = [r for r in candidates if r.stub.address not in tried] or candidates
+        replica = min(fresh, key=lambda r: (r.outstanding, r.last_pick))
         replica.last_pick = next(self._picks)
         return replica
+
+    def _cool_down(self, replica: _Replica, reason: object) -> None:
+        if replica.admitted:
+            log.warning("encode replica %s out of rotation for %.1f s: %s",
+                        replica.stub.address, self.config.cooldown_s, reason)  # fmt: skip
+        replica.admitted = False
+        replica.down_until = time.monotonic() + self.config.cooldown_s
+
+    async def _probe(self, replica: _Replica) -> None:
+        """One health probe of a replica out of rotation: back in when SERVING."""
+        try:
+            serving = await replica.stub.serving(self.config.probe_timeout_s)
+        finally:
+            replica.probe = None
+        if serving and not replica.admitted:
+            replica.admitted = True
+            log.info("encode replica %s is SERVING again; back in rotation", replica.stub.address)
+        elif not serving:
+            replica.down_until = time.monotonic() + self.config.probe_interval_s
 
     async def _verify(self, replica: _Replica, timeout: float) -> EncoderInfo | None:
         """GetInfo and the contract check, unless already done since the replica was last
@@ -199,21 +274,28 @@ class EncodeClient:
                 log.info("retrying %s after: %s", request_id, last)
             replica = self._pick(tried)
             tried.add(replica.stub.address)
+            budget = min(self.config.attempt_timeout_s, remaining)
             replica.outstanding += 1
+            replica.attempts += 1
             try:
-                await self._verify(replica, remaining)
-                return await self._attempt(replica, ref, request_id, remaining)
+                image = await self._bounded_attempt(replica, ref, request_id, budget)
+                replica.admitted = True  # a call that works puts a replica back at once
+                return image
             except RemoteError as exc:
+                replica.failures += 1
                 if exc.kind not in _RETRYABLE:
                     raise EncodeError(str(exc), exc.kind, exc.endpoint) from exc
+                if exc.kind in _COOL_DOWN:
+                    self._cool_down(replica, exc)
                 if exc.kind is ErrorKind.UNAVAILABLE:
-                    replica.down_until = time.monotonic() + self.config.cooldown_s
                     replica.verified = False  # it may come back as another process
                 last = exc
             except IncompatibleEncoderError as exc:
+                replica.failures += 1
                 replica.verified = False  # GetInfo decides at its next pick
                 last = exc
             except LinkError as exc:
+                replica.failures += 1
                 last = exc
             finally:
                 replica.outstanding -= 1
@@ -223,6 +305,24 @@ class EncodeClient:
             f"last error: {last or 'deadline reached'}",
             kind if last is not None else ErrorKind.DEADLINE,
         )
+
+    async def _bounded_attempt(
+        self, replica: _Replica, ref: ImageRef, request_id: str, budget: float
+    ) -> EncodedImage:
+        """Handshake (if due) and one attempt, together within `budget` seconds: the gRPC
+        deadlines inside stop the replica's work, this bound stops everything else (link set-up
+        threads, waits for the link's turn)."""
+        deadline = time.monotonic() + budget
+        try:
+            async with asyncio.timeout(budget):
+                await self._verify(replica, budget)
+                left = max(deadline - time.monotonic(), 0.001)
+                return await self._attempt(replica, ref, request_id, left)
+        except TimeoutError:
+            raise RemoteError(
+                ErrorKind.DEADLINE, f"no answer within the attempt's {budget:.1f} s",
+                replica.stub.address,
+            ) from None  # fmt: skip
 
     async def _attempt(
         self, replica: _Replica, ref: ImageRef, request_id: str, timeout: float

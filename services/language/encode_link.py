@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 
@@ -47,10 +49,13 @@ class LinkReceiver:
     async def receive(
         self, ref: ImageRef, request_id: str, timeout: float, checkpoint_id: str | None = None
     ) -> EncodedImage:
-        """Encode one image on the replica and receive its tensor over the link."""
-        link = await self._ensure_link(timeout)
+        """Encode one image on the replica and receive its tensor over the link, all within
+        `timeout` seconds (link set-up, Encode and Transfer together)."""
+        deadline = time.monotonic() + timeout
+        link = await self._ensure_link(deadline)
         try:
-            headers = await self.stub.encode_for_link(ref, request_id, link.link_id, timeout)
+            headers = await self.stub.encode_for_link(ref, request_id, link.link_id,
+                                                      _left(deadline))  # fmt: skip
         except RemoteError as exc:
             if exc.kind is ErrorKind.UNKNOWN_LINK:
                 self.drop(link, exc.detail)
@@ -61,18 +66,19 @@ class LinkReceiver:
         header = headers[0]
         check_checkpoint(header, checkpoint_id, self.stub.address)
         # Shielded: once the replica starts sending, the receive must complete or the link is
-        # lost; a caller that gives up leaves it to finish.
-        transfer = asyncio.ensure_future(self._receive(link, header, timeout))
+        # lost; a caller that gives up leaves it to finish (or time out) on its own.
+        transfer = asyncio.ensure_future(self._receive(link, header, deadline))
         transfer.add_done_callback(_consume_exception)
         packed = await asyncio.shield(transfer)
         return EncodedImage(packed, header.grid_thw, header.content_hash, header.cache_hit,
                             self.stub.address)  # fmt: skip
 
-    async def _receive(self, link: P2PLink, header: ImageHeader, timeout: float) -> torch.Tensor:
+    async def _receive(self, link: P2PLink, header: ImageHeader, deadline: float) -> torch.Tensor:
         loop = asyncio.get_running_loop()
         async with self._transfer:
             if link.broken:
                 raise LinkError(f"link {link.link_id} to {self.stub.address} broke before use")
+            timeout = _left(deadline)
             call = self.stub.transfer(link.link_id, [header.ticket], timeout)
             try:
                 await call.ready()
@@ -82,10 +88,15 @@ class LinkReceiver:
                 if exc.kind in (ErrorKind.UNKNOWN_LINK, ErrorKind.NOT_FOUND):
                     # Nothing was sent: encoding again (a cache hit) over a good link recovers.
                     raise LinkError(f"{self.stub.address}: transfer refused: {exc.detail}") from exc
+                if exc.kind in (ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE):
+                    # The replica died or stalled mid-call: the link to it is gone too.
+                    self.drop(link, exc.detail)
                 raise
             spec = (header.shape, wire_dtype(header.dtype))
+            # The recv gives up with the attempt, so a stalled sender cannot hold the link (and
+            # this pool's thread) for the link's whole timeout.
             received = loop.run_in_executor(
-                self._pool, link.recv, [spec], [transfer_tag(header.ticket)]
+                self._pool, link.recv, [spec], [transfer_tag(header.ticket)], _left(deadline)
             )
             try:
                 await call.done()
@@ -95,13 +106,13 @@ class LinkReceiver:
                 raise
             return (await received)[0]
 
-    async def _ensure_link(self, timeout: float) -> P2PLink:
+    async def _ensure_link(self, deadline: float) -> P2PLink:
         async with self._setup:
             if self.link is not None and not self.link.broken:
                 return self.link
             if self.link is not None:
                 self.drop(self.link, "broken")
-            offer = await self.stub.open_link(str(self.device), timeout)
+            offer = await self.stub.open_link(str(self.device), _left(deadline))
             if offer.backend != link_backend(self.device):
                 raise RemoteError(
                     ErrorKind.INVALID,
@@ -112,11 +123,28 @@ class LinkReceiver:
             loop = asyncio.get_running_loop()
             where = (offer.link_id, offer.store_host, offer.store_port, offer.rank)
             joining = loop.run_in_executor(
-                self._pool, join_link, *where, self.device, offer.timeout_s
+                self._pool,
+                partial(join_link, *where, self.device, offer.timeout_s, secret=offer.secret),
             )
-            self.link = await asyncio.wait_for(joining, timeout)
+            try:
+                done, _ = await asyncio.wait({joining}, timeout=_left(deadline))
+            finally:
+                if not joining.done():  # timed out or cancelled: the join goes on in its thread
+                    joining.add_done_callback(partial(self._close_late, offer.link_id))
+            if not done:
+                raise RemoteError(ErrorKind.DEADLINE, f"link {offer.link_id} not joined in time",
+                                  self.stub.address)  # fmt: skip
+            self.link = joining.result()
             log.info("link %s to %s ready (%s)", offer.link_id, self.stub.address, offer.backend)
             return self.link
+
+    def _close_late(self, link_id: str, joining: asyncio.Future) -> None:
+        """A join that finished after its caller gave up leaves a link nobody holds."""
+        if not joining.cancelled() and joining.exception() is None:
+            self.drop(joining.result(), "set up after its caller gave up")
+        else:
+            closing = asyncio.ensure_future(self.stub.close_link(link_id))
+            closing.add_done_callback(_consume_exception)
 
     def drop(self, link: P2PLink, reason: str) -> None:
         """Forget a link here and, best effort, on the replica."""
@@ -131,6 +159,10 @@ class LinkReceiver:
         if link is not None:
             await self.stub.close_link(link.link_id)
             link.close("client closed")
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.001)
 
 
 def _consume_exception(future: asyncio.Future) -> None:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.splitvl.encode.v1 import encode_pb2 as pb
 from proto.splitvl.encode.v1 import encode_pb2_grpc as pb_grpc
@@ -21,8 +22,24 @@ from shared.wire.errors import IncompatibleEncoderError
 from shared.wire.images import ImageRef
 from shared.wire.info import EncoderInfo
 from shared.wire.link import LinkOffer
+from shared.wire.security import TOKEN_METADATA_KEY, TLSFiles
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["EncodeService"].full_name
+# A replica that went away must cost a call milliseconds, not gRPC's default 20 s connect timeout:
+# reconnects start after 100 ms and back off to at most 1 s, and a connection attempt (TCP + TLS +
+# HTTP/2 settings) that takes longer than 1 s fails and is retried (min_reconnect_backoff is
+# also the minimum connect timeout).
+_FAIL_FAST_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 1000),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_retries", 0),  # retries are the client's, on another replica
+    # A connection of its own per stub, not one shared with other channels to the same address
+    # (gRPC's process-wide pool), whose backoff after an old failure would fail new calls.
+    ("grpc.use_local_subchannel_pool", 1),
+)
+_DOWN_STATES = frozenset({grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                          grpc.ChannelConnectivity.SHUTDOWN})  # fmt: skip
 
 
 class ErrorKind(enum.Enum):
@@ -116,19 +133,52 @@ def _parse_encode_response(frame: bytes):
 class EncodeStub:
     """One replica's channel and calls, in domain types."""
 
-    def __init__(self, address: str, max_message_bytes: int):
+    def __init__(
+        self,
+        address: str,
+        max_message_bytes: int,
+        token: str | None = None,
+        tls: TLSFiles | None = None,
+    ):
         self.address = address
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            *_FAIL_FAST_OPTIONS,
         ]
-        self._channel = grpc.aio.insecure_channel(address, options=options)
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        # Sent on every call; the encode service refuses calls without it when it has a token.
+        self._metadata = ((TOKEN_METADATA_KEY, token),) if token else ()
         self._stub = pb_grpc.EncodeServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._encode = self._channel.unary_stream(
             f"/{_SERVICE}/Encode",
             request_serializer=pb.EncodeRequest.SerializeToString,
             response_deserializer=_parse_encode_response,
         )
+
+    def _call_args(self, timeout: float) -> dict:
+        # wait_for_ready=False: a call on a channel that cannot connect fails now (UNAVAILABLE)
+        # instead of waiting for the replica to come back.
+        return {"timeout": timeout, "metadata": self._metadata, "wait_for_ready": False}
+
+    def reachable(self) -> bool:
+        """False when the channel knows the replica is down (its last connect failed)."""
+        return self._channel.get_state(try_to_connect=False) not in _DOWN_STATES
+
+    async def serving(self, timeout: float) -> bool:
+        """The replica's grpc.health.v1 status is SERVING (False on any failure)."""
+        try:
+            reply = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=_SERVICE), **self._call_args(timeout)
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     def _error(self, exc: grpc.aio.AioRpcError) -> RemoteError:
         kind = _KINDS.get(exc.code(), ErrorKind.INTERNAL)
@@ -141,7 +191,7 @@ class EncodeStub:
         request = pb.EncodeRequest(request_id=request_id, images=[_image_message(ref)],
                                    transport=pb.TRANSPORT_INLINE, max_chunk_bytes=max_chunk_bytes)
         try:
-            async for msg in self._encode(request, timeout=timeout):
+            async for msg in self._encode(request, **self._call_args(timeout)):
                 if isinstance(msg, ChunkView):
                     yield msg
                 elif msg.WhichOneof("payload") == "header":
@@ -156,13 +206,14 @@ class EncodeStub:
         request = pb.EncodeRequest(request_id=request_id, images=[_image_message(ref)],
                                    transport=pb.TRANSPORT_LINK, link_id=link_id)  # fmt: skip
         try:
-            return [_header(m.header) async for m in self._encode(request, timeout=timeout)]
+            call = self._encode(request, **self._call_args(timeout))
+            return [_header(m.header) async for m in call]
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
 
     async def info(self, timeout: float) -> EncoderInfo:
         try:
-            msg = await self._stub.GetInfo(pb.GetInfoRequest(), timeout=timeout)
+            msg = await self._stub.GetInfo(pb.GetInfoRequest(), **self._call_args(timeout))
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         flat = {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
@@ -170,21 +221,23 @@ class EncodeStub:
 
     async def open_link(self, device: str, timeout: float) -> LinkOffer:
         try:
-            msg = await self._stub.OpenLink(pb.OpenLinkRequest(device=device), timeout=timeout)
+            msg = await self._stub.OpenLink(pb.OpenLinkRequest(device=device),
+                                            **self._call_args(timeout))  # fmt: skip
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         return LinkOffer(msg.link_id, msg.store_host, msg.store_port, msg.backend, msg.rank,
-                         msg.timeout_s)  # fmt: skip
+                         msg.timeout_s, msg.secret)  # fmt: skip
 
     def transfer(self, link_id: str, tickets: list[int], timeout: float) -> TransferCall:
         call = self._stub.Transfer(pb.TransferRequest(link_id=link_id, tickets=tickets),
-                                   timeout=timeout)  # fmt: skip
+                                   **self._call_args(timeout))  # fmt: skip
         return TransferCall(self, call)
 
     async def close_link(self, link_id: str, timeout: float = 2.0) -> None:
         """Best effort: the replica may already be gone, and its side of the link with it."""
         try:
-            await self._stub.CloseLink(pb.CloseLinkRequest(link_id=link_id), timeout=timeout)
+            await self._stub.CloseLink(pb.CloseLinkRequest(link_id=link_id),
+                                       **self._call_args(timeout))  # fmt: skip
         except grpc.aio.AioRpcError:
             pass
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from scripts.support.launch import ServiceProcess, grpc_health, wait_grpc_serving
@@ -60,11 +63,19 @@ class Reference:
 class EncodeProcess:
     """`python -m services.encode` on 127.0.0.1 with a metrics port, ports picked by the OS."""
 
-    def __init__(self, model_dir: Path, workdir: Path, *extra_args: str, name: str = "encode"):
+    def __init__(
+        self,
+        model_dir: Path,
+        workdir: Path,
+        *extra_args: str,
+        name: str = "encode",
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
         self.model_dir = model_dir
         self.workdir = workdir
         self.name = name
         self.extra_args = extra_args
+        self.credentials = credentials  # a TLS replica is polled over TLS
         self.service: ServiceProcess | None = None
         self.port = 0
         self.metrics_port = 0
@@ -87,11 +98,32 @@ class EncodeProcess:
     def wait_serving(self, timeout_s: float = 60.0) -> EncodeProcess:
         info = self.service.ports(timeout_s)
         self.port, self.metrics_port = info["port"], info["metrics_port"]
-        wait_grpc_serving(self.address, timeout_s, process=self.service)
-        return self
+        if self.credentials is None:
+            wait_grpc_serving(self.address, timeout_s, process=self.service)
+            return self
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if self.health() == health_pb2.HealthCheckResponse.SERVING:
+                    return self
+            except grpc.RpcError:
+                pass
+            if not self.service.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} is not SERVING{self.service.log_tail()}")
+            time.sleep(0.1)
+
+    def channel(self) -> grpc.Channel:
+        """A blocking channel to the replica (over TLS when it has credentials)."""
+        if self.credentials is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, self.credentials)
 
     def health(self, service: str = "") -> int:
-        return grpc_health(self.address, service)
+        if self.credentials is None:
+            return grpc_health(self.address, service)
+        with self.channel() as channel:
+            request = health_pb2.HealthCheckRequest(service=service)
+            return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
 
     def signal(self, sig: int) -> None:
         self.service.signal(sig)

@@ -93,3 +93,46 @@ def test_bad_values_are_rejected(tiny_vl_dir, tmp_path):
 )
 def test_status_codes(error, code):
     assert status_for(error) == code
+
+
+def test_security_flags_build_the_config_and_bad_files_are_named(tiny_vl_dir, tmp_path):
+    from shared.wire.errors import SecurityConfigError
+    from tests.encode.pki import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    token_file = tmp_path / "token"
+    token_file.write_text("tok-123\n")
+    parser = build_parser()
+    base = ["--model", str(tiny_vl_dir)]
+    config = config_from_args(parser.parse_args([
+        *base, "--internal-token-file", str(token_file), "--tls-cert", str(pki.server_cert),
+        "--tls-key", str(pki.server_key), "--tls-ca", str(pki.ca),
+    ]))  # fmt: skip
+    assert config.internal_token == "tok-123" and config.tls.ca == pki.ca.read_bytes()
+    assert "tok-123" not in repr(config) and "PRIVATE" not in repr(config)
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    bad = {
+        "empty": (["--internal-token-file", str(empty)], "is empty"),
+        "missing": (["--internal-token-file", str(tmp_path / "nope")], "cannot read"),
+        "both": (["--internal-token", "a", "--internal-token-file", str(token_file)], "not both"),
+        "spaces": (["--internal-token", "a b"], "printable ASCII"),
+        "key_alone": (["--tls-key", str(pki.server_key)], "go together"),
+        "cert_missing": (["--tls-cert", str(tmp_path / "x.pem"), "--tls-key",
+                          str(pki.server_key)], "cannot read the certificate"),
+        "ca_alone": (["--tls-ca", str(pki.ca)], "needs --tls-cert"),
+        "key_of_another_cert": (["--tls-cert", str(pki.server_cert), "--tls-key",
+                                 str(pki.client_key)], "not a usable certificate"),
+        "ca_not_pem": (["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+                        "--tls-ca", str(token_file)], "not a PEM file"),
+    }  # fmt: skip
+    for name, (args, message) in bad.items():
+        with pytest.raises((SecurityConfigError, ConfigError), match=message):
+            config_from_args(parser.parse_args([*base, *args]))
+        assert name
+
+
+def test_link_limit_is_resource_exhausted():
+    from services.encode.links import LinkLimitError
+
+    assert status_for(LinkLimitError("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED

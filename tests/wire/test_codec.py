@@ -18,7 +18,7 @@ from shared.wire.codec import (
     tensor_bytes,
 )
 from shared.wire.errors import LinkError, WireFormatError
-from shared.wire.link import P2PLink, connect_store, start_store_server
+from shared.wire.link import P2PLink, connect_store, new_link_secret, start_store_server
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -81,12 +81,15 @@ def test_assembler_rejects_bad_streams():
 def _pair(store, link_id: str, timeout_s: float = 10.0) -> tuple[P2PLink, P2PLink]:
     """Both ranks of a link, built concurrently as two processes would."""
     peer: dict[str, P2PLink] = {}
+    secret = new_link_secret()
     client_store = connect_store("127.0.0.1", store.port, timeout_s)
-    thread = threading.Thread(
-        target=lambda: peer.setdefault("link", P2PLink(link_id, client_store, 1, "cpu", timeout_s))
-    )
+
+    def join():
+        peer["link"] = P2PLink(link_id, client_store, 1, "cpu", timeout_s, secret=secret)
+
+    thread = threading.Thread(target=join)
     thread.start()
-    server = P2PLink(link_id, store, 0, "cpu", timeout_s)
+    server = P2PLink(link_id, store, 0, "cpu", timeout_s, secret=secret)
     thread.join(timeout_s)
     return server, peer["link"]
 
