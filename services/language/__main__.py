@@ -35,12 +35,14 @@ from services.language.prompt import ChatTemplate, ContextWindow, PromptBuilder
 from shared.model.config import ConfigError
 from shared.model.loader import CheckpointError
 from shared.wire import units
-from shared.wire.errors import IncompatibleEncoderError
+from shared.wire.errors import IncompatibleEncoderError, SecurityConfigError
 from shared.wire.info import EncoderContract
+from shared.wire.security import TOKEN_ENV, load_tls_files, resolve_token
 
 # Start-up failures the user can fix: reported in one line, not as a traceback.
 _STARTUP_ERRORS = (
-    ConfigError, CheckpointError, EngineConfigError, FileNotFoundError, IncompatibleEncoderError
+    ConfigError, CheckpointError, EngineConfigError, FileNotFoundError, IncompatibleEncoderError,
+    SecurityConfigError,
 )
 _HANDSHAKE_TIMEOUT_S = 10.0
 _FATAL_EXIT_DELAY_S = 5.0
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="grpc",
         help="how image embeddings travel: inline in gRPC, or over a torch.distributed link",
     )
+    _add_encode_client_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="HTTP port; 0 picks a free one")
     p.add_argument("--grpc-port", type=int, default=None, help="serve gRPC too; 0 picks one")
@@ -123,6 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
                           "between the ranks)")  # fmt: skip
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def _add_encode_client_args(p: argparse.ArgumentParser) -> None:
+    """Fail-over and security of the calls to the encode replicas."""
+    group = p.add_argument_group("encode replicas")
+    group.add_argument("--encode-attempt-timeout", type=float, default=15.0,
+                       help="seconds one attempt on one replica may take before the image is "
+                       "retried on another (never more than the request has left)")  # fmt: skip
+    group.add_argument("--internal-token", default=os.environ.get(TOKEN_ENV),
+                       help="send it as x-splitvl-token metadata to the encode replicas (their "
+                       f"--internal-token; default: ${TOKEN_ENV})")  # fmt: skip
+    group.add_argument("--internal-token-file", type=Path, default=None,
+                       help="read the internal token from this file's first line")
+    group.add_argument("--encode-tls-ca", type=Path, default=None,
+                       help="connect to the encode replicas over TLS, verifying their "
+                       "certificates against this PEM CA")  # fmt: skip
+    group.add_argument("--encode-tls-cert", type=Path, default=None,
+                       help="client certificate for mutual TLS (with --encode-tls-key)")
+    group.add_argument("--encode-tls-key", type=Path, default=None,
+                       help="its PEM private key")
 
 
 def _devices_arg(text: str) -> tuple[str, ...]:
@@ -260,8 +283,14 @@ def _build_encoder(args: argparse.Namespace, engine: Any) -> Any:
     endpoints = tuple(e.strip() for e in args.encode.split(",") if e.strip())
     expected = encoder_contract(args.model, engine) if engine.model_config.is_vl else None
     # Built inside the running loop: the client's gRPC channels belong to it
+    tls = load_tls_files(args.encode_tls_cert, args.encode_tls_key, args.encode_tls_ca,
+                         "--encode-tls")  # fmt: skip
     return EncodeClient(
-        EncodeClientConfig(endpoints, args.transport, args.device, expected=expected)
+        EncodeClientConfig(
+            endpoints, args.transport, args.device, expected=expected,
+            attempt_timeout_s=args.encode_attempt_timeout,
+            internal_token=resolve_token(args.internal_token, args.internal_token_file), tls=tls,
+        )  # fmt: skip
     )
 
 
