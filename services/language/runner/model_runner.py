@@ -133,17 +133,17 @@ class ModelRunner:
         for index, chunk in enumerate(chunks):
             req = self.state[chunk.request_id]
             start, n = req.num_computed_tokens, chunk.num_tokens
-            self._fill_tokens(req, offset, start, n)
             num_blocks = -(-(start + n) // self.block_size)
             if n == 1:
-                host["decode_block_tables"][index, :num_blocks] = req.block_ids[:num_blocks]
-                host["decode_context_lens"][index] = start + 1
+                self._fill_decode(req, index, start, num_blocks)
                 width = max(width, num_blocks)
             else:
+                self._fill_tokens(req, offset, start, n)
                 row = index - num_decodes
-                host["prefill_block_tables"][row, :num_blocks] = req.block_ids[:num_blocks]
+                host["prefill_block_tables"][row, :num_blocks] = req.block_array()[:num_blocks]
                 prefills.append(PrefillSpan(offset, n, start, row, num_blocks))
-            splices += self._splices(req, offset, start, n)
+            if start < req.num_prompt_tokens and req.images:
+                splices += self._splices(req, offset, start, n)
             if chunk.samples:
                 host["logits_indices"][num_logits] = offset + n - 1
                 num_logits += 1
@@ -157,6 +157,22 @@ class ModelRunner:
             width = self.buffers.limits.max_blocks_per_seq  # graphs read fixed-width tables
         return StepBatch(offset, num_rows, width, tuple(prefills), num_logits, num_sampled,
                          tuple(splices), graph)  # fmt: skip
+
+    def _fill_decode(self, req: RunnerRequest, row: int, start: int, num_blocks: int) -> None:
+        """One token at position `start` in row `row`: scalar writes, the common case of a
+        step (numpy's per-call overhead would dominate a vectorized fill of one element)."""
+        host, size = self.buffers.host, self.block_size
+        blocks = req.block_array()
+        host["input_ids"][row] = req.token_ids[start]
+        host["slot_mapping"][row] = blocks[start // size] * size + start % size
+        if start >= req.num_prompt_tokens:
+            host["positions"][:, row] = start + req.rope_delta
+        elif req.mrope is not None:
+            host["positions"][:, row] = req.mrope[:, start]
+        else:
+            host["positions"][:, row] = start
+        host["decode_block_tables"][row, :num_blocks] = blocks[:num_blocks]
+        host["decode_context_lens"][row] = start + 1
 
     def _fill_tokens(self, req: RunnerRequest, offset: int, start: int, n: int) -> None:
         host = self.buffers.host

@@ -33,13 +33,17 @@ class RunnerRequest:
     image_positions: list[int]  # prompt indices of image pads, ascending
     images: list[torch.Tensor] = field(default_factory=list)  # packed, on the runner's device
     image_starts: list[int] = field(default_factory=list)  # first image row of each image
+    _blocks: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     def image_rows(self, start: int, end: int) -> tuple[int, int]:
         """Range of image rows whose pads fall in token indices [start, end)."""
         return bisect_left(self.image_positions, start), bisect_left(self.image_positions, end)
 
     def block_array(self) -> np.ndarray:
-        return np.asarray(self.block_ids, dtype=np.int64)
+        """`block_ids` as an array, rebuilt only when blocks were added (they only grow)."""
+        if len(self._blocks) != len(self.block_ids):
+            self._blocks = np.asarray(self.block_ids, dtype=np.int64)
+        return self._blocks
 
 
 class RunnerState:
