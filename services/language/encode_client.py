@@ -31,7 +31,7 @@ import torch
 from services.language.encode_inline import receive_inline
 from services.language.encode_link import LinkReceiver
 from services.language.encode_rpc import EncodeStub, ErrorKind, RemoteError
-from shared.wire.errors import IncompatibleEncoderError, LinkError
+from shared.wire.errors import IncompatibleEncoderError, LinkError, SecurityConfigError
 from shared.wire.images import EncodedImage, ImageRef
 from shared.wire.info import EncoderContract, EncoderInfo, check_compatible
 from shared.wire.security import TLSFiles
@@ -170,14 +170,25 @@ class EncodeClient:
 
     async def check_replicas(self, timeout_s: float) -> dict[str, EncoderInfo]:
         """The start-up handshake: GetInfo of every replica, checked against the expected
-        contract. Raises IncompatibleEncoderError naming the first mismatch; replicas that do
-        not answer are checked later, before their first use."""
+        contract. Raises IncompatibleEncoderError naming the first mismatch, and
+        SecurityConfigError when a replica refuses this client's token; replicas that do not
+        answer are checked later, before their first use."""
         infos = {}
         for replica in self._replicas:
+            address = replica.stub.address
             try:
-                infos[replica.stub.address] = await self._verify(replica, timeout_s)
+                if self.config.expected is None:
+                    infos[address] = await replica.stub.info(timeout_s)
+                else:
+                    infos[address] = await self._verify(replica, timeout_s)
             except RemoteError as exc:
-                log.warning("encode replica %s not checked yet: %s", replica.stub.address, exc)
+                if exc.kind is ErrorKind.UNAUTHENTICATED:
+                    raise SecurityConfigError(
+                        f"encode replica {address} refused this service's internal token "
+                        f"({exc.detail}); give the language service the encode service's "
+                        "--internal-token or --internal-token-file"
+                    ) from None
+                log.warning("encode replica %s not checked yet: %s", address, exc)
         return infos
 
     async def encode(

@@ -18,7 +18,7 @@ from proto.splitvl.encode.v1 import encode_pb2 as pb
 from proto.splitvl.encode.v1 import encode_pb2_grpc as pb_grpc
 from services.language.encode_client import EncodeClient, EncodeClientConfig, EncodeError
 from services.language.encode_rpc import ErrorKind
-from shared.wire.errors import LinkRefusedError
+from shared.wire.errors import LinkRefusedError, SecurityConfigError
 from shared.wire.images import ImageRef
 from shared.wire.link import join_link
 from shared.wire.security import TOKEN_METADATA_KEY, TLSFiles
@@ -155,6 +155,21 @@ def test_the_encode_client_round_trips_over_tls_with_the_token(replicas, pki, re
         _client_encode(replicas.tls.address, [ImageRef(data)], transport=transport, tls=tls,
                        internal_token="wrong")  # fmt: skip
     assert err.value.kind is ErrorKind.UNAUTHENTICATED
+
+
+def test_a_wrong_token_stops_the_language_service_at_its_handshake(replicas, pki):
+    async def handshake(token):
+        config = EncodeClientConfig((replicas.tls.address,), tls=TLSFiles(ca=pki.ca.read_bytes()),
+                                    internal_token=token)  # fmt: skip
+        client = EncodeClient(config)
+        try:
+            return await client.check_replicas(5)
+        finally:
+            await client.close()
+
+    with pytest.raises(SecurityConfigError, match="refused this service's internal token"):
+        asyncio.run(handshake("wrong"))
+    assert asyncio.run(handshake(TOKEN))[replicas.tls.address].contract.hidden_size == 64
 
 
 def test_the_language_service_flags_reach_the_encode_client(replicas, pki, tmp_path, reference):

@@ -187,6 +187,36 @@ def test_a_stalled_replica_is_timed_out_avoided_and_taken_back(replicas):
     assert load.first_served_by(a, resumed) - resumed < 3.0
 
 
+def test_a_replica_that_accepts_connections_but_never_answers_costs_a_second(replicas):
+    """A listener that never speaks HTTP/2 (a hung process, a half-dead host) is what left calls
+    waiting for gRPC's 20 s connect timeout; the client's channels give up after 1 s."""
+    replicas.ensure_up()
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)  # the kernel completes TCP handshakes; nobody ever reads
+        silent = f"127.0.0.1:{hole.getsockname()[1]}"
+
+        async def run():
+            config = EncodeClientConfig((silent, replicas.addresses["b"]), timeout_s=30.0)
+            client = EncodeClient(config)
+            load = Load(client, concurrency=2, seed=50_000)
+            try:
+                load.start()
+                await asyncio.sleep(2.0)
+                await load.stop()
+                return load, client.replica_stats()[silent]
+            finally:
+                await client.close()
+
+        load, stats = asyncio.run(run())
+    worst = max(r.end - r.start for r in load.records)
+    _report("silent", requests=len(load.records), failed=len(load.errors()), worst_s=worst,
+            attempts_on_silent=stats.attempts)  # fmt: skip
+    assert load.errors() == [] and len(load.records) > 10
+    assert worst < 2.0 and not stats.admitted
+    assert stats.attempts <= 2  # then it stays out of rotation
+
+
 def _check_taken_back(load: Load, address: str, serving_at: float, within_s: float) -> None:
     first = load.first_served_by(address, serving_at)
     assert first is not None and first - serving_at < within_s, (
