@@ -4,15 +4,18 @@ Shapes are the medium engine model's (`bench.engine.SHAPES["medium"]`). Each mea
 all of its layers, each with its own weights or cache, so a layer's 19-38 MB of experts
 cannot sit in L3 between calls as a single repeated layer would; times are per layer. The
 reference and the extension alternate within every round and the table gives medians over
-rounds, for each thread count. GB/s for the experts is the bytes of expert weights the step
-actually needs (every expert that got a token) over the time; the streaming line is
-``x.sum()`` over a 300 MB tensor, the bound a memory-bound kernel can approach.
+rounds, for each thread count. "ext" is `shared.kernels.cpu`'s wrapper, what the engine
+calls: fp32 batches with many rows per expert go to the reference's GEMMs (marked). GB/s
+for the experts is the bytes of expert weights the step actually needs (every expert that
+got a token) over the time; the streaming line is ``x.sum()`` over a 300 MB tensor, the bound
+a memory-bound kernel can approach.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -35,9 +38,10 @@ def _seconds(fn: Callable[[], object]) -> float:
 
 
 def _alternate(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds of each callable, the callables alternating within every round."""
-    for fn in fns.values():  # warm-up: page faults, first-touch, lazy init
-        fn()
+    """Median seconds of each callable, the callables alternating within every round (fewer
+    rounds, at least 3, when one call takes seconds)."""
+    warm = max(_seconds(fn) for fn in fns.values())  # page faults, first touch, lazy init
+    rounds = max(3, min(rounds, int(20.0 / max(warm, 1e-9))))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -127,8 +131,11 @@ def main(argv: list[str] | None = None) -> None:
     threads = [int(t) for t in args.threads.split(",")]
     if not cpu.available():
         raise SystemExit(f"the CPU extension is not available: {cpu.build_error()}")
+    text = SHAPES["medium"]["text"]
+    experts, top_k = text["num_experts"], text["num_experts_per_tok"]
     saved = torch.get_num_threads()
-    print(f"cpu features: {' '.join(cpu_build.cpu_features())}")
+    print(f"cpu features: {' '.join(cpu_build.cpu_features())}; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus (other processes share them)")
     try:
         for n in threads:
             torch.set_num_threads(n)
@@ -144,8 +151,10 @@ def main(argv: list[str] | None = None) -> None:
                         torch.set_num_threads(n)
                         fns = {"ref": case.run(fused_moe_torch), "ext": case.run(cpu.fused_moe)}
                         times = _alternate(fns, args.rounds)
-                        print(_row(f"fused_moe {name} T={tokens}", n, times, len(case.layers),
-                                   case.bytes_read))
+                        label = f"fused_moe {name} T={tokens}"
+                        if dtype == torch.float32 and tokens * top_k >= cpu.GEMM_ROWS * experts:
+                            label += " (ref GEMMs)"  # the wrapper delegates there
+                        print(_row(label, n, times, len(case.layers), case.bytes_read))
                 for context in (int(c) for c in args.contexts.split(",")):
                     case = DecodeCase(args.batch, context, dtype)
                     for n in threads:

@@ -21,6 +21,9 @@ from shared.kernels.moe import fused_moe_torch
 log = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.bfloat16)
+# Mean rows per expert from which the fp32 reference's GEMMs beat the kernel (measured on the
+# medium shape: even at 32-64 rows, 1.3x faster at 128 and more).
+GEMM_ROWS = 96
 _lock = threading.Lock()
 _loaded: bool | None = None
 _error: str | None = None
@@ -70,9 +73,14 @@ def fused_moe(
     weights: torch.Tensor,  # [T, k], x.dtype
     ids: torch.Tensor,  # [T, k] int64
 ) -> torch.Tensor:  # [T, H]
-    """See shared.kernels.moe.fused_moe_torch; float32 or bfloat16 throughout."""
+    """See shared.kernels.moe.fused_moe_torch; float32 or bfloat16 throughout.
+
+    fp32 with many rows per expert (prefill) goes to the reference, whose grouped GEMM
+    (oneDNN/MKL, packed panels) is faster there; bf16 always takes the kernel, since the bf16
+    reference is 10-30x slower on CPUs without bf16 arithmetic."""
     same = x.dtype in _DTYPES and gate_up.dtype == down.dtype == weights.dtype == x.dtype
-    if not same or _reference_needed(x, gate_up, down, weights):
+    gemm_bound = x.dtype == torch.float32 and ids.numel() >= GEMM_ROWS * gate_up.shape[0]
+    if not same or gemm_bound or _reference_needed(x, gate_up, down, weights):
         return fused_moe_torch(x, gate_up, down, weights, ids)
     return torch.ops.splitvl.fused_moe(x, gate_up, down, weights, ids)
 

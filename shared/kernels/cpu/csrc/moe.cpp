@@ -16,7 +16,8 @@ namespace {
 constexpr int kMr = 6;               // rows of a register tile
 constexpr int64_t kMb = 96;          // rows per item, whose activations stay in L2
 constexpr int64_t kPanelRows = 12;   // items with at most this many rows take the panel path
-constexpr int64_t kPanelDepth = 16;   // weight rows per panel step
+constexpr int64_t kPanelDepth = 16;  // weight rows per step with few rows
+constexpr int64_t kDeepDepth = 128;  // weight rows per step with many rows
 constexpr int64_t kSliceCols = 128;  // intermediate columns per slice at decode sizes
 constexpr int64_t kSliceRows = 4096; // at most this many (row, slice) partial rows per chunk
 constexpr int64_t kChunk = 1024;     // tokens per pass, bounding the scratch buffers
@@ -97,18 +98,21 @@ inline void tile_rows(int r, const float* const* a, int64_t k0, int64_t k1, bool
 }
 
 // Applies the register tiles of `rows` rows and `num_tiles` column tiles over K weight rows;
-// epi(t, m, v0, v1) receives the finished sums. Two loop orders:
-//  - few rows (decode): step through the weights kPanelDepth rows at a time, every column tile
-//    of those rows before the next rows, the partial sums parked in acc [num_tiles, rows, 16];
-//    the weights are then read nearly in address order, and the next rows are prefetched
-//    line by line while these compute (walking a column tile down all K rows instead touches
-//    one line per row, each in another page, at about half the streaming bandwidth);
-//  - many rows (prefill): each tile runs over all K with its sums in registers, prefetching a
-//    few rows ahead; the arithmetic is the bound there.
+// epi(t, m, v0, v1) receives the finished sums. The weights are walked `depth` rows at a time,
+// every column tile of those rows (and every row group of a tile) before the next rows, the
+// partial sums parked in acc [num_tiles, rows, 16] in between:
+//  - few rows (decode, memory-bound): shallow steps, so the weights are read nearly in address
+//    order, the next step's lines prefetched one by one while this step computes (walking a
+//    column tile down all K rows touches one line per row instead, each in another page, at
+//    about half the streaming bandwidth);
+//  - many rows (prefill, compute-bound): deep steps whose slice of a column tile stays in L1
+//    for all the row groups, the first group prefetching a few rows ahead.
 template <typename W, typename Geom, typename Epi>
 void run_tiles(const float* const* a, int64_t rows, int64_t K, const W* b0, const W* b1,
                int64_t ldb, int64_t num_tiles, const Geom& geom, const Segments& seg,
                float* acc, const Epi& epi) {
+  const bool panel = rows <= kPanelRows;
+  const int64_t depth = panel ? kPanelDepth : kDeepDepth;
   auto one = [&](int64_t t, int64_t m0, int64_t k0, int64_t k1, int64_t pf) {
     const TileCols tc = geom(t);
     const int r = static_cast<int>(std::min<int64_t>(kMr, rows - m0));
@@ -121,14 +125,6 @@ void run_tiles(const float* const* a, int64_t rows, int64_t K, const W* b0, cons
       tile_rows<false>(r, a + m0, k0, k1, k1 == K, b0 + tc.o0, b1 + tc.o1, ldb, tc.n0,
                        std::max(tc.n1, 1), pf, ac, out);
   };
-  if (rows > kPanelRows) {
-    for (int64_t t = 0; t < num_tiles; ++t) {
-      // Tiles inside a cache line find it fetched by the tile that started the line.
-      const bool lead = (reinterpret_cast<uintptr_t>(b0 + geom(t).o0) & (kLine - 1)) == 0;
-      for (int64_t m0 = 0; m0 < rows; m0 += kMr) one(t, m0, 0, K, m0 == 0 && lead ? 12 : 0);
-    }
-    return;
-  }
   // Line addresses of weight rows [k0, k1), issued a share per column tile.
   int64_t lines_per_row = 0;
   for (int s = 0; s < 2; ++s) lines_per_row += (seg.len[s] + kLine - 1) / kLine;
@@ -142,14 +138,16 @@ void run_tiles(const float* const* a, int64_t rows, int64_t K, const W* b0, cons
     }
   };
   int64_t cursor = 0;
-  prefetch_rows(0, std::min(K, kPanelDepth), cursor, kPanelDepth * lines_per_row);
-  for (int64_t k0 = 0; k0 < K; k0 += kPanelDepth) {
-    const int64_t k1 = std::min(K, k0 + kPanelDepth), k2 = std::min(K, k1 + kPanelDepth);
+  if (panel) prefetch_rows(0, std::min(K, depth), cursor, depth * lines_per_row);
+  for (int64_t k0 = 0; k0 < K; k0 += depth) {
+    const int64_t k1 = std::min(K, k0 + depth), k2 = std::min(K, k1 + depth);
     const int64_t quota = ((k2 - k1) * lines_per_row + num_tiles - 1) / num_tiles;
     cursor = 0;
     for (int64_t t = 0; t < num_tiles; ++t) {
-      prefetch_rows(k1, k2, cursor, quota);
-      for (int64_t m0 = 0; m0 < rows; m0 += kMr) one(t, m0, k0, k1, 0);
+      if (panel) prefetch_rows(k1, k2, cursor, quota);
+      // Deep steps: tiles inside a cache line find it fetched by the tile that started it.
+      const bool lead = !panel && (reinterpret_cast<uintptr_t>(b0 + geom(t).o0) & (kLine - 1)) == 0;
+      for (int64_t m0 = 0; m0 < rows; m0 += kMr) one(t, m0, k0, k1, m0 == 0 && lead ? 12 : 0);
     }
   }
 }
@@ -295,8 +293,8 @@ void moe_chunk(const T* x, const T* gate_up, const T* down, const T* weights, co
     const int64_t c0 = it.s * width, c1 = std::min(inter, c0 + width), rows = it.p1 - it.p0;
     static thread_local std::vector<float> act, acc;
     act.resize(kMb * width);
-    // Panel sums: [tiles, rows, 16] for both products (rows <= kPanelRows there).
-    acc.resize(kPanelRows * 16 * std::max((width + kLanes - 1) / kLanes, (hidden + 15) / 16));
+    // Partial sums [tiles, rows, 16] of either product.
+    acc.resize(rows * 16 * std::max((width + kLanes - 1) / kLanes, (hidden + 15) / 16));
     gate_up_slice(arows.data() + it.p0, rows, gate_up + it.e * hidden * 2 * inter, hidden, inter,
                   c0, c1, acc.data(), act.data());
     float* yrows[kMb];
