@@ -21,7 +21,7 @@ from typing import Any
 import uvicorn
 
 from services import common
-from services.language.api import APIConfig, LanguageFrontend, create_app
+from services.language.api import APIConfig, DrainingServer, LanguageFrontend, create_app
 from services.language.cli_options import (
     add_chat_arguments,
     chat_template_source,
@@ -32,6 +32,7 @@ from services.language.frontend import FrontendOptions
 from services.language.images import ImageFetchConfig, ImageLoader
 from services.language.metrics import LanguageMetrics
 from services.language.prompt import ChatTemplate, ContextWindow, PromptBuilder
+from services.language.runner.kv_pool import KVCacheConfigError
 from shared.model.config import ConfigError
 from shared.model.loader import CheckpointError
 from shared.wire import units
@@ -39,12 +40,18 @@ from shared.wire.errors import IncompatibleEncoderError, SecurityConfigError
 from shared.wire.info import EncoderContract
 from shared.wire.security import TOKEN_ENV, load_tls_files, resolve_token
 
+
+class StartupError(RuntimeError):
+    """A start-up problem the user can fix (a port in use, a missing directory)."""
+
+
 # Start-up failures the user can fix: reported in one line, not as a traceback.
 _STARTUP_ERRORS = (
     ConfigError, CheckpointError, EngineConfigError, FileNotFoundError, IncompatibleEncoderError,
-    SecurityConfigError,
+    SecurityConfigError, StartupError, KVCacheConfigError,
 )
 _HANDSHAKE_TIMEOUT_S = 10.0
+_SHUTDOWN_GRACE_S = 5.0  # after the drain: idle keep-alive connections, the gRPC server
 _FATAL_EXIT_DELAY_S = 5.0
 
 log = logging.getLogger("services.language")
@@ -111,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-num-batched-tokens", type=int, default=2048)
     engine.add_argument("--max-model-len", type=int, default=None)
     engine.add_argument("--max-queue-len", type=int, default=1024)
+    engine.add_argument("--max-queue-delay", type=float, default=None, metavar="SECONDS",
+                        help="admission control: refuse a request at once (429 + Retry-After) "
+                        "when its estimated wait for a first token exceeds this; default off")
+    # Test hook, hidden from --help: the executor raises on these (1-based) steps.
+    engine.add_argument("--inject-step-faults", type=_steps_arg, default=(),
+                        help=argparse.SUPPRESS)  # fmt: skip
     engine.add_argument("--no-prefix-caching", action="store_true")
     engine.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs for decode steps")  # fmt: skip
@@ -124,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     parallel.add_argument("--threads", type=int, default=None,
                           help="CPU threads per rank (default: the usable cores split "
                           "between the ranks)")  # fmt: skip
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="after SIGTERM: refuse new requests, give in-flight ones this long, end "
+                   "the rest with an error, exit")  # fmt: skip
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -157,6 +173,13 @@ def _devices_arg(text: str) -> tuple[str, ...]:
         ) from None
 
 
+def _steps_arg(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"step numbers like 3,7; got {text!r}") from None
+
+
 def _dtype_arg(text: str) -> str:
     if text == "auto":
         return text
@@ -181,6 +204,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         expert_parallel=args.enable_expert_parallel,
         devices=args.devices,
         threads=args.threads,
+        max_queue_delay_s=args.max_queue_delay,
+        fault_steps=args.inject_step_faults,
     )
 
 
@@ -251,7 +276,12 @@ def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port} (--host/--port): {exc.strerror}; "
+                           "pick another port or stop what uses it") from None  # fmt: skip
     sock.listen(2048)
     sock.setblocking(False)
     return sock
@@ -318,11 +348,32 @@ async def _exit_when_fatal(engine: Any, server: uvicorn.Server, delay_s: float) 
     server.should_exit = True
 
 
+def _check_port_file(port_file: Path | None) -> None:
+    # Before the model loads: a typo here should not cost a minute of loading
+    if port_file is not None and not port_file.parent.is_dir():
+        raise StartupError(f"--port-file {port_file}: the directory {port_file.parent} does not "
+                           "exist")  # fmt: skip
+
+
+def _check_kv_capacity(engine: Any) -> None:
+    # A pool that cannot hold one full-length sequence would refuse long requests at run time
+    blocks, block_size = engine.stats().num_total_blocks, engine.config.block_size
+    if blocks * block_size < engine.max_model_len:
+        raise StartupError(
+            f"the KV cache holds {blocks * block_size} tokens ({blocks} blocks of {block_size}), "
+            f"less than one sequence of {engine.max_model_len} tokens; raise --kv-cache-memory "
+            "or lower --max-model-len"
+        )
+
+
 async def serve(args: argparse.Namespace) -> int:
-    """Load, start and serve until a signal arrives."""
+    """Load, start and serve until a signal arrives (SIGTERM drains first)."""
     options, template = frontend_options(args), chat_template_source(args.chat_template)
     fetch = image_fetch_config(args)
+    _check_port_file(args.port_file)
+    sock = _bind(args.host, args.port)  # a port in use fails now, not after loading
     engine = await asyncio.to_thread(AsyncEngine.from_model_dir, args.model, engine_config(args))
+    _check_kv_capacity(engine)
     encoder = _build_encoder(args, engine)
     if encoder is not None:
         # Refuses to start against a replica of another model (IncompatibleEncoderError).
@@ -333,17 +384,21 @@ async def serve(args: argparse.Namespace) -> int:
         name, args.api_key, str(args.model.resolve()), args.max_n, args.max_request_bytes
     )
     app = create_app(frontend, api_config)
-    sock = _bind(args.host, args.port)
-    config = uvicorn.Config(app, log_level=args.log_level.lower(), lifespan="off")
-    server = uvicorn.Server(config)
+    config = uvicorn.Config(app, log_level=args.log_level.lower(), lifespan="off",
+                            timeout_graceful_shutdown=_SHUTDOWN_GRACE_S)  # fmt: skip
+    server = DrainingServer(config, frontend, args.drain_timeout)
     async with running(engine, encoder):
         grpc_server, grpc_port = None, None
         if args.grpc_port is not None:
             from services.language.grpc_server import start_grpc_server
 
-            grpc_server, grpc_port = await start_grpc_server(
-                frontend, args.host, args.grpc_port, name, args.api_key, args.max_request_bytes
-            )
+            try:
+                grpc_server, grpc_port = await start_grpc_server(
+                    frontend, args.host, args.grpc_port, name, args.api_key,
+                    args.max_request_bytes,
+                )  # fmt: skip
+            except OSError as exc:
+                raise StartupError(f"{exc} (--grpc-port): pick another port") from None
         watcher = asyncio.ensure_future(_exit_when_fatal(engine, server, _FATAL_EXIT_DELAY_S))
         try:
             http_port = sock.getsockname()[1]
@@ -352,7 +407,7 @@ async def serve(args: argparse.Namespace) -> int:
         finally:
             watcher.cancel()
             if grpc_server is not None:
-                await grpc_server.stop(grace=5.0)
+                await grpc_server.stop(grace=_SHUTDOWN_GRACE_S)
     return 1 if engine.fatal_error is not None else 0
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -18,6 +20,7 @@ from services.language.api_tokenize import add_tokenize_routes
 from services.language.errors import BadRequestError, NotFoundError
 from services.language.frontend import ChatInput, LanguageFrontend
 from services.language.http_errors import RequestGate, install_error_handlers
+from services.language.lifecycle import RequestSlot
 from services.language.metrics import CONTENT_TYPE
 from services.language.openai_responses import ResponseBuilder, collect_response, stream_events
 from services.language.openai_schemas import ChatCompletionRequest, CompletionRequest
@@ -102,13 +105,15 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        # The schema of the routes and bodies, for clients and for the API's fuzz tests
+        openapi_url="/openapi.json",
     )
     app.state.frontend = frontend
     install_error_handlers(app, lambda error: frontend.metrics.rejected(error.status_code))
     app.add_middleware(
-        RequestGate, api_key=config.api_key, max_request_bytes=config.max_request_bytes
-    )
+        RequestGate, api_key=config.api_key, max_request_bytes=config.max_request_bytes,
+        draining=lambda: frontend.draining,
+    )  # fmt: skip
     created = int(time.time())
 
     def model_card() -> dict:
@@ -130,9 +135,19 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
 
     @app.get("/health")
     async def health() -> Response:
+        """Liveness: 200 while the process and its engine thread live (draining included)."""
         serving, reason = frontend.engine.health()
         if serving:
             return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Readiness: 200 when new requests can be served (engine running, not draining, an
+        encode replica serving); 503 with the reason otherwise."""
+        is_ready, reason = await frontend.readiness()
+        if is_ready:
+            return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
 
     @app.get("/metrics")
@@ -201,10 +216,13 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
     add_tokenize_routes(app, frontend, check_model, warn_unknown)
 
     async def _run(request: Request, stream_response: bool, builder, prepare) -> Response:
+        # Admission comes before any work (images included): a refused request costs nothing
+        slot: RequestSlot | None = frontend.open_request()
+
         async def start():
             requests, num_image_tokens = await prepare()
             builder.prompt_token_ids = requests[0].prompt_token_ids
-            stream = frontend.generate(requests, num_image_tokens)
+            stream = frontend.generate(requests, num_image_tokens, slot)
             try:
                 first = await anext(stream)
             except BaseException:
@@ -215,11 +233,62 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
         try:
             stream, first = await _unless_disconnected(request, start())
             if stream_response:
-                events = stream_events(builder, stream, first)
+                events = _closing(stream_events(builder, stream, first), slot)
+                slot = None  # the stream closes it once its last event is sent
                 return StreamingResponse(events, media_type="text/event-stream")
             body = await _unless_disconnected(request, collect_response(builder, stream, first))
             return JSONResponse(body)
         except _ClientGone:
             return Response(status_code=499)
+        finally:
+            if slot is not None:
+                slot.close()
 
     return app
+
+
+async def _closing(events: AsyncIterator[str], slot: RequestSlot) -> AsyncIterator[str]:
+    """`events`, closing the request's slot when they end (or the client goes away)."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        slot.close()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that SIGTERM (or a first SIGINT) drains before exiting: new requests get
+    503 while in-flight ones finish within the drain timeout (`LanguageFrontend.drain`); the
+    listening socket stays open meanwhile, so clients get an answer rather than a refused
+    connection. A second SIGINT exits at once."""
+
+    def __init__(self, config: uvicorn.Config, frontend: LanguageFrontend, drain_timeout_s: float):
+        super().__init__(config)
+        self._frontend = frontend
+        self._drain_timeout_s = drain_timeout_s
+        self._drain: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # Runs in the signal handler: only schedule work on the loop from here
+        if self._drain is not None or self._loop is None:
+            if sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+            return
+        logger.info("signal %d: draining for up to %g s", sig, self._drain_timeout_s)
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._frontend.drain(self._drain_timeout_s)
+        finally:
+            self.should_exit = True

@@ -12,6 +12,8 @@ from http import HTTPStatus
 from typing import Any
 
 from services.language.encode_rpc import ErrorKind
+from services.language.engine.admission import AdmissionRefusedError
+from services.language.engine.async_engine import EngineClosedError, EngineStepError
 from services.language.request import EngineDeadError, InvalidRequestError, QueueFullError
 
 
@@ -85,8 +87,10 @@ class OverloadedError(APIError):
     error_type = "rate_limit_error"
     default_code = "queue_full"
 
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+    def __init__(
+        self, message: str, *, retry_after_s: int = 1, code: str | None = None
+    ) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
 
 
 class ServiceUnavailableError(APIError):
@@ -134,6 +138,12 @@ def engine_failure(exc: BaseException, retry_after_s: int) -> BaseException:
     """The client-facing error for an engine exception."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, EngineStepError):
+        return InternalServerError(str(exc), code="engine_step_failed")
+    if isinstance(exc, EngineClosedError):
+        return ServiceUnavailableError(str(exc), retry_after_s=retry_after_s, code="shutting_down")
+    if isinstance(exc, AdmissionRefusedError):
+        return OverloadedError(str(exc), retry_after_s=exc.retry_after_s, code="queue_delay")
     if isinstance(exc, EngineDeadError):
         return ServiceUnavailableError(str(exc), retry_after_s=retry_after_s, code="engine_dead")
     if isinstance(exc, QueueFullError):

@@ -20,6 +20,7 @@ from typing import Any
 
 from services.language.chat_output import ChatOutputConfig
 from services.language.encode_client import EncodeError
+from services.language.engine.admission import AdmissionControl
 from services.language.errors import (
     BadRequestError,
     ServiceUnavailableError,
@@ -32,6 +33,7 @@ from services.language.image_policy import (
     expand_pads_by_count,
 )
 from services.language.images import ImageLoader, check_image_bytes
+from services.language.lifecycle import ReplicaProbe, RequestSlot, ServingState
 from services.language.metrics import LanguageMetrics, RequestTimer
 from services.language.prompt import (
     ChatMessage,
@@ -100,6 +102,35 @@ class LanguageFrontend:
         self.retry_after_s = retry_after_s
         self.options = options or FrontendOptions()
         self.grammars = GrammarCompiler(engine.tokenizer, engine.model_config.text.vocab_size)
+        admission = getattr(engine, "admission", None) or AdmissionControl(None)
+        self.serving = ServingState(admission, retry_after_s)
+        self._replicas = ReplicaProbe.for_encoder(encoder)
+
+    # -- lifecycle: admission, in-flight requests, drain, readiness ---------------------------
+
+    def open_request(self) -> RequestSlot:
+        """Admit one API request before any of its work (see ServingState.open)."""
+        return self.serving.open()
+
+    @property
+    def draining(self) -> bool:
+        return self.serving.draining
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop admitting, let in-flight requests finish within `timeout_s`, end the rest."""
+        return await self.serving.drain(self.engine, timeout_s)
+
+    async def readiness(self) -> tuple[bool, str]:
+        """(ready, reason): the engine serves, not draining, and with an encode service at
+        least one replica answers SERVING."""
+        serving, reason = self.engine.health()
+        if not serving:
+            return False, reason
+        if self.serving.draining:
+            return False, "draining: the server is shutting down"
+        if self._replicas is not None and not await self._replicas.any_serving():
+            return False, "no encode replica is serving"
+        return True, "ok"
 
     def token_text(self, token_id: int) -> str:
         """The text of one token, for logprobs."""
@@ -239,12 +270,16 @@ class LanguageFrontend:
         return requests
 
     async def generate(
-        self, requests: Sequence[GenerationRequest], num_image_tokens: int = 0
+        self,
+        requests: Sequence[GenerationRequest],
+        num_image_tokens: int = 0,
+        slot: RequestSlot | None = None,
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output) pairs; the first output of every choice is awaited first.
 
         Errors the engine raises on submission (queue full, prompt too long) therefore surface
-        before a response starts. Closing the iterator early aborts every choice.
+        before a response starts. Closing the iterator early aborts every choice. `slot` (from
+        `open_request`) learns of the first token, for admission control.
         """
         iterators = await self._submit(requests)
         timers = [RequestTimer(self.metrics, r.arrival_time) for r in requests]
@@ -260,6 +295,8 @@ class LanguageFrontend:
                     raise engine_failure(item, self.retry_after_s) from item
                 if not counted:  # once per API request, when the engine has accepted it
                     counted = True
+                    if slot is not None:
+                        slot.started()
                     self.metrics.prompt_tokens.inc(len(requests[0].prompt_token_ids))
                     self.metrics.image_tokens.inc(num_image_tokens)
                 _record(timers[index], item)

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 import uuid
@@ -26,6 +25,7 @@ from services.language.errors import (
     ServiceUnavailableError,
 )
 from services.language.frontend import LanguageFrontend
+from services.language.http_errors import same_secret
 from services.language.prompt import ChatMessage, ImagePart, TextPart
 from services.language.request import InvalidRequestError, RequestOutput, SamplingParams
 
@@ -128,18 +128,23 @@ class LanguageServicer(pb_grpc.LanguageServiceServicer):
         self.api_key = api_key
 
     async def Generate(self, request: pb.GenerateRequest, context):  # noqa: N802 - gRPC's name
+        slot = None
         try:
-            async for response in self._generate(request, context):
+            self._check_key(context)
+            slot = self.frontend.open_request()  # 503 while draining, 429 past the queue bound
+            async for response in self._generate(request, context, slot):
                 yield response
         except APIError as exc:
             await context.abort(status_for(exc), exc.message)
         except Exception:
             log.exception("Generate failed")
             await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+        finally:
+            if slot is not None:
+                slot.close()
 
-    async def _generate(self, request: pb.GenerateRequest, context):
+    async def _generate(self, request: pb.GenerateRequest, context, slot):
         arrival = time.monotonic()
-        self._check_key(context)
         if request.model and self.model_name and request.model != self.model_name:
             raise NotFoundError(
                 f"the model {request.model!r} does not exist; this server serves "
@@ -153,7 +158,7 @@ class LanguageServicer(pb_grpc.LanguageServiceServicer):
             request_id, prompt, sampling, requested, 1, arrival
         )
         # Leaving this generator (the client cancelled) closes the stream: the request aborts
-        stream = self.frontend.generate(requests, prompt.num_image_tokens)
+        stream = self.frontend.generate(requests, prompt.num_image_tokens, slot)
         try:
             async for _, output in stream:
                 if output.finished and output.finish_reason == "abort":
@@ -167,9 +172,7 @@ class LanguageServicer(pb_grpc.LanguageServiceServicer):
             return
         metadata = dict(context.invocation_metadata() or ())
         scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self.api_key.encode()
-        ):
+        if scheme.lower() != "bearer" or not same_secret(token.strip(), self.api_key):
             raise AuthenticationError("invalid or missing API key in 'authorization' metadata")
 
 
@@ -202,4 +205,11 @@ async def start_grpc_server(
     await server.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def not_serving() -> None:
+        for name in ("", SERVICE_NAME):
+            await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    # Load balancers stop sending the moment the drain starts; in-flight calls go on
+    frontend.serving.on_drain(not_serving)
     return server, bound

@@ -17,6 +17,7 @@ import io
 import ipaddress
 import socket
 import warnings
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
@@ -38,6 +39,14 @@ _INLINE_DECODE_CHARS = 256 * 1024
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# (host, port) -> the addresses the host resolves to, as strings
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """The system's resolver (getaddrinfo, off the event loop)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [info[4][0] for info in infos]
 
 
 @dataclass(frozen=True)
@@ -114,26 +123,46 @@ def check_image_bytes(data: bytes, max_pixels: int) -> tuple[int, int]:
     return width, height
 
 
-def _unmapped(ip: IPAddress) -> IPAddress:
-    # ::ffff:127.0.0.1 reaches 127.0.0.1, so judge the IPv4 address inside
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+# IPv6 ranges that carry an IPv4 address in their last 32 bits and reach it through a
+# translator (NAT64, RFC 6052 / 8215), judged by that IPv4 address.
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+# Deprecated or translated forms that Python calls global but nobody should fetch from: IPv4-
+# compatible (::a.b.c.d), IPv4-translated (::ffff:0:a.b.c.d) and site-local (fec0::/10).
+_REFUSED_V6 = tuple(ipaddress.ip_network(n) for n in ("::/96", "::ffff:0:0:0/96", "fec0::/10"))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address leads to: mapped (::ffff:a.b.c.d), 6to4
+    (2002:AABB:CCDD::) and NAT64 (64:ff9b::a.b.c.d)."""
+    found = [a for a in (ip.ipv4_mapped, ip.sixtofour) if a is not None]
+    if any(ip in net for net in _NAT64):
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
 
 
 def is_address_allowed(ip: IPAddress, allowed: tuple[IPNetwork, ...] = ()) -> bool:
-    """True for globally routable unicast addresses, or addresses inside an allowed network."""
-    ip = _unmapped(ip)
+    """True for globally routable unicast addresses, or addresses inside an allowed network.
+    An IPv6 address that embeds an IPv4 one (::ffff:127.0.0.1, 6to4, NAT64) is judged by it."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if ip.ipv4_mapped is not None:
+            return is_address_allowed(ip.ipv4_mapped, allowed)
+        if embedded and not all(is_address_allowed(v4, allowed) for v4 in embedded):
+            return False
     if any(ip.version == net.version and ip in net for net in allowed):
         return True
+    if isinstance(ip, ipaddress.IPv6Address) and any(ip in net for net in _REFUSED_V6):
+        return False
     return ip.is_global and not ip.is_multicast
 
 
 class ImageLoader:
-    """Turns an image part's URL into checked image bytes."""
+    """Turns an image part's URL into checked image bytes. `resolver` replaces the system's
+    (tests stub it to give names private or changing answers)."""
 
-    def __init__(self, config: ImageFetchConfig) -> None:
+    def __init__(self, config: ImageFetchConfig, resolver: Resolver = system_resolver) -> None:
         self.config = config
+        self._resolver = resolver
         self._allowed = tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in config.allowed_networks
         )
@@ -254,13 +283,15 @@ class ImageLoader:
         return target, headers, extensions
 
     async def _resolve_allowed(self, host: str, port: int) -> IPAddress:
+        # Resolved once per hop; the connection goes to the address checked here
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM
-            )
-        except socket.gaierror as exc:
-            raise ImageInputError(f"cannot resolve image host {host!r}") from exc
-        addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+            answers = await self._resolver(host, port)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ImageInputError(f"cannot resolve image host {_short(host)!r}") from exc
+        try:
+            addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in answers]
+        except ValueError as exc:
+            raise ImageInputError(f"image host {_short(host)!r} resolved to a bad address") from exc
         # One disallowed answer refuses the host: the resolver may hand that one out next time
         if not addresses or not all(is_address_allowed(a, self._allowed) for a in addresses):
             raise ImageInputError(

@@ -118,6 +118,37 @@ CASES = {
 }
 
 
+def _nested(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth):
+        value = {"k": value}
+    return value
+
+
+CASES.update({
+    # OpenAI's ranges not covered above
+    "top_p_over_1": (chat("hi", top_p=1.5), 400, "top_p"),
+    "top_p_zero": (chat("hi", top_p=0), 400, "top_p"),
+    "presence_penalty_over_2": (chat("hi", presence_penalty=2.5), 400, "presence_penalty"),
+    "frequency_penalty_under_minus_2": (chat("hi", frequency_penalty=-3), 400,
+                                        "frequency_penalty"),
+    "negative_top_logprobs": (chat("hi", logprobs=True, top_logprobs=-1), 400, "top_logprobs"),
+    "seed_not_an_integer": (chat("hi", seed="abc"), 400, "seed"),
+    "max_tokens_not_an_integer": (chat("hi", max_tokens=2.5), 400, "max_tokens"),
+    "temperature_not_a_number": (chat("hi", temperature="hot"), 400, "temperature"),
+    # JSON that is too deep or too big is refused before it is parsed
+    "deeply_nested_metadata": (chat("hi", metadata=_nested(100)), 400, "deeper than 64"),
+    "deeply_nested_arrays": (b"[" * 100_000 + b"]" * 100_000, 400, "deeper than 64"),
+    # SSRF spellings of private addresses, with http images on
+    "decimal_loopback_url": (chat(image_part("http://2130706433/cat.png")), 400,
+                             "non-public address"),
+    "mapped_ipv6_loopback_url": (chat(image_part("http://[::ffff:7f00:1]/cat.png")), 400,
+                                 "non-public address"),
+    "nat64_private_url": (chat(image_part("http://[64:ff9b::a00:1]/cat.png")), 400,
+                          "non-public address"),
+})  # fmt: skip
+
+
 def _post(server, body, headers=AUTH, path="/v1/chat/completions") -> httpx.Response:
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
     headers = {**headers, "Content-Type": "application/json"}
@@ -241,3 +272,19 @@ def test_full_queue_gets_429_with_retry_after(one_slot_server):
             http.close()
     wait_for_idle_kv(server.base_url)
     assert _post(server, chat("hi"), headers={}).status_code == 200
+
+
+def test_deep_json_is_refused_quickly_and_chunked_bodies_are_limited(server):
+    body = b'{"model": "tiny", "messages": ' + b"[" * 90_000 + b"]" * 90_000 + b"}"
+    start = time.monotonic()
+    assert_openai_error(_post(server, body), 400, "deeper than 64")
+    assert time.monotonic() - start < 2.0
+
+    def chunks():  # no Content-Length: the limit holds while the body streams in
+        for _ in range(50):
+            yield b"x" * 10_000
+
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", content=chunks(),
+                          headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
+    assert_openai_error(response, 413, "above the limit")
+    assert_still_serving(server)

@@ -220,3 +220,123 @@ def test_large_data_url_is_decoded_off_the_event_loop():
     url = data_url(buf.getvalue())
     assert len(url) > 256 * 1024  # takes the threaded path
     assert load(ImageLoader(ImageFetchConfig()), url) == buf.getvalue()
+
+
+# -- SSRF: every spelling of a private address, and names that resolve to one ----------------
+
+
+@pytest.mark.parametrize(
+    ("address", "allowed"),
+    [
+        ("64:ff9b::7f00:1", False),  # NAT64 of 127.0.0.1
+        ("64:ff9b::808:808", True),  # NAT64 of 8.8.8.8
+        ("2002:c0a8:101::", False),  # 6to4 of 192.168.1.1
+        ("::127.0.0.1", False),  # IPv4-compatible
+        ("::ffff:0:7f00:1", False),  # IPv4-translated
+        ("::ffff:10.0.0.1", False),
+        ("fec0::1", False),  # site-local
+        ("fc00::1", False),
+    ],
+)
+def test_address_policy_sees_ipv4_inside_ipv6(address, allowed):
+    import ipaddress
+
+    assert is_address_allowed(ipaddress.ip_address(address)) is allowed
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://2130706433/a.png",  # decimal 127.0.0.1
+        "http://0x7f000001/a.png",  # hexadecimal
+        "http://0177.0.0.1/a.png",  # octal
+        "http://127.1/a.png",  # short form
+        "http://[::ffff:7f00:1]/a.png",
+        "http://[0:0:0:0:0:ffff:127.0.0.1]/a.png",
+        "http://[fd12:3456::1]/a.png",
+        "http://[64:ff9b::a00:1]/a.png",
+        "http://[2002:c0a8:101::]:8080/a.png",
+        "http://167772161/a.png",  # decimal 10.0.0.1
+    ],
+)
+def test_numeric_spellings_of_private_addresses_are_refused(url):
+    loader = ImageLoader(ImageFetchConfig(allow_http=True))
+    with pytest.raises(ImageInputError, match="non-public address"):
+        load(loader, url)
+
+
+class _StubResolver:
+    """Answers from a table, counting lookups; an entry may be a list of answers, one per call
+    (a name whose DNS answer changes: rebinding)."""
+
+    def __init__(self, table: dict[str, list]) -> None:
+        self.table = table
+        self.calls: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.calls.append(host)
+        answers = self.table[host]
+        if answers and isinstance(answers[0], list):
+            return answers[min(len(self.calls) - 1, len(answers) - 1)]
+        return answers
+
+
+class _RecordingHandler(_Handler):
+    hosts: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - the stdlib's naming
+        type(self).hosts.append(self.headers.get("Host", ""))
+        super().do_GET()
+
+
+@pytest.fixture
+def recording_server() -> Iterator[int]:
+    _RecordingHandler.hosts = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.mark.parametrize(
+    "answers", [["10.0.0.7"], ["127.0.0.1"], ["8.8.8.8", "192.168.0.1"], ["fd00::1"]]
+)
+def test_names_resolving_to_private_addresses_are_refused(answers):
+    resolver = _StubResolver({"images.example": answers})
+    loader = ImageLoader(ImageFetchConfig(allow_http=True), resolver=resolver)
+    with pytest.raises(ImageInputError, match="non-public address"):
+        load(loader, "http://images.example/cat.png")
+    assert resolver.calls == ["images.example"]
+
+
+def test_the_connection_goes_to_the_checked_address(recording_server):
+    # The first answer is the (allowed) test server; any later lookup would rebind to a
+    # private address. One lookup per hop, and the request reaches the checked address.
+    port = recording_server
+    resolver = _StubResolver({"images.example": [["127.0.0.1"], ["10.0.0.1"]]})
+    config = ImageFetchConfig(allow_http=True, allowed_networks=("127.0.0.1/32",))
+    loader = ImageLoader(config, resolver=resolver)
+    assert load(loader, f"http://images.example:{port}/image.png") == _Handler.image
+    assert resolver.calls == ["images.example"]
+    assert _RecordingHandler.hosts == [f"images.example:{port}"]  # the name, as sent
+
+
+def test_a_redirect_to_a_name_of_a_private_address_is_refused(recording_server):
+    port = recording_server
+    resolver = _StubResolver({"images.example": ["127.0.0.1"], "internal.example": ["10.1.1.1"]})
+    config = ImageFetchConfig(allow_http=True, allowed_networks=("127.0.0.1/32",))
+    loader = ImageLoader(config, resolver=resolver)
+    url = f"http://images.example:{port}/redirect-to/http://internal.example/secret.png"
+    with pytest.raises(ImageInputError, match="non-public address"):
+        load(loader, url)
+    assert resolver.calls == ["images.example", "internal.example"]
+    # and one to a loopback address outside the allowed network, spelled in decimal
+    url = f"http://images.example:{port}/redirect-to/http://2130706434:{port}/image.png"
+    with pytest.raises(ImageInputError, match="non-public address"):
+        load(ImageLoader(config), url.replace("images.example", "127.0.0.1"))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from services.language.engine.admission import AdmissionControl
 from services.language.engine.config import EngineConfig
 from services.language.engine.core import EngineCore, EngineStats
 from services.language.request import (
@@ -30,7 +31,9 @@ from shared.model.config import ModelConfig
 
 __all__ = [
     "AsyncEngine",
+    "EngineClosedError",
     "EngineConfig",
+    "EngineStepError",
     "EngineStats",
     "InvalidRequestError",
     "QueueFullError",
@@ -40,6 +43,36 @@ log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.05
 _SHUTDOWN_TIMEOUT_S = 30.0
+
+
+class EngineStepError(RuntimeError):
+    """A model step raised; the requests it carried were failed, the engine serves on (500)."""
+
+
+class EngineClosedError(EngineDeadError):
+    """The engine takes no more requests (the service is shutting down): retry elsewhere."""
+
+
+class InjectedStepFault(RuntimeError):
+    """Raised by the fault-injection test hook (EngineConfig.fault_steps)."""
+
+
+class _FaultyExecutor:
+    """Test hook: the real executor, except that the listed steps raise before running."""
+
+    def __init__(self, executor, fault_steps: tuple[int, ...]) -> None:
+        self._executor = executor
+        self._fault_steps = frozenset(fault_steps)
+        self.num_steps = 0
+
+    def execute(self, plan):
+        self.num_steps += 1
+        if self.num_steps in self._fault_steps:
+            raise InjectedStepFault(f"injected fault in step {self.num_steps}")
+        return self._executor.execute(plan)
+
+    def __getattr__(self, name: str):
+        return getattr(self._executor, name)
 
 
 class OutputStream:
@@ -98,6 +131,12 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._fatal: str | None = None  # why the engine can no longer serve, once it cannot
+        self._closed: str | None = None  # why new requests are refused (shutting down)
+        self.admission = AdmissionControl(config.max_queue_delay_s)
+        if config.fault_steps:
+            log.warning("fault injection on: steps %s will raise (a test hook)",
+                        list(config.fault_steps))  # fmt: skip
+            core.executor = _FaultyExecutor(core.executor, config.fault_steps)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig) -> AsyncEngine:
@@ -171,6 +210,8 @@ class AsyncEngine:
             raise RuntimeError("call await engine.start() before generate()")
         if self._fatal is not None:
             raise EngineDeadError(f"the engine cannot serve: {self._fatal}")
+        if self._closed is not None:
+            raise EngineClosedError(self._closed)
         self._core.validate(request)
         if request.request_id in self._streams:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
@@ -199,6 +240,23 @@ class AsyncEngine:
         self._send(("abort", request_id, done))
         await asyncio.wait_for(done, _SHUTDOWN_TIMEOUT_S)
 
+    @property
+    def num_live_streams(self) -> int:
+        """Requests whose output stream is still open."""
+        return len(self._streams)
+
+    def close(self, reason: str) -> None:
+        """Refuse every later ``generate`` with EngineClosedError(reason); live requests go on."""
+        self._closed = reason
+
+    async def fail_all(self, reason: str) -> None:
+        """End every live request now with EngineClosedError(reason), freeing its KV blocks."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._send(("fail", EngineClosedError(reason), done))
+        await asyncio.wait_for(done, _SHUTDOWN_TIMEOUT_S)
+
     def _send(self, command: tuple) -> None:
         self._commands.put(command)
         self._wakeup.set()
@@ -218,7 +276,12 @@ class AsyncEngine:
                 if self._check_fatal(exc):
                     return
                 log.exception("engine step failed; failing its requests")
-                self._fail_all(exc)
+                # The step's state on the runner side is unknown, so every live request ends;
+                # the ones that arrive next start from a clean slate.
+                self._fail_all(EngineStepError(
+                    f"the model step running this request failed ({type(exc).__name__}); "
+                    "the request was not completed and can be retried"
+                ))  # fmt: skip
                 continue
             if outputs:
                 self._publish(outputs)
@@ -231,6 +294,9 @@ class AsyncEngine:
                 return
             if kind == "add":
                 self._add(payload)
+            elif kind == "fail":
+                self._fail_all(payload)
+                self._loop.call_soon_threadsafe(_resolve, done)
             else:
                 final = self._core.abort_request(payload)
                 if final is not None:

@@ -36,6 +36,12 @@ class EngineConfig:
     expert_parallel: bool = False  # whole experts per rank instead of slices of every expert
     devices: tuple[str, ...] | None = None  # one per rank; None: derived from `device`
     threads: int | None = None  # intra-op threads per rank; None: the cores split between ranks
+    # Admission control: refuse a request at arrival when its estimated wait for a first token
+    # (the requests ahead of it over the recent first-token rate) exceeds this; None: off.
+    max_queue_delay_s: float | None = None
+    # Test hook, off by default: the executor raises on these step numbers (1-based), so tests
+    # can check that a failing model step fails its requests and the engine goes on serving.
+    fault_steps: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -66,6 +72,14 @@ class EngineConfig:
             )
         if self.threads is not None and self.threads < 1:
             raise EngineConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.max_queue_delay_s is not None and not self.max_queue_delay_s > 0:
+            raise EngineConfigError(
+                f"--max-queue-delay must be > 0 seconds, got {self.max_queue_delay_s}"
+            )
+        if any(step < 1 for step in self.fault_steps):
+            raise EngineConfigError(f"fault steps are 1-based, got {self.fault_steps}")
+        for device in (self.device, *(self.devices or ())):
+            _check_device(device)
 
     def resolve_dtype(self, model_config: ModelConfig) -> torch.dtype:
         return resolve_dtype(self.dtype, model_config.dtype, self.device, EngineConfigError)
@@ -94,3 +108,20 @@ class EngineConfig:
         available = os.environ.get("OMP_NUM_THREADS", "")
         cores = int(available) if available.isdigit() else len(os.sched_getaffinity(0))
         return max(1, cores // self.tensor_parallel_size)
+
+
+def _check_device(device: str) -> None:
+    """A device torch knows and this machine has; the message names --device."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise EngineConfigError(
+            f"--device {device!r} is not a device; use cpu, cuda or cuda:N"
+        ) from None
+    if kind not in ("cpu", "cuda"):
+        raise EngineConfigError(f"--device {device!r}: only cpu and cuda[:N] are supported")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise EngineConfigError(
+            f"--device {device!r}: CUDA is not available on this machine (torch "
+            f"{torch.__version__}); use --device cpu or install a CUDA build of torch"
+        )
