@@ -125,26 +125,34 @@ void run_tiles(const float* const* a, int64_t rows, int64_t K, const W* b0, cons
       tile_rows<false>(r, a + m0, k0, k1, k1 == K, b0 + tc.o0, b1 + tc.o1, ldb, tc.n0,
                        std::max(tc.n1, 1), pf, ac, out);
   };
-  // Line addresses of weight rows [k0, k1), issued a share per column tile.
-  int64_t lines_per_row = 0;
-  for (int s = 0; s < 2; ++s) lines_per_row += (seg.len[s] + kLine - 1) / kLine;
-  const int64_t lines0 = (seg.len[0] + kLine - 1) / kLine;
-  auto prefetch_rows = [&](int64_t k0, int64_t k1, int64_t& cursor, int64_t quota) {
-    for (; quota > 0 && cursor < (k1 - k0) * lines_per_row; --quota, ++cursor) {
-      const int64_t row = k0 + cursor / lines_per_row, line = cursor % lines_per_row;
-      const int64_t off = line < lines0 ? seg.off[0] + line * kLine
-                                        : seg.off[1] + (line - lines0) * kLine;
-      __builtin_prefetch(seg.base + row * seg.row_bytes + off);
+  // Line addresses of weight rows [k0, k1), issued a share per column tile (no divisions:
+  // this runs once per line of weights).
+  int64_t lines0 = (seg.len[0] + kLine - 1) / kLine;
+  int64_t lines_per_row = lines0 + (seg.len[1] + kLine - 1) / kLine;
+  int64_t pf_row = 0, pf_line = 0, pf_end = 0;
+  auto prefetch_lines = [&](int64_t quota) {
+    for (; quota > 0 && pf_row < pf_end; --quota) {
+      const int64_t off = pf_line < lines0 ? seg.off[0] + pf_line * kLine
+                                           : seg.off[1] + (pf_line - lines0) * kLine;
+      __builtin_prefetch(seg.base + pf_row * seg.row_bytes + off);
+      if (++pf_line == lines_per_row) {
+        pf_line = 0;
+        ++pf_row;
+      }
     }
   };
-  int64_t cursor = 0;
-  if (panel) prefetch_rows(0, std::min(K, depth), cursor, depth * lines_per_row);
+  if (panel) {
+    pf_end = std::min(K, depth);
+    prefetch_lines(depth * lines_per_row);
+  }
   for (int64_t k0 = 0; k0 < K; k0 += depth) {
     const int64_t k1 = std::min(K, k0 + depth), k2 = std::min(K, k1 + depth);
     const int64_t quota = ((k2 - k1) * lines_per_row + num_tiles - 1) / num_tiles;
-    cursor = 0;
+    pf_row = k1;
+    pf_line = 0;
+    pf_end = k2;
     for (int64_t t = 0; t < num_tiles; ++t) {
-      if (panel) prefetch_rows(k1, k2, cursor, quota);
+      if (panel) prefetch_lines(quota);
       // Deep steps: tiles inside a cache line find it fetched by the tile that started it.
       const bool lead = !panel && (reinterpret_cast<uintptr_t>(b0 + geom(t).o0) & (kLine - 1)) == 0;
       for (int64_t m0 = 0; m0 < rows; m0 += kMr) one(t, m0, k0, k1, m0 == 0 && lead ? 12 : 0);
