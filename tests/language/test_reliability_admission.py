@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from services.language.engine.admission import AdmissionControl, AdmissionRefusedError
+from services.language.engine.admission import (
+    TARGET_SHARE,
+    AdmissionControl,
+    AdmissionRefusedError,
+)
 
 
 class Clock:
@@ -27,11 +31,11 @@ def serve(control: AdmissionControl, clock: Clock, num: int, gap_s: float) -> No
 
 def test_refuses_when_the_backlog_would_wait_longer_than_the_bound():
     clock = Clock()
-    control = AdmissionControl(max_delay_s=1.05, clock=clock)
+    control = AdmissionControl(max_delay_s=1.05 / TARGET_SHARE, clock=clock)  # up to 1.05 s
     serve(control, clock, 20, 0.1)  # 10 first tokens per busy second
     assert control.estimate_s() == pytest.approx(0.1)
     tickets = [control.admit() for _ in range(10)]  # the 10th waits behind 9: 1.0 s
-    with pytest.raises(AdmissionRefusedError, match="above this server's bound of 1.05 s") as exc:
+    with pytest.raises(AdmissionRefusedError, match="of this server's bound of 2.62") as exc:
         control.admit()  # behind 10: 1.1 s
     assert exc.value.estimate_s == pytest.approx(1.1) and exc.value.retry_after_s == 1
     tickets.pop().started()  # one got its first token: room for one more
@@ -49,7 +53,7 @@ def test_idle_time_does_not_count_against_the_rate():
 
 def test_a_stall_lowers_the_rate_until_requests_are_refused():
     clock = Clock()
-    control = AdmissionControl(max_delay_s=1.0, clock=clock)
+    control = AdmissionControl(max_delay_s=1.0 / TARGET_SHARE, clock=clock)
     serve(control, clock, 10, 0.01)
     waiting = control.admit()
     clock.now += 5.0  # the engine answers nobody for 5 s

@@ -26,6 +26,10 @@ from services.language.request import QueueFullError
 _WINDOW = 64  # first tokens the rate is measured over
 _MIN_SAMPLES = 4  # first tokens needed before the rate is trusted
 _MAX_RETRY_AFTER_S = 60
+# The estimate is held to this share of the bound: the wait a request actually sees varies
+# around the estimate (prefill bursts, slow encodes, the rate measured a moment ago), and the
+# bound is on the tail, not the mean.
+TARGET_SHARE = 0.4
 
 
 class AdmissionRefusedError(QueueFullError):
@@ -111,15 +115,17 @@ class AdmissionControl:
             estimate = math.inf
         else:
             estimate = (self._pending + 1) / rate
-            if estimate <= self.max_delay_s:
+            if estimate <= self.max_delay_s * TARGET_SHARE:
                 return
         self.num_refused += 1
-        excess = estimate - self.max_delay_s if math.isfinite(estimate) else self.max_delay_s
+        target = self.max_delay_s * TARGET_SHARE
+        excess = estimate - target if math.isfinite(estimate) else self.max_delay_s
         retry_after = min(_MAX_RETRY_AFTER_S, max(1, math.ceil(excess)))
         shown = "unknown" if not math.isfinite(estimate) else f"{estimate:.2f} s"
         raise AdmissionRefusedError(
             f"{self._pending} requests are waiting for a first token; a new one would wait "
-            f"about {shown}, above this server's bound of {self.max_delay_s:g} s "
+            f"about {shown}, over {TARGET_SHARE:.0%} of this server's bound of "
+            f"{self.max_delay_s:g} s "
             "(--max-queue-delay); retry later or on another replica",
             estimate,
             retry_after,
