@@ -13,11 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import suppress
 
 import httpx
 import pytest
 
-from tests.e2e.load import base_cases, chat_body, load_cluster, perturbed, png, scrape, stream_many
+from tests.e2e.load import (
+    base_cases,
+    chat_body,
+    load_cluster,
+    perturbed,
+    png,
+    rss_bytes,
+    scrape,
+    stream_chat,
+    stream_many,
+)
 from tests.e2e.support import wait_for_idle_kv
 
 NUM_BASES = 8
@@ -27,6 +38,13 @@ KEY = "load-key"
 LANGUAGE_ARGS = ["--served-model-name", MODEL, "--api-key", KEY, "--max-model-len", "2048",
                  "--kv-cache-memory", "256MiB", "--max-num-seqs", "64"]  # fmt: skip
 HEADERS = {"Authorization": f"Bearer {KEY}"}
+CACHE_BYTES = 8 * 2**20  # small, so the encode caches fill and evict during the runs
+ENCODE_ARGS = ["--cache-memory", "8MiB"]
+SOAK_S = 60.0
+SOAK_CONCURRENCY = 16  # about the sustained peak (tests/e2e/test_load_overload.py)
+SOAK_WARMUP_S = 15.0
+# RSS may grow by this much after warm-up: allocator slack and caches that fill to their bounds
+RSS_GROWTH_BOUND = 48 * 2**20
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +52,7 @@ def cluster(e2e_model, tmp_path_factory):
     if not e2e_model.trained:
         pytest.skip("needs the trained shapes model (answers must be exact)")
     workdir = tmp_path_factory.mktemp("load_concurrency")
-    with load_cluster(e2e_model.path, workdir, 2, LANGUAGE_ARGS) as running:
+    with load_cluster(e2e_model.path, workdir, 2, LANGUAGE_ARGS, ENCODE_ARGS) as running:
         yield running
 
 
@@ -88,3 +106,64 @@ def test_1024_concurrent_streams_with_distinct_images(cluster, bases, base_answe
     print(f"{NUM_REQUESTS} concurrent streams: 0 lost, 0 failed, all answers equal their "
           f"base's, {elapsed:.1f} s; encode misses per replica {misses}")
     assert httpx.get(f"{cluster.base_url}/ready", timeout=10).status_code == 200
+
+
+@pytest.mark.slow
+def test_soak_memory_and_state_return_to_idle(cluster, bases, base_answers):
+    """A closed loop of SOAK_CONCURRENCY streams for SOAK_S seconds, every image new, with the
+    RSS of every process sampled; afterwards KV blocks, encode queues, calls and links are idle
+    and the encode caches within their budget."""
+    processes = {"language": cluster.language.pid,
+                 **{f"encode{i}": p.pid for i, p in enumerate(cluster.encodes)}}  # fmt: skip
+    samples: list[tuple[float, dict[str, int]]] = []
+    counts = {"ok": 0, "failed": 0, "wrong": 0}
+    start = time.monotonic()
+
+    async def sampler(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            samples.append((time.monotonic() - start,
+                            {name: rss_bytes(pid) for name, pid in processes.items()}))
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 2.0)
+
+    async def worker(client, index: int) -> None:
+        k = 128 + index  # distinct from every image sent before, and across workers
+        while time.monotonic() - start < SOAK_S:
+            base = k % NUM_BASES
+            image, question = bases[base]
+            body = chat_body(MODEL, question, perturbed(image, (k // NUM_BASES) % 768))
+            result = await stream_chat(client, f"{cluster.base_url}/v1/chat/completions", body,
+                                       HEADERS)  # fmt: skip
+            counts["ok" if result.ok else "failed"] += 1
+            counts["wrong"] += result.ok and result.text != base_answers[base]
+            k += SOAK_CONCURRENCY
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        sampling = asyncio.create_task(sampler(stop))
+        limits = httpx.Limits(max_connections=None)
+        async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+            await asyncio.gather(*(worker(client, i) for i in range(SOAK_CONCURRENCY)))
+        wait_for_idle_kv(cluster.base_url, timeout_s=30)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await sampling
+
+    asyncio.run(run())
+    elapsed = time.monotonic() - start
+    assert counts["failed"] == 0 and counts["wrong"] == 0, counts
+    warm = next(rss for t, rss in samples if t >= SOAK_WARMUP_S)
+    end = samples[-1][1]
+    report = ", ".join(f"{name} {warm[name] / 2**20:.0f} -> {end[name] / 2**20:.0f} MiB"
+                       for name in processes)  # fmt: skip
+    print(f"soak: {counts['ok']} requests in {elapsed:.0f} s ({counts['ok'] / elapsed:.1f} "
+          f"req/s at {SOAK_CONCURRENCY} concurrent); RSS after warm-up -> end: {report}")
+    for name in processes:
+        assert end[name] - warm[name] <= RSS_GROWTH_BOUND, f"{name} grew: {report}"
+    for url in cluster.encode_metrics_urls:
+        metrics = scrape(url)
+        assert metrics["splitvl_encode_inflight_requests"] == 0
+        assert metrics["splitvl_encode_queue_depth"] == 0
+        assert 0 < metrics["splitvl_encode_cache_bytes"] <= CACHE_BYTES
+        assert metrics["splitvl_encode_links"] == 0  # inline transport: no link was opened
+        assert metrics.get("splitvl_encode_pending_tickets", 0) == 0
