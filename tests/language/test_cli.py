@@ -66,3 +66,20 @@ def test_missing_model_is_a_one_line_error(tmp_path, caplog):
 
     assert main(["--model", str(tmp_path / "absent"), "--port", "0"]) == 1
     assert "cannot start the language service" in caplog.text
+
+
+def test_reliability_flags_reach_the_engine_config_and_the_hook_stays_hidden(tmp_path, capsys):
+    parser = build_parser()
+    args = parser.parse_args(["--model", str(tmp_path), "--max-queue-delay", "1.5",
+                              "--drain-timeout", "7", "--inject-step-faults", "3,9"])  # fmt: skip
+    engine = engine_config(args)
+    assert (engine.max_queue_delay_s, engine.fault_steps) == (1.5, (3, 9))
+    assert args.drain_timeout == 7.0
+    defaults = engine_config(parser.parse_args(["--model", str(tmp_path)]))
+    assert (defaults.max_queue_delay_s, defaults.fault_steps) == (None, ())
+    assert parser.parse_args(["--model", str(tmp_path)]).drain_timeout == 30.0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    shown = capsys.readouterr().out
+    assert "--max-queue-delay" in shown and "--drain-timeout" in shown
+    assert "--inject-step-faults" not in shown  # a test hook, not a setting
