@@ -97,6 +97,41 @@ inline void tile_rows(int r, const float* const* a, int64_t k0, int64_t k1, bool
   }
 }
 
+// For one or two rows: acc[m, :] = a[m] . W over K weight rows, W's row k being the byte
+// ranges of seg (one or two column ranges); each weight row is consumed whole, in address
+// order, before the next (which is prefetched), with the sums in L1. With so few rows the
+// arithmetic is a few instructions per weight vector, so only the read pattern matters.
+template <int MR, typename W>
+void stream_rows(const float* const* a, int64_t K, const Segments& seg, float* acc) {
+  const int64_t cols0 = seg.len[0] / static_cast<int64_t>(sizeof(W));
+  const int64_t cols = cols0 + seg.len[1] / static_cast<int64_t>(sizeof(W));
+  std::fill(acc, acc + MR * cols, 0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    const char* row = seg.base + k * seg.row_bytes;
+    for (int s = 0; s < 2; ++s)
+      for (int64_t off = 0; off < seg.len[s]; off += kLine)
+        __builtin_prefetch(row + 2 * seg.row_bytes + seg.off[s] + off);
+    f8 av[MR];
+    for (int m = 0; m < MR; ++m) av[m] = splat(a[m][k]);
+    for (int s = 0; s < 2; ++s) {
+      const W* w = reinterpret_cast<const W*>(row + seg.off[s]);
+      const int64_t n = seg.len[s] / static_cast<int64_t>(sizeof(W));
+      float* dst = acc + (s == 0 ? 0 : cols0);
+      int64_t c = 0;
+      for (; c + kLanes <= n; c += kLanes) {
+        const f8 wv = load8(w + c);
+        for (int m = 0; m < MR; ++m) store8(dst + m * cols + c, load8(dst + m * cols + c) + av[m] * wv);
+      }
+      if (c < n) {
+        const int r = static_cast<int>(n - c);
+        const f8 wv = load_partial(w + c, r);
+        for (int m = 0; m < MR; ++m)
+          store_partial(dst + m * cols + c, load_partial(dst + m * cols + c, r) + av[m] * wv, r);
+      }
+    }
+  }
+}
+
 // Applies the register tiles of `rows` rows and `num_tiles` column tiles over K weight rows;
 // epi(t, m, v0, v1) receives the finished sums. The weights are walked `depth` rows at a time,
 // every column tile of those rows (and every row group of a tile) before the next rows, the
@@ -111,6 +146,24 @@ template <typename W, typename Geom, typename Epi>
 void run_tiles(const float* const* a, int64_t rows, int64_t K, const W* b0, const W* b1,
                int64_t ldb, int64_t num_tiles, const Geom& geom, const Segments& seg,
                float* acc, const Epi& epi) {
+  if (rows <= 2) {
+    // Sums [rows, stream-0 columns then stream-1 columns], handed out per tile.
+    if (rows == 1) stream_rows<1, W>(a, K, seg, acc);
+    else stream_rows<2, W>(a, K, seg, acc);
+    const int64_t cols0 = seg.len[0] / static_cast<int64_t>(sizeof(W));
+    const int64_t cols = cols0 + seg.len[1] / static_cast<int64_t>(sizeof(W));
+    const int64_t base1 = b1 == b0 ? 0 : cols0;  // one stream: both halves of a tile in it
+    for (int64_t t = 0; t < num_tiles; ++t) {
+      const TileCols tc = geom(t);
+      for (int64_t m = 0; m < rows; ++m) {
+        const float* r = acc + m * cols;
+        const f8 v0 = load_partial(r + tc.o0, tc.n0);
+        const f8 v1 = tc.n1 > 0 ? load_partial(r + base1 + tc.o1, tc.n1) : splat(0.f);
+        epi(t, m, v0, v1);
+      }
+    }
+    return;
+  }
   const bool panel = rows <= kPanelRows;
   const int64_t depth = panel ? kPanelDepth : kDeepDepth;
   auto one = [&](int64_t t, int64_t m0, int64_t k0, int64_t k1, int64_t pf) {
