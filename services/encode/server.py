@@ -21,6 +21,7 @@ from services.encode.encoder import InvalidImageError, NotCachedError
 from services.encode.links import LinkLimitError, TicketError, UnknownLinkError
 from services.encode.metrics import EncodeMetrics
 from services.encode.runtime import Runtime
+from services.rpc import unary, unary_stream
 from shared.wire.codec import iter_chunk_frames, tensor_bytes
 from shared.wire.errors import ImageRefError, LinkError, WireFormatError
 from shared.wire.images import EncodedImage, ImageRef
@@ -98,39 +99,6 @@ def _header(
 
 def _info_message(info: EncoderInfo, metrics_port: int) -> pb.GetInfoResponse:
     return pb.GetInfoResponse(**{**info.as_flat_dict(), "metrics_port": metrics_port})
-
-
-def _serialize_response(message) -> bytes:
-    # Tensor chunks arrive pre-serialized from transport.iter_chunk_frames.
-    return message if isinstance(message, bytes) else message.SerializeToString()
-
-
-async def _parse(raw: bytes, request_type, context):
-    """The request message, or INVALID_ARGUMENT: gRPC's own deserializer would answer a
-    malformed message with INTERNAL, which reads as a bug in the service, not in the call."""
-    try:
-        return request_type.FromString(raw)
-    except Exception as exc:  # protobuf's DecodeError, and anything its parser raises
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"malformed {request_type.DESCRIPTOR.full_name} message: {exc}",
-        )
-
-
-def _unary(method, request_type):
-    async def handle(raw: bytes, context):
-        return await method(await _parse(raw, request_type, context), context)
-
-    return grpc.unary_unary_rpc_method_handler(handle, None, _serialize_response)
-
-
-def _unary_stream(method, request_type):
-    async def handle(raw: bytes, context):
-        request = await _parse(raw, request_type, context)
-        async for message in method(request, context):
-            yield message
-
-    return grpc.unary_stream_rpc_method_handler(handle, None, _serialize_response)
 
 
 class EncodeServicer:
@@ -286,8 +254,8 @@ class EncodeServicer:
         """Method handlers built by hand: requests arrive as bytes and are parsed here (a bad
         message is INVALID_ARGUMENT), and Encode can send pre-serialized tensor chunks."""
         handlers = {
-            "Encode": _unary_stream(self.Encode, pb.EncodeRequest),
-            "Transfer": _unary_stream(self.Transfer, pb.TransferRequest),
+            "Encode": unary_stream(self.Encode, pb.EncodeRequest),
+            "Transfer": unary_stream(self.Transfer, pb.TransferRequest),
         }
         for name, request_type in (
             ("GetInfo", pb.GetInfoRequest),
@@ -295,5 +263,5 @@ class EncodeServicer:
             ("CloseLink", pb.CloseLinkRequest),
             ("GetMetrics", pb.GetMetricsRequest),
         ):
-            handlers[name] = _unary(getattr(self, name), request_type)
+            handlers[name] = unary(getattr(self, name), request_type)
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

@@ -28,6 +28,7 @@ from services.language.frontend import LanguageFrontend
 from services.language.http_errors import same_secret
 from services.language.prompt import ChatMessage, ImagePart, TextPart
 from services.language.request import InvalidRequestError, RequestOutput, SamplingParams
+from services.rpc import unary_stream
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,12 @@ async def start_grpc_server(
         ("grpc.max_send_message_length", max_message_bytes),
     ]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_LanguageServiceServicer_to_server(
-        LanguageServicer(frontend, model_name, api_key), server
+    servicer = LanguageServicer(frontend, model_name, api_key)
+    # By hand rather than add_LanguageServiceServicer_to_server: bytes that do not parse as a
+    # GenerateRequest get INVALID_ARGUMENT, not the generated deserializer's UNKNOWN.
+    handlers = {"Generate": unary_stream(servicer.Generate, pb.GenerateRequest)}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
