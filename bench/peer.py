@@ -150,10 +150,13 @@ def _prompt_builders(ckpt_dir: Path, dtype: str, *batches: list[dict]):
         num_image_tokens,
         preprocess_image,
     )
+    from shared.wire.units import compute_dtype
 
     config = load_config(ckpt_dir)
     processor = load_image_processor_config(ckpt_dir)
-    vision = load_vision_model(ckpt_dir, dtype=DTYPES[dtype], device="cpu")  # Qwen3VLVisionModel
+    # As the encode service: computed in compute_dtype, handed on in the requested dtype.
+    wire = DTYPES[dtype]
+    vision = load_vision_model(ckpt_dir, dtype=compute_dtype(wire, "cpu"), device="cpu")
     pad = config.image_token_id
 
     def builder(requests: list[dict]) -> Callable[[], list[EnginePrompt]]:
@@ -169,7 +172,7 @@ def _prompt_builders(ckpt_dir: Path, dtype: str, *batches: list[dict]):
             pre = [preprocess_image(decode_image(b), processor) for b in flat]
             grids = [grid for _, grid in pre]
             with torch.inference_mode():
-                packed = vision(torch.cat([pv for pv, _ in pre]), torch.tensor(grids))
+                packed = vision(torch.cat([pv for pv, _ in pre]), torch.tensor(grids)).to(wire)
             counts = [num_image_tokens(g, processor.merge_size) for g in grids]
             encoded = list(zip(packed.split(counts), grids, digests, strict=True))
         prompts, k = [], 0

@@ -16,7 +16,7 @@ from services.encode.encoder import VisionEncoder
 from services.encode.links import LinkManager
 from services.encode.metrics import EncodeMetrics
 from shared.wire.info import EncoderContract, EncoderInfo
-from shared.wire.units import resolve_dtype
+from shared.wire.units import compute_dtype, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +56,23 @@ def load_runtime(config: EncodeServiceConfig, metrics: EncodeMetrics) -> Runtime
     # The checkpoint's dtype unless the operator chose one: what the language side computes in,
     # so embeddings are spliced without a cast.
     dtype = resolve_dtype(config.dtype, model_config.dtype, device)
+    compute = compute_dtype(dtype, device)  # fp32 for bf16 on a CPU that only emulates it
     t0 = time.perf_counter()
-    model = load_vision_model(config.model_dir, dtype=dtype, device=device)
+    model = load_vision_model(config.model_dir, dtype=compute, device=device)
     log.info(
-        "loaded the vision tower of %s (%d blocks, %d deepstack) on %s in %s in %.2f s",
+        "loaded the vision tower of %s (%d blocks, %d deepstack) on %s in %s (computing in "
+        "%s) in %.2f s",
         config.model_dir.name,
         vision.depth,
         vision.num_deepstack,
         device,
         dtype_name(dtype),
+        dtype_name(compute),
         time.perf_counter() - t0,
     )
 
     def forward(pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        packed = model(pixel_values.to(device), grid_thw)
+        packed = model(pixel_values.to(device), grid_thw).to(dtype)  # a no-op unless widened
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # so batch timings measure the work
         return packed

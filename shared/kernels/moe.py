@@ -55,7 +55,11 @@ def fused_moe_torch(
     weights: torch.Tensor,  # [T, k] routing weights, x.dtype
     ids: torch.Tensor,  # [T, k] int64 expert ids
 ) -> torch.Tensor:  # [T, H]
-    """The reference: rows sorted by expert, grouped matmuls, then un-sorted and summed."""
+    """The reference: rows sorted by expert, grouped matmuls, then un-sorted and summed.
+
+    Expert weights of another dtype than x (bf16 weights kept for fp32 compute on CPUs without
+    bf16 arithmetic) are widened to x's dtype first."""
+    gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
     num_tokens, top_k = ids.shape
     order = torch.argsort(ids.reshape(-1), stable=True)
     offs = expert_offsets(ids, gate_up.shape[0])

@@ -38,6 +38,7 @@ from shared.model.vision import Qwen3VLVisionModel
 log = logging.getLogger(__name__)
 
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+_EXPERT_SOURCES = (FusedExpertSource, PerExpertGateUpSource, PerExpertDownSource)
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
@@ -108,12 +109,14 @@ def load_weights(
     skip: set[str] | None = None,
     square_is_v5: bool = False,
     shards: Mapping[str, Shard] | None = None,
+    expert_dtype: torch.dtype | None = None,
 ) -> Counter[str]:
     """Fill `module` (built on meta, full shapes) from the checkpoint; returns the bytes read
     per checkpoint tensor.
 
     `prefixes` maps (our prefix, checkpoint prefix). Parameters in `skip` (a tied lm_head) are
-    left for the caller. A parameter in `shards` gets only its slice, read as a slice.
+    left for the caller. A parameter in `shards` gets only its slice, read as a slice. The
+    routed experts' weights get `expert_dtype` where given, everything else `dtype`.
     """
     shards = shards or {}
     keys = checkpoint_files(model_dir)
@@ -135,7 +138,8 @@ def load_weights(
                     f"{src.keys[0]}: shape {tuple(value.shape)} but the model expects "
                     f"{tuple(expected)} for {our}"
                 )
-            _set_parameter(module, our, value.to(device=device, dtype=dtype))
+            target = expert_dtype if expert_dtype and isinstance(src, _EXPERT_SOURCES) else dtype
+            _set_parameter(module, our, value.to(device=device, dtype=target))
     finally:
         reader.close()
     log.info("loaded %d tensors from %s (%d file(s))", len(plan), model_dir, len(files))
@@ -179,13 +183,18 @@ def finish_text_model(model: Qwen3MoeForCausalLM, config: ModelConfig) -> Qwen3M
 
 
 def load_text_model(
-    model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    expert_dtype: torch.dtype | None = None,
 ) -> Qwen3MoeForCausalLM:
-    """The language side: `Qwen3MoeForCausalLM` with only the text tensors read."""
+    """The language side: `Qwen3MoeForCausalLM` with only the text tensors read (the routed
+    experts' weights in `expert_dtype` where given)."""
     config = load_config(model_dir)
     model = build_text_model(config)
     prefixes, skip, square_is_v5 = text_plan_args(config)
-    load_weights(model, model_dir, prefixes, dtype, device, skip, square_is_v5)
+    load_weights(model, model_dir, prefixes, dtype, device, skip, square_is_v5,
+                 expert_dtype=expert_dtype)  # fmt: skip
     return finish_text_model(model, config)
 
 

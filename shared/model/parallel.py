@@ -208,6 +208,7 @@ def load_parallel_text_model(
     group,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    expert_dtype: torch.dtype | None = None,
 ) -> tuple[Qwen3MoeForCausalLM, Counter[str]]:
     """This rank's model, read as slices; returns it and the bytes read per tensor."""
     config = load_config(model_dir)
@@ -215,7 +216,7 @@ def load_parallel_text_model(
     specs = shard_specs(config.text, layout)
     prefixes, skip, square_is_v5 = text_plan_args(config)
     bytes_read = load_weights(model, model_dir, prefixes, dtype, device, skip, square_is_v5,
-                              shards=specs)  # fmt: skip
+                              shards=specs, expert_dtype=expert_dtype)  # fmt: skip
     model = finish_text_model(model, config)
     if layout.world_size > 1:
         attach_collectives(model, config.text, layout, group)

@@ -8,7 +8,10 @@ import torch
 
 from shared.model.config import DTYPES
 
-__all__ = ["DTYPES", "GIB", "KIB", "MIB", "dtype_name", "parse_bytes", "parse_dtype", "nbytes"]
+__all__ = [
+    "DTYPES", "GIB", "KIB", "MIB", "compute_dtype", "cpu_has_native_bf16", "dtype_name",
+    "nbytes", "parse_bytes", "parse_dtype", "resolve_dtype",
+]  # fmt: skip
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -79,3 +82,11 @@ def resolve_dtype(
     if torch.device(device).type == "cpu" and checkpoint_dtype != torch.float32:
         return checkpoint_dtype if cpu_has_native_bf16() else torch.float32
     return checkpoint_dtype
+
+
+def compute_dtype(dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
+    """The dtype to compute `dtype` in on `device`: fp32 for bf16 on a CPU without native bf16,
+    where bf16 matmuls are emulated and 5-7x slower than fp32 ones (results are cast back to
+    `dtype`, which stays the dtype on the wire); else `dtype` itself."""
+    emulated = torch.device(device).type == "cpu" and not cpu_has_native_bf16()
+    return torch.float32 if dtype == torch.bfloat16 and emulated else dtype

@@ -125,6 +125,25 @@ def test_fused_moe_all_tokens_one_expert(kernels, dtype):
     _check_moe(kernels, _moe_inputs(num_tokens, 96, 80, 4, top_k, dtype, 1, route), dtype)
 
 
+@pytest.mark.parametrize("num_tokens", [1, 2, 32, 257, 1100])
+def test_fused_moe_fp32_activations_on_bf16_expert_weights(kernels, num_tokens):
+    """bf16 expert weights with fp32 compute (CPUs without bf16 arithmetic): the kernel widens
+    the weights exactly, so it matches fp32 on the same bf16-valued weights, at every size (the
+    wrapper keeps prefill-sized batches on the kernel too)."""
+    x, gate_up, down, weights, ids = _moe_inputs(num_tokens, 136, 200, 16, 4, torch.float32, 9)
+    gate_up, down = gate_up.to(torch.bfloat16), down.to(torch.bfloat16)
+    ref = fused_moe_torch(x, gate_up.float(), down.float(), weights, ids)
+    scale = max(1.0, ref.abs().max().item())
+    for out in (torch.ops.splitvl.fused_moe(x, gate_up, down, weights, ids),
+                kernels.fused_moe(x, gate_up, down, weights, ids),
+                fused_moe_torch(x, gate_up, down, weights, ids)):  # fmt: skip
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * scale)
+    with pytest.raises(TypeError, match="bfloat16 expert weights"):  # not the other way round
+        torch.ops.splitvl.fused_moe(x.bfloat16(), gate_up.float(), down.float(),
+                                    weights.bfloat16(), ids)  # fmt: skip
+
+
 def test_fused_moe_idle_experts_and_repeated_order(kernels):
     """Experts 0 and 3 get nothing; top-k order is not sorted by id."""
     route = torch.tensor([[5, 1], [1, 5], [2, 4], [4, 2], [1, 2]])

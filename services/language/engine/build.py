@@ -42,18 +42,20 @@ def build_executor(
     model_dir: Path, model_config: ModelConfig, config: EngineConfig, setup: RunnerSetup
 ) -> tuple[Executor, int]:
     """(executor, KV blocks per rank): in this process, or over tensor-parallel ranks."""
-    dtype = config.resolve_dtype(model_config)
+    dtype, expert_dtype = config.model_dtypes(model_config)
+    if expert_dtype is not None:
+        log.info("computing in %s with the routed experts' weights in %s", dtype, expert_dtype)
     if config.tensor_parallel_size == 1:
         threads = config.threads_per_rank()
         if threads is not None:
             torch.set_num_threads(threads)
             log.info("intra-op threads: %d", threads)
-        model = load_text_model(model_dir, dtype=dtype, device=config.device).eval()
+        model = load_text_model(model_dir, dtype, config.device, expert_dtype).eval()
         num_blocks = num_kv_blocks(model, model_config, setup)
         return LocalExecutor(build_runner(model, model_config, setup, num_blocks)), num_blocks
     specs = [
         RankSpec(rank, config.tensor_parallel_size, config.expert_parallel, str(model_dir),
-                 dtype, device, setup, "127.0.0.1", 0, config.threads_per_rank(),
+                 dtype, expert_dtype, device, setup, "127.0.0.1", 0, config.threads_per_rank(),
                  _RANK_TIMEOUT_S)
         for rank, device in enumerate(config.rank_devices())
     ]  # fmt: skip

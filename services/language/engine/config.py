@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from shared.model.config import DTYPES, ModelConfig
-from shared.wire.units import resolve_dtype
+from shared.wire.units import compute_dtype, resolve_dtype
 
 
 class EngineConfigError(ValueError):
@@ -82,7 +82,27 @@ class EngineConfig:
             _check_device(device)
 
     def resolve_dtype(self, model_config: ModelConfig) -> torch.dtype:
+        """The model's dtype as both services name it (the embeddings' dtype on the wire)."""
         return resolve_dtype(self.dtype, model_config.dtype, self.device, EngineConfigError)
+
+    def model_dtypes(self, model_config: ModelConfig) -> tuple[torch.dtype, torch.dtype | None]:
+        """(compute dtype, the routed experts' weight dtype where it differs).
+
+        bf16 on a CPU without bf16 arithmetic (no AVX512-BF16 / AMX) computes in fp32 and keeps
+        only the routed experts' weights, most of the parameters, in bf16: there bf16 matmuls
+        are emulated, 5-7x slower than fp32 ones, while the C++ expert kernel widens bf16
+        weights in registers for free and reads half the bytes. This holds for "auto" on a bf16
+        checkpoint too, where the widened values are the checkpoint's own, exactly.
+        """
+        wire = self.resolve_dtype(model_config)
+        wanted = model_config.dtype if self.dtype in (None, "auto") else wire
+        dtype = compute_dtype(wanted, self.device)
+        if dtype == wanted:
+            return wire, None
+        from shared.kernels import cpu as cpu_kernels  # builds the extension on first use
+
+        # Without the kernel the reference would widen every expert's weights per call.
+        return dtype, (wanted if cpu_kernels.available() else None)
 
     @property
     def cuda_graphs(self) -> bool:

@@ -54,6 +54,7 @@ class RankSpec:
     expert_parallel: bool
     model_dir: str
     dtype: torch.dtype
+    expert_dtype: torch.dtype | None  # the routed experts' weights, where not `dtype`
     device: str
     setup: RunnerSetup
     store_host: str
@@ -84,7 +85,8 @@ def load_rank(spec: RankSpec, control: dist.ProcessGroup) -> tuple[ModelRunner, 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     layout = ParallelLayout(spec.rank, spec.world_size, spec.expert_parallel)
-    model, bytes_read = load_parallel_text_model(spec.model_dir, layout, None, spec.dtype, device)
+    model, bytes_read = load_parallel_text_model(spec.model_dir, layout, None, spec.dtype, device,
+                                                  spec.expert_dtype)
     config = load_config(spec.model_dir)
     blocks = torch.tensor([num_kv_blocks(model.eval(), config, spec.setup)])
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=control)

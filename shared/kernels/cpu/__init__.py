@@ -73,14 +73,19 @@ def fused_moe(
     weights: torch.Tensor,  # [T, k], x.dtype
     ids: torch.Tensor,  # [T, k] int64
 ) -> torch.Tensor:  # [T, H]
-    """See shared.kernels.moe.fused_moe_torch; float32 or bfloat16 throughout.
+    """See shared.kernels.moe.fused_moe_torch; float32 or bfloat16 throughout, or float32
+    activations with bfloat16 expert weights (widened in registers, never copied).
 
     fp32 with many rows per expert (prefill) goes to the reference, whose grouped GEMM
-    (oneDNN/MKL, packed panels) is faster there; bf16 always takes the kernel, since the bf16
-    reference is 10-30x slower on CPUs without bf16 arithmetic."""
-    same = x.dtype in _DTYPES and gate_up.dtype == down.dtype == weights.dtype == x.dtype
-    gemm_bound = x.dtype == torch.float32 and ids.numel() >= GEMM_ROWS * gate_up.shape[0]
-    if not same or gemm_bound or _reference_needed(x, gate_up, down, weights):
+    (oneDNN/MKL, packed panels) is faster there; bf16 weights always take the kernel, since the
+    bf16 reference is 10-30x slower on CPUs without bf16 arithmetic (and the mixed one would
+    widen every expert's weights per call)."""
+    mixed = x.dtype == torch.float32 and gate_up.dtype == torch.bfloat16
+    ok = x.dtype in _DTYPES and weights.dtype == x.dtype and gate_up.dtype == down.dtype
+    ok = ok and (gate_up.dtype == x.dtype or mixed)
+    fp32 = x.dtype == gate_up.dtype == torch.float32
+    gemm_bound = fp32 and ids.numel() >= GEMM_ROWS * gate_up.shape[0]
+    if not ok or gemm_bound or _reference_needed(x, gate_up, down, weights):
         return fused_moe_torch(x, gate_up, down, weights, ids)
     return torch.ops.splitvl.fused_moe(x, gate_up, down, weights, ids)
 

@@ -314,8 +314,8 @@ int64_t num_slices(int64_t num_rows, int64_t inter, int64_t num_experts) {
   return std::max<int64_t>(1, std::min(by_width, kSliceRows / std::max<int64_t>(num_rows, 1)));
 }
 
-template <typename T>
-void moe_chunk(const T* x, const T* gate_up, const T* down, const T* weights, const Buckets& bk,
+template <typename T, typename W>
+void moe_chunk(const T* x, const W* gate_up, const W* down, const T* weights, const Buckets& bk,
                T* out, int64_t num_tokens, int64_t hidden, int64_t inter, int64_t num_experts,
                int64_t top_k) {
   const int64_t n = num_tokens * top_k;
@@ -389,8 +389,8 @@ void moe_chunk(const T* x, const T* gate_up, const T* down, const T* weights, co
 
 }  // namespace
 
-template <typename T>
-int64_t fused_moe(const T* x, const T* gate_up, const T* down, const T* weights,
+template <typename T, typename W>
+int64_t fused_moe(const T* x, const W* gate_up, const W* down, const T* weights,
                   const int64_t* ids, T* out, int64_t num_tokens, int64_t hidden,
                   int64_t inter, int64_t num_experts, int64_t top_k) {
   Buckets bk;
@@ -404,11 +404,14 @@ int64_t fused_moe(const T* x, const T* gate_up, const T* down, const T* weights,
   return -1;
 }
 
-template int64_t fused_moe<float>(const float*, const float*, const float*, const float*,
-                                  const int64_t*, float*, int64_t, int64_t, int64_t, int64_t,
-                                  int64_t);
-template int64_t fused_moe<bf16>(const bf16*, const bf16*, const bf16*, const bf16*,
-                                 const int64_t*, bf16*, int64_t, int64_t, int64_t, int64_t,
-                                 int64_t);
+template int64_t fused_moe<float, float>(const float*, const float*, const float*,
+                                         const float*, const int64_t*, float*, int64_t,
+                                         int64_t, int64_t, int64_t, int64_t);
+template int64_t fused_moe<bf16, bf16>(const bf16*, const bf16*, const bf16*, const bf16*,
+                                       const int64_t*, bf16*, int64_t, int64_t, int64_t,
+                                       int64_t, int64_t);
+template int64_t fused_moe<float, bf16>(const float*, const bf16*, const bf16*, const float*,
+                                        const int64_t*, float*, int64_t, int64_t, int64_t,
+                                        int64_t, int64_t);
 
 }  // namespace splitvl

@@ -26,26 +26,31 @@ at::Tensor fused_moe_op(const at::Tensor& x, const at::Tensor& gate_up, const at
   TORCH_CHECK_VALUE(ids.size(0) == num_tokens && weights.sizes() == ids.sizes(),
                     "fused_moe: weights ", weights.sizes(), " and ids ", ids.sizes(),
                     " must both be [", num_tokens, ", k]");
-  TORCH_CHECK_TYPE(supported(x.scalar_type()) && gate_up.scalar_type() == x.scalar_type() &&
-                       down.scalar_type() == x.scalar_type() &&
-                       weights.scalar_type() == x.scalar_type(),
-                   "fused_moe: x, gate_up, down and weights must share one dtype, float32 or "
-                   "bfloat16");
+  const at::ScalarType act = x.scalar_type(), wt = gate_up.scalar_type();
+  TORCH_CHECK_TYPE(supported(act) && supported(wt) && down.scalar_type() == wt &&
+                       weights.scalar_type() == act && !(act == at::kBFloat16 && wt == at::kFloat),
+                   "fused_moe: x and weights share one dtype, gate_up and down another: float32 "
+                   "or bfloat16 throughout, or float32 with bfloat16 expert weights");
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "fused_moe: ids must be int64");
   at::Tensor out = at::empty({num_tokens, hidden}, x.options());
   if (num_tokens == 0 || top_k == 0) return out.zero_();
   const at::Tensor xc = x.contiguous(), gc = gate_up.contiguous(), dc = down.contiguous();
   const at::Tensor wc = weights.contiguous(), ic = ids.contiguous();
   int64_t bad;
-  if (x.scalar_type() == at::kFloat) {
-    bad = fused_moe<float>(xc.data_ptr<float>(), gc.data_ptr<float>(), dc.data_ptr<float>(),
-                           wc.data_ptr<float>(), ic.data_ptr<int64_t>(), out.data_ptr<float>(),
-                           num_tokens, hidden, inter, num_experts, top_k);
+  auto raw = [](const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr()); };
+  if (act == at::kFloat && wt == at::kFloat) {
+    bad = fused_moe<float, float>(xc.data_ptr<float>(), gc.data_ptr<float>(),
+                                  dc.data_ptr<float>(), wc.data_ptr<float>(),
+                                  ic.data_ptr<int64_t>(), out.data_ptr<float>(), num_tokens,
+                                  hidden, inter, num_experts, top_k);
+  } else if (act == at::kFloat) {
+    bad = fused_moe<float, bf16>(xc.data_ptr<float>(), raw(gc), raw(dc), wc.data_ptr<float>(),
+                                 ic.data_ptr<int64_t>(), out.data_ptr<float>(), num_tokens,
+                                 hidden, inter, num_experts, top_k);
   } else {
-    auto raw = [](const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr()); };
-    bad = fused_moe<bf16>(raw(xc), raw(gc), raw(dc), raw(wc), ic.data_ptr<int64_t>(),
-                          reinterpret_cast<bf16*>(out.data_ptr()), num_tokens, hidden, inter,
-                          num_experts, top_k);
+    bad = fused_moe<bf16, bf16>(raw(xc), raw(gc), raw(dc), raw(wc), ic.data_ptr<int64_t>(),
+                                reinterpret_cast<bf16*>(out.data_ptr()), num_tokens, hidden,
+                                inter, num_experts, top_k);
   }
   const int64_t bad_id = bad < 0 ? 0 : ic.const_data_ptr<int64_t>()[bad];
   TORCH_CHECK_INDEX(bad < 0, "fused_moe: expert id ", bad_id, " at flat index ", bad,
