@@ -79,7 +79,10 @@ def parse_cores(spec: str) -> set[int]:
 
 
 def _engine_session(
-    ckpt_dir: Path, dtype: str, phases: list[tuple[str, Callable[[], list[EnginePrompt]]]]
+    ckpt_dir: Path,
+    dtype: str,
+    phases: list[tuple[str, Callable[[], list[EnginePrompt]]]],
+    threads: int,
 ) -> list[tuple[float, list[list[int]]]]:
     """The only code here that touches the language engine's API.
 
@@ -102,6 +105,7 @@ def _engine_session(
     config = EngineConfig(
         max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
         max_model_len=MAX_MODEL_LEN, kv_cache_memory=KV_CACHE_BYTES, dtype=dtype, device="cpu",
+        threads=threads,
     )
     engine = AsyncEngine.from_model_dir(ckpt_dir, config)
 
@@ -211,7 +215,7 @@ def run_splitvl(ckpt_dir: str | Path, work_dir: str | Path, dtype: str, threads:
         return prompts
 
     (_, _), (elapsed, tokens) = _engine_session(
-        ckpt_dir, dtype, [("warmup", warmup), ("timed", timed_prompts)]
+        ckpt_dir, dtype, [("warmup", warmup), ("timed", timed_prompts)], threads
     )
     return Result("splitvl", dtype, elapsed, sum(map(len, tokens)), lens, tokens,
                   time.perf_counter() - t0)
