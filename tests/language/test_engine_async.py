@@ -124,3 +124,52 @@ def test_closing_a_stream_never_iterated_aborts(tiny_vl_model_dir):
     outputs, stats = _run(tiny_vl_model_dir, body)
     assert outputs[-1].finish_reason == "length"
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+class _DyingExecutor:
+    """The real executor, except that a step fails the way a dead tensor-parallel worker does."""
+
+    def __init__(self, executor) -> None:
+        self._executor = executor
+        self.dead = False
+
+    def execute(self, plan):
+        if self.dead:
+            raise RuntimeError("connection reset by a worker")
+        return self._executor.execute(plan)
+
+    def check_health(self) -> None:
+        if self.dead:
+            raise RuntimeError("tensor-parallel rank 1 exited with status -9")
+
+    def __getattr__(self, name: str):
+        return getattr(self._executor, name)
+
+
+def test_a_dead_executor_fails_streams_and_abort_returns_at_once(tiny_vl_model_dir, monkeypatch):
+    """The engine thread fails every request and returns; until it has returned, an abort (the
+    front end sends one for every stream that ended in an error) must not wait for it."""
+
+    async def body(engine):
+        dying = _DyingExecutor(engine._core.executor)
+        engine._core.executor = dying
+        fail_all = engine._fail_all
+
+        def slow_fail_all(exc):  # the thread lingers after failing its requests
+            fail_all(exc)
+            time.sleep(2.0)
+
+        monkeypatch.setattr(engine, "_fail_all", slow_fail_all)
+        stream = engine.generate(_request("a"))
+        await anext(stream)
+        dying.dead = True
+        with pytest.raises(Exception, match="engine stopped"):
+            async for _ in stream:
+                pass
+        start = time.monotonic()
+        await engine.abort("a")
+        return time.monotonic() - start, engine.health()
+
+    waited, (serving, reason) = _run(tiny_vl_model_dir, body)
+    assert waited < 1.0
+    assert not serving and "rank 1" in reason

@@ -234,7 +234,7 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> None:
         """Abort ``request_id`` and wait until its KV blocks are free (no-op if unknown)."""
-        if self._thread is None or not self._thread.is_alive():
+        if not self._serving_thread():
             return  # a stopped engine thread holds no request any more
         done = asyncio.get_running_loop().create_future()
         self._send(("abort", request_id, done))
@@ -251,11 +251,18 @@ class AsyncEngine:
 
     async def fail_all(self, reason: str) -> None:
         """End every live request now with EngineClosedError(reason), freeing its KV blocks."""
-        if self._thread is None or not self._thread.is_alive():
+        if not self._serving_thread():
             return
         done = asyncio.get_running_loop().create_future()
         self._send(("fail", EngineClosedError(reason), done))
         await asyncio.wait_for(done, _SHUTDOWN_TIMEOUT_S)
+
+    def _serving_thread(self) -> bool:
+        """Whether the engine thread will still answer commands. A fatal failure counts as gone
+        at once: the thread fails every request and returns, and a command sent while it is
+        still returning would wait for an answer that never comes."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and self._fatal is None
 
     def _send(self, command: tuple) -> None:
         self._commands.put(command)
