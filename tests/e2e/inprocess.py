@@ -15,6 +15,7 @@ import uvicorn
 from services.language.__main__ import build_frontend, running
 from services.language.api import APIConfig, create_app
 from services.language.engine import AsyncEngine, EngineConfig
+from services.language.frontend import FrontendOptions
 from services.language.images import ImageFetchConfig
 
 START_TIMEOUT_S = 60.0
@@ -62,11 +63,15 @@ def language_server(
     fetch: ImageFetchConfig | None = None,
     model_name: str = "tiny",
     max_request_bytes: int = 64 * 2**20,
+    options: FrontendOptions | None = None,
+    chat_template: str | None = None,
 ) -> Iterator[InProcessServer]:
-    """Serve `model_dir` with a real engine for the duration of the block."""
+    """Serve `model_dir` with a real engine for the duration of the block (front-end
+    `options` and a replacement `chat_template` as the service's flags would set them)."""
     config = engine_config or EngineConfig(kv_cache_memory=8 * 2**20, max_model_len=512)
     engine = AsyncEngine.from_model_dir(model_dir, config)
-    frontend = build_frontend(model_dir, engine, encoder, fetch or ImageFetchConfig())
+    frontend = build_frontend(model_dir, engine, encoder, fetch or ImageFetchConfig(), options,
+                              chat_template)  # fmt: skip
     app = create_app(
         frontend,
         APIConfig(model_name, api_key=api_key, max_request_bytes=max_request_bytes),

@@ -31,18 +31,21 @@ CHECKED = [name for name, example in EXAMPLES.items() if example.output is not N
 REQUIRED = {"curl-chat", "openai-stream", "structured-output", "tokenize", "models-health",
             "grpc-generate", "grpc-reflection", "load-test"}  # fmt: skip
 EXAMPLE_TIMEOUT_S = 120.0
+# How the README's examples spell `make serve`'s addresses. Only text to rewrite: this test's
+# services bind port 0 and the examples are pointed at the ports they got.
+README_HTTP, README_GRPC = "127.0.0.1:8000", "127.0.0.1:8001"
 
 
 @dataclass(frozen=True)
 class Readme:
     """Runs README examples against one cluster, translating its addresses and /tmp/."""
 
-    http: str  # host:port standing in for 127.0.0.1:8000
-    grpc: str  # for 127.0.0.1:8001
+    http: str  # the bound host:port standing in for README_HTTP
+    grpc: str  # for README_GRPC
     tmp: Path  # for /tmp
 
     def _to_cluster(self) -> dict[str, str]:
-        return {"127.0.0.1:8000": self.http, "127.0.0.1:8001": self.grpc, "/tmp/": f"{self.tmp}/",
+        return {README_HTTP: self.http, README_GRPC: self.grpc, "/tmp/": f"{self.tmp}/",
                 ".venv/bin/python": sys.executable}  # fmt: skip
 
     def run(self, example: Example) -> str:

@@ -4,18 +4,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from services.language.__main__ import build_frontend, running
-from services.language.api import APIConfig, create_app
-from services.language.engine import AsyncEngine, EngineConfig
+from services.language.engine import EngineConfig
 from services.language.frontend import FrontendOptions
 from services.language.images import ImageFetchConfig
-from tests.e2e.inprocess import InProcessServer
+from tests.e2e.inprocess import language_server
 from tests.e2e.support import InProcessEncoder
 
 SHAPES_VL = Path(__file__).resolve().parents[2] / "models" / "shapes-vl"
@@ -49,7 +46,6 @@ class PixelLimitEncoder(InProcessEncoder):
         return await asyncio.to_thread(lambda: [self.encode_ref(ref) for ref in images])
 
 
-@contextmanager
 def chat_server(
     model_dir: Path,
     encoder=None,
@@ -58,17 +54,8 @@ def chat_server(
     fetch: ImageFetchConfig | None = None,
     model_name: str = "shapes-vl",
     engine_config: EngineConfig | None = None,
-) -> Iterator[InProcessServer]:
-    """An in-process HTTP server with the given front-end options."""
+):
+    """An in-process HTTP server on the shipped model's sizes with the given front-end options."""
     config = engine_config or EngineConfig(kv_cache_memory=32 * 2**20, max_model_len=2048)
-    engine = AsyncEngine.from_model_dir(model_dir, config)
-    frontend = build_frontend(model_dir, engine, encoder, fetch or ImageFetchConfig(), options,
-                              chat_template)  # fmt: skip
-    app = create_app(frontend, APIConfig(model_name),
-                     lifespan=lambda _app: running(engine, encoder))  # fmt: skip
-    server = InProcessServer(app, frontend)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    return language_server(model_dir, encoder, config, fetch=fetch, model_name=model_name,
+                           options=options, chat_template=chat_template)  # fmt: skip
