@@ -42,10 +42,14 @@ def engine_decode(args, config, batches: list[int]) -> dict[int, float]:
     dtype = DTYPES[args.dtype]
     model = random_text_model(config, dtype, args.device)
     engine_config = EngineConfig(
-        max_num_seqs=max(batches), max_num_batched_tokens=max(2048, args.prompt),
-        max_model_len=args.prompt + args.new + 8, device=args.device, dtype=args.dtype,
-        enforce_eager=args.enforce_eager, kv_cache_memory=args.kv_cache_memory,
-    )  # fmt: skip
+        max_num_seqs=max(batches),
+        max_num_batched_tokens=max(2048, args.prompt),
+        max_model_len=args.prompt + args.new + 8,
+        device=args.device,
+        dtype=args.dtype,
+        enforce_eager=args.enforce_eager,
+        kv_cache_memory=args.kv_cache_memory,
+    )
     t0 = time.perf_counter()
     core = core_for_model(model, config, _tokenizer(config.text.vocab_size), engine_config)
     print(f"engine ready in {time.perf_counter() - t0:.1f} s (CUDA graphs captured if on)")
@@ -58,8 +62,9 @@ def engine_decode(args, config, batches: list[int]) -> dict[int, float]:
             core.add_request(GenerationRequest(f"b{b}-{i}", tuple(ids), (), sampling, 0.0))
         _sync(args.device)
         t0 = time.perf_counter()
-        while core.scheduler.num_waiting or any(s.num_output_tokens == 0
-                                                for s in core.scheduler.running):  # fmt: skip
+        while core.scheduler.num_waiting or any(
+            s.num_output_tokens == 0 for s in core.scheduler.running
+        ):
             core.step()
         core.step()  # the first decode step (warm)
         _sync(args.device)
@@ -72,9 +77,11 @@ def engine_decode(args, config, batches: list[int]) -> dict[int, float]:
         while core.has_work():
             core.step()
         results[b] = b * args.new / decode_s
-        print(f"engine  B={b:<4} decode {results[b]:10.1f} tok/s  "
-              f"({decode_s / args.new * 1e3:7.2f} ms/step; prefill + 1 step {prefill_s:.2f} s)",
-              flush=True)  # fmt: skip
+        print(
+            f"engine  B={b:<4} decode {results[b]:10.1f} tok/s  "
+            f"({decode_s / args.new * 1e3:7.2f} ms/step; prefill + 1 step {prefill_s:.2f} s)",
+            flush=True,
+        )
     core = model = None  # freed before transformers loads its own copy
     gc.collect()
     if torch.device(args.device).type == "cuda":
@@ -129,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     config = model_config(args.shape, args.layers)
-    print(f"shape={args.shape} layers={config.text.num_hidden_layers} device={args.device} "
-          f"dtype={args.dtype} prompt={args.prompt} new={args.new} torch={torch.__version__}")
+    print(
+        f"shape={args.shape} layers={config.text.num_hidden_layers} device={args.device} "
+        f"dtype={args.dtype} prompt={args.prompt} new={args.new} torch={torch.__version__}"
+    )
     ours = engine_decode(args, config, batches)
     result = {"engine_tok_s": ours}
     if args.hf:

@@ -39,8 +39,9 @@ class Workload:
     max_tokens: int
 
 
-def write_checkpoint(path: Path, shape: str, layers: int | None, dtype: torch.dtype,
-                     device: str) -> None:
+def write_checkpoint(
+    path: Path, shape: str, layers: int | None, dtype: torch.dtype, device: str
+) -> None:
     """Random-weight checkpoint of ``shape`` written by transformers, plus a tokenizer."""
     from scripts.support.checkpoints import (
         Init,
@@ -55,15 +56,30 @@ def write_checkpoint(path: Path, shape: str, layers: int | None, dtype: torch.dt
     if layers:
         text["num_hidden_layers"] = layers
     special = special_ids(text["vocab_size"])
-    vision = {**spec["vision"], "out_hidden_size": text["hidden_size"], "patch_size": 16,
-              "spatial_merge_size": 2, "temporal_patch_size": 2}
+    vision = {
+        **spec["vision"],
+        "out_hidden_size": text["hidden_size"],
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
     config = vl_config(text, vision, special, spec["mrope"], rope_theta=5e6)
-    write_vl_checkpoint(path, config, preprocessor_config(64 * 64, 1024 * 1024), seed=0,
-                        init=Init(std=0.05, norm_std=0.1, bias_std=0.02), dtype=dtype,
-                        device=device)
-    pinned = {"<|image_pad|>": special["image"], "<|video_pad|>": special["video"],
-              "<|vision_start|>": special["start"], "<|vision_end|>": special["end"],
-              "<|im_end|>": min(text["vocab_size"] - 5, 151645)}
+    write_vl_checkpoint(
+        path,
+        config,
+        preprocessor_config(64 * 64, 1024 * 1024),
+        seed=0,
+        init=Init(std=0.05, norm_std=0.1, bias_std=0.02),
+        dtype=dtype,
+        device=device,
+    )
+    pinned = {
+        "<|image_pad|>": special["image"],
+        "<|video_pad|>": special["video"],
+        "<|vision_start|>": special["start"],
+        "<|vision_end|>": special["end"],
+        "<|im_end|>": min(text["vocab_size"] - 5, 151645),
+    }
     save_tokenizer(path, None, pinned, vocab_size=text["vocab_size"])
 
 
@@ -92,8 +108,14 @@ def make_workload(model_dir: Path, num_requests: int, seed: int) -> list[Workloa
             pads = [config.image_token_id] * (grid[0] * grid[1] * grid[2] // 4)
             ids += [config.vision_start_token_id, *pads, config.vision_end_token_id]
             ids += rng.integers(0, 250, int(rng.integers(4, 24))).tolist()
-        work.append(Workload(ids, torch.cat(pixel_values) if pixel_values else None, grids,
-                             int(rng.choice([16, 32, 64, 128]))))
+        work.append(
+            Workload(
+                ids,
+                torch.cat(pixel_values) if pixel_values else None,
+                grids,
+                int(rng.choice([16, 32, 64, 128])),
+            )
+        )
     return work
 
 
@@ -115,8 +137,8 @@ def run_transformers(model_dir: Path, work: list[Workload], dtype, device) -> tu
     ids = torch.full((len(work), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, w in enumerate(work):
-        ids[row, width - len(w.ids):] = torch.tensor(w.ids)
-        mask[row, width - len(w.ids):] = 1
+        ids[row, width - len(w.ids) :] = torch.tensor(w.ids)
+        mask[row, width - len(w.ids) :] = 1
     kwargs = {}
     with_images = [w for w in work if w.pixel_values is not None]
     if with_images:
@@ -128,18 +150,25 @@ def run_transformers(model_dir: Path, work: list[Workload], dtype, device) -> tu
     max_new = max(w.max_tokens for w in work)
     _sync(device)
     start = time.perf_counter()
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                         max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-                         pad_token_id=pad, **kwargs)
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new,
+        min_new_tokens=max_new,
+        do_sample=False,
+        pad_token_id=pad,
+        **kwargs,
+    )
     _sync(device)
     elapsed = time.perf_counter() - start
-    tokens = [out[row, width:width + w.max_tokens].tolist() for row, w in enumerate(work)]
+    tokens = [out[row, width : width + w.max_tokens].tolist() for row, w in enumerate(work)]
     del model
     return elapsed, tokens
 
 
-def run_engine(model_dir: Path, work: list[Workload], dtype_name: str, device,
-               max_num_batched_tokens: int) -> tuple[float, list]:
+def run_engine(
+    model_dir: Path, work: list[Workload], dtype_name: str, device, max_num_batched_tokens: int
+) -> tuple[float, list]:
     """The engine with every request submitted at once; the vision tower runs inside the timing."""
     from services.language.engine import AsyncEngine, EngineConfig
     from services.language.request import GenerationRequest, SamplingParams
@@ -149,8 +178,13 @@ def run_engine(model_dir: Path, work: list[Workload], dtype_name: str, device,
     dtype = DTYPES[dtype_name]
     vision = load_vision_model(model_dir, dtype=dtype, device=device).eval()
     max_len = max(len(w.ids) + w.max_tokens for w in work)
-    config = EngineConfig(max_num_seqs=len(work), max_num_batched_tokens=max_num_batched_tokens,
-                          max_model_len=max_len, dtype=dtype_name, device=str(device))
+    config = EngineConfig(
+        max_num_seqs=len(work),
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_len,
+        dtype=dtype_name,
+        device=str(device),
+    )
     engine = AsyncEngine.from_model_dir(model_dir, config)
 
     def encode() -> list[tuple]:
@@ -159,15 +193,17 @@ def run_engine(model_dir: Path, work: list[Workload], dtype_name: str, device,
             return [() for _ in work]
         grids = [g for w in with_images for g in w.grid_thw]
         with torch.inference_mode():
-            packed = vision(torch.cat([w.pixel_values for w in with_images]).to(device, dtype),
-                            torch.tensor(grids, device=device))
+            packed = vision(
+                torch.cat([w.pixel_values for w in with_images]).to(device, dtype),
+                torch.tensor(grids, device=device),
+            )
         images, row = [], 0
         for w in work:
             per = []
             for grid in w.grid_thw:
                 n = grid[0] * grid[1] * grid[2] // 4
                 digest = hashlib.sha256(str((len(images), row)).encode()).hexdigest()
-                per.append(EncodedImage(packed[row:row + n], tuple(grid), digest))
+                per.append(EncodedImage(packed[row : row + n], tuple(grid), digest))
                 row += n
             images.append(tuple(per))
         return images
@@ -179,11 +215,15 @@ def run_engine(model_dir: Path, work: list[Workload], dtype_name: str, device,
             start = time.perf_counter()
             images = encode()
             streams = [
-                engine.generate(GenerationRequest(
-                    f"r{i}", tuple(w.ids), images[i],
-                    SamplingParams(temperature=0.0, max_tokens=w.max_tokens, ignore_eos=True),
-                    time.time(),
-                ))
+                engine.generate(
+                    GenerationRequest(
+                        f"r{i}",
+                        tuple(w.ids),
+                        images[i],
+                        SamplingParams(temperature=0.0, max_tokens=w.max_tokens, ignore_eos=True),
+                        time.time(),
+                    )
+                )
                 for i, w in enumerate(work)
             ]
 
@@ -214,13 +254,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--num-requests", type=int, default=32)
-    parser.add_argument("--layers", type=int, default=None,
-                        help="override the decoder depth (e.g. a shallow 30b-a3b on one GPU)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="override the decoder depth (e.g. a shallow 30b-a3b on one GPU)",
+    )
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--peer-python", default=None,
-                        help="compare against vLLM-CPU (bench.peer) instead of transformers: "
-                             "the peer venv's python; needs --peer-recipe/--peer-ckpt/--peer-work")
+    parser.add_argument(
+        "--peer-python",
+        default=None,
+        help="compare against vLLM-CPU (bench.peer) instead of transformers: "
+        "the peer venv's python; needs --peer-recipe/--peer-ckpt/--peer-work",
+    )
     parser.add_argument("--peer-recipe", help="folder holding the peer's vllm_offline.py")
     parser.add_argument("--peer-ckpt", help="checkpoint both engines load")
     parser.add_argument("--peer-work", help="folder holding the shared work.json")
@@ -230,8 +277,7 @@ def main() -> None:
             parser.error("--peer-python needs --peer-recipe, --peer-ckpt, --peer-work and cpu")
         from bench.peer import side_by_side
 
-        side_by_side(args.peer_python, args.peer_recipe, args.peer_ckpt, args.peer_work,
-                     args.dtype)
+        side_by_side(args.peer_python, args.peer_recipe, args.peer_ckpt, args.peer_work, args.dtype)
         return
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,9 +285,11 @@ def main() -> None:
         write_checkpoint(model_dir, args.shape, args.layers, dtype, args.device)
         work = make_workload(model_dir, args.num_requests, args.seed)
         num_out = sum(w.max_tokens for w in work)
-        print(f"shape={args.shape} device={args.device} dtype={args.dtype} "
-              f"requests={len(work)} prompt_tokens={sum(len(w.ids) for w in work)} "
-              f"images={sum(len(w.grid_thw) for w in work)} output_tokens={num_out}")
+        print(
+            f"shape={args.shape} device={args.device} dtype={args.dtype} "
+            f"requests={len(work)} prompt_tokens={sum(len(w.ids) for w in work)} "
+            f"images={sum(len(w.grid_thw) for w in work)} output_tokens={num_out}"
+        )
         hf_time, hf_tokens = run_transformers(model_dir, work, dtype, device)
         engine_time, engine_tokens = run_engine(
             model_dir, work, args.dtype, device, args.max_num_batched_tokens

@@ -88,8 +88,11 @@ class DecodeCase:
 
     def __init__(self, batch: int, context: int, dtype: torch.dtype, block_size: int = 16):
         text = SHAPES["medium"]["text"]
-        heads, kv, dim = (text["num_attention_heads"], text["num_key_value_heads"],
-                          text["head_dim"])
+        heads, kv, dim = (
+            text["num_attention_heads"],
+            text["num_key_value_heads"],
+            text["head_dim"],
+        )
         gen = torch.Generator().manual_seed(1)
         width = -(-context // block_size)
         num_blocks = batch * width + 1
@@ -99,8 +102,10 @@ class DecodeCase:
         self.lens = torch.full((batch,), context, dtype=torch.long)
         self.scale = dim**-0.5
         self.caches = [
-            (torch.randn(num_blocks, block_size, kv, dim, generator=gen).to(dtype),
-             torch.randn(num_blocks, block_size, kv, dim, generator=gen).to(dtype))
+            (
+                torch.randn(num_blocks, block_size, kv, dim, generator=gen).to(dtype),
+                torch.randn(num_blocks, block_size, kv, dim, generator=gen).to(dtype),
+            )
             for _ in range(text["num_hidden_layers"])
         ]
         self.bytes_read = 2 * batch * context * kv * dim * self.q.element_size() * len(self.caches)
@@ -134,14 +139,18 @@ def main(argv: list[str] | None = None) -> None:
     text = SHAPES["medium"]["text"]
     experts, top_k = text["num_experts"], text["num_experts_per_tok"]
     saved = torch.get_num_threads()
-    print(f"cpu features: {' '.join(cpu_build.cpu_features())}; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus (other processes share them)")
+    print(
+        f"cpu features: {' '.join(cpu_build.cpu_features())}; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus (other processes share them)"
+    )
     try:
         for n in threads:
             torch.set_num_threads(n)
             print(f"streaming read, {n} thread(s): {stream_gbps(args.rounds):.1f} GB/s")
-        print(f"\n{'kernel (per layer)':<34} {'thr':>3} {'ref ms':>9} {'ext ms':>9} "
-              f"{'speedup':>8} {'GB/s':>7}")
+        print(
+            f"\n{'kernel (per layer)':<34} {'thr':>3} {'ref ms':>9} {'ext ms':>9} "
+            f"{'speedup':>8} {'GB/s':>7}"
+        )
         with torch.inference_mode():
             for name in args.dtypes.split(","):
                 dtype = DTYPES[name]
@@ -159,8 +168,10 @@ def main(argv: list[str] | None = None) -> None:
                     case = DecodeCase(args.batch, context, dtype)
                     for n in threads:
                         torch.set_num_threads(n)
-                        fns = {"ref": case.run(paged_decode_torch),
-                               "ext": case.run(cpu.paged_decode)}
+                        fns = {
+                            "ref": case.run(paged_decode_torch),
+                            "ext": case.run(cpu.paged_decode),
+                        }
                         times = _alternate(fns, args.rounds)
                         label = f"paged_decode {name} B={args.batch} ctx={context}"
                         print(_row(label, n, times, len(case.caches), case.bytes_read))

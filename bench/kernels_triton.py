@@ -29,8 +29,16 @@ from collections.abc import Callable
 
 import torch
 
-A3B = {"hidden": 2048, "experts": 128, "top_k": 8, "inter": 768, "heads": 32, "kv_heads": 4,
-       "head_dim": 128, "block_size": 16}  # fmt: skip
+A3B = {
+    "hidden": 2048,
+    "experts": 128,
+    "top_k": 8,
+    "inter": 768,
+    "heads": 32,
+    "kv_heads": 4,
+    "head_dim": 128,
+    "block_size": 16,
+}
 BYTES_PER_PASS = 512 * 2**20
 MAX_LAYERS = 128
 
@@ -87,10 +95,14 @@ def bench_moe(num_tokens: int, rounds: int, kernels, references) -> dict[str, fl
     layers = _layers(min(experts, num_tokens * top_k) * expert_bytes)
     x = torch.randn(num_tokens, hidden, device=dev, dtype=dt)
     weights, ids, needed = [], [], 0
-    gate_up = [torch.randn(experts, hidden, 2 * inter, device=dev, dtype=dt) * hidden**-0.5
-               for _ in range(layers)]  # fmt: skip
-    down = [torch.randn(experts, inter, hidden, device=dev, dtype=dt) * inter**-0.5
-            for _ in range(layers)]  # fmt: skip
+    gate_up = [
+        torch.randn(experts, hidden, 2 * inter, device=dev, dtype=dt) * hidden**-0.5
+        for _ in range(layers)
+    ]
+    down = [
+        torch.randn(experts, inter, hidden, device=dev, dtype=dt) * inter**-0.5
+        for _ in range(layers)
+    ]
     for _ in range(layers):
         scores = torch.rand(num_tokens, experts, device=dev)
         w, i = torch.topk(scores.softmax(-1), top_k, dim=-1)
@@ -101,14 +113,14 @@ def bench_moe(num_tokens: int, rounds: int, kernels, references) -> dict[str, fl
     def run(fn):
         return lambda: [fn(x, gate_up[n], down[n], weights[n], ids[n]) for n in range(layers)]
 
-    ms = _alternate({"triton": run(kernels.fused_moe), "torch": run(references["fused_moe"])},
-                    rounds, layers)  # fmt: skip
+    ms = _alternate(
+        {"triton": run(kernels.fused_moe), "torch": run(references["fused_moe"])}, rounds, layers
+    )
     return {**ms, "gbps": {k: needed / layers / (v * 1e-3) / 1e9 for k, v in ms.items()}}
 
 
 def bench_decode(batch: int, context: int, rounds: int, kernels, references) -> dict[str, float]:
-    heads, kv_heads, dim, block = (A3B[k] for k in ("heads", "kv_heads", "head_dim",
-                                                    "block_size"))  # fmt: skip
+    heads, kv_heads, dim, block = (A3B[k] for k in ("heads", "kv_heads", "head_dim", "block_size"))
     dev, dt = torch.device("cuda"), torch.bfloat16
     width = context // block
     kv_bytes = 2 * batch * context * kv_heads * dim * 2
@@ -125,15 +137,18 @@ def bench_decode(batch: int, context: int, rounds: int, kernels, references) -> 
     def run(fn):
         return lambda: [fn(q, k_cache[n], v_cache[n], tables, lens, scale) for n in range(layers)]
 
-    ms = _alternate({"triton": run(kernels.paged_decode),
-                     "torch": run(references["paged_decode"])}, rounds, layers)  # fmt: skip
+    ms = _alternate(
+        {"triton": run(kernels.paged_decode), "torch": run(references["paged_decode"])},
+        rounds,
+        layers,
+    )
     return {**ms, "gbps": {k: needed / (v * 1e-3) / 1e9 for k, v in ms.items()}}
 
 
 def _row(label: str, result: dict) -> str:
     t, r = result["triton"], result["torch"]
     gt, gr = result["gbps"]["triton"], result["gbps"]["torch"]
-    return (f"{label:<26} {t:9.4f} {r:9.4f} {r / t:7.2f}x {gt:10.0f} {gr:10.0f}")
+    return f"{label:<26} {t:9.4f} {r:9.4f} {r / t:7.2f}x {gt:10.0f} {gr:10.0f}"
 
 
 H200_SHARED_LIMIT = 227 * 1024
@@ -165,8 +180,9 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
-                             text=True, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     line = next(row for row in out.splitlines() if "REG:" in row)
     fields = dict(item.split(":") for item in line.split() if ":" in item)
     return {k: int(fields[k]) for k in ("REG", "STACK", "LOCAL")}
@@ -199,38 +215,53 @@ def compile_only(tokens: list[int], batches: list[int], contexts: list[int]) -> 
         gate_up = torch.empty(experts, hidden, 2 * inter, dtype=dt)
         down = torch.empty(experts, inter, hidden, dtype=dt)
         for t in tokens:
-            kernels.fused_moe(torch.empty(t, hidden, dtype=dt), gate_up, down,
-                              torch.empty(t, top_k, dtype=dt),
-                              torch.zeros(t, top_k, dtype=torch.long))  # fmt: skip
-        heads, kv_heads, dim, block = (A3B[k] for k in ("heads", "kv_heads", "head_dim",
-                                                        "block_size"))  # fmt: skip
+            kernels.fused_moe(
+                torch.empty(t, hidden, dtype=dt),
+                gate_up,
+                down,
+                torch.empty(t, top_k, dtype=dt),
+                torch.zeros(t, top_k, dtype=torch.long),
+            )
+        heads, kv_heads, dim, block = (
+            A3B[k] for k in ("heads", "kv_heads", "head_dim", "block_size")
+        )
         scale = dim**-0.5
         for context in contexts:
             for b in batches:
                 width = context // block
                 cache = torch.empty(b * width + 1, block, kv_heads, dim, dtype=dt)
-                kernels.paged_decode(torch.empty(b, heads, dim, dtype=dt), cache, cache,
-                                     torch.zeros(b, width, dtype=torch.long),
-                                     torch.ones(b, dtype=torch.long), scale)  # fmt: skip
+                kernels.paged_decode(
+                    torch.empty(b, heads, dim, dtype=dt),
+                    cache,
+                    cache,
+                    torch.zeros(b, width, dtype=torch.long),
+                    torch.ones(b, dtype=torch.long),
+                    scale,
+                )
         cache = torch.empty(128, block, kv_heads, dim, dtype=dt)
         table = torch.zeros(128, dtype=torch.long)
         for start, n in [(0, 1066), (1000, 66), (0, 16)]:
             kv = torch.empty(n, kv_heads, dim, dtype=dt)
-            kernels.paged_prefill(torch.empty(n, heads, dim, dtype=dt), kv, kv, cache, cache,
-                                  table, start, scale)  # fmt: skip
+            kernels.paged_prefill(
+                torch.empty(n, heads, dim, dtype=dt), kv, kv, cache, cache, table, start, scale
+            )
     finally:
         jit.JITFunction.run = run
         driver._active = previous
     failures = 0
-    print(f"{'kernel variant':<32} {'warps':>5} {'stages':>6} {'regs':>4} {'spill B':>7} "
-          f"{'shared KiB':>10}")  # fmt: skip
+    print(
+        f"{'kernel variant':<32} {'warps':>5} {'stages':>6} {'regs':>4} {'spill B':>7} "
+        f"{'shared KiB':>10}"
+    )
     for name, kernel in compiled.items():
         use, md = _resource_usage(kernel.asm["cubin"]), kernel.metadata
         spill = use["STACK"] + use["LOCAL"]
         bad = spill > 0 or md.shared > H200_SHARED_LIMIT
         failures += bad
-        print(f"{name:<32} {md.num_warps:>5} {md.num_stages:>6} {use['REG']:>4} {spill:>7} "
-              f"{md.shared / 1024:>10.1f}{'  <-- over budget' if bad else ''}")  # fmt: skip
+        print(
+            f"{name:<32} {md.num_warps:>5} {md.num_stages:>6} {use['REG']:>4} {spill:>7} "
+            f"{md.shared / 1024:>10.1f}{'  <-- over budget' if bad else ''}"
+        )
     return 1 if failures else 0
 
 
@@ -240,15 +271,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 128, 1024])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
-    parser.add_argument("--compile-only", action="store_true",
-                        help="compile every launch for sm_90 on the CPU and report registers, "
-                        "spills and shared memory (no GPU needed)")  # fmt: skip
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="compile every launch for sm_90 on the CPU and report registers, "
+        "spills and shared memory (no GPU needed)",
+    )
     args = parser.parse_args(argv)
     if args.compile_only:
         return compile_only(args.tokens, args.batches, args.contexts)
     if not torch.cuda.is_available():
-        print("bench.kernels_triton needs a CUDA GPU and found none; the Triton kernels only "
-              "run on CUDA (their CPU tests use Triton's interpreter).", file=sys.stderr)
+        print(
+            "bench.kernels_triton needs a CUDA GPU and found none; the Triton kernels only "
+            "run on CUDA (their CPU tests use Triton's interpreter).",
+            file=sys.stderr,
+        )
         return 2
     from shared.kernels import triton as kernels
     from shared.kernels.attention import paged_decode_torch
@@ -260,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     references = {"fused_moe": fused_moe_torch, "paged_decode": paged_decode_torch}
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, per-layer times")
-    header = f"{'':<26} {'triton ms':>9} {'torch ms':>9} {'speedup':>8} {'triton GB/s':>10} " \
-             f"{'torch GB/s':>10}"  # fmt: skip
+    header = (
+        f"{'':<26} {'triton ms':>9} {'torch ms':>9} {'speedup':>8} {'triton GB/s':>10} "
+        f"{'torch GB/s':>10}"
+    )
     print(header)
     for tokens in args.tokens:
         print(_row(f"fused MoE T={tokens}", bench_moe(tokens, args.rounds, kernels, references)))

@@ -103,8 +103,12 @@ def _engine_session(
         from shared.wire.images import EncodedImage as image_input
 
     config = EngineConfig(
-        max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
-        max_model_len=MAX_MODEL_LEN, kv_cache_memory=KV_CACHE_BYTES, dtype=dtype, device="cpu",
+        max_num_seqs=MAX_NUM_SEQS,
+        max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+        max_model_len=MAX_MODEL_LEN,
+        kv_cache_memory=KV_CACHE_BYTES,
+        dtype=dtype,
+        device="cpu",
         threads=threads,
     )
     engine = AsyncEngine.from_model_dir(ckpt_dir, config)
@@ -116,11 +120,15 @@ def _engine_session(
         start = time.perf_counter()
         prompts = prepare()
         streams = [
-            engine.generate(api.GenerationRequest(
-                f"{name}-{i}", tuple(p.ids), tuple(image_input(*image) for image in p.images),
-                api.SamplingParams(temperature=0.0, max_tokens=p.max_tokens, ignore_eos=True),
-                time.time(),
-            ))
+            engine.generate(
+                api.GenerationRequest(
+                    f"{name}-{i}",
+                    tuple(p.ids),
+                    tuple(image_input(*image) for image in p.images),
+                    api.SamplingParams(temperature=0.0, max_tokens=p.max_tokens, ignore_eos=True),
+                    time.time(),
+                )
+            )
             for i, p in enumerate(prompts)
         ]
         tokens = await asyncio.gather(*(drain(s) for s in streams))
@@ -181,11 +189,13 @@ def _prompt_builders(ckpt_dir: Path, dtype: str, *batches: list[dict]):
             encoded = list(zip(packed.split(counts), grids, digests, strict=True))
         prompts, k = [], 0
         for request, per in zip(requests, data, strict=True):
-            images = encoded[k:k + len(per)]
+            images = encoded[k : k + len(per)]
             k += len(per)
             if request["ids"].count(pad) != len(images):
-                raise ValueError(f"a request has {request['ids'].count(pad)} image pads for "
-                                 f"{len(images)} images; work.json has one pad per image")
+                raise ValueError(
+                    f"a request has {request['ids'].count(pad)} image pads for "
+                    f"{len(images)} images; work.json has one pad per image"
+                )
             ids, it = [], iter(images)
             for t in request["ids"]:
                 if t == pad:
@@ -198,8 +208,13 @@ def _prompt_builders(ckpt_dir: Path, dtype: str, *batches: list[dict]):
     return [builder(requests) for requests in batches]
 
 
-def run_splitvl(ckpt_dir: str | Path, work_dir: str | Path, dtype: str, threads: int = 2,
-                cores: str | None = None) -> Result:
+def run_splitvl(
+    ckpt_dir: str | Path,
+    work_dir: str | Path,
+    dtype: str,
+    threads: int = 2,
+    cores: str | None = None,
+) -> Result:
     """splitvl's engine (and vision tower) in this process on work.json, ``threads`` threads."""
     t0 = time.perf_counter()
     ckpt_dir, work = Path(ckpt_dir), json.loads((Path(work_dir) / "work.json").read_text())
@@ -217,12 +232,19 @@ def run_splitvl(ckpt_dir: str | Path, work_dir: str | Path, dtype: str, threads:
     (_, _), (elapsed, tokens) = _engine_session(
         ckpt_dir, dtype, [("warmup", warmup), ("timed", timed_prompts)], threads
     )
-    return Result("splitvl", dtype, elapsed, sum(map(len, tokens)), lens, tokens,
-                  time.perf_counter() - t0)
+    return Result(
+        "splitvl", dtype, elapsed, sum(map(len, tokens)), lens, tokens, time.perf_counter() - t0
+    )
 
 
-def run_peer(peer_python: str | Path, recipe_dir: str | Path, ckpt_dir: str | Path,
-             work_dir: str | Path, dtype: str, cores: str = "0-1") -> Result:
+def run_peer(
+    peer_python: str | Path,
+    recipe_dir: str | Path,
+    ckpt_dir: str | Path,
+    work_dir: str | Path,
+    dtype: str,
+    cores: str = "0-1",
+) -> Result:
     """``peer_python recipe_dir/vllm_offline.py`` in a subprocess bound to ``cores``."""
     t0 = time.perf_counter()
     script = Path(recipe_dir) / "vllm_offline.py"
@@ -233,14 +255,24 @@ def run_peer(peer_python: str | Path, recipe_dir: str | Path, ckpt_dir: str | Pa
         out = Path(tmp) / "peer.json"
         proc = subprocess.run(
             [str(peer_python), str(script), str(ckpt_dir), str(work_dir), dtype, str(out)],
-            env=env, cwd=tmp, capture_output=True, text=True,
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0 or not out.is_file():
             tail = (proc.stdout + proc.stderr)[-4000:]
             raise RuntimeError(f"peer run failed (exit {proc.returncode}):\n{tail}")
         res = json.loads(out.read_text())
-    return Result("vllm", dtype, res["time_s"], res["output_tokens"], res["prompt_lens"],
-                  res["tokens"], time.perf_counter() - t0)
+    return Result(
+        "vllm",
+        dtype,
+        res["time_s"],
+        res["output_tokens"],
+        res["prompt_lens"],
+        res["tokens"],
+        time.perf_counter() - t0,
+    )
 
 
 def identical(a: list[list[int]], b: list[list[int]]) -> int:
@@ -257,9 +289,16 @@ def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(fractions) / len(fractions)
 
 
-def side_by_side(peer_python: str | Path, recipe_dir: str | Path, ckpt_dir: str | Path,
-                 work_dir: str | Path, dtype: str, rounds: int = 2, threads: int = 2,
-                 cores: str | None = None) -> tuple[list[Result], list[Result]]:
+def side_by_side(
+    peer_python: str | Path,
+    recipe_dir: str | Path,
+    ckpt_dir: str | Path,
+    work_dir: str | Path,
+    dtype: str,
+    rounds: int = 2,
+    threads: int = 2,
+    cores: str | None = None,
+) -> tuple[list[Result], list[Result]]:
     """Alternate splitvl and the peer for ``rounds`` rounds; print per-round and summary lines."""
     cores = cores or f"0-{threads - 1}"
     os.sched_setaffinity(0, parse_cores(cores))
@@ -268,19 +307,25 @@ def side_by_side(peer_python: str | Path, recipe_dir: str | Path, ckpt_dir: str 
         ours.append(run_splitvl(ckpt_dir, work_dir, dtype, threads, cores))
         peers.append(run_peer(peer_python, recipe_dir, ckpt_dir, work_dir, dtype, cores))
         for res in (ours[-1], peers[-1]):
-            print(f"round {r} {res.side:8s} {dtype}: {res.tok_s:7.1f} output tok/s "
-                  f"({res.output_tokens} tokens in {res.time_s:.2f} s; run {res.wall_s:.1f} s)",
-                  flush=True)
+            print(
+                f"round {r} {res.side:8s} {dtype}: {res.tok_s:7.1f} output tok/s "
+                f"({res.output_tokens} tokens in {res.time_s:.2f} s; run {res.wall_s:.1f} s)",
+                flush=True,
+            )
     ours_tps = statistics.median(x.tok_s for x in ours)
     peer_tps = statistics.median(x.tok_s for x in peers)
     a, b = ours[-1], peers[-1]
-    print(f"median {dtype}: splitvl {ours_tps:.1f} tok/s, vllm {peer_tps:.1f} tok/s, "
-          f"ratio splitvl/vllm {ours_tps / peer_tps:.2f}x")
-    print(f"greedy tokens identical: {identical(a.tokens, b.tokens)}/{len(a.tokens)} requests "
-          f"(prefix agreement {prefix_agreement(a.tokens, b.tokens):.3f}); prompt lengths "
-          f"{'match' if a.prompt_lens == b.prompt_lens else 'DIFFER'}; each side repeatable "
-          f"across rounds: splitvl {all(x.tokens == a.tokens for x in ours)}, "
-          f"vllm {all(x.tokens == b.tokens for x in peers)}")
+    print(
+        f"median {dtype}: splitvl {ours_tps:.1f} tok/s, vllm {peer_tps:.1f} tok/s, "
+        f"ratio splitvl/vllm {ours_tps / peer_tps:.2f}x"
+    )
+    print(
+        f"greedy tokens identical: {identical(a.tokens, b.tokens)}/{len(a.tokens)} requests "
+        f"(prefix agreement {prefix_agreement(a.tokens, b.tokens):.3f}); prompt lengths "
+        f"{'match' if a.prompt_lens == b.prompt_lens else 'DIFFER'}; each side repeatable "
+        f"across rounds: splitvl {all(x.tokens == a.tokens for x in ours)}, "
+        f"vllm {all(x.tokens == b.tokens for x in peers)}"
+    )
     return ours, peers
 
 
@@ -293,12 +338,22 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="splitvl's torch threads")
-    parser.add_argument("--cores", default=None,
-                        help="cores for both sides, VLLM_CPU_OMP_THREADS_BIND syntax "
-                             "(default 0-<threads-1>)")
+    parser.add_argument(
+        "--cores",
+        default=None,
+        help="cores for both sides, VLLM_CPU_OMP_THREADS_BIND syntax (default 0-<threads-1>)",
+    )
     args = parser.parse_args()
-    side_by_side(args.peer_python, args.recipe, args.ckpt, args.work, args.dtype, args.rounds,
-                 args.threads, args.cores)
+    side_by_side(
+        args.peer_python,
+        args.recipe,
+        args.ckpt,
+        args.work,
+        args.dtype,
+        args.rounds,
+        args.threads,
+        args.cores,
+    )
 
 
 if __name__ == "__main__":

@@ -32,9 +32,18 @@ _START_TIMEOUT_S = 600.0
 
 
 def _limits(dtype: str) -> list[str]:
-    return ["--dtype", dtype, "--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len",
-            str(MAX_MODEL_LEN), "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS),
-            "--kv-cache-memory", str(KV_CACHE_BYTES)]  # fmt: skip
+    return [
+        "--dtype",
+        dtype,
+        "--max-num-seqs",
+        str(MAX_NUM_SEQS),
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--max-num-batched-tokens",
+        str(MAX_NUM_BATCHED_TOKENS),
+        "--kv-cache-memory",
+        str(KV_CACHE_BYTES),
+    ]
 
 
 class Splitvl:
@@ -43,8 +52,15 @@ class Splitvl:
     def __init__(self, ckpt: Path, dtype: str, workdir: Path, threads: int, encode_threads: int):
         env = {"OMP_NUM_THREADS": str(encode_threads)}
         self.encode, address = start_encode(ckpt, workdir, ["--dtype", dtype], env=env)
-        args = ["--encode", address, "--served-model-name", ckpt.name, "--threads", str(threads),
-                *_limits(dtype)]  # fmt: skip
+        args = [
+            "--encode",
+            address,
+            "--served-model-name",
+            ckpt.name,
+            "--threads",
+            str(threads),
+            *_limits(dtype),
+        ]
         try:
             self.language, self.url, _ = start_language(ckpt, workdir, args)
         except BaseException:
@@ -59,14 +75,18 @@ class Splitvl:
 class Vllm:
     """The recipe's serve_peer.sh in its own process group."""
 
-    def __init__(self, venv: Path, recipe: Path, ckpt: Path, dtype: str, port: int, cores: str,
-                 log: Path):  # fmt: skip
+    def __init__(
+        self, venv: Path, recipe: Path, ckpt: Path, dtype: str, port: int, cores: str, log: Path
+    ):
         env = dict(os.environ, VENV=str(venv), VLLM_CPU_OMP_THREADS_BIND=cores)
         self.log = log.open("w")
         self.proc = subprocess.Popen(
-            ["bash", str(recipe / "serve_peer.sh"), str(ckpt), str(port), dtype], env=env,
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            ["bash", str(recipe / "serve_peer.sh"), str(ckpt), str(port), dtype],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -92,12 +112,21 @@ class Vllm:
         self.log.close()
 
 
-def bench_serve(venv: Path, recipe: Path, url: str, ckpt: Path, out: Path, concurrency: int,
-                seed: int) -> dict:  # fmt: skip
+def bench_serve(
+    venv: Path, recipe: Path, url: str, ckpt: Path, out: Path, concurrency: int, seed: int
+) -> dict:
     """One `vllm bench serve` run; its result JSON."""
     env = dict(os.environ, VENV=str(venv))
-    cmd = ["bash", str(recipe / "bench_serve.sh"), url, ckpt.name, str(ckpt), str(out),
-           str(concurrency), str(seed)]  # fmt: skip
+    cmd = [
+        "bash",
+        str(recipe / "bench_serve.sh"),
+        url,
+        ckpt.name,
+        str(ckpt),
+        str(out),
+        str(concurrency),
+        str(seed),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"bench_serve.sh failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
@@ -106,10 +135,12 @@ def bench_serve(venv: Path, recipe: Path, url: str, ckpt: Path, out: Path, concu
 
 def _line(side: str, dtype: str, c: int, seed: int, res: dict) -> str:
     nan = float("nan")
-    return (f"{side:8s} {dtype:8s} c={c:<3d} seed={seed:<4d} {res['output_throughput']:7.1f} "
-            f"output tok/s, TTFT median {res.get('median_ttft_ms', nan):7.1f} ms p99 "
-            f"{res.get('p99_ttft_ms', nan):7.1f}, TPOT median {res.get('median_tpot_ms', nan):6.1f}"
-            f" ms, {res.get('completed')} ok / {res.get('failed', 0)} failed")  # fmt: skip
+    return (
+        f"{side:8s} {dtype:8s} c={c:<3d} seed={seed:<4d} {res['output_throughput']:7.1f} "
+        f"output tok/s, TTFT median {res.get('median_ttft_ms', nan):7.1f} ms p99 "
+        f"{res.get('p99_ttft_ms', nan):7.1f}, TPOT median {res.get('median_tpot_ms', nan):6.1f}"
+        f" ms, {res.get('completed')} ok / {res.get('failed', 0)} failed"
+    )
 
 
 def main() -> None:
@@ -136,22 +167,34 @@ def main() -> None:
             for side in ("splitvl", "vllm"):
                 work = tmp / f"{side}-{r}"
                 work.mkdir()
-                server = (Splitvl(args.ckpt, args.dtype, work, args.threads, args.encode_threads)
-                          if side == "splitvl" else
-                          Vllm(args.peer_venv, args.recipe, args.ckpt, args.dtype, args.port,
-                               cores, work / "vllm.log"))  # fmt: skip
+                server = (
+                    Splitvl(args.ckpt, args.dtype, work, args.threads, args.encode_threads)
+                    if side == "splitvl"
+                    else Vllm(
+                        args.peer_venv,
+                        args.recipe,
+                        args.ckpt,
+                        args.dtype,
+                        args.port,
+                        cores,
+                        work / "vllm.log",
+                    )
+                )
                 try:
                     for c in levels:
-                        res = bench_serve(args.peer_venv, args.recipe, server.url, args.ckpt,
-                                          work, c, seed)  # fmt: skip
+                        res = bench_serve(
+                            args.peer_venv, args.recipe, server.url, args.ckpt, work, c, seed
+                        )
                         tok.setdefault((side, c), []).append(res["output_throughput"])
                         print(_line(side, args.dtype, c, seed, res), flush=True)
                 finally:
                     server.stop()
     for c in levels:
         ours, theirs = statistics.median(tok["splitvl", c]), statistics.median(tok["vllm", c])
-        print(f"median {args.dtype} c={c}: splitvl {ours:.1f} tok/s, vllm {theirs:.1f} tok/s, "
-              f"ratio splitvl/vllm {ours / theirs:.2f}x")
+        print(
+            f"median {args.dtype} c={c}: splitvl {ours:.1f} tok/s, vllm {theirs:.1f} tok/s, "
+            f"ratio splitvl/vllm {ours / theirs:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,13 @@ def _timed(fn, device: str) -> float:
 
 
 def _prompt(config, num_image_tokens: int) -> list[int]:
-    return [11] * 8 + [config.vision_start_token_id] + [config.image_token_id] * num_image_tokens \
-        + [config.vision_end_token_id] + [12] * 32
+    return (
+        [11] * 8
+        + [config.vision_start_token_id]
+        + [config.image_token_id] * num_image_tokens
+        + [config.vision_end_token_id]
+        + [12] * 32
+    )
 
 
 def engine_prefill(args, config) -> dict[str, float]:
@@ -65,25 +70,38 @@ def engine_prefill(args, config) -> dict[str, float]:
         packed = vision(pixels, grid)
     model = random_text_model(config, dtype, args.device)
     ids = _prompt(config, num_tokens)
-    engine_config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=len(ids) + 16,
-                                 max_model_len=len(ids) + 16, device=args.device,
-                                 dtype=args.dtype, enable_prefix_caching=False,
-                                 kv_cache_memory=args.kv_cache_memory)  # fmt: skip
+    engine_config = EngineConfig(
+        max_num_seqs=4,
+        max_num_batched_tokens=len(ids) + 16,
+        max_model_len=len(ids) + 16,
+        device=args.device,
+        dtype=args.dtype,
+        enable_prefix_caching=False,
+        kv_cache_memory=args.kv_cache_memory,
+    )
     core = core_for_model(model, config, _tokenizer(config.text.vocab_size), engine_config)
     image = EncodedImage(packed, tuple(grid[0].tolist()), "0" * 64)
     counter = iter(range(1 << 30))
 
     def prefill() -> None:
-        request = GenerationRequest(f"p{next(counter)}", tuple(ids), (image,),
-                                    SamplingParams(temperature=0.0, max_tokens=1), 0.0)
+        request = GenerationRequest(
+            f"p{next(counter)}",
+            tuple(ids),
+            (image,),
+            SamplingParams(temperature=0.0, max_tokens=1),
+            0.0,
+        )
         core.add_request(request)
         core.step()  # the whole prompt in one step; max_tokens=1 finishes it there
         while core.has_work():
             core.step()
 
     prefill_s = _timed(prefill, args.device)
-    print(f"engine  vision {num_tokens}-token image {vision_s * 1e3:8.2f} ms; "
-          f"prefill {len(ids)} tokens {prefill_s * 1e3:8.2f} ms", flush=True)
+    print(
+        f"engine  vision {num_tokens}-token image {vision_s * 1e3:8.2f} ms; "
+        f"prefill {len(ids)} tokens {prefill_s * 1e3:8.2f} ms",
+        flush=True,
+    )
     core = model = vision = None  # freed before transformers loads its own copy
     gc.collect()
     if torch.device(args.device).type == "cuda":
@@ -110,13 +128,20 @@ def hf_prefill(args, config) -> dict[str, float]:
     pixels, grid, num_tokens = _image_inputs(config, args.side, args.device, dtype)
     grid = grid.to(args.device)
     ids = torch.tensor([_prompt(config, num_tokens)], device=args.device)
-    kw = dict(pixel_values=pixels, image_grid_thw=grid, attention_mask=torch.ones_like(ids),
-              mm_token_type_ids=(ids == config.image_token_id).int())  # fmt: skip
+    kw = dict(
+        pixel_values=pixels,
+        image_grid_thw=grid,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=(ids == config.image_token_id).int(),
+    )
     with torch.inference_mode():
         vision_s = _timed(lambda: model.model.visual(pixels, grid_thw=grid), args.device)
         prefill_s = _timed(lambda: model(input_ids=ids, **kw), args.device)
-    print(f"hf      vision {num_tokens}-token image {vision_s * 1e3:8.2f} ms; "
-          f"prefill {ids.shape[1]} tokens {prefill_s * 1e3:8.2f} ms", flush=True)
+    print(
+        f"hf      vision {num_tokens}-token image {vision_s * 1e3:8.2f} ms; "
+        f"prefill {ids.shape[1]} tokens {prefill_s * 1e3:8.2f} ms",
+        flush=True,
+    )
     return {"vision_ms": vision_s * 1e3, "prefill_ms": prefill_s * 1e3}
 
 

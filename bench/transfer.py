@@ -45,18 +45,38 @@ def make_checkpoint(path: Path) -> None:
     """A random Qwen3-VL-MoE with the 30B-A3B vision output width; everything else tiny."""
     from scripts.support.checkpoints import preprocessor_config, vl_config, write_vl_checkpoint
 
-    text = dict(vocab_size=320, hidden_size=OUT_HIDDEN, num_hidden_layers=NUM_DEEPSTACK,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                moe_intermediate_size=16, intermediate_size=32, num_experts=2,
-                num_experts_per_tok=1, max_position_embeddings=4096)  # fmt: skip
-    vision = dict(depth=NUM_DEEPSTACK, hidden_size=64, num_heads=2, intermediate_size=128,
-                  out_hidden_size=OUT_HIDDEN, num_position_embeddings=64,
-                  deepstack_visual_indexes=list(range(NUM_DEEPSTACK)), patch_size=16,
-                  spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+    text = dict(
+        vocab_size=320,
+        hidden_size=OUT_HIDDEN,
+        num_hidden_layers=NUM_DEEPSTACK,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        moe_intermediate_size=16,
+        intermediate_size=32,
+        num_experts=2,
+        num_experts_per_tok=1,
+        max_position_embeddings=4096,
+    )
+    vision = dict(
+        depth=NUM_DEEPSTACK,
+        hidden_size=64,
+        num_heads=2,
+        intermediate_size=128,
+        out_hidden_size=OUT_HIDDEN,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=list(range(NUM_DEEPSTACK)),
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
     special = {"image": 300, "video": 301, "start": 302, "end": 303}
     side = 32 * 32  # 1024x1024 pixels -> 32x32 merged tokens
-    write_vl_checkpoint(path, vl_config(text, vision, special, (6, 5, 5)),
-                        preprocessor_config(256 * 256, side * side))  # fmt: skip
+    write_vl_checkpoint(
+        path,
+        vl_config(text, vision, special, (6, 5, 5)),
+        preprocessor_config(256 * 256, side * side),
+    )
 
 
 def image_bytes() -> bytes:
@@ -197,8 +217,16 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         print("writing the benchmark checkpoint ...", flush=True)
         make_checkpoint(model_dir)
     num_bytes = TOKENS * (1 + NUM_DEEPSTACK) * OUT_HIDDEN * 2
-    encode_args = ["--dtype", "bfloat16", "--cache-memory", "256MiB", "--log-level", "WARNING",
-                   "--chunk-bytes", str(chunk)]  # fmt: skip
+    encode_args = [
+        "--dtype",
+        "bfloat16",
+        "--cache-memory",
+        "256MiB",
+        "--log-level",
+        "WARNING",
+        "--chunk-bytes",
+        str(chunk),
+    ]
     raw_args = ["--serve-raw", "--num-bytes", str(num_bytes), "--chunk-bytes", str(chunk)]
     raw = ServiceProcess("raw", raw_args, workdir, module="bench.transfer")
     encode = None

@@ -51,8 +51,10 @@ def png_data_url(image) -> str:
 
 def chat_messages(image, question: str) -> list[dict]:
     """One user turn: the image, then the question (the order the model was trained on)."""
-    parts = [{"type": "image_url", "image_url": {"url": png_data_url(image)}},
-             {"type": "text", "text": question}]  # fmt: skip
+    parts = [
+        {"type": "image_url", "image_url": {"url": png_data_url(image)}},
+        {"type": "text", "text": question},
+    ]
     return [{"role": "user", "content": parts}]
 
 
@@ -73,16 +75,19 @@ async def _answers(base_url: str, num: int, in_flight: int) -> list[tuple]:
     examples = make_dataset(HELD_OUT_SEED, num)
     name = model_name(base_url)
     gate = asyncio.Semaphore(in_flight)
-    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0,
-                                timeout=REQUEST_TIMEOUT_S)  # fmt: skip
+    client = openai.AsyncOpenAI(
+        base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S
+    )
 
     async def ask(example):
         async with gate:
             start = time.monotonic()
             reply = await client.chat.completions.create(
-                model=name, messages=chat_messages(example.image, example.question),
-                temperature=0, max_tokens=32,
-            )  # fmt: skip
+                model=name,
+                messages=chat_messages(example.image, example.question),
+                temperature=0,
+                max_tokens=32,
+            )
             return example, reply.choices[0].message.content, time.monotonic() - start
 
     try:
@@ -99,11 +104,16 @@ def run_answers(args: argparse.Namespace) -> int:
         ok = answer == ex.answer
         correct += ok
         w, h = ex.image.size
-        print(f"[{i:2d}/{len(results)}] {w}x{h} {ex.kind:8s} Q: {ex.question!r}  A: {answer!r}  "
-              f"expected {ex.answer!r} {'ok' if ok else 'MISS'} ({seconds * 1000:.0f} ms)")
+        print(
+            f"[{i:2d}/{len(results)}] {w}x{h} {ex.kind:8s} Q: {ex.question!r}  A: {answer!r}  "
+            f"expected {ex.answer!r} {'ok' if ok else 'MISS'} ({seconds * 1000:.0f} ms)"
+        )
     accuracy = correct / len(results)
-    print(f"answers: {correct}/{len(results)} exact ({accuracy:.0%}) in "
-          f"{time.monotonic() - t0:.1f} s", flush=True)
+    print(
+        f"answers: {correct}/{len(results)} exact ({accuracy:.0%}) in "
+        f"{time.monotonic() - t0:.1f} s",
+        flush=True,
+    )
     if accuracy < args.min_accuracy:
         raise CheckError(f"accuracy {accuracy:.0%} below {args.min_accuracy:.0%}")
     return 0
@@ -120,10 +130,16 @@ def finished_requests(base_url: str) -> float:
 
 def encode_images(container: str) -> float | None:
     """splitvl_encode_images_total of an encode container (its metrics port is not published)."""
-    code = ("import urllib.request, sys; sys.stdout.write(urllib.request.urlopen("
-            "'http://127.0.0.1:9101/metrics', timeout=5).read().decode())")  # fmt: skip
-    done = subprocess.run(["docker", "exec", container, "python", "-c", code],
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    code = (
+        "import urllib.request, sys; sys.stdout.write(urllib.request.urlopen("
+        "'http://127.0.0.1:9101/metrics', timeout=5).read().decode())"
+    )
+    done = subprocess.run(
+        ["docker", "exec", container, "python", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     match = ENCODE_IMAGES.search(done.stdout)
     return float(match.group(1)) if done.returncode == 0 and match else None
 
@@ -152,8 +168,9 @@ class Killer:
             except OSError:
                 continue
             if done >= self.after:
-                kill = subprocess.run(["docker", "kill", self.container], capture_output=True,
-                                      text=True, timeout=30)  # fmt: skip
+                kill = subprocess.run(
+                    ["docker", "kill", self.container], capture_output=True, text=True, timeout=30
+                )
                 self.killed_at, self.finished_at_kill = time.monotonic(), done
                 if kill.returncode != 0:
                     self.error = kill.stderr.strip()
@@ -168,8 +185,13 @@ def bench_serve_available() -> bool:
     """True when this checkout has the `python -m bench.serve` load generator."""
     if not (REPO / "bench" / "serve" / "__main__.py").is_file():
         return False
-    probe = subprocess.run([sys.executable, "-m", "bench.serve", "--help"], cwd=REPO,
-                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    probe = subprocess.run(
+        [sys.executable, "-m", "bench.serve", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return probe.returncode == 0 and "--dataset-name" in probe.stdout
 
 
@@ -177,27 +199,54 @@ def load_with_bench_serve(args: argparse.Namespace) -> dict:
     """`python -m bench.serve` against the cluster; its result JSON (completed, failed, ...)."""
     with tempfile.TemporaryDirectory(prefix="splitvl-e2e-load-") as tmp:
         command = [
-            sys.executable, "-m", "bench.serve", "--base-url", args.base_url,
-            "--dataset-name", "random-mm", "--num-prompts", str(args.num_prompts),
-            "--max-concurrency", str(args.max_concurrency),
-            "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-            "--random-mm-bucket-config", args.image_sizes, "--ignore-eos",
-            "--tokenizer", str(REPO / "models" / "shapes-vl" / "tokenizer.json"),
-            "--timeout", str(REQUEST_TIMEOUT_S), "--seed", str(args.seed), "--disable-tqdm",
-            "--metrics-url", f"{args.base_url}/metrics",
-            "--save-result", "--result-dir", tmp, "--result-filename", "load.json",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "bench.serve",
+            "--base-url",
+            args.base_url,
+            "--dataset-name",
+            "random-mm",
+            "--num-prompts",
+            str(args.num_prompts),
+            "--max-concurrency",
+            str(args.max_concurrency),
+            "--random-input-len",
+            str(args.input_len),
+            "--random-output-len",
+            str(args.output_len),
+            "--random-mm-bucket-config",
+            args.image_sizes,
+            "--ignore-eos",
+            "--tokenizer",
+            str(REPO / "models" / "shapes-vl" / "tokenizer.json"),
+            "--timeout",
+            str(REQUEST_TIMEOUT_S),
+            "--seed",
+            str(args.seed),
+            "--disable-tqdm",
+            "--metrics-url",
+            f"{args.base_url}/metrics",
+            "--save-result",
+            "--result-dir",
+            tmp,
+            "--result-filename",
+            "load.json",
+        ]
         print("load: " + " ".join(command[1:]), flush=True)
         done = subprocess.run(command, cwd=REPO, timeout=args.timeout)
         path = Path(tmp) / "load.json"
         if not path.is_file():
             raise CheckError(f"bench.serve exited with {done.returncode} and wrote no result")
         result = json.loads(path.read_text())
-    return {"completed": result["completed"], "failed": result["failed"],
-            "duration": result["duration"], "output_throughput": result["output_throughput"],
-            "request_throughput": result["request_throughput"],
-            "median_ttft_ms": result["median_ttft_ms"],
-            "errors": [e for e in result.get("errors") or [] if e]}
+    return {
+        "completed": result["completed"],
+        "failed": result["failed"],
+        "duration": result["duration"],
+        "output_throughput": result["output_throughput"],
+        "request_throughput": result["request_throughput"],
+        "median_ttft_ms": result["median_ttft_ms"],
+        "errors": [e for e in result.get("errors") or [] if e],
+    }
 
 
 async def _own_load(args: argparse.Namespace) -> dict:
@@ -212,8 +261,9 @@ async def _own_load(args: argparse.Namespace) -> dict:
         image = render(random_scene(rng), rng)
         prompts.append(chat_messages(image, "Describe the image."))
     name = model_name(args.base_url)
-    client = openai.AsyncOpenAI(base_url=f"{args.base_url}/v1", api_key="unused",
-                                max_retries=0, timeout=REQUEST_TIMEOUT_S)  # fmt: skip
+    client = openai.AsyncOpenAI(
+        base_url=f"{args.base_url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S
+    )
     gate = asyncio.Semaphore(args.max_concurrency)
     ttfts, errors, tokens = [], [], [0]
 
@@ -222,10 +272,14 @@ async def _own_load(args: argparse.Namespace) -> dict:
             start = time.monotonic()
             try:
                 stream = await client.chat.completions.create(
-                    model=name, messages=messages, stream=True, max_tokens=args.output_len,
-                    temperature=0, extra_body={"ignore_eos": True},
+                    model=name,
+                    messages=messages,
+                    stream=True,
+                    max_tokens=args.output_len,
+                    temperature=0,
+                    extra_body={"ignore_eos": True},
                     stream_options={"include_usage": True},
-                )  # fmt: skip
+                )
                 first = None
                 async for chunk in stream:
                     if first is None and chunk.choices and chunk.choices[0].delta.content:
@@ -243,11 +297,15 @@ async def _own_load(args: argparse.Namespace) -> dict:
         await client.close()
     duration = time.monotonic() - t0
     ttfts.sort()
-    return {"completed": len(ttfts), "failed": len(errors), "duration": duration,
-            "output_throughput": tokens[0] / duration,
-            "request_throughput": len(ttfts) / duration,
-            "median_ttft_ms": 1000 * ttfts[len(ttfts) // 2] if ttfts else None,
-            "errors": errors}  # fmt: skip
+    return {
+        "completed": len(ttfts),
+        "failed": len(errors),
+        "duration": duration,
+        "output_throughput": tokens[0] / duration,
+        "request_throughput": len(ttfts) / duration,
+        "median_ttft_ms": 1000 * ttfts[len(ttfts) // 2] if ttfts else None,
+        "errors": errors,
+    }
 
 
 def run_load(args: argparse.Namespace) -> int:
@@ -258,34 +316,48 @@ def run_load(args: argparse.Namespace) -> int:
     try:
         use_bench = bench_serve_available()
         if not use_bench:
-            print("load: bench.serve not in this checkout; using the built-in asyncio load",
-                  flush=True)
+            print(
+                "load: bench.serve not in this checkout; using the built-in asyncio load",
+                flush=True,
+            )
         result = load_with_bench_serve(args) if use_bench else asyncio.run(_own_load(args))
     finally:
         if killer is not None:
             killer.stop()
-    print(f"load: {result['completed']}/{args.num_prompts} completed, {result['failed']} failed "
-          f"in {result['duration']:.1f} s: {result['request_throughput']:.2f} req/s, "
-          f"{result['output_throughput']:.1f} output tok/s, median TTFT "
-          f"{result['median_ttft_ms'] or 0:.0f} ms", flush=True)
+    print(
+        f"load: {result['completed']}/{args.num_prompts} completed, {result['failed']} failed "
+        f"in {result['duration']:.1f} s: {result['request_throughput']:.2f} req/s, "
+        f"{result['output_throughput']:.1f} output tok/s, median TTFT "
+        f"{result['median_ttft_ms'] or 0:.0f} ms",
+        flush=True,
+    )
     problems = []
     if killer is not None:
         if killer.killed_at is None:
-            problems.append(f"{args.kill} was never killed (fewer than {args.kill_after} "
-                            "requests finished)")
+            problems.append(
+                f"{args.kill} was never killed (fewer than {args.kill_after} requests finished)"
+            )
         elif killer.error:
             problems.append(f"docker kill {args.kill} failed: {killer.error}")
         else:
-            print(f"load: killed encode container {args.kill[:12]} after "
-                  f"{killer.finished_at_kill:.0f} finished requests", flush=True)
+            print(
+                f"load: killed encode container {args.kill[:12]} after "
+                f"{killer.finished_at_kill:.0f} finished requests",
+                flush=True,
+            )
     if args.survivor:
         after = encode_images(args.survivor)
         if survivor_before is not None and after is not None:
-            print(f"load: surviving encode replica encoded {after - survivor_before:.0f} images "
-                  "during the load", flush=True)
+            print(
+                f"load: surviving encode replica encoded {after - survivor_before:.0f} images "
+                "during the load",
+                flush=True,
+            )
     if result["completed"] != args.num_prompts or result["failed"]:
-        problems.append(f"{args.num_prompts - result['completed']} requests lost; errors: "
-                        f"{result['errors'][:5]}")
+        problems.append(
+            f"{args.num_prompts - result['completed']} requests lost; errors: "
+            f"{result['errors'][:5]}"
+        )
     if problems:
         raise CheckError("; ".join(problems))
     print("load: no request lost", flush=True)
@@ -293,8 +365,9 @@ def run_load(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python deploy/e2e_client.py",
-                                description=__doc__.split("\n")[0])  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python deploy/e2e_client.py", description=__doc__.split("\n")[0]
+    )
     sub = p.add_subparsers(dest="command", required=True)
     answers = sub.add_parser("answers", help="held-out questions, exact answers")
     answers.add_argument("--base-url", required=True, help="http://HOST:PORT")
@@ -307,12 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--max-concurrency", type=int, default=8)
     load.add_argument("--input-len", type=int, default=32)
     load.add_argument("--output-len", type=int, default=24)
-    load.add_argument("--image-sizes", default="192x192:0.5,256x160:0.5",
-                      help="bench.serve --random-mm-bucket-config")  # fmt: skip
+    load.add_argument(
+        "--image-sizes",
+        default="192x192:0.5,256x160:0.5",
+        help="bench.serve --random-mm-bucket-config",
+    )
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--kill", help="encode container to docker kill during the load")
-    load.add_argument("--kill-after", type=int, default=16,
-                      help="finished requests before the kill")  # fmt: skip
+    load.add_argument(
+        "--kill-after", type=int, default=16, help="finished requests before the kill"
+    )
     load.add_argument("--survivor", help="the other encode container (reports its image count)")
     load.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole load")
     return p

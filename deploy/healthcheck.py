@@ -1,7 +1,7 @@
 """Container health probe: gRPC health (`grpc.health.v1`) or HTTP GET /health; exit 0 when serving.
 
-    python deploy/healthcheck.py grpc HOST:PORT
-    python deploy/healthcheck.py http http://HOST:PORT/health
+python deploy/healthcheck.py grpc HOST:PORT
+python deploy/healthcheck.py http http://HOST:PORT/health
 """
 
 from __future__ import annotations

@@ -40,8 +40,7 @@ START_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 120.0
 MODEL_FILES = ("config.json", "tokenizer.json", "preprocessor_config.json", "model.safetensors")
 # The engine settings the demo needs: short prompts, a small KV cache that fits any laptop.
-LANGUAGE_ARGS = ("--max-model-len", "2048", "--kv-cache-memory", "256MiB",
-                 "--max-num-seqs", "32")  # fmt: skip
+LANGUAGE_ARGS = ("--max-model-len", "2048", "--kv-cache-memory", "256MiB", "--max-num-seqs", "32")
 
 
 def check_model_dir(model_dir: Path) -> None:
@@ -54,8 +53,9 @@ def check_model_dir(model_dir: Path) -> None:
         )
     with open(model_dir / "model.safetensors", "rb") as f:
         if f.read(40).startswith(b"version https://git-lfs"):
-            raise ServiceError(f"{model_dir}/model.safetensors is a Git LFS pointer; "
-                               "run 'git lfs pull' first")  # fmt: skip
+            raise ServiceError(
+                f"{model_dir}/model.safetensors is a Git LFS pointer; run 'git lfs pull' first"
+            )
 
 
 @dataclass(frozen=True)
@@ -107,31 +107,56 @@ def running_cluster(cfg: ClusterConfig) -> Iterator[Cluster]:
     check_model_dir(cfg.model_dir)
     model_name = cfg.model_name or cfg.model_dir.name
     with ExitStack() as stack:
-        enc_args = ["--model", str(cfg.model_dir), "--host", cfg.host,
-                    "--port", str(cfg.encode_port)]  # fmt: skip
-        encode = ServiceProcess("encode", enc_args, cfg.workdir, cfg.log_to_files,
-                                cfg.service_env(), new_session=True)  # fmt: skip
+        enc_args = [
+            "--model",
+            str(cfg.model_dir),
+            "--host",
+            cfg.host,
+            "--port",
+            str(cfg.encode_port),
+        ]
+        encode = ServiceProcess(
+            "encode", enc_args, cfg.workdir, cfg.log_to_files, cfg.service_env(), new_session=True
+        )
         stack.callback(encode.stop)
         encode_address = f"{cfg.host}:{encode.ports(START_TIMEOUT_S)['port']}"
         wait_grpc_serving(encode_address, START_TIMEOUT_S, process=encode)
-        lang_args = ["--model", str(cfg.model_dir), "--host", cfg.host,
-                     "--port", str(cfg.http_port), "--encode", encode_address,
-                     "--transport", cfg.transport, "--served-model-name", model_name,
-                     *LANGUAGE_ARGS]  # fmt: skip
+        lang_args = [
+            "--model",
+            str(cfg.model_dir),
+            "--host",
+            cfg.host,
+            "--port",
+            str(cfg.http_port),
+            "--encode",
+            encode_address,
+            "--transport",
+            cfg.transport,
+            "--served-model-name",
+            model_name,
+            *LANGUAGE_ARGS,
+        ]
         if cfg.grpc_port is not None:
             lang_args += ["--grpc-port", str(cfg.grpc_port)]
         if cfg.api_key:
             lang_args += ["--api-key", cfg.api_key]
-        language = ServiceProcess("language", lang_args, cfg.workdir, cfg.log_to_files,
-                                  cfg.service_env(), new_session=True)  # fmt: skip
+        language = ServiceProcess(
+            "language",
+            lang_args,
+            cfg.workdir,
+            cfg.log_to_files,
+            cfg.service_env(),
+            new_session=True,
+        )
         # ExitStack unwinds in reverse: language stops before the encode replica it calls.
         stack.callback(language.stop)
         ports = language.ports(START_TIMEOUT_S)
         base_url = f"http://{cfg.host}:{ports['http_port']}"
         wait_http_healthy(base_url, START_TIMEOUT_S, process=language)
         grpc_address = f"{cfg.host}:{ports['grpc_port']}" if ports.get("grpc_port") else None
-        yield Cluster(base_url, encode_address, grpc_address, model_name, cfg.api_key,
-                      (encode, language))  # fmt: skip
+        yield Cluster(
+            base_url, encode_address, grpc_address, model_name, cfg.api_key, (encode, language)
+        )
 
 
 def png_data_url(image) -> str:
@@ -143,8 +168,10 @@ def png_data_url(image) -> str:
 
 def chat_messages(image, question: str) -> list[dict]:
     """One user turn: the image, then the question (the order the model was trained on)."""
-    parts = [{"type": "image_url", "image_url": {"url": png_data_url(image)}},
-             {"type": "text", "text": question}]  # fmt: skip
+    parts = [
+        {"type": "image_url", "image_url": {"url": png_data_url(image)}},
+        {"type": "text", "text": question},
+    ]
     return [{"role": "user", "content": parts}]
 
 
@@ -154,9 +181,12 @@ def stream_answer(client, model_name: str, image, question: str, echo: bool) -> 
     first = None
     text = ""
     stream = client.chat.completions.create(
-        model=model_name, messages=chat_messages(image, question), stream=True,
-        temperature=0, max_tokens=32,
-    )  # fmt: skip
+        model=model_name,
+        messages=chat_messages(image, question),
+        stream=True,
+        temperature=0,
+        max_tokens=32,
+    )
     for chunk in stream:
         for choice in chunk.choices:
             delta = choice.delta.content or ""
@@ -178,30 +208,43 @@ def run_demo(args: argparse.Namespace) -> int:
     examples = make_dataset(HELD_OUT_SEED if args.seed is None else args.seed, args.n)
     api_key = secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory(prefix="splitvl-demo-") as tmp:
-        cfg = ClusterConfig(args.model.resolve(), Path(tmp), api_key=api_key,
-                            transport=args.transport, threads=1)  # fmt: skip
+        cfg = ClusterConfig(
+            args.model.resolve(), Path(tmp), api_key=api_key, transport=args.transport, threads=1
+        )
         print(f"starting encode + language services for {cfg.model_dir} ...", flush=True)
         t0 = time.monotonic()
         with running_cluster(cfg) as cluster:
-            print(f"ready in {time.monotonic() - t0:.1f} s: {cluster.base_url}/v1 "
-                  f"(encode at {cluster.encode_address}, transport {args.transport})\n")
-            client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key=api_key,
-                                   max_retries=0, timeout=REQUEST_TIMEOUT_S)  # fmt: skip
+            print(
+                f"ready in {time.monotonic() - t0:.1f} s: {cluster.base_url}/v1 "
+                f"(encode at {cluster.encode_address}, transport {args.transport})\n"
+            )
+            client = openai.OpenAI(
+                base_url=f"{cluster.base_url}/v1",
+                api_key=api_key,
+                max_retries=0,
+                timeout=REQUEST_TIMEOUT_S,
+            )
             correct, ttfts = 0, []
             for i, ex in enumerate(examples, 1):
                 w, h = ex.image.size
                 print(f"[{i}/{len(examples)}] {w}x{h} image, {ex.kind} question")
                 print(f"  Q: {ex.question}\n  A: ", end="", flush=True)
-                answer, ttft = stream_answer(client, cluster.model_name, ex.image, ex.question,
-                                             echo=True)  # fmt: skip
+                answer, ttft = stream_answer(
+                    client, cluster.model_name, ex.image, ex.question, echo=True
+                )
                 ok = answer == ex.answer
                 correct += ok
                 ttfts.append(ttft)
-                print(f"\n  expected: {ex.answer}  -> {'match' if ok else 'MISMATCH'}"
-                      f"  (first token after {ttft * 1000:.0f} ms)\n", flush=True)
-            print(f"accuracy: {correct}/{len(examples)} exact "
-                  f"({correct / max(1, len(examples)):.0%}), "
-                  f"median time to first token {sorted(ttfts)[len(ttfts) // 2] * 1000:.0f} ms")
+                print(
+                    f"\n  expected: {ex.answer}  -> {'match' if ok else 'MISMATCH'}"
+                    f"  (first token after {ttft * 1000:.0f} ms)\n",
+                    flush=True,
+                )
+            print(
+                f"accuracy: {correct}/{len(examples)} exact "
+                f"({correct / max(1, len(examples)):.0%}), "
+                f"median time to first token {sorted(ttfts)[len(ttfts) // 2] * 1000:.0f} ms"
+            )
             print("stopping the services ...", flush=True)
     return 0
 
@@ -209,21 +252,31 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     """Serve on fixed ports until Ctrl-C (or until a service exits)."""
     with tempfile.TemporaryDirectory(prefix="splitvl-serve-") as tmp:
-        cfg = ClusterConfig(args.model.resolve(), Path(tmp), host=args.host,
-                            encode_port=args.encode_port, http_port=args.http_port,
-                            grpc_port=args.grpc_port, transport=args.transport,
-                            api_key=args.api_key, log_to_files=False)  # fmt: skip
+        cfg = ClusterConfig(
+            args.model.resolve(),
+            Path(tmp),
+            host=args.host,
+            encode_port=args.encode_port,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            transport=args.transport,
+            api_key=args.api_key,
+            log_to_files=False,
+        )
         with running_cluster(cfg) as cluster:
             auth = f' -H "Authorization: Bearer {args.api_key}"' if args.api_key else ""
-            print(f"\nserving {cluster.model_name}:\n"
-                  f"  OpenAI HTTP   {cluster.base_url}/v1\n"
-                  f"  language gRPC {cluster.grpc_address}\n"
-                  f"  encode gRPC   {cluster.encode_address}\n"
-                  f"try: curl -s {cluster.base_url}/v1/chat/completions{auth} "
-                  "-H 'Content-Type: application/json' -d '{\"model\": "
-                  f"\"{cluster.model_name}\", \"messages\": [{{\"role\": \"user\", "
-                  "\"content\": \"How many shapes are there?\"}]}'\n"
-                  "Ctrl-C stops both services.", flush=True)
+            print(
+                f"\nserving {cluster.model_name}:\n"
+                f"  OpenAI HTTP   {cluster.base_url}/v1\n"
+                f"  language gRPC {cluster.grpc_address}\n"
+                f"  encode gRPC   {cluster.encode_address}\n"
+                f"try: curl -s {cluster.base_url}/v1/chat/completions{auth} "
+                "-H 'Content-Type: application/json' -d '{\"model\": "
+                f'"{cluster.model_name}", "messages": [{{"role": "user", '
+                '"content": "How many shapes are there?"}]}\'\n'
+                "Ctrl-C stops both services.",
+                flush=True,
+            )
             # Serving has no deadline: the loop ends on Ctrl-C / SIGTERM or when a service dies.
             while not cluster.exited():
                 time.sleep(0.5)
@@ -236,8 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__.split("\n")[0])
     p.add_argument("command", nargs="?", choices=("demo", "serve"), default="demo")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="shapes-style checkpoint")
-    p.add_argument("--transport", choices=("grpc", "nccl"), default="grpc",
-                   help="how image embeddings travel to the language service")  # fmt: skip
+    p.add_argument(
+        "--transport",
+        choices=("grpc", "nccl"),
+        default="grpc",
+        help="how image embeddings travel to the language service",
+    )
     demo = p.add_argument_group("demo")
     demo.add_argument("-n", type=int, default=8, help="number of questions")
     demo.add_argument("--seed", type=int, default=None, help="data seed (default: held-out)")
@@ -246,8 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--encode-port", type=int, default=50051)
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--api-key", default=os.environ.get("SPLITVL_API_KEY"),
-                       help="require this bearer token (default: $SPLITVL_API_KEY)")  # fmt: skip
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("SPLITVL_API_KEY"),
+        help="require this bearer token (default: $SPLITVL_API_KEY)",
+    )
     return p
 
 

@@ -16,9 +16,13 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 def _lint(root: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(LINT_IMPORTS), "--no-cache"], cwd=root, capture_output=True, text=True, timeout=120,
+        [str(LINT_IMPORTS), "--no-cache"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
+    )
 
 
 def test_the_contracts_hold():
@@ -32,8 +36,9 @@ def tree_copy(tmp_path_factory) -> Path:
     """The packages and pyproject.toml, copied (without the shipped model's weights)."""
     root = tmp_path_factory.mktemp("tree")
     for name in PACKAGES:
-        shutil.copytree(REPO / name, root / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))  # fmt: skip
+        shutil.copytree(
+            REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.safetensors")
+        )
     shutil.copy(REPO / "pyproject.toml", root)
     return root
 
@@ -42,12 +47,21 @@ def tree_copy(tmp_path_factory) -> Path:
     ("module", "source", "contract"),
     [
         ("shared/wire/probe.py", "import services.language.engine\n", "shared is the bottom layer"),
-        ("services/encode/probe.py", "from services.language import request\n",
-         "the two services are independent"),
-        ("services/language/engine/probe.py", "import fastapi\n",
-         "the engine knows nothing of the front ends"),
-        ("services/language/probe.py", "from proto.splitvl.encode.v1 import encode_pb2\n",
-         "generated protobuf code only in the adapters"),
+        (
+            "services/encode/probe.py",
+            "from services.language import request\n",
+            "the two services are independent",
+        ),
+        (
+            "services/language/engine/probe.py",
+            "import fastapi\n",
+            "the engine knows nothing of the front ends",
+        ),
+        (
+            "services/language/probe.py",
+            "from proto.splitvl.encode.v1 import encode_pb2\n",
+            "generated protobuf code only in the adapters",
+        ),
         ("services/language/probe.py", "import tests.tiny\n", "the services never import tooling"),
     ],
     ids=["shared-up", "cross-service", "engine-http", "pb2-outside-adapter", "service-tests"],

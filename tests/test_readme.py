@@ -34,9 +34,11 @@ def mentioned(flag: str, text: str) -> bool:
 
 @pytest.mark.parametrize(
     ("heading", "build"),
-    [("### `python -m services.encode`", encode_parser),
-     ("### `python -m services.language`", language_parser)],
-)  # fmt: skip
+    [
+        ("### `python -m services.encode`", encode_parser),
+        ("### `python -m services.language`", language_parser),
+    ],
+)
 def test_configuration_reference_lists_every_flag(heading, build):
     reference = section(section(README.read_text(), CONFIG), heading)
     flags = documented_flags(build())

@@ -43,8 +43,12 @@ VISION = dict(
     spatial_merge_size=2,
     temporal_patch_size=2,
 )
-SPECIAL_IDS = {"image": IMAGE_TOKEN_ID, "video": VIDEO_TOKEN_ID, "start": VISION_START_ID,
-               "end": VISION_END_ID}  # fmt: skip
+SPECIAL_IDS = {
+    "image": IMAGE_TOKEN_ID,
+    "video": VIDEO_TOKEN_ID,
+    "start": VISION_START_ID,
+    "end": VISION_END_ID,
+}
 PREPROCESSOR = preprocessor_config(32 * 32, 256 * 256)
 
 

@@ -195,8 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="fraction of requests that reuse an image sent before",
     )
-    data.add_argument("--tokenizer", help="tokenizer.json (or its folder) to cut random text to "
-                      "exact token counts; default: one word per token")  # fmt: skip
+    data.add_argument(
+        "--tokenizer",
+        help="tokenizer.json (or its folder) to cut random text to "
+        "exact token counts; default: one word per token",
+    )
 
     out = p.add_argument_group("output")
     out.add_argument(

@@ -77,15 +77,18 @@ def resolve_model(base_url: str, model: str | None, headers: dict[str, str]) -> 
     try:
         response = httpx.get(url, headers=headers, timeout=10.0)
     except httpx.HTTPError as exc:
-        raise ServerError(f"cannot reach the server at {base_url} "
-                          f"({type(exc).__name__}: {exc}); is it running?") from None  # fmt: skip
+        raise ServerError(
+            f"cannot reach the server at {base_url} ({type(exc).__name__}: {exc}); is it running?"
+        ) from None
     cards = _model_cards(response)
     if model:  # servers without a model listing still serve a named model
         return model, next((c for c in cards if c.get("id") == model), {})
     if response.status_code != 200:
         hint = " (is --api-key set?)" if response.status_code == 401 else ""
-        raise ServerError(f"GET {url} answered HTTP {response.status_code}: "
-                          f"{error_message(response.text)}{hint}; or pass --model")  # fmt: skip
+        raise ServerError(
+            f"GET {url} answered HTTP {response.status_code}: "
+            f"{error_message(response.text)}{hint}; or pass --model"
+        )
     if not cards or "id" not in cards[0]:
         raise ServerError(f"GET {url} listed no model; pass --model")
     return str(cards[0]["id"]), cards[0]
@@ -101,13 +104,23 @@ def _model_cards(response: httpx.Response) -> list[dict]:
 
 def _header(args: argparse.Namespace, checked: Checked, model: str, card: dict) -> dict:
     rate = args.request_rate if math.isfinite(args.request_rate) else "inf"
-    return {"backend": checked.backend, "model_id": model, "tokenizer_id": args.tokenizer,
-            "model_root": card.get("root"), "max_model_len": card.get("max_model_len"),
-            "base_url": checked.base_url, "endpoint": checked.url[len(checked.base_url):],
-            "dataset_name": args.dataset_name, "num_prompts": args.num_prompts,
-            "request_rate": rate, "burstiness": args.burstiness,
-            "max_concurrency": args.max_concurrency, "seed": args.seed,
-            "num_warmups": args.num_warmups, "goodput_slos_ms": checked.slos}  # fmt: skip
+    return {
+        "backend": checked.backend,
+        "model_id": model,
+        "tokenizer_id": args.tokenizer,
+        "model_root": card.get("root"),
+        "max_model_len": card.get("max_model_len"),
+        "base_url": checked.base_url,
+        "endpoint": checked.url[len(checked.base_url) :],
+        "dataset_name": args.dataset_name,
+        "num_prompts": args.num_prompts,
+        "request_rate": rate,
+        "burstiness": args.burstiness,
+        "max_concurrency": args.max_concurrency,
+        "seed": args.seed,
+        "num_warmups": args.num_warmups,
+        "goodput_slos_ms": checked.slos,
+    }
 
 
 def report(
@@ -125,9 +138,12 @@ def report(
     if outcome.server_metrics is not None:
         print(format_server_metrics(outcome.server_metrics))
     if args.save_result:
-        extra = {"peak_output_throughput": peak, "timeline": line.to_dict(),
-                 "server_metrics": outcome.server_metrics,
-                 "warmup_failed": sum(not r.success for r in outcome.warmup_results)}  # fmt: skip
+        extra = {
+            "peak_output_throughput": peak,
+            "timeline": line.to_dict(),
+            "server_metrics": outcome.server_metrics,
+            "warmup_failed": sum(not r.success for r in outcome.warmup_results),
+        }
         result = build_result(_header(args, checked, model, card), metrics, outcome.results, extra)
         name = args.result_filename or default_filename(
             checked.backend, args.request_rate, args.max_concurrency, model
@@ -144,8 +160,11 @@ def report(
 def _warn_warmups(outcome: RunOutcome) -> None:
     failed = [r for r in outcome.warmup_results if not r.success]
     if failed:
-        print(f"warning: {len(failed)} of {len(outcome.warmup_results)} warm-up requests failed; "
-              f"first error: {failed[0].error}", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: {len(failed)} of {len(outcome.warmup_results)} warm-up requests failed; "
+            f"first error: {failed[0].error}",
+            file=sys.stderr,
+        )
 
 
 def _check_dataset(parser: argparse.ArgumentParser, args: argparse.Namespace, chat: bool) -> None:
@@ -169,22 +188,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:  # images are drawn after the server answered: thousands of them take a while
         requests = build_requests(args, checked.chat, args.num_prompts, args.seed)
-        warmups = build_requests(args, checked.chat, args.num_warmups,
-                                 args.seed + WARMUP_SEED_OFFSET)  # fmt: skip
+        warmups = build_requests(
+            args, checked.chat, args.num_warmups, args.seed + WARMUP_SEED_OFFSET
+        )
     except DatasetError as exc:
         parser.error(str(exc))
-    options = RequestOptions(url=checked.url, model=model, chat=checked.chat, headers=headers,
-                             temperature=args.temperature, ignore_eos=args.ignore_eos,
-                             timeout_s=args.timeout, extra_body=args.extra_body)  # fmt: skip
-    config = RunConfig(request_rate=args.request_rate, burstiness=args.burstiness,
-                       max_concurrency=args.max_concurrency, seed=args.seed,
-                       show_progress=not args.disable_tqdm,
-                       metrics_urls=tuple(args.metrics_url),
-                       scrape_interval_s=args.metrics_interval)  # fmt: skip
+    options = RequestOptions(
+        url=checked.url,
+        model=model,
+        chat=checked.chat,
+        headers=headers,
+        temperature=args.temperature,
+        ignore_eos=args.ignore_eos,
+        timeout_s=args.timeout,
+        extra_body=args.extra_body,
+    )
+    config = RunConfig(
+        request_rate=args.request_rate,
+        burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency,
+        seed=args.seed,
+        show_progress=not args.disable_tqdm,
+        metrics_urls=tuple(args.metrics_url),
+        scrape_interval_s=args.metrics_interval,
+    )
     num_images = sum(r.num_images for r in requests)
-    print(f"{checked.url}  model {model}  {len(requests)} requests ({num_images} images), "
-          f"rate {args.request_rate}, burstiness {args.burstiness}, "
-          f"max concurrency {args.max_concurrency}", flush=True)  # fmt: skip
+    print(
+        f"{checked.url}  model {model}  {len(requests)} requests ({num_images} images), "
+        f"rate {args.request_rate}, burstiness {args.burstiness}, "
+        f"max concurrency {args.max_concurrency}",
+        flush=True,
+    )
     try:
         outcome = asyncio.run(run_benchmark(requests, options, config, warmups))
     except KeyboardInterrupt:

@@ -56,8 +56,12 @@ class RequestOptions:
 
 def build_payload(request: BenchRequest, options: RequestOptions) -> dict:
     """The JSON body: streamed, with usage, and vLLM's `ignore_eos` extension when asked."""
-    body: dict = {"model": options.model, "temperature": options.temperature, "stream": True,
-                  "stream_options": {"include_usage": True}}  # fmt: skip
+    body: dict = {
+        "model": options.model,
+        "temperature": options.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if options.chat:
         body["messages"] = request.messages
     else:
@@ -111,9 +115,12 @@ async def send_request(
 
 
 async def _stream(
-    client: httpx.AsyncClient, payload: dict, options: RequestOptions, result: RequestResult,
+    client: httpx.AsyncClient,
+    payload: dict,
+    options: RequestOptions,
+    result: RequestResult,
     origin: float,
-) -> None:  # fmt: skip
+) -> None:
     started = origin + result.start
     async with client.stream("POST", options.url, json=payload, headers=options.headers) as resp:
         if resp.status_code >= 400:

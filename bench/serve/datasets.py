@@ -180,8 +180,13 @@ def random_requests(spec: RandomSpec, seed: int) -> list[BenchRequest]:
                 content = [image_part(images.url(k)) for k in keys]
                 content.append({"type": "text", "text": prompt})
             messages = [{"role": "user", "content": content}]
-            request = BenchRequest(output_lens[i], messages=messages, num_images=len(keys),
-                                   prompt_len_estimate=input_lens[i], image_keys=keys)  # fmt: skip
+            request = BenchRequest(
+                output_lens[i],
+                messages=messages,
+                num_images=len(keys),
+                prompt_len_estimate=input_lens[i],
+                image_keys=keys,
+            )
         else:
             request = BenchRequest(output_lens[i], prompt=prompt, prompt_len_estimate=input_lens[i])
         requests.append(request)
@@ -269,8 +274,9 @@ def _jsonl_request(
     elif parts:
         messages = _with_images(messages, parts, where)
     estimate = sum(_words(_message_text(m)) for m in messages)
-    return BenchRequest(max_tokens, messages=messages, num_images=len(parts),
-                        prompt_len_estimate=estimate)  # fmt: skip
+    return BenchRequest(
+        max_tokens, messages=messages, num_images=len(parts), prompt_len_estimate=estimate
+    )
 
 
 def _with_images(messages: list, parts: list[dict], where: str) -> list[dict]:

@@ -51,8 +51,10 @@ def parse_goodput(items: Sequence[str]) -> dict[str, float]:
         name, sep, value = item.partition(":")
         name = name.strip().lower()
         if not sep or name not in SLO_METRICS:
-            raise ValueError(f"bad goodput SLO {item!r}; use KEY:MS with KEY one of "
-                             f"{', '.join(SLO_METRICS)}, e.g. ttft:500")  # fmt: skip
+            raise ValueError(
+                f"bad goodput SLO {item!r}; use KEY:MS with KEY one of "
+                f"{', '.join(SLO_METRICS)}, e.g. ttft:500"
+            )
         try:
             slos[name] = float(value)
         except ValueError:
@@ -110,8 +112,10 @@ def timeline(results: Sequence[RequestResult], duration: float, bin_s: float = 1
 
 def peak_concurrency(results: Sequence[RequestResult]) -> int:
     """Most requests in flight at one instant."""
-    events = sorted([(r.start, 1) for r in results] + [(r.start + r.e2el, -1) for r in results],
-                    key=lambda e: (e[0], e[1]))  # fmt: skip
+    events = sorted(
+        [(r.start, 1) for r in results] + [(r.start + r.e2el, -1) for r in results],
+        key=lambda e: (e[0], e[1]),
+    )
     level = peak = 0
     for _, step in events:
         level += step

@@ -38,8 +38,9 @@ def _timeline(ax, line: Timeline) -> None:
     twin.set_ylabel("requests in flight (mean)", color="tab:orange")
 
 
-def save_plot(path: str | Path, results: Sequence[RequestResult], line: Timeline,
-              title: str) -> Path:  # fmt: skip
+def save_plot(
+    path: str | Path, results: Sequence[RequestResult], line: Timeline, title: str
+) -> Path:
     """Write a PNG with the TTFT, TPOT and E2EL CDFs and the timeline."""
     import matplotlib
 

@@ -100,8 +100,7 @@ def format_server_metrics(server: dict) -> str:
         _row("Encode cache hit ratio:", cache),
         _row("Encode call latency, mean (ms):", _ms(server.get("encode_request_latency_mean_ms"))),
         _row("Vision forward, mean (ms):", _ms(server.get("encode_forward_mean_ms"))),
-        _row("Request encode time, mean (ms):",
-             _ms(server.get("language_encode_latency_mean_ms"))),
+        _row("Request encode time, mean (ms):", _ms(server.get("language_encode_latency_mean_ms"))),
         _row("Server TTFT, mean (ms):", _ms(server.get("server_ttft_mean_ms"))),
         _row("Requests waiting:", _gauge(server.get("num_requests_waiting"), ".1f")),
         _row("Requests running:", _gauge(server.get("num_requests_running"), ".1f")),
@@ -109,7 +108,7 @@ def format_server_metrics(server: dict) -> str:
         _row("KV cache usage ratio:", _gauge(server.get("kv_cache_usage_ratio"), ".3f")),
         _row("Prefix cache hit ratio:", "n/a" if prefix is None else f"{prefix:.3f}"),
         _row("Preemptions:", server.get("num_preemptions"), ".0f"),
-    ]  # fmt: skip
+    ]
     for url, error in server.get("scrape_errors", {}).items():
         lines.append(f"  scrape of {url} failed: {error}")
     return "\n".join(lines)
@@ -128,7 +127,7 @@ def request_rows(results: Sequence[RequestResult]) -> list[dict]:
             "num_images": r.num_images,
             "success": r.success,
             "error": r.error,
-        }  # fmt: skip
+        }
         for r in results
     ]
 
@@ -139,21 +138,24 @@ def build_result(
     """vLLM's result keys (`date`, ..., per-request lists), then `requests` and `extra`."""
     ordered = sorted(results, key=lambda r: r.index)
     result = {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), **header, **metrics}
-    result.update({
-        "input_lens": [r.prompt_tokens for r in ordered],
-        "output_lens": [r.output_tokens if r.success else 0 for r in ordered],
-        "ttfts": [r.ttft if r.success else 0.0 for r in ordered],
-        "itls": [r.itl for r in ordered],
-        "generated_texts": [r.generated_text for r in ordered],
-        "errors": [r.error for r in ordered],
-        "requests": request_rows(ordered),
-    })  # fmt: skip
+    result.update(
+        {
+            "input_lens": [r.prompt_tokens for r in ordered],
+            "output_lens": [r.output_tokens if r.success else 0 for r in ordered],
+            "ttfts": [r.ttft if r.success else 0.0 for r in ordered],
+            "itls": [r.itl for r in ordered],
+            "generated_texts": [r.generated_text for r in ordered],
+            "errors": [r.error for r in ordered],
+            "requests": request_rows(ordered),
+        }
+    )
     result.update(extra)
     return result
 
 
-def default_filename(backend: str, request_rate: float, max_concurrency: int | None,
-                     model_id: str) -> str:  # fmt: skip
+def default_filename(
+    backend: str, request_rate: float, max_concurrency: int | None, model_id: str
+) -> str:
     """vLLM's naming: {backend}-{rate}qps[-concurrency{N}]-{model}-{date}.json."""
     concurrency = f"-concurrency{max_concurrency}" if max_concurrency is not None else ""
     model = model_id.rstrip("/").split("/")[-1]

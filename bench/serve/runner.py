@@ -37,8 +37,9 @@ def arrival_offsets(
     if request_rate <= 0 or burstiness <= 0:
         raise ValueError("request rate and burstiness must be positive")
     rng = np.random.default_rng(seed)
-    gaps = rng.gamma(shape=burstiness, scale=1.0 / (request_rate * burstiness),
-                     size=num_requests - 1)  # fmt: skip
+    gaps = rng.gamma(
+        shape=burstiness, scale=1.0 / (request_rate * burstiness), size=num_requests - 1
+    )
     return [0.0, *np.cumsum(gaps).tolist()]
 
 
@@ -90,10 +91,12 @@ async def run_benchmark(
         scraper = MetricsScraper(list(config.metrics_urls), scrape_client, config.scrape_interval_s)
         if config.metrics_urls:
             await scraper.scrape_once(during_run=False)  # where the counter deltas start
-        offsets = arrival_offsets(len(requests), config.request_rate, config.burstiness,
-                                  config.seed)  # fmt: skip
-        bar = tqdm(total=len(requests), disable=not config.show_progress, unit="req",
-                   dynamic_ncols=True)  # fmt: skip
+        offsets = arrival_offsets(
+            len(requests), config.request_rate, config.burstiness, config.seed
+        )
+        bar = tqdm(
+            total=len(requests), disable=not config.show_progress, unit="req", dynamic_ncols=True
+        )
         origin = time.perf_counter()
         for scrape in scraper.scrapes:  # the baseline came just before the start
             scrape.t -= origin - scraper.origin
@@ -104,7 +107,7 @@ async def run_benchmark(
             tasks = [
                 asyncio.create_task(
                     _paced(client, request, options, i, origin, offset, semaphore, bar)
-                )  # fmt: skip
+                )
                 for i, (request, offset) in enumerate(zip(requests, offsets, strict=True))
             ]
             results = list(await asyncio.gather(*tasks))

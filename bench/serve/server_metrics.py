@@ -24,24 +24,48 @@ HISTOGRAMS = {
     "encode_forward": ("splitvl_encode_forward_seconds",),
     "encode_queue_wait": ("splitvl_encode_queue_wait_seconds",),
     "language_encode_latency": ("splitvl_language_encode_latency_seconds",),
-    "server_ttft": ("splitvl_language_time_to_first_token_seconds",
-                    "vllm:time_to_first_token_seconds", "sglang:time_to_first_token_seconds"),
-    "server_e2el": ("splitvl_language_e2e_request_latency_seconds",
-                    "vllm:e2e_request_latency_seconds", "sglang:e2e_request_latency_seconds"),
-}  # fmt: skip
+    "server_ttft": (
+        "splitvl_language_time_to_first_token_seconds",
+        "vllm:time_to_first_token_seconds",
+        "sglang:time_to_first_token_seconds",
+    ),
+    "server_e2el": (
+        "splitvl_language_e2e_request_latency_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "sglang:e2e_request_latency_seconds",
+    ),
+}
 
 # Gauges sampled over the run: (key, names, how several sources combine in one scrape)
 GAUGES = {
-    "num_requests_waiting": (("splitvl_language_num_requests_waiting",
-                              "vllm:num_requests_waiting", "sglang:num_queue_reqs"), "sum"),
-    "num_requests_running": (("splitvl_language_num_requests_running",
-                              "vllm:num_requests_running", "sglang:num_running_reqs"), "sum"),
+    "num_requests_waiting": (
+        (
+            "splitvl_language_num_requests_waiting",
+            "vllm:num_requests_waiting",
+            "sglang:num_queue_reqs",
+        ),
+        "sum",
+    ),
+    "num_requests_running": (
+        (
+            "splitvl_language_num_requests_running",
+            "vllm:num_requests_running",
+            "sglang:num_running_reqs",
+        ),
+        "sum",
+    ),
     "encode_queue_depth": (("splitvl_encode_queue_depth",), "sum"),
     "encode_inflight_requests": (("splitvl_encode_inflight_requests",), "sum"),
-    "kv_cache_usage_ratio": (("splitvl_language_kv_cache_usage_ratio",
-                              "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
-                              "sglang:token_usage"), "mean"),
-}  # fmt: skip
+    "kv_cache_usage_ratio": (
+        (
+            "splitvl_language_kv_cache_usage_ratio",
+            "vllm:kv_cache_usage_perc",
+            "vllm:gpu_cache_usage_perc",
+            "sglang:token_usage",
+        ),
+        "mean",
+    ),
+}
 
 COUNTERS = {
     "prefix_cache_queries": ("splitvl_language_prefix_cache_queries_total",),
@@ -91,8 +115,9 @@ class MetricsScraper:
         """Scrape every URL once, concurrently: one round."""
         self.num_rounds += 1
         t = time.perf_counter() - self.origin
-        await asyncio.gather(*(self._scrape(url, self.num_rounds, t, during_run)
-                               for url in self.urls))  # fmt: skip
+        await asyncio.gather(
+            *(self._scrape(url, self.num_rounds, t, during_run) for url in self.urls)
+        )
 
     async def _scrape(self, url: str, round_number: int, t: float, during_run: bool) -> None:
         try:

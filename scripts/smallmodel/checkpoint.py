@@ -66,8 +66,11 @@ def rewrite_in_hub_layout(model_dir: Path, hidden_size: int, moe_intermediate_si
     if not path.is_file():
         raise CheckpointError(f"{path} not found; save the model with one safetensors file first")
     tensors = load_file(str(path))
-    save_file(to_hub_layout(tensors, hidden_size, moe_intermediate_size), str(path),
-              metadata={"format": "pt"})
+    save_file(
+        to_hub_layout(tensors, hidden_size, moe_intermediate_size),
+        str(path),
+        metadata={"format": "pt"},
+    )
 
 
 def write_json(path: Path, content: dict) -> None:

@@ -219,7 +219,8 @@ def question_for(kind: str, scene: Scene, rng: random.Random) -> tuple[str, str]
         target = rng.choice(candidates)
         return template.format(color=target.color), target.kind
     candidates = [
-        s for s in shapes
+        s
+        for s in shapes
         if sum(o.kind == s.kind and o.color == s.color for o in shapes) == 1
         and where_of(s, scene.width, scene.height) is not None
     ]

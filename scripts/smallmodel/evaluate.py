@@ -46,11 +46,16 @@ class Report:
 
     def lines(self) -> list[str]:
         """Human-readable per-kind and overall accuracy."""
-        out = [f"  {kind:9s} {self.correct[kind]:4d}/{self.total[kind]:4d} "
-               f"{self.correct[kind] / max(1, self.total[kind]):.3f}"
-               for kind in QUESTION_KINDS if self.total[kind]]
-        out.append(f"  {'overall':9s} {sum(self.correct.values()):4d}/"
-                   f"{sum(self.total.values()):4d} {self.accuracy:.3f}")
+        out = [
+            f"  {kind:9s} {self.correct[kind]:4d}/{self.total[kind]:4d} "
+            f"{self.correct[kind] / max(1, self.total[kind]):.3f}"
+            for kind in QUESTION_KINDS
+            if self.total[kind]
+        ]
+        out.append(
+            f"  {'overall':9s} {sum(self.correct.values()):4d}/"
+            f"{sum(self.total.values()):4d} {self.accuracy:.3f}"
+        )
         return out
 
 
@@ -87,9 +92,14 @@ def hf_answerer(model_dir: Path, model=None) -> Answerer:
     def answer(image: Image.Image, question: str) -> str:
         batch = make_batch(tokenizer, image_processor, [image], [question])
         with torch.no_grad():
-            out = model.generate(**batch.model_inputs(), max_new_tokens=MAX_NEW_TOKENS,
-                                 do_sample=False, eos_token_id=sp.im_end, pad_token_id=sp.pad)
-        return _decode(tokenizer, out[0, batch.input_ids.shape[1]:].tolist(), sp.im_end)
+            out = model.generate(
+                **batch.model_inputs(),
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=sp.im_end,
+                pad_token_id=sp.pad,
+            )
+        return _decode(tokenizer, out[0, batch.input_ids.shape[1] :].tolist(), sp.im_end)
 
     return answer
 
@@ -132,13 +142,21 @@ def shared_answerer(model_dir: Path, mode: str = "full") -> Answerer:
         for _ in range(MAX_NEW_TOKENS):
             input_ids = torch.tensor(ids)
             inputs_embeds, full_deepstack = splice_image_embeds(
-                input_ids, language.embed_tokens(input_ids), embeds, deepstack,
-                config.image_token_id)
-            positions, _ = mrope_positions(input_ids, [grid], config.image_token_id,
-                                           proc_cfg.merge_size)
-            logits = language(positions=positions, inputs_embeds=inputs_embeds,
-                              input_deepstack_embeds=full_deepstack,
-                              logits_indices=torch.tensor([len(ids) - 1]))
+                input_ids,
+                language.embed_tokens(input_ids),
+                embeds,
+                deepstack,
+                config.image_token_id,
+            )
+            positions, _ = mrope_positions(
+                input_ids, [grid], config.image_token_id, proc_cfg.merge_size
+            )
+            logits = language(
+                positions=positions,
+                inputs_embeds=inputs_embeds,
+                input_deepstack_embeds=full_deepstack,
+                logits_indices=torch.tensor([len(ids) - 1]),
+            )
             ids.append(int(logits[0].argmax()))
             if ids[-1] == sp.im_end:
                 break

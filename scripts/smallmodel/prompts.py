@@ -32,9 +32,17 @@ class SpecialIds:
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer) -> SpecialIds:
         """Look the ids up by token name."""
-        ids = [tokenizer.token_to_id(name) for name in (
-            "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-            "<|endoftext|>")]
+        ids = [
+            tokenizer.token_to_id(name)
+            for name in (
+                "<|im_start|>",
+                "<|im_end|>",
+                "<|vision_start|>",
+                "<|vision_end|>",
+                "<|image_pad|>",
+                "<|endoftext|>",
+            )
+        ]
         if any(i is None for i in ids):
             raise ValueError("tokenizer lacks a Qwen special token; rebuild it with tokenizer.py")
         return cls(*ids)
@@ -48,10 +56,16 @@ def prompt_ids(tokenizer: Tokenizer, question: str, num_image_tokens: int) -> li
     """Token ids of a one-image user turn plus the assistant generation prompt."""
     sp = SpecialIds.from_tokenizer(tokenizer)
     return (
-        [sp.im_start] + _encode(tokenizer, "user\n")
-        + [sp.vision_start] + [sp.image_pad] * num_image_tokens + [sp.vision_end]
-        + _encode(tokenizer, question) + [sp.im_end] + _encode(tokenizer, "\n")
-        + [sp.im_start] + _encode(tokenizer, "assistant\n")
+        [sp.im_start]
+        + _encode(tokenizer, "user\n")
+        + [sp.vision_start]
+        + [sp.image_pad] * num_image_tokens
+        + [sp.vision_end]
+        + _encode(tokenizer, question)
+        + [sp.im_end]
+        + _encode(tokenizer, "\n")
+        + [sp.im_start]
+        + _encode(tokenizer, "assistant\n")
     )
 
 
@@ -64,9 +78,14 @@ def followup_ids(tokenizer: Tokenizer, question: str) -> list[int]:
     """A later text-only user turn after an answer, plus the assistant generation prompt."""
     sp = SpecialIds.from_tokenizer(tokenizer)
     return (
-        _encode(tokenizer, "\n") + [sp.im_start] + _encode(tokenizer, "user\n")
-        + _encode(tokenizer, question) + [sp.im_end] + _encode(tokenizer, "\n")
-        + [sp.im_start] + _encode(tokenizer, "assistant\n")
+        _encode(tokenizer, "\n")
+        + [sp.im_start]
+        + _encode(tokenizer, "user\n")
+        + _encode(tokenizer, question)
+        + [sp.im_end]
+        + _encode(tokenizer, "\n")
+        + [sp.im_start]
+        + _encode(tokenizer, "assistant\n")
     )
 
 
@@ -85,8 +104,11 @@ def conversation_ids(
     ids: list[int] = []
     labels: list[int] = []
     for i, (question, answer) in enumerate(turns):
-        prompt = (prompt_ids(tokenizer, question, num_image_tokens) if i == 0
-                  else followup_ids(tokenizer, question))
+        prompt = (
+            prompt_ids(tokenizer, question, num_image_tokens)
+            if i == 0
+            else followup_ids(tokenizer, question)
+        )
         ids += prompt
         labels += [IGNORE_INDEX] * len(prompt)
         if answer is None:
@@ -144,8 +166,10 @@ def make_conversation_batch(
     grid_thw = features["image_grid_thw"].long()
     merge = image_processor.merge_size
     sp = SpecialIds.from_tokenizer(tokenizer)
-    rows = [conversation_ids(tokenizer, turns, int(grid_thw[i].prod()) // (merge * merge))
-            for i, turns in enumerate(conversations)]
+    rows = [
+        conversation_ids(tokenizer, turns, int(grid_thw[i].prod()) // (merge * merge))
+        for i, turns in enumerate(conversations)
+    ]
     seq_len = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), seq_len), sp.pad, dtype=torch.long)
     labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)

@@ -47,15 +47,18 @@ async def ask_cluster(
     import openai
 
     gate = asyncio.Semaphore(in_flight)
-    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0,
-                                  timeout=REQUEST_TIMEOUT_S) as client:  # fmt: skip
+    async with openai.AsyncOpenAI(
+        base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S
+    ) as client:
 
         async def ask(example: Example) -> str:
             async with gate:
                 response = await client.chat.completions.create(
-                    model=model_name, temperature=0, max_tokens=MAX_NEW_TOKENS,
+                    model=model_name,
+                    temperature=0,
+                    max_tokens=MAX_NEW_TOKENS,
                     messages=chat_messages(example.image, example.question),
-                )  # fmt: skip
+                )
             return response.choices[0].message.content or ""
 
         return list(await asyncio.gather(*(ask(ex) for ex in examples)))
@@ -68,8 +71,9 @@ def split_answers(
     with tempfile.TemporaryDirectory(prefix=f"split-eval-{transport}-") as tmp:
         cfg = ClusterConfig(model_dir, Path(tmp), transport=transport, threads=1)
         with running_cluster(cfg) as cluster:
-            return asyncio.run(ask_cluster(cluster.base_url, cluster.model_name, examples,
-                                           in_flight))  # fmt: skip
+            return asyncio.run(
+                ask_cluster(cluster.base_url, cluster.model_name, examples, in_flight)
+            )
 
 
 def in_process_answers(model_dir: Path, mode: str, examples: Sequence[Example]) -> list[str]:
@@ -78,14 +82,17 @@ def in_process_answers(model_dir: Path, mode: str, examples: Sequence[Example]) 
     return [answer(ex.image, ex.question) for ex in examples]
 
 
-def timed(name: str, run: Callable[[], list[str]], examples: Sequence[Example],
-          verbose: bool) -> list[str]:  # fmt: skip
+def timed(
+    name: str, run: Callable[[], list[str]], examples: Sequence[Example], verbose: bool
+) -> list[str]:
     """Run one route, then print its accuracy, per-kind lines and wall time."""
     start = time.monotonic()
     answers = run()
     report = report_of(answers, examples)
-    print(f"{name}: {report.accuracy:.3f} exact on {len(examples)} held-out questions "
-          f"({time.monotonic() - start:.0f} s)")  # fmt: skip
+    print(
+        f"{name}: {report.accuracy:.3f} exact on {len(examples)} held-out questions "
+        f"({time.monotonic() - start:.0f} s)"
+    )
     print("\n".join(report.lines()), flush=True)
     if verbose:
         for got, ex in zip(answers, examples, strict=True):
@@ -122,8 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_ablations:
         return
     for mode in ABLATIONS:
-        timed(f"ablation/{mode}", lambda m=mode: in_process_answers(model_dir, m, examples),
-              examples, args.verbose)  # fmt: skip
+        timed(
+            f"ablation/{mode}",
+            lambda m=mode: in_process_answers(model_dir, m, examples),
+            examples,
+            args.verbose,
+        )
 
 
 if __name__ == "__main__":

@@ -41,10 +41,12 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train byte-level BPE on `texts` to `vocab_size` learned tokens, then add the specials."""
     tokenizer = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -57,8 +59,9 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     # Every conversation carries the template text, so weight it like one text per example.
     texts += list(TEMPLATE_TEXT) * max(1, len(texts) // 2)
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t in SPECIAL_TOKENS])
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
+    )
     return tokenizer
 
 
@@ -71,8 +74,12 @@ def tokenizer_config(tokenizer: Tokenizer, chat_template: str) -> dict:
     """tokenizer_config.json content, in the form of the Qwen3-VL checkpoints."""
     added = {
         str(tokenizer.token_to_id(name)): {
-            "content": name, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": True,
+            "content": name,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
         for name in SPECIAL_TOKENS
     }

@@ -90,8 +90,9 @@ def write_static_files(
 ):
     """Tokenizer, config.json, preprocessor and generation configs; returns (tokenizer, config)."""
     corpus = make_dataset(seed + 1, corpus_size)
-    tokenizer = build_tokenizer([t for ex in corpus for t in (ex.question, ex.answer)],
-                                TOKENIZER_VOCAB)
+    tokenizer = build_tokenizer(
+        [t for ex in corpus for t in (ex.question, ex.answer)], TOKENIZER_VOCAB
+    )
     save_tokenizer(tokenizer, out_dir, CHAT_TEMPLATE.read_text())
     ids = special_token_ids(tokenizer)
     config = hf_config_dict(model_cfg, padded_vocab_size(tokenizer.get_vocab_size()), ids)
@@ -107,8 +108,11 @@ def build_model(config: dict):
 
     hf_config = Qwen3VLMoeConfig(**config)
     return Qwen3VLMoeForConditionalGeneration._from_config(
-        hf_config, attn_implementation="sdpa", experts_implementation="grouped_mm",
-        dtype=torch.float32)
+        hf_config,
+        attn_implementation="sdpa",
+        experts_implementation="grouped_mm",
+        dtype=torch.float32,
+    )
 
 
 def exact_by_kind(model, batch, kinds: list[str]) -> dict[str, float]:
@@ -123,12 +127,16 @@ def exact_by_kind(model, batch, kinds: list[str]) -> dict[str, float]:
     model.train(was_training)
     targets = batch.labels[:, 1:]
     ok = ((logits.argmax(-1) == targets) | (targets == IGNORE_INDEX)).all(dim=1)
-    return {k: float(ok[[i for i, kk in enumerate(kinds) if kk == k]].float().mean())
-            for k in QUESTION_KINDS if k in kinds}
+    return {
+        k: float(ok[[i for i, kk in enumerate(kinds) if kk == k]].float().mean())
+        for k in QUESTION_KINDS
+        if k in kinds
+    }
 
 
-def train(model, tokenizer, image_processor, cfg: TrainConfig,
-          aux_head: nn.Linear | None = None) -> None:
+def train(
+    model, tokenizer, image_processor, cfg: TrainConfig, aux_head: nn.Linear | None = None
+) -> None:
     """Run the optimisation loop in place on `model`.
 
     With `aux_head` (from the vision warm-up) its per-token loss is added with weight
@@ -136,8 +144,13 @@ def train(model, tokenizer, image_processor, cfg: TrainConfig,
     """
     probe = make_dataset(cfg.seed + 3, cfg.probe_size if cfg.probe_every else 0)
     probe_kinds = [e.kind for e in probe]
-    probe_batch = probe and make_batch(tokenizer, image_processor, [e.image for e in probe],
-                                       [e.question for e in probe], [e.answer for e in probe])
+    probe_batch = probe and make_batch(
+        tokenizer,
+        image_processor,
+        [e.image for e in probe],
+        [e.question for e in probe],
+        [e.answer for e in probe],
+    )
     rng = random.Random(cfg.seed + 2)
     named = list(model.named_parameters())
     if aux_head is not None:
@@ -147,18 +160,28 @@ def train(model, tokenizer, image_processor, cfg: TrainConfig,
     capture = TokenCapture(model.model.visual) if aux_head is not None else None
     patch, merge = image_processor.patch_size, image_processor.merge_size
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95))
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
     model.train()
     start, running = time.monotonic(), 0.0
     for step in range(cfg.steps):
         max_shapes = 1 + sum(step >= frac * cfg.steps for frac in cfg.curriculum)
         firsts = rng.choices(QUESTION_KINDS, weights=cfg.first_kind_weights, k=cfg.batch_size)
-        convs = [make_conversation(rng, rng.randint(1, cfg.max_turns), max_shapes, kind)
-                 for kind in firsts]
-        batch = make_conversation_batch(tokenizer, image_processor, [c[0].image for c in convs],
-                                        [[(e.question, e.answer) for e in c] for c in convs])
+        convs = [
+            make_conversation(rng, rng.randint(1, cfg.max_turns), max_shapes, kind)
+            for kind in firsts
+        ]
+        batch = make_conversation_batch(
+            tokenizer,
+            image_processor,
+            [c[0].image for c in convs],
+            [[(e.question, e.answer) for e in c] for c in convs],
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         out = model(**batch.model_inputs(), labels=batch.labels, output_router_logits=True)
@@ -175,8 +198,11 @@ def train(model, tokenizer, image_processor, cfg: TrainConfig,
         if (step + 1) % cfg.log_every == 0:
             elapsed = time.monotonic() - start
             aux = f" shape-token acc {aux_acc:.2f}" if capture is not None else ""
-            print(f"step {step + 1}/{cfg.steps} loss {running / cfg.log_every:.4f}{aux} "
-                  f"lr {lr_at(step, cfg):.2e} {elapsed:.0f}s", flush=True)
+            print(
+                f"step {step + 1}/{cfg.steps} loss {running / cfg.log_every:.4f}{aux} "
+                f"lr {lr_at(step, cfg):.2e} {elapsed:.0f}s",
+                flush=True,
+            )
             running = 0.0
         if cfg.probe_every and (step + 1) % cfg.probe_every == 0:
             scores = exact_by_kind(model, probe_batch, probe_kinds)
@@ -203,8 +229,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
-    parser.add_argument("--vision-steps", type=int, default=WarmupConfig.steps,
-                        help="steps of the vision warm-up stage (0 skips it)")
+    parser.add_argument(
+        "--vision-steps",
+        type=int,
+        default=WarmupConfig.steps,
+        help="steps of the vision warm-up stage (0 skips it)",
+    )
     args = parser.parse_args(argv)
     cfg = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
     torch.set_num_threads(cfg.threads)
@@ -221,8 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     start = time.monotonic()
     aux_head = None
     if args.vision_steps:
-        aux_head = warm_up_vision(model.model.visual, image_processor,
-                                  WarmupConfig(seed=cfg.seed, steps=args.vision_steps))
+        aux_head = warm_up_vision(
+            model.model.visual,
+            image_processor,
+            WarmupConfig(seed=cfg.seed, steps=args.vision_steps),
+        )
     train(model, tokenizer, image_processor, cfg, aux_head)
     print(f"training took {time.monotonic() - start:.0f}s", flush=True)
     save_weights(model, args.out, model_cfg)

@@ -48,8 +48,9 @@ class TokenTargets:
     centre: torch.Tensor  # [num_tokens, 2] fp32 in [0, 1]
 
 
-def token_targets(scene: Scene, grid_thw: tuple[int, int, int], patch: int,
-                  merge: int) -> TokenTargets:
+def token_targets(
+    scene: Scene, grid_thw: tuple[int, int, int], patch: int, merge: int
+) -> TokenTargets:
     """Labels of the merged tokens (raster order) of `scene` resized to `grid_thw` patches."""
     _, gh, gw = grid_thw
     cell, rows, cols = patch * merge, gh // merge, gw // merge
@@ -71,8 +72,10 @@ def token_targets(scene: Scene, grid_thw: tuple[int, int, int], patch: int,
 
 def targets_for(scenes: list[Scene], grids: torch.Tensor, patch: int, merge: int) -> TokenTargets:
     """Token labels of a batch of scenes, concatenated in the tower's output order."""
-    targets = [token_targets(s, tuple(g.tolist()), patch, merge)
-               for s, g in zip(scenes, grids, strict=True)]
+    targets = [
+        token_targets(s, tuple(g.tolist()), patch, merge)
+        for s, g in zip(scenes, grids, strict=True)
+    ]
     return TokenTargets(
         kind=torch.cat([t.kind for t in targets]),
         color=torch.cat([t.color for t in targets]),
@@ -82,20 +85,25 @@ def targets_for(scenes: list[Scene], grids: torch.Tensor, patch: int, merge: int
 
 def make_head(visual: nn.Module) -> nn.Linear:
     """The throwaway per-token head: kind logits, colour logits, centre (x, y)."""
-    return nn.Linear(visual.merger.linear_fc2.out_features,
-                     NUM_KIND_CLASSES + NUM_COLOR_CLASSES + 2)
+    return nn.Linear(
+        visual.merger.linear_fc2.out_features, NUM_KIND_CLASSES + NUM_COLOR_CLASSES + 2
+    )
 
 
-def token_loss(head: nn.Linear, tokens: torch.Tensor,
-               targets: TokenTargets) -> tuple[torch.Tensor, float, float]:
+def token_loss(
+    head: nn.Linear, tokens: torch.Tensor, targets: TokenTargets
+) -> tuple[torch.Tensor, float, float]:
     """(loss, shape accuracy on shape tokens, centre MSE) of the head on merged tokens."""
     out = head(tokens)  # tokens: [num_tokens, out_hidden]
     kind_logits = out[:, :NUM_KIND_CLASSES]
-    color_logits = out[:, NUM_KIND_CLASSES:NUM_KIND_CLASSES + NUM_COLOR_CLASSES]
+    color_logits = out[:, NUM_KIND_CLASSES : NUM_KIND_CLASSES + NUM_COLOR_CLASSES]
     centre_mse = F.mse_loss(out[:, -2:], targets.centre)
     # x10: the centre error is small in absolute terms; this keeps it on par with the CEs.
-    loss = (F.cross_entropy(kind_logits, targets.kind)
-            + F.cross_entropy(color_logits, targets.color) + 10 * centre_mse)
+    loss = (
+        F.cross_entropy(kind_logits, targets.kind)
+        + F.cross_entropy(color_logits, targets.color)
+        + 10 * centre_mse
+    )
     fg = targets.kind > 0
     kind_acc = (kind_logits.argmax(-1)[fg] == targets.kind[fg]).float().mean()
     return loss, kind_acc.item(), centre_mse.item()
@@ -137,13 +145,17 @@ def warm_up_vision(visual: nn.Module, image_processor, cfg: WarmupConfig) -> nn.
         grids = features["image_grid_thw"].long()
         tokens = visual(features["pixel_values"].float(), grid_thw=grids).pooler_output
         loss, kind_acc, centre_mse = token_loss(
-            head, tokens, targets_for(scenes, grids, patch, merge))
+            head, tokens, targets_for(scenes, grids, patch, merge)
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % cfg.log_every == 0:
-            print(f"vision step {step + 1}/{cfg.steps} loss {loss.item():.3f} "
-                  f"shape-token acc {kind_acc:.2f} centre mse {centre_mse:.4f} "
-                  f"{time.monotonic() - start:.0f}s", flush=True)
+            print(
+                f"vision step {step + 1}/{cfg.steps} loss {loss.item():.3f} "
+                f"shape-token acc {kind_acc:.2f} centre mse {centre_mse:.4f} "
+                f"{time.monotonic() - start:.0f}s",
+                flush=True,
+            )
     return head

@@ -43,13 +43,20 @@ def randomize(model: torch.nn.Module, seed: int = 0, init: Init = Init()) -> Non
 def preprocessor_config(min_pixels: int, max_pixels: int) -> dict:
     """Qwen3-VL's preprocessor values (patch 16, merge 2, mean = std = 0.5) with pixel bounds."""
     return {
-        "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-        "rescale_factor": 1 / 255, "do_rescale": True, "do_normalize": True, "do_resize": True,
-        "resample": 3, "do_convert_rgb": True,
+        "patch_size": 16,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "rescale_factor": 1 / 255,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "resample": 3,
+        "do_convert_rgb": True,
         "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
         "image_processor_type": "Qwen2VLImageProcessor",
-    }  # fmt: skip
+    }
 
 
 def vl_config(
@@ -62,10 +69,15 @@ def vl_config(
     """A transformers Qwen3VLMoeConfig; `special_ids` has image, video, start and end."""
     from transformers import Qwen3VLMoeConfig
 
-    text_cfg = {**text, "rope_parameters": {
-        "rope_type": "default", "rope_theta": rope_theta, "mrope_section": list(mrope),
-        "mrope_interleaved": True,
-    }}  # fmt: skip
+    text_cfg = {
+        **text,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": rope_theta,
+            "mrope_section": list(mrope),
+            "mrope_interleaved": True,
+        },
+    }
     return Qwen3VLMoeConfig(
         text_config=text_cfg,
         vision_config=vision,

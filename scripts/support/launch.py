@@ -54,13 +54,22 @@ class ServiceProcess:
         # few cores, where OpenMP spin-waiting threads of one starve the others.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self._log = self.log_path.open("w") if self.log_path is not None else None
-        command = [sys.executable, "-m", module or f"services.{name}", *args, "--port-file",
-                   str(self.port_file)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            module or f"services.{name}",
+            *args,
+            "--port-file",
+            str(self.port_file),
+        ]
         self.process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=self._log,
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
             stderr=subprocess.STDOUT if self._log is not None else None,
             start_new_session=new_session,
-        )  # fmt: skip
+        )
 
     @property
     def pid(self) -> int:
@@ -74,11 +83,13 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout_s
         while not self.port_file.is_file():
             if not self.alive():
-                raise ServiceError(f"{self.name} exited with {self.process.returncode}"
-                                   f"{self.log_tail()}")  # fmt: skip
+                raise ServiceError(
+                    f"{self.name} exited with {self.process.returncode}{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
-                raise ServiceError(f"{self.name} wrote no port file in {timeout_s:.0f} s"
-                                   f"{self.log_tail()}")  # fmt: skip
+                raise ServiceError(
+                    f"{self.name} wrote no port file in {timeout_s:.0f} s{self.log_tail()}"
+                )
             time.sleep(0.05)
         return json.loads(self.port_file.read_text())
 
@@ -129,17 +140,20 @@ def _poll(ready, what: str, timeout_s: float, process: ServiceProcess | None) ->
     deadline = time.monotonic() + timeout_s
     while not ready():
         if process is not None and not process.alive():
-            raise ServiceError(f"{process.name} exited with {process.process.returncode}"
-                               f"{process.log_tail()}")  # fmt: skip
+            raise ServiceError(
+                f"{process.name} exited with {process.process.returncode}{process.log_tail()}"
+            )
         if time.monotonic() > deadline:
             raise ServiceError(f"{what} after {timeout_s:.0f} s")
         time.sleep(0.1)
 
 
 def wait_grpc_serving(
-    address: str, timeout_s: float = START_TIMEOUT_S, service: str = "",
+    address: str,
+    timeout_s: float = START_TIMEOUT_S,
+    service: str = "",
     process: ServiceProcess | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Poll grpc.health.v1 until `service` is SERVING (fails early if `process` exits)."""
 
     def ready() -> bool:

@@ -100,13 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"require metadata x-splitvl-token: TOKEN on every RPC but health (default: "
         f"${TOKEN_ENV}); prefer --internal-token-file, command lines are visible to other users",
     )
-    security.add_argument("--internal-token-file", type=Path, default=None,
-                          help="read the internal token from this file's first line")
-    security.add_argument("--tls-cert", type=Path, default=None,
-                          help="serve gRPC over TLS with this PEM certificate (chain)")
+    security.add_argument(
+        "--internal-token-file",
+        type=Path,
+        default=None,
+        help="read the internal token from this file's first line",
+    )
+    security.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=None,
+        help="serve gRPC over TLS with this PEM certificate (chain)",
+    )
     security.add_argument("--tls-key", type=Path, default=None, help="its PEM private key")
-    security.add_argument("--tls-ca", type=Path, default=None,
-                          help="require client certificates signed by this PEM CA (mutual TLS)")
+    security.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        help="require client certificates signed by this PEM CA (mutual TLS)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 

@@ -44,6 +44,7 @@ class UnknownLinkError(LookupError):
 class LinkLimitError(RuntimeError):
     """As many links are open or waiting for their peer as the service allows."""
 
+
 @dataclass
 class _Ticket:
     tensor: torch.Tensor
@@ -107,9 +108,11 @@ class LinkManager:
         args = (link_id, self._store, 0, self.device, self.timeout_s, self.host)
         # A daemon thread, not the pool: a peer that never joins must not hold up process exit.
         threading.Thread(
-            target=_construct, args=(pending, args, secret), name=f"link-{link_id[:8]}",
+            target=_construct,
+            args=(pending, args, secret),
+            name=f"link-{link_id[:8]}",
             daemon=True,
-        ).start()  # fmt: skip
+        ).start()
         self._links[link_id] = pending
         log.info("link %s opening for a peer on %s (%s)", link_id, peer_device or "?", self.backend)
         return LinkOffer(

@@ -37,8 +37,9 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         self.num_refused += 1
         # The value received is never logged: a near-miss token is still a secret.
-        log.warning("refused %s: %s internal token", method,
-                    "missing" if supplied is None else "wrong")  # fmt: skip
+        log.warning(
+            "refused %s: %s internal token", method, "missing" if supplied is None else "wrong"
+        )
         handler = await continuation(handler_call_details)
         return None if handler is None else _refusing(handler)
 

@@ -184,9 +184,7 @@ class EncodeServicer:
         # Frames carry a few dozen bytes besides the data.
         return max(MIN_CHUNK_BYTES, min(requested, MAX_SEND_MESSAGE_BYTES - 1024))
 
-    async def _emit(
-        self, rt: Runtime, index: int, img: EncodedImage, link: bool, chunk_bytes: int
-    ):
+    async def _emit(self, rt: Runtime, index: int, img: EncodedImage, link: bool, chunk_bytes: int):
         if link:
             # No copy: the ticket holds the cached tensor itself until the link send reads it.
             ticket = rt.links.issue(img.packed)

@@ -47,8 +47,14 @@ class StartupError(RuntimeError):
 
 # Start-up failures the user can fix: reported in one line, not as a traceback.
 _STARTUP_ERRORS = (
-    ConfigError, CheckpointError, EngineConfigError, FileNotFoundError, IncompatibleEncoderError,
-    SecurityConfigError, StartupError, KVCacheConfigError,
+    ConfigError,
+    CheckpointError,
+    EngineConfigError,
+    FileNotFoundError,
+    IncompatibleEncoderError,
+    SecurityConfigError,
+    StartupError,
+    KVCacheConfigError,
 )
 _HANDSHAKE_TIMEOUT_S = 10.0
 _SHUTDOWN_GRACE_S = 5.0  # after the drain: idle keep-alive connections, the gRPC server
@@ -118,28 +124,53 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-num-batched-tokens", type=int, default=2048)
     engine.add_argument("--max-model-len", type=int, default=None)
     engine.add_argument("--max-queue-len", type=int, default=1024)
-    engine.add_argument("--max-queue-delay", type=float, default=None, metavar="SECONDS",
-                        help="admission control: refuse a request at once (429 + Retry-After) "
-                        "when its estimated wait for a first token exceeds this; default off")
+    engine.add_argument(
+        "--max-queue-delay",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="admission control: refuse a request at once (429 + Retry-After) "
+        "when its estimated wait for a first token exceeds this; default off",
+    )
     # Test hook, hidden from --help: the executor raises on these (1-based) steps.
-    engine.add_argument("--inject-step-faults", type=_steps_arg, default=(),
-                        help=argparse.SUPPRESS)  # fmt: skip
+    engine.add_argument("--inject-step-faults", type=_steps_arg, default=(), help=argparse.SUPPRESS)
     engine.add_argument("--no-prefix-caching", action="store_true")
-    engine.add_argument("--enforce-eager", action="store_true",
-                        help="no CUDA graphs for decode steps")  # fmt: skip
+    engine.add_argument(
+        "--enforce-eager", action="store_true", help="no CUDA graphs for decode steps"
+    )
     parallel = p.add_argument_group("parallelism")
-    parallel.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
-                          help="ranks the language model is split across (workers spawned)")
-    parallel.add_argument("--enable-expert-parallel", action="store_true",
-                          help="give each rank whole experts instead of a slice of every one")
-    parallel.add_argument("--devices", default=None, type=_devices_arg,
-                          help="CUDA device indices, one per rank (e.g. 0,2); default 0..N-1")
-    parallel.add_argument("--threads", type=int, default=None,
-                          help="CPU threads per rank (default: the usable cores split "
-                          "between the ranks)")  # fmt: skip
-    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="after SIGTERM: refuse new requests, give in-flight ones this long, end "
-                   "the rest with an error, exit")  # fmt: skip
+    parallel.add_argument(
+        "-tp",
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="ranks the language model is split across (workers spawned)",
+    )
+    parallel.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="give each rank whole experts instead of a slice of every one",
+    )
+    parallel.add_argument(
+        "--devices",
+        default=None,
+        type=_devices_arg,
+        help="CUDA device indices, one per rank (e.g. 0,2); default 0..N-1",
+    )
+    parallel.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per rank (default: the usable cores split between the ranks)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="after SIGTERM: refuse new requests, give in-flight ones this long, end "
+        "the rest with an error, exit",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -147,21 +178,39 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_encode_client_args(p: argparse.ArgumentParser) -> None:
     """Fail-over and security of the calls to the encode replicas."""
     group = p.add_argument_group("encode replicas")
-    group.add_argument("--encode-attempt-timeout", type=float, default=15.0,
-                       help="seconds one attempt on one replica may take before the image is "
-                       "retried on another (never more than the request has left)")  # fmt: skip
-    group.add_argument("--internal-token", default=os.environ.get(TOKEN_ENV),
-                       help="send it as x-splitvl-token metadata to the encode replicas (their "
-                       f"--internal-token; default: ${TOKEN_ENV})")  # fmt: skip
-    group.add_argument("--internal-token-file", type=Path, default=None,
-                       help="read the internal token from this file's first line")
-    group.add_argument("--encode-tls-ca", type=Path, default=None,
-                       help="connect to the encode replicas over TLS, verifying their "
-                       "certificates against this PEM CA")  # fmt: skip
-    group.add_argument("--encode-tls-cert", type=Path, default=None,
-                       help="client certificate for mutual TLS (with --encode-tls-key)")
-    group.add_argument("--encode-tls-key", type=Path, default=None,
-                       help="its PEM private key")
+    group.add_argument(
+        "--encode-attempt-timeout",
+        type=float,
+        default=15.0,
+        help="seconds one attempt on one replica may take before the image is "
+        "retried on another (never more than the request has left)",
+    )
+    group.add_argument(
+        "--internal-token",
+        default=os.environ.get(TOKEN_ENV),
+        help="send it as x-splitvl-token metadata to the encode replicas (their "
+        f"--internal-token; default: ${TOKEN_ENV})",
+    )
+    group.add_argument(
+        "--internal-token-file",
+        type=Path,
+        default=None,
+        help="read the internal token from this file's first line",
+    )
+    group.add_argument(
+        "--encode-tls-ca",
+        type=Path,
+        default=None,
+        help="connect to the encode replicas over TLS, verifying their "
+        "certificates against this PEM CA",
+    )
+    group.add_argument(
+        "--encode-tls-cert",
+        type=Path,
+        default=None,
+        help="client certificate for mutual TLS (with --encode-tls-key)",
+    )
+    group.add_argument("--encode-tls-key", type=Path, default=None, help="its PEM private key")
 
 
 def _devices_arg(text: str) -> tuple[str, ...]:
@@ -255,9 +304,10 @@ def build_frontend(
     model_config = engine.model_config
     image_token_id = model_config.image_token_id if model_config.is_vl else None
     prompt_builder = PromptBuilder(
-        ChatTemplate.from_model_dir(model_dir, chat_template), engine.tokenizer.encode,
+        ChatTemplate.from_model_dir(model_dir, chat_template),
+        engine.tokenizer.encode,
         image_token_id,
-    )  # fmt: skip
+    )
     options = options or FrontendOptions()
     policy = dataclasses.replace(options.images, processor=_image_processor(model_dir, engine))
     return LanguageFrontend(
@@ -280,8 +330,10 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise StartupError(f"cannot listen on {host}:{port} (--host/--port): {exc.strerror}; "
-                           "pick another port or stop what uses it") from None  # fmt: skip
+        raise StartupError(
+            f"cannot listen on {host}:{port} (--host/--port): {exc.strerror}; "
+            "pick another port or stop what uses it"
+        ) from None
     sock.listen(2048)
     sock.setblocking(False)
     return sock
@@ -313,14 +365,19 @@ def _build_encoder(args: argparse.Namespace, engine: Any) -> Any:
     endpoints = tuple(e.strip() for e in args.encode.split(",") if e.strip())
     expected = encoder_contract(args.model, engine) if engine.model_config.is_vl else None
     # Built inside the running loop: the client's gRPC channels belong to it
-    tls = load_tls_files(args.encode_tls_cert, args.encode_tls_key, args.encode_tls_ca,
-                         "--encode-tls")  # fmt: skip
+    tls = load_tls_files(
+        args.encode_tls_cert, args.encode_tls_key, args.encode_tls_ca, "--encode-tls"
+    )
     return EncodeClient(
         EncodeClientConfig(
-            endpoints, args.transport, args.device, expected=expected,
+            endpoints,
+            args.transport,
+            args.device,
+            expected=expected,
             attempt_timeout_s=args.encode_attempt_timeout,
-            internal_token=resolve_token(args.internal_token, args.internal_token_file), tls=tls,
-        )  # fmt: skip
+            internal_token=resolve_token(args.internal_token, args.internal_token_file),
+            tls=tls,
+        )
     )
 
 
@@ -351,8 +408,9 @@ async def _exit_when_fatal(engine: Any, server: uvicorn.Server, delay_s: float) 
 def _check_port_file(port_file: Path | None) -> None:
     # Before the model loads: a typo here should not cost a minute of loading
     if port_file is not None and not port_file.parent.is_dir():
-        raise StartupError(f"--port-file {port_file}: the directory {port_file.parent} does not "
-                           "exist")  # fmt: skip
+        raise StartupError(
+            f"--port-file {port_file}: the directory {port_file.parent} does not exist"
+        )
 
 
 def _check_kv_capacity(engine: Any) -> None:
@@ -384,8 +442,12 @@ async def serve(args: argparse.Namespace) -> int:
         name, args.api_key, str(args.model.resolve()), args.max_n, args.max_request_bytes
     )
     app = create_app(frontend, api_config)
-    config = uvicorn.Config(app, log_level=args.log_level.lower(), lifespan="off",
-                            timeout_graceful_shutdown=_SHUTDOWN_GRACE_S)  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        log_level=args.log_level.lower(),
+        lifespan="off",
+        timeout_graceful_shutdown=_SHUTDOWN_GRACE_S,
+    )
     server = DrainingServer(config, frontend, args.drain_timeout)
     async with running(engine, encoder):
         grpc_server, grpc_port = None, None
@@ -394,9 +456,13 @@ async def serve(args: argparse.Namespace) -> int:
 
             try:
                 grpc_server, grpc_port = await start_grpc_server(
-                    frontend, args.host, args.grpc_port, name, args.api_key,
+                    frontend,
+                    args.host,
+                    args.grpc_port,
+                    name,
+                    args.api_key,
                     args.max_request_bytes,
-                )  # fmt: skip
+                )
             except OSError as exc:
                 raise StartupError(f"{exc} (--grpc-port): pick another port") from None
         watcher = asyncio.ensure_future(_exit_when_fatal(engine, server, _FATAL_EXIT_DELAY_S))

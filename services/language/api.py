@@ -111,15 +111,23 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
     app.state.frontend = frontend
     install_error_handlers(app, lambda error: frontend.metrics.rejected(error.status_code))
     app.add_middleware(
-        RequestGate, api_key=config.api_key, max_request_bytes=config.max_request_bytes,
+        RequestGate,
+        api_key=config.api_key,
+        max_request_bytes=config.max_request_bytes,
         draining=lambda: frontend.draining,
-    )  # fmt: skip
+    )
     created = int(time.time())
 
     def model_card() -> dict:
-        return {"id": config.model_name, "object": "model", "created": created,
-                "owned_by": "splitvl", "root": config.model_root or config.model_name,
-                "parent": None, "max_model_len": frontend.window.max_model_len}  # fmt: skip
+        return {
+            "id": config.model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "splitvl",
+            "root": config.model_root or config.model_name,
+            "parent": None,
+            "max_model_len": frontend.window.max_model_len,
+        }
 
     def check_model(name: str | None) -> None:
         if name is not None and name != config.model_name:

@@ -54,11 +54,13 @@ def add_tokenize_routes(
             chat = ChatInput(body.render_options(), pixels)
             tokens = await frontend.count_chat(chat_messages(body.messages), chat)
         else:
-            tokens = await asyncio.to_thread(tokenizer.encode, body.prompt,
-                                             body.add_special_tokens)  # fmt: skip
-        return {"count": len(tokens), "max_model_len": frontend.window.max_model_len,
-                "tokens": tokens,
-                "token_strs": token_strs(tokens) if body.return_token_strs else None}  # fmt: skip
+            tokens = await asyncio.to_thread(tokenizer.encode, body.prompt, body.add_special_tokens)
+        return {
+            "count": len(tokens),
+            "max_model_len": frontend.window.max_model_len,
+            "tokens": tokens,
+            "token_strs": token_strs(tokens) if body.return_token_strs else None,
+        }
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:

@@ -36,8 +36,11 @@ class ChoiceDelta:
     tool_calls: tuple[ToolCallDelta, ...] = ()
 
     def __add__(self, other: ChoiceDelta) -> ChoiceDelta:
-        return ChoiceDelta(self.content + other.content, self.reasoning + other.reasoning,
-                           self.tool_calls + other.tool_calls)  # fmt: skip
+        return ChoiceDelta(
+            self.content + other.content,
+            self.reasoning + other.reasoning,
+            self.tool_calls + other.tool_calls,
+        )
 
     def is_empty(self) -> bool:
         return not (self.content or self.reasoning or self.tool_calls)

@@ -16,21 +16,44 @@ from shared.model.config import ConfigError
 
 def add_chat_arguments(parser: argparse.ArgumentParser, images) -> None:
     """Add the options; `images` is the parser's images argument group."""
-    images.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
-                        help="serve file:// image URLs from inside DIR (off by default)")
-    images.add_argument("--limit-mm-per-prompt", type=mm_limit_arg, default=None,
-                        metavar="JSON", help='most images per prompt, e.g. \'{"image": 4}\'')
+    images.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        metavar="DIR",
+        help="serve file:// image URLs from inside DIR (off by default)",
+    )
+    images.add_argument(
+        "--limit-mm-per-prompt",
+        type=mm_limit_arg,
+        default=None,
+        metavar="JSON",
+        help="most images per prompt, e.g. '{\"image\": 4}'",
+    )
     chat = parser.add_argument_group("chat")
-    chat.add_argument("--chat-template", default=None, metavar="PATH",
-                      help="a Jinja chat template file to use instead of the checkpoint's")
-    chat.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
-                      help="parse <tool_call> blocks of the output into tool_calls "
-                      "(qwen3 and hermes are the same format)")
-    chat.add_argument("--enable-auto-tool-choice", action="store_true",
-                      help='let the model decide to call tools (tool_choice "auto"); needs '
-                      "--tool-call-parser")
-    chat.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
-                      help="split <think>...</think> into reasoning_content")  # fmt: skip
+    chat.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="PATH",
+        help="a Jinja chat template file to use instead of the checkpoint's",
+    )
+    chat.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=None,
+        help="parse <tool_call> blocks of the output into tool_calls "
+        "(qwen3 and hermes are the same format)",
+    )
+    chat.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser',
+    )
+    chat.add_argument(
+        "--reasoning-parser",
+        choices=REASONING_PARSERS,
+        default=None,
+        help="split <think>...</think> into reasoning_content",
+    )
 
 
 def mm_limit_arg(text: str) -> int:

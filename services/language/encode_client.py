@@ -127,8 +127,9 @@ class _Replica:
         self.failures = 0
 
     def stats(self) -> ReplicaStats:
-        return ReplicaStats(self.stub.address, self.admitted, self.outstanding, self.attempts,
-                            self.failures)  # fmt: skip
+        return ReplicaStats(
+            self.stub.address, self.admitted, self.outstanding, self.attempts, self.failures
+        )
 
 
 class EncodeClient:
@@ -241,8 +242,12 @@ class EncodeClient:
 
     def _cool_down(self, replica: _Replica, reason: object) -> None:
         if replica.admitted:
-            log.warning("encode replica %s out of rotation for %.1f s: %s",
-                        replica.stub.address, self.config.cooldown_s, reason)  # fmt: skip
+            log.warning(
+                "encode replica %s out of rotation for %.1f s: %s",
+                replica.stub.address,
+                self.config.cooldown_s,
+                reason,
+            )
         replica.admitted = False
         replica.down_until = time.monotonic() + self.config.cooldown_s
 
@@ -331,9 +336,10 @@ class EncodeClient:
                 return await self._attempt(replica, ref, request_id, left)
         except TimeoutError:
             raise RemoteError(
-                ErrorKind.DEADLINE, f"no answer within the attempt's {budget:.1f} s",
+                ErrorKind.DEADLINE,
+                f"no answer within the attempt's {budget:.1f} s",
                 replica.stub.address,
-            ) from None  # fmt: skip
+            ) from None
 
     async def _attempt(
         self, replica: _Replica, ref: ImageRef, request_id: str, timeout: float

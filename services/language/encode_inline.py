@@ -45,5 +45,6 @@ async def receive_inline(
     if header is None:
         raise WireFormatError(f"{stub.address} returned no image")
     packed: torch.Tensor = assembler.result()
-    return EncodedImage(packed, header.grid_thw, header.content_hash, header.cache_hit,
-                        stub.address)  # fmt: skip
+    return EncodedImage(
+        packed, header.grid_thw, header.content_hash, header.cache_hit, stub.address
+    )

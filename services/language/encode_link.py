@@ -54,8 +54,9 @@ class LinkReceiver:
         deadline = time.monotonic() + timeout
         link = await self._ensure_link(deadline)
         try:
-            headers = await self.stub.encode_for_link(ref, request_id, link.link_id,
-                                                      _left(deadline))  # fmt: skip
+            headers = await self.stub.encode_for_link(
+                ref, request_id, link.link_id, _left(deadline)
+            )
         except RemoteError as exc:
             if exc.kind is ErrorKind.UNKNOWN_LINK:
                 self.drop(link, exc.detail)
@@ -70,8 +71,9 @@ class LinkReceiver:
         transfer = asyncio.ensure_future(self._receive(link, header, deadline))
         transfer.add_done_callback(_consume_exception)
         packed = await asyncio.shield(transfer)
-        return EncodedImage(packed, header.grid_thw, header.content_hash, header.cache_hit,
-                            self.stub.address)  # fmt: skip
+        return EncodedImage(
+            packed, header.grid_thw, header.content_hash, header.cache_hit, self.stub.address
+        )
 
     async def _receive(self, link: P2PLink, header: ImageHeader, deadline: float) -> torch.Tensor:
         loop = asyncio.get_running_loop()
@@ -132,8 +134,11 @@ class LinkReceiver:
                 if not joining.done():  # timed out or cancelled: the join goes on in its thread
                     joining.add_done_callback(partial(self._close_late, offer.link_id))
             if not done:
-                raise RemoteError(ErrorKind.DEADLINE, f"link {offer.link_id} not joined in time",
-                                  self.stub.address)  # fmt: skip
+                raise RemoteError(
+                    ErrorKind.DEADLINE,
+                    f"link {offer.link_id} not joined in time",
+                    self.stub.address,
+                )
             self.link = joining.result()
             log.info("link %s to %s ready (%s)", offer.link_id, self.stub.address, offer.backend)
             return self.link

@@ -38,8 +38,9 @@ _FAIL_FAST_OPTIONS = (
     # (gRPC's process-wide pool), whose backoff after an old failure would fail new calls.
     ("grpc.use_local_subchannel_pool", 1),
 )
-_DOWN_STATES = frozenset({grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-                          grpc.ChannelConnectivity.SHUTDOWN})  # fmt: skip
+_DOWN_STATES = frozenset(
+    {grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN}
+)
 
 
 class ErrorKind(enum.Enum):
@@ -109,15 +110,24 @@ def check_checkpoint(header: ImageHeader, expected: str | None, endpoint: str) -
 
 def _header(message: pb.ImageHeader) -> ImageHeader:
     return ImageHeader(
-        message.index, tuple(message.grid_thw), message.dtype, tuple(message.shape),
-        message.num_bytes, message.content_hash, message.cache_hit, message.ticket,
+        message.index,
+        tuple(message.grid_thw),
+        message.dtype,
+        tuple(message.shape),
+        message.num_bytes,
+        message.content_hash,
+        message.cache_hit,
+        message.ticket,
         message.checkpoint_id,
-    )  # fmt: skip
+    )
 
 
 def _image_message(ref: ImageRef) -> pb.ImageInput:
-    msg = pb.ImageInput(content_hash=ref.content_hash or "", min_pixels=ref.min_pixels or 0,
-                        max_pixels=ref.max_pixels or 0)  # fmt: skip
+    msg = pb.ImageInput(
+        content_hash=ref.content_hash or "",
+        min_pixels=ref.min_pixels or 0,
+        max_pixels=ref.max_pixels or 0,
+    )
     if ref.data is not None:
         msg.data = ref.data
     elif ref.url is not None:
@@ -188,8 +198,12 @@ class EncodeStub:
         self, ref: ImageRef, request_id: str, max_chunk_bytes: int, timeout: float
     ) -> AsyncIterator[ImageHeader | ChunkView]:
         """The image's header, then its tensor chunks (views into the received frames)."""
-        request = pb.EncodeRequest(request_id=request_id, images=[_image_message(ref)],
-                                   transport=pb.TRANSPORT_INLINE, max_chunk_bytes=max_chunk_bytes)
+        request = pb.EncodeRequest(
+            request_id=request_id,
+            images=[_image_message(ref)],
+            transport=pb.TRANSPORT_INLINE,
+            max_chunk_bytes=max_chunk_bytes,
+        )
         try:
             async for msg in self._encode(request, **self._call_args(timeout)):
                 if isinstance(msg, ChunkView):
@@ -203,8 +217,12 @@ class EncodeStub:
         self, ref: ImageRef, request_id: str, link_id: str, timeout: float
     ) -> list[ImageHeader]:
         """Headers whose tickets the replica holds for a transfer over `link_id`."""
-        request = pb.EncodeRequest(request_id=request_id, images=[_image_message(ref)],
-                                   transport=pb.TRANSPORT_LINK, link_id=link_id)  # fmt: skip
+        request = pb.EncodeRequest(
+            request_id=request_id,
+            images=[_image_message(ref)],
+            transport=pb.TRANSPORT_LINK,
+            link_id=link_id,
+        )
         try:
             call = self._encode(request, **self._call_args(timeout))
             return [_header(m.header) async for m in call]
@@ -221,23 +239,33 @@ class EncodeStub:
 
     async def open_link(self, device: str, timeout: float) -> LinkOffer:
         try:
-            msg = await self._stub.OpenLink(pb.OpenLinkRequest(device=device),
-                                            **self._call_args(timeout))  # fmt: skip
+            msg = await self._stub.OpenLink(
+                pb.OpenLinkRequest(device=device), **self._call_args(timeout)
+            )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
-        return LinkOffer(msg.link_id, msg.store_host, msg.store_port, msg.backend, msg.rank,
-                         msg.timeout_s, msg.secret)  # fmt: skip
+        return LinkOffer(
+            msg.link_id,
+            msg.store_host,
+            msg.store_port,
+            msg.backend,
+            msg.rank,
+            msg.timeout_s,
+            msg.secret,
+        )
 
     def transfer(self, link_id: str, tickets: list[int], timeout: float) -> TransferCall:
-        call = self._stub.Transfer(pb.TransferRequest(link_id=link_id, tickets=tickets),
-                                   **self._call_args(timeout))  # fmt: skip
+        call = self._stub.Transfer(
+            pb.TransferRequest(link_id=link_id, tickets=tickets), **self._call_args(timeout)
+        )
         return TransferCall(self, call)
 
     async def close_link(self, link_id: str, timeout: float = 2.0) -> None:
         """Best effort: the replica may already be gone, and its side of the link with it."""
         try:
-            await self._stub.CloseLink(pb.CloseLinkRequest(link_id=link_id),
-                                       **self._call_args(timeout))  # fmt: skip
+            await self._stub.CloseLink(
+                pb.CloseLinkRequest(link_id=link_id), **self._call_args(timeout)
+            )
         except grpc.aio.AioRpcError:
             pass
 
@@ -258,8 +286,9 @@ class TransferCall:
         except grpc.aio.AioRpcError as exc:
             raise self._stub._error(exc) from exc
         if msg is grpc.aio.EOF or msg.WhichOneof("stage") != stage:
-            raise RemoteError(ErrorKind.LINK_BROKEN, f"transfer ended before {stage}",
-                              self._stub.address)  # fmt: skip
+            raise RemoteError(
+                ErrorKind.LINK_BROKEN, f"transfer ended before {stage}", self._stub.address
+            )
 
     async def ready(self) -> None:
         await self._read("ready")

@@ -87,9 +87,7 @@ class OverloadedError(APIError):
     error_type = "rate_limit_error"
     default_code = "queue_full"
 
-    def __init__(
-        self, message: str, *, retry_after_s: int = 1, code: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, retry_after_s: int = 1, code: str | None = None) -> None:
         super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
 
 

@@ -192,9 +192,7 @@ class LanguageFrontend:
             max_tool_calls=plan.max_calls,
         )
 
-    async def count_chat(
-        self, messages: Sequence[ChatMessage], chat: ChatInput
-    ) -> list[int]:
+    async def count_chat(self, messages: Sequence[ChatMessage], chat: ChatInput) -> list[int]:
         """The prompt token ids a chat request would have, image pads expanded to each image's
         token count computed from its size (the images are loaded, not encoded)."""
         image_parts = collect_images(messages)
@@ -235,8 +233,10 @@ class LanguageFrontend:
             raise BadRequestError("this server has no encode service; images are not accepted")
         start = time.monotonic()
         datas = await asyncio.gather(*(self._image_bytes(part) for part in parts))
-        refs = [ImageRef(data=data, min_pixels=pixels.min_pixels, max_pixels=pixels.max_pixels)
-                for data in datas]  # fmt: skip
+        refs = [
+            ImageRef(data=data, min_pixels=pixels.min_pixels, max_pixels=pixels.max_pixels)
+            for data in datas
+        ]
         try:
             encoded = await self.encoder.encode(refs)
         except EncodeError as exc:
@@ -265,8 +265,11 @@ class LanguageFrontend:
             seed = None if sampling.seed is None else sampling.seed + index
             params = dataclasses.replace(sampling, max_tokens=max_tokens, seed=seed)
             rid = request_id if n == 1 else f"{request_id}-{index}"
-            requests.append(GenerationRequest(rid, prompt.token_ids, prompt.images, params,
-                                              arrival_time, prompt.grammar))  # fmt: skip
+            requests.append(
+                GenerationRequest(
+                    rid, prompt.token_ids, prompt.images, params, arrival_time, prompt.grammar
+                )
+            )
         return requests
 
     async def generate(
@@ -284,9 +287,7 @@ class LanguageFrontend:
         iterators = await self._submit(requests)
         timers = [RequestTimer(self.metrics, r.arrival_time) for r in requests]
         queue: asyncio.Queue = asyncio.Queue()
-        pumps = [
-            asyncio.create_task(_pump(index, it, queue)) for index, it in enumerate(iterators)
-        ]
+        pumps = [asyncio.create_task(_pump(index, it, queue)) for index, it in enumerate(iterators)]
         unfinished, counted = set(range(len(requests))), False
         try:
             while unfinished:

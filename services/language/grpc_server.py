@@ -48,10 +48,21 @@ _STATUS: tuple[tuple[type[APIError], grpc.StatusCode], ...] = (
 
 def status_for(error: APIError) -> grpc.StatusCode:
     """The gRPC status of a front-end error (INTERNAL for anything unexpected)."""
-    return next((code for kind, code in _STATUS if isinstance(error, kind)),
-                grpc.StatusCode.INTERNAL)  # fmt: skip
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                    "frequency_penalty", "repetition_penalty", "seed")  # fmt: skip
+    return next(
+        (code for kind, code in _STATUS if isinstance(error, kind)), grpc.StatusCode.INTERNAL
+    )
+
+
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "seed",
+)
 
 
 def messages_from_proto(messages) -> list[ChatMessage]:
@@ -155,9 +166,7 @@ class LanguageServicer(pb_grpc.LanguageServiceServicer):
         messages = messages_from_proto(request.messages)
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
         prompt = await self.frontend.prepare_chat(messages, request_id)
-        requests = self.frontend.make_requests(
-            request_id, prompt, sampling, requested, 1, arrival
-        )
+        requests = self.frontend.make_requests(request_id, prompt, sampling, requested, 1, arrival)
         # Leaving this generator (the client cancelled) closes the stream: the request aborts
         stream = self.frontend.generate(requests, prompt.num_image_tokens, slot)
         try:
@@ -195,9 +204,7 @@ async def start_grpc_server(
     # By hand rather than add_LanguageServiceServicer_to_server: bytes that do not parse as a
     # GenerateRequest get INVALID_ARGUMENT, not the generated deserializer's UNKNOWN.
     handlers = {"Generate": unary_stream(servicer.Generate, pb.GenerateRequest)}
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
-    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

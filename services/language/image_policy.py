@@ -105,9 +105,7 @@ class ImagePolicy:
         return (h // cfg.factor) * (w // cfg.factor)
 
 
-def expand_pads_by_count(
-    token_ids: list[int], image_token_id: int, counts: list[int]
-) -> list[int]:
+def expand_pads_by_count(token_ids: list[int], image_token_id: int, counts: list[int]) -> list[int]:
     """Replace the i-th single image pad by counts[i] pads (token counting without embeddings)."""
     expanded: list[int] = []
     images = iter(counts)

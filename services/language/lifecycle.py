@@ -91,8 +91,10 @@ class ServingState:
         if await self._wait_closed(timeout_s, poll_s):
             logger.info("drained: every request finished")
             return True
-        reason = (f"the server shut down before the request finished (drain timeout "
-                  f"{timeout_s:g} s); retry it on another replica")  # fmt: skip
+        reason = (
+            f"the server shut down before the request finished (drain timeout "
+            f"{timeout_s:g} s); retry it on another replica"
+        )
         logger.warning("drain timeout: ending %d request(s) with an error", self.num_open)
         engine.close(reason)
         with suppress(Exception):
@@ -141,8 +143,12 @@ class ReplicaProbe:
 
         config = self._config
         stubs = [
-            EncodeStub(address, config.max_message_bytes, getattr(config, "internal_token", None),
-                       getattr(config, "tls", None))  # fmt: skip
+            EncodeStub(
+                address,
+                config.max_message_bytes,
+                getattr(config, "internal_token", None),
+                getattr(config, "tls", None),
+            )
             for address in config.endpoints
         ]
         try:

@@ -108,8 +108,7 @@ def _from_response_format(value: ResponseFormat) -> Constraint | None:
         return _tag(value.model_dump(), "response_format")
     param = "response_format.json_schema.schema"
     if value.json_schema is None or value.json_schema.schema_ is None:
-        raise BadRequestError(f"{param} is required for a json_schema response_format",
-                              param=param)  # fmt: skip
+        raise BadRequestError(f"{param} is required for a json_schema response_format", param=param)
     return _json(value.json_schema.schema_, param)
 
 
@@ -130,8 +129,9 @@ def _from_structured(value: StructuredOutputsParam) -> list[Constraint]:
     if value.grammar is not None:
         found.append(_text("grammar", value.grammar, prefix + "grammar"))
     if value.json_object:
-        found.append(Constraint({"type": "json_schema", "json_schema": _ANY_OBJECT},
-                                prefix + "json_object"))  # fmt: skip
+        found.append(
+            Constraint({"type": "json_schema", "json_schema": _ANY_OBJECT}, prefix + "json_object")
+        )
     if value.structural_tag is not None:
         found.append(_tag(value.structural_tag, prefix + "structural_tag"))
     return found
@@ -150,15 +150,18 @@ def request_constraint(
             found.append(constraint)
     if structured_outputs is not None:
         found.extend(_from_structured(structured_outputs))
-    builders = {"guided_json": lambda v, p: _json(v, p),
-                "guided_regex": lambda v, p: _text("regex", v, p),
-                "guided_choice": _choice,
-                "guided_grammar": lambda v, p: _text("grammar", v, p)}  # fmt: skip
+    builders = {
+        "guided_json": lambda v, p: _json(v, p),
+        "guided_regex": lambda v, p: _text("regex", v, p),
+        "guided_choice": _choice,
+        "guided_grammar": lambda v, p: _text("grammar", v, p),
+    }
     for name, build in builders.items():
         if guided.get(name) is not None:
             found.append(build(guided[name], name))
     if len(found) > 1:
         names = ", ".join(c.param for c in found)
-        raise BadRequestError(f"give at most one output constraint; this request sets {names}",
-                              param=found[1].param)  # fmt: skip
+        raise BadRequestError(
+            f"give at most one output constraint; this request sets {names}", param=found[1].param
+        )
     return found[0] if found else None

@@ -82,8 +82,10 @@ def validate_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] |
                 param=f"{param}.type",
             )
         if not parsed.function.name or parsed.function.name in names:
-            raise BadRequestError(f"{param}.function.name must be a unique non-empty name",
-                                  param=f"{param}.function.name")  # fmt: skip
+            raise BadRequestError(
+                f"{param}.function.name must be a unique non-empty name",
+                param=f"{param}.function.name",
+            )
         names.add(parsed.function.name)
     return tools
 
@@ -94,8 +96,10 @@ def validate_tool_choice(choice: str | dict[str, Any] | None) -> None:
         return
     function = choice.get("function") if isinstance(choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
-    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(
-        name, str
+    if (
+        not isinstance(choice, dict)
+        or choice.get("type") != "function"
+        or not isinstance(name, str)
     ):
         raise BadRequestError(
             'tool_choice must be "none", "auto", "required" or {"type": "function", '

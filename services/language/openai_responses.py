@@ -201,22 +201,38 @@ class ResponseBuilder:
     def response(self) -> dict:
         """The whole (non-streamed) response body."""
         choices = [
-            self._choice(i, "".join(state.text) if self.kind == "text" else self._message(state),
-                         state.token_ids, self._logprobs(state.logprobs), state.finish_reason,
-                         delta=False)
+            self._choice(
+                i,
+                "".join(state.text) if self.kind == "text" else self._message(state),
+                state.token_ids,
+                self._logprobs(state.logprobs),
+                state.finish_reason,
+                delta=False,
+            )
             for i, state in enumerate(self.choices)
-        ]  # fmt: skip
+        ]
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
-        body = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage()}  # fmt: skip
+        body = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
         if self.options.return_token_ids:
             body["prompt_token_ids"] = list(self.prompt_token_ids)
         return body
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        body = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": choices}  # fmt: skip
+        body = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if self.options.include_usage:  # OpenAI sends usage: null on every chunk but the last
             if usage is None and self.options.continuous_usage:
                 usage = self.usage()  # vLLM's continuous_usage_stats: the running totals
@@ -240,8 +256,11 @@ class ResponseBuilder:
         delta = self.add(index, output)
         if self.kind == "chat":
             # Text a parser holds back (a tag being written) is sent later, not as empty deltas
-            carries = not delta.is_empty() or (self.options.logprobs and output.logprobs) or (
-                self.options.return_token_ids and output.new_token_ids)
+            carries = (
+                not delta.is_empty()
+                or (self.options.logprobs and output.logprobs)
+                or (self.options.return_token_ids and output.new_token_ids)
+            )
         else:
             carries = output.new_text or output.logprobs or output.new_token_ids
         if not (carries or output.finished):

@@ -169,13 +169,16 @@ class _SamplingFields(_Request):
         options = self.stream_options
         include_usage = self.stream and options is not None and options.include_usage
         continuous = include_usage and options.continuous_usage_stats
-        return ResponseOptions(self.n, logprobs is not None, include_usage, self.return_token_ids,
-                               continuous)  # fmt: skip
+        return ResponseOptions(
+            self.n, logprobs is not None, include_usage, self.return_token_ids, continuous
+        )
 
     def constraint(self) -> Constraint | None:
         """The structured-output constraint this request sets, if any."""
-        guided = {name: getattr(self, name) for name in
-                  ("guided_json", "guided_regex", "guided_choice", "guided_grammar")}  # fmt: skip
+        guided = {
+            name: getattr(self, name)
+            for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+        }
         return request_constraint(self.response_format, self.structured_outputs, guided)
 
     def check_fields(self) -> list[str]:
@@ -256,9 +259,12 @@ def chat_messages(messages: list[ChatMessageParam]) -> list[ChatMessage]:
 
 
 def _to_chat_message(index: int, message: ChatMessageParam) -> ChatMessage:
-    extra = {"tool_calls": tuple(message.tool_calls) if message.tool_calls else None,
-             "tool_call_id": message.tool_call_id, "name": message.name,
-             "reasoning_content": message.reasoning_content}  # fmt: skip
+    extra = {
+        "tool_calls": tuple(message.tool_calls) if message.tool_calls else None,
+        "tool_call_id": message.tool_call_id,
+        "name": message.name,
+        "reasoning_content": message.reasoning_content,
+    }
     if message.content is None:
         if message.role != "assistant":
             raise BadRequestError(
@@ -329,8 +335,9 @@ class TokenizeChatRequest(_Request):
     mm_processor_kwargs: dict[str, Any] | None = None
 
     def render_options(self) -> RenderOptions:
-        return render_options(validate_tools(self.tools), self.chat_template_kwargs,
-                              self.add_generation_prompt)  # fmt: skip
+        return render_options(
+            validate_tools(self.tools), self.chat_template_kwargs, self.add_generation_prompt
+        )
 
 
 class DetokenizeRequest(_Request):

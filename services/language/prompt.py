@@ -169,8 +169,7 @@ def _compile(source: str) -> jinja2.Template:
 
 
 # Variables the server itself passes to the template; chat_template_kwargs may not set them
-RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "documents",
-                                         "add_generation_prompt"})  # fmt: skip
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 
 
 @dataclass(frozen=True)
@@ -239,9 +238,12 @@ def message_to_template_dict(message: ChatMessage) -> dict[str, Any]:
                 # Templates only test that an image key is present; they never read the URL
                 parts.append({"type": "image"})
         item["content"] = parts
-    extras = {"tool_calls": list(message.tool_calls) if message.tool_calls else None,
-              "tool_call_id": message.tool_call_id, "name": message.name,
-              "reasoning_content": message.reasoning_content}  # fmt: skip
+    extras = {
+        "tool_calls": list(message.tool_calls) if message.tool_calls else None,
+        "tool_call_id": message.tool_call_id,
+        "name": message.name,
+        "reasoning_content": message.reasoning_content,
+    }
     item.update((key, value) for key, value in extras.items() if value is not None)
     return item
 
@@ -274,9 +276,7 @@ class PromptBuilder:
         self._encode = encode
         self.image_token_id = image_token_id
 
-    def render(
-        self, messages: Sequence[ChatMessage], options: RenderOptions | None = None
-    ) -> str:
+    def render(self, messages: Sequence[ChatMessage], options: RenderOptions | None = None) -> str:
         """The prompt text, ending with the assistant header (unless options say otherwise)."""
         options = options or RenderOptions()
         return self.template.render(

@@ -66,7 +66,7 @@ class ReasoningParser:
         if self._state == "start":
             stripped = buffer.lstrip()
             if stripped.startswith(THINK_START):
-                self._buffer = stripped[len(THINK_START):]
+                self._buffer = stripped[len(THINK_START) :]
                 self._state = "reasoning"
                 return True
             if not stripped or THINK_START.startswith(stripped):
@@ -77,12 +77,12 @@ class ReasoningParser:
             end = buffer.find(THINK_END)
             if end >= 0:
                 reasoning.append(buffer[:end])
-                self._buffer = buffer[end + len(THINK_END):]
+                self._buffer = buffer[end + len(THINK_END) :]
                 self._state = "after"
                 return True
             keep = _partial_suffix(buffer, THINK_END)
             reasoning.append(buffer[: len(buffer) - keep])
-            self._buffer = buffer[len(buffer) - keep:]
+            self._buffer = buffer[len(buffer) - keep :]
             return False
         if self._state == "after":
             stripped = buffer.lstrip()
@@ -111,8 +111,12 @@ def reasoning_format(fmt: dict, prompt_open: bool) -> dict:
     """A structural-tag format that lets the model think before `fmt` applies: the grammar
     starts after `</think>\\n\\n`. Free thinking when the prompt opened it; otherwise an
     optional `<think>` block the model may write first."""
-    think = {"type": "tag", "begin": "" if prompt_open else THINK_START,
-             "content": {"type": "any_text"}, "end": THINK_END}  # fmt: skip
+    think = {
+        "type": "tag",
+        "begin": "" if prompt_open else THINK_START,
+        "content": {"type": "any_text"},
+        "end": THINK_END,
+    }
     separator = {"type": "const_string", "value": "\n\n"}
     block: dict = {"type": "sequence", "elements": [think, separator]}
     if not prompt_open:

@@ -47,32 +47,52 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
-        _check(_finite(self.temperature) and self.temperature >= 0.0,
-               f"temperature must be a finite number >= 0, got {self.temperature}")
-        _check(_finite(self.top_p) and 0.0 < self.top_p <= 1.0,
-               f"top_p must be in (0, 1], got {self.top_p}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0,
-               f"top_k must be an integer >= 0 (0 disables it), got {self.top_k}")
-        _check(_finite(self.min_p) and 0.0 <= self.min_p <= 1.0,
-               f"min_p must be in [0, 1], got {self.min_p}")
+        _check(
+            _finite(self.temperature) and self.temperature >= 0.0,
+            f"temperature must be a finite number >= 0, got {self.temperature}",
+        )
+        _check(
+            _finite(self.top_p) and 0.0 < self.top_p <= 1.0,
+            f"top_p must be in (0, 1], got {self.top_p}",
+        )
+        _check(
+            isinstance(self.top_k, int) and self.top_k >= 0,
+            f"top_k must be an integer >= 0 (0 disables it), got {self.top_k}",
+        )
+        _check(
+            _finite(self.min_p) and 0.0 <= self.min_p <= 1.0,
+            f"min_p must be in [0, 1], got {self.min_p}",
+        )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _check(_finite(value) and -2.0 <= value <= 2.0,
-                   f"{name} must be in [-2, 2], got {value}")
-        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0.0,
-               f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-               f"max_tokens must be an integer >= 1, got {self.max_tokens}")
-        _check(self.seed is None or isinstance(self.seed, int),
-               f"seed must be an integer or None, got {self.seed!r}")
-        _check(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
-               f"stop must be a tuple of non-empty strings, got {self.stop!r}")
-        _check(isinstance(self.stop_token_ids, tuple)
-               and all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               f"stop_token_ids must be a tuple of token ids >= 0, got {self.stop_token_ids!r}")
-        _check(self.logprobs is None
-               or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-               f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}")
+            _check(
+                _finite(value) and -2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value}"
+            )
+        _check(
+            _finite(self.repetition_penalty) and self.repetition_penalty > 0.0,
+            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+        )
+        _check(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+            f"max_tokens must be an integer >= 1, got {self.max_tokens}",
+        )
+        _check(
+            self.seed is None or isinstance(self.seed, int),
+            f"seed must be an integer or None, got {self.seed!r}",
+        )
+        _check(
+            isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
+            f"stop must be a tuple of non-empty strings, got {self.stop!r}",
+        )
+        _check(
+            isinstance(self.stop_token_ids, tuple)
+            and all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            f"stop_token_ids must be a tuple of token ids >= 0, got {self.stop_token_ids!r}",
+        )
+        _check(
+            self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+            f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}",
+        )
         _check_logit_bias(self.logit_bias)
 
     @property
@@ -92,13 +112,19 @@ def _check(condition: bool, message: str) -> None:
 def _check_logit_bias(pairs: tuple[tuple[int, float], ...]) -> None:
     _check(isinstance(pairs, tuple), f"logit_bias must be a tuple of pairs, got {pairs!r}")
     for pair in pairs:
-        _check(isinstance(pair, tuple) and len(pair) == 2, f"logit_bias entry {pair!r} is not a "
-               "(token id, bias) pair")
+        _check(
+            isinstance(pair, tuple) and len(pair) == 2,
+            f"logit_bias entry {pair!r} is not a (token id, bias) pair",
+        )
         token_id, bias = pair
-        _check(isinstance(token_id, int) and token_id >= 0,
-               f"logit_bias keys must be token ids >= 0, got {token_id!r}")
-        _check(_finite(bias) and -100.0 <= bias <= 100.0,
-               f"logit_bias values must be in [-100, 100], got {bias!r} for token {token_id}")
+        _check(
+            isinstance(token_id, int) and token_id >= 0,
+            f"logit_bias keys must be token ids >= 0, got {token_id!r}",
+        )
+        _check(
+            _finite(bias) and -100.0 <= bias <= 100.0,
+            f"logit_bias values must be in [-100, 100], got {bias!r} for token {token_id}",
+        )
 
 
 @dataclass(frozen=True)
@@ -180,8 +206,9 @@ class RequestState:
         positions = []
         if request.images and image_token_id is not None:
             positions = [i for i, t in enumerate(request.prompt_token_ids) if t == image_token_id]
-        return cls(request=request, token_ids=list(request.prompt_token_ids),
-                   image_positions=positions)  # fmt: skip
+        return cls(
+            request=request, token_ids=list(request.prompt_token_ids), image_positions=positions
+        )
 
     @property
     def request_id(self) -> str:
@@ -205,7 +232,7 @@ class RequestState:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def has_images(self) -> bool:

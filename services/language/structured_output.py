@@ -169,8 +169,9 @@ class GrammarCompiler:
             if key not in self._cache:
                 self._cache[key] = grammar
                 self._num_bytes += grammar.num_bytes
-            while len(self._cache) > 1 and (len(self._cache) > self.cache_size
-                                            or self._num_bytes > self.cache_bytes):
+            while len(self._cache) > 1 and (
+                len(self._cache) > self.cache_size or self._num_bytes > self.cache_bytes
+            ):
                 self._num_bytes -= self._cache.popitem(last=False)[1].num_bytes
         return grammar
 

@@ -117,21 +117,21 @@ class IncrementalDetokenizer:
 
     def _decode_step(self) -> str:
         decode = self._tokenizer.decode
-        prefix = decode(self._ids[self._prefix_offset:self._read_offset], self._skip_special)
-        full = decode(self._ids[self._prefix_offset:], self._skip_special)
+        prefix = decode(self._ids[self._prefix_offset : self._read_offset], self._skip_special)
+        full = decode(self._ids[self._prefix_offset :], self._skip_special)
         if len(full) <= len(prefix) or full.endswith(_REPLACEMENT):
             return ""  # an incomplete UTF-8 character (or nothing visible) so far
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        return full[len(prefix):]
+        return full[len(prefix) :]
 
     def flush(self) -> None:
         """At the end of the stream, release bytes still waiting for a character to complete."""
         if self.stopped_by is None and self._read_offset < len(self._ids):
             decode = self._tokenizer.decode
-            prefix = decode(self._ids[self._prefix_offset:self._read_offset], self._skip_special)
-            full = decode(self._ids[self._prefix_offset:], self._skip_special)
-            self.text += full[len(prefix):]
+            prefix = decode(self._ids[self._prefix_offset : self._read_offset], self._skip_special)
+            full = decode(self._ids[self._prefix_offset :], self._skip_special)
+            self.text += full[len(prefix) :]
             self._read_offset = len(self._ids)
 
     def pop_new_text(self, finished: bool) -> str:
@@ -139,6 +139,6 @@ class IncrementalDetokenizer:
         end = len(self.text)
         if not finished:
             end = max(self._num_emitted, end - self._hold_back)
-        new_text = self.text[self._num_emitted:end]
+        new_text = self.text[self._num_emitted : end]
         self._num_emitted = end
         return new_text

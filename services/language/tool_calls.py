@@ -38,8 +38,11 @@ class ToolCall:
     arguments: str  # JSON text
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}  # fmt: skip
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,12 @@ class ToolCallDelta:
     def to_dict(self) -> dict[str, Any]:
         if self.id is None:
             return {"index": self.index, "function": {"arguments": self.arguments}}
-        return {"index": self.index, "id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}  # fmt: skip
+        return {
+            "index": self.index,
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -156,7 +163,7 @@ class ToolCallParser:
         # Whitespace between and after calls is layout, not answer
         text = self._held_space + text
         stripped = text.rstrip()
-        self._held_space = text[len(stripped):]
+        self._held_space = text[len(stripped) :]
         return stripped
 
     def _step(self, content: list[str], deltas: list[ToolCallDelta]) -> bool:
@@ -165,10 +172,10 @@ class ToolCallParser:
             if start < 0:
                 keep = _partial_suffix(self._buffer, TOOL_CALL_START)
                 content.append(self._buffer[: len(self._buffer) - keep])
-                self._buffer = self._buffer[len(self._buffer) - keep:]
+                self._buffer = self._buffer[len(self._buffer) - keep :]
                 return False
             content.append(self._buffer[:start])
-            self._buffer = self._buffer[start + len(TOOL_CALL_START):]
+            self._buffer = self._buffer[start + len(TOOL_CALL_START) :]
             self._call = _OpenCall(self._num_started)
             self._num_started += 1
             return True
@@ -178,11 +185,11 @@ class ToolCallParser:
         if end < 0:  # hold back what may be the start of the end tag
             piece = piece[: len(piece) - _partial_suffix(piece, TOOL_CALL_END)]
         call.body += piece
-        self._buffer = self._buffer[len(piece):]
+        self._buffer = self._buffer[len(piece) :]
         self._stream_call(call, deltas)
         if end < 0:
             return False
-        self._buffer = self._buffer[len(TOOL_CALL_END):]
+        self._buffer = self._buffer[len(TOOL_CALL_END) :]
         self._close_call(call, deltas, content)
         return True
 
@@ -199,15 +206,13 @@ class ToolCallParser:
             call.id, call.args_start = new_call_id(), match.end()
             name = _json_string(match.group(1))
             deltas.append(ToolCallDelta(call.index, "", call.id, name))
-        fresh = call.body[call.args_start + call.args_fed:]
+        fresh = call.body[call.args_start + call.args_fed :]
         call.args_fed += len(fresh)
         piece = call.scanner.feed(fresh)
         if piece:
             deltas.append(ToolCallDelta(call.index, piece))
 
-    def _close_call(
-        self, call: _OpenCall, deltas: list[ToolCallDelta], content: list[str]
-    ) -> None:
+    def _close_call(self, call: _OpenCall, deltas: list[ToolCallDelta], content: list[str]) -> None:
         self._call = None
         parsed = _parse_call(call.body)
         if not self._wanted(call):
@@ -278,13 +283,23 @@ def tool_call_format(
             continue
         parameters = function.get("parameters") or {"type": "object", "properties": {}}
         begin = f'{TOOL_CALL_START}\n{{"name": {json.dumps(function["name"], ensure_ascii=False)}'
-        tags.append({"type": "tag", "begin": f'{begin}, "arguments": ',
-                     "content": {"type": "json_schema", "json_schema": parameters},
-                     "end": f"}}\n{TOOL_CALL_END}"})  # fmt: skip
+        tags.append(
+            {
+                "type": "tag",
+                "begin": f'{begin}, "arguments": ',
+                "content": {"type": "json_schema", "json_schema": parameters},
+                "end": f"}}\n{TOOL_CALL_END}",
+            }
+        )
     if name is not None:
         return tags[0]
-    return {"type": "tags_with_separator", "tags": tags, "separator": "\n",
-            "at_least_one": True, "stop_after_first": not parallel}  # fmt: skip
+    return {
+        "type": "tags_with_separator",
+        "tags": tags,
+        "separator": "\n",
+        "at_least_one": True,
+        "stop_after_first": not parallel,
+    }
 
 
 @dataclass(frozen=True)
@@ -319,8 +334,9 @@ def plan_tools(
     """Resolve `tool_choice` as vLLM does; BadRequestError for a choice that cannot be served."""
     if not tools:
         if tool_choice not in (None, "none"):
-            raise BadRequestError("tool_choice needs tools; send the tools it may call",
-                                  param="tool_choice")  # fmt: skip
+            raise BadRequestError(
+                "tool_choice needs tools; send the tools it may call", param="tool_choice"
+            )
         return ToolPlan()
     choice = "auto" if tool_choice is None else tool_choice
     max_calls = None if parallel else 1
@@ -338,6 +354,7 @@ def plan_tools(
         return ToolPlan(True, tool_call_format(tools, None, parallel), max_calls)
     name = choice["function"]["name"]
     if name not in {tool["function"]["name"] for tool in tools}:
-        raise BadRequestError(f"tool_choice names {name!r}, which is not among the tools",
-                              param="tool_choice")  # fmt: skip
+        raise BadRequestError(
+            f"tool_choice names {name!r}, which is not among the tools", param="tool_choice"
+        )
     return ToolPlan(True, tool_call_format(tools, name, parallel), 1)

@@ -41,8 +41,7 @@ def _backend(device_type: str) -> ModuleType | None:
         module = importlib.import_module(f"shared.kernels.{name}")
         return module if module.available() else None
     except Exception as exc:  # noqa: BLE001 - a broken backend must never stop the model
-        log.warning("no %s kernels on %s, using the PyTorch references: %r", name, device_type,
-                    exc)  # fmt: skip
+        log.warning("no %s kernels on %s, using the PyTorch references: %r", name, device_type, exc)
         return None
 
 

@@ -126,8 +126,11 @@ class FusedExpertSource:
         e, a, b = self.target
         shape = reader.shape(self.keys[0])
         if a == b and shape == self.target:
-            log.warning("%s: square expert matrices; assuming the %s layout", self.keys[0],
-                        "transformers-v5" if self.square_is_v5 else "hub")  # fmt: skip
+            log.warning(
+                "%s: square expert matrices; assuming the %s layout",
+                self.keys[0],
+                "transformers-v5" if self.square_is_v5 else "hub",
+            )
             return self.square_is_v5
         if shape == self.target:
             return False
@@ -153,8 +156,9 @@ class PerExpertGateUpSource:
 
     def __init__(self, base: str, num_experts: int, intermediate: int):
         self.base, self.num_experts, self.intermediate = base, num_experts, intermediate
-        self.keys = tuple(f"{base}.{e}.{p}_proj.weight"
-                          for e in range(num_experts) for p in ("gate", "up"))  # fmt: skip
+        self.keys = tuple(
+            f"{base}.{e}.{p}_proj.weight" for e in range(num_experts) for p in ("gate", "up")
+        )
 
     def load(self, reader: Reader, shard: Shard | None) -> torch.Tensor:
         inter = self.intermediate

@@ -65,7 +65,7 @@ def _plan(
     for our, param in module.named_parameters():
         if our in skip:
             continue
-        ckpt = next((c + our[len(o):] for o, c in prefixes if our.startswith(o)), None)
+        ckpt = next((c + our[len(o) :] for o, c in prefixes if our.startswith(o)), None)
         if ckpt is None:
             raise CheckpointError(f"no checkpoint prefix maps parameter {our}")
         m = _EXPERT.match(ckpt)
@@ -91,8 +91,11 @@ def _check_keys(model_dir, plan: dict, keys: dict[str, Path], prefixes) -> None:
             f"checkpoint {model_dir} lacks {len(missing)} tensor(s), e.g. {', '.join(missing[:5])}"
         )
     ckpt_prefixes = tuple(c for _, c in prefixes)
-    unexpected = sorted(k for k in keys if k.startswith(ckpt_prefixes) and k not in wanted
-                        and not _IGNORED.search(k))  # fmt: skip
+    unexpected = sorted(
+        k
+        for k in keys
+        if k.startswith(ckpt_prefixes) and k not in wanted and not _IGNORED.search(k)
+    )
     if unexpected:
         raise CheckpointError(
             f"checkpoint {model_dir} has {len(unexpected)} unexpected tensor(s) for this model, "
@@ -126,8 +129,9 @@ def load_weights(
     reader = Reader(keys)
     files = {keys[src.keys[0]] for src in plan.values()}
     try:
-        for our, src in tqdm(plan.items(), desc="Loading weights", unit="tensor",
-                             disable=len(files) < 2):  # fmt: skip
+        for our, src in tqdm(
+            plan.items(), desc="Loading weights", unit="tensor", disable=len(files) < 2
+        ):
             shard = shards.get(our)
             value = src.load(reader, shard)
             expected = list(targets[our])
@@ -193,8 +197,9 @@ def load_text_model(
     config = load_config(model_dir)
     model = build_text_model(config)
     prefixes, skip, square_is_v5 = text_plan_args(config)
-    load_weights(model, model_dir, prefixes, dtype, device, skip, square_is_v5,
-                 expert_dtype=expert_dtype)  # fmt: skip
+    load_weights(
+        model, model_dir, prefixes, dtype, device, skip, square_is_v5, expert_dtype=expert_dtype
+    )
     return finish_text_model(model, config)
 
 

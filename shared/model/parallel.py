@@ -92,8 +92,10 @@ def shard_specs(config: TextConfig, layout: ParallelLayout) -> dict[str, Shard]:
     q = (q[0] * d, q[1] * d)
     kv = _kv_range(config, layout)
     v0, v1, _ = layout.vocab_part(config.vocab_size)
-    specs = {"model.embed_tokens.weight": Shard(0, ((v0, v1),)),
-             "lm_head.weight": Shard(0, ((v0, v1),))}  # fmt: skip
+    specs = {
+        "model.embed_tokens.weight": Shard(0, ((v0, v1),)),
+        "lm_head.weight": Shard(0, ((v0, v1),)),
+    }
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         specs[p + "self_attn.q_proj.weight"] = Shard(0, (q,))
@@ -116,8 +118,10 @@ def _expert_specs(prefix: str, config: TextConfig, layout: ParallelLayout) -> di
         return {prefix + "gate_up_proj": Shard(0, experts), prefix + "down_proj": Shard(0, experts)}
     inter = config.moe_intermediate_size
     a, b = layout.part(inter, "moe_intermediate_size")
-    return {prefix + "gate_up_proj": Shard(2, ((a, b), (inter + a, inter + b))),
-            prefix + "down_proj": Shard(1, ((a, b),))}  # fmt: skip
+    return {
+        prefix + "gate_up_proj": Shard(2, ((a, b), (inter + a, inter + b))),
+        prefix + "down_proj": Shard(1, ((a, b),)),
+    }
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -149,7 +153,7 @@ class ParallelLMHead(nn.Module):
         local = F.linear(hidden, self.weight).contiguous()  # [n, ceil(V / N)]
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local, group=self.group)
-        return torch.cat(parts, dim=-1)[:, :self.vocab_size]
+        return torch.cat(parts, dim=-1)[:, : self.vocab_size]
 
 
 def _all_reduce_output(group):
@@ -184,11 +188,15 @@ def attach_collectives(
 ) -> None:
     """Swap in the vocabulary-parallel modules and hook the all-reduces (a loaded rank model)."""
     v0, v1, rows = layout.vocab_part(config.vocab_size)
-    embed = VocabParallelEmbedding(_padded_rows(model.model.embed_tokens.weight, rows), v0, v1,
-                                   group)  # fmt: skip
+    embed = VocabParallelEmbedding(
+        _padded_rows(model.model.embed_tokens.weight, rows), v0, v1, group
+    )
     model.model.embed_tokens = embed
-    head_weight = embed.weight if model.tie_word_embeddings else nn.Parameter(
-        _padded_rows(model.lm_head.weight, rows), requires_grad=False)  # fmt: skip
+    head_weight = (
+        embed.weight
+        if model.tie_word_embeddings
+        else nn.Parameter(_padded_rows(model.lm_head.weight, rows), requires_grad=False)
+    )
     model.lm_head = ParallelLMHead(head_weight, config.vocab_size, layout.world_size, group)
     for layer in model.model.layers:
         layer.self_attn.o_proj.register_forward_hook(_all_reduce_output(group))
@@ -215,8 +223,17 @@ def load_parallel_text_model(
     model = build_text_model(config)
     specs = shard_specs(config.text, layout)
     prefixes, skip, square_is_v5 = text_plan_args(config)
-    bytes_read = load_weights(model, model_dir, prefixes, dtype, device, skip, square_is_v5,
-                              shards=specs, expert_dtype=expert_dtype)  # fmt: skip
+    bytes_read = load_weights(
+        model,
+        model_dir,
+        prefixes,
+        dtype,
+        device,
+        skip,
+        square_is_v5,
+        shards=specs,
+        expert_dtype=expert_dtype,
+    )
     model = finish_text_model(model, config)
     if layout.world_size > 1:
         attach_collectives(model, config.text, layout, group)

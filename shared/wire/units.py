@@ -9,9 +9,18 @@ import torch
 from shared.model.config import DTYPES
 
 __all__ = [
-    "DTYPES", "GIB", "KIB", "MIB", "compute_dtype", "cpu_has_native_bf16", "dtype_name",
-    "nbytes", "parse_bytes", "parse_dtype", "resolve_dtype",
-]  # fmt: skip
+    "DTYPES",
+    "GIB",
+    "KIB",
+    "MIB",
+    "compute_dtype",
+    "cpu_has_native_bf16",
+    "dtype_name",
+    "nbytes",
+    "parse_bytes",
+    "parse_dtype",
+    "resolve_dtype",
+]
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -19,8 +19,16 @@ from scripts.support.launch import REPO, ServiceProcess, start_encode, start_lan
 
 SHAPES_VL = REPO / "models" / "shapes-vl"
 API_KEY = "bench-key"
-LANGUAGE_ARGS = ["--api-key", API_KEY, "--max-model-len", "2048", "--kv-cache-memory", "128MiB",
-                 "--max-num-seqs", "32"]  # fmt: skip
+LANGUAGE_ARGS = [
+    "--api-key",
+    API_KEY,
+    "--max-model-len",
+    "2048",
+    "--kv-cache-memory",
+    "128MiB",
+    "--max-num-seqs",
+    "32",
+]
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,9 @@ def bench_cluster(tmp_path_factory) -> Iterator[BenchCluster]:
         args = ["--encode", encode_address, *LANGUAGE_ARGS]
         language, base_url, _grpc = start_language(SHAPES_VL, workdir, args)
         try:
-            yield BenchCluster(base_url, f"{base_url}/metrics",
-                               f"http://127.0.0.1:{metrics_port}/metrics")  # fmt: skip
+            yield BenchCluster(
+                base_url, f"{base_url}/metrics", f"http://127.0.0.1:{metrics_port}/metrics"
+            )
         finally:
             language.stop()
     finally:
@@ -82,16 +91,26 @@ def _http_chunk(data: bytes) -> bytes:
 
 async def _respond(mode: str, writer: asyncio.StreamWriter) -> None:
     if mode == "http500":
-        body = json.dumps({"error": {"message": FAKE_MODES[mode], "type": "InternalServerError",
-                                     "param": None, "code": 500}}).encode()  # fmt: skip
+        body = json.dumps(
+            {
+                "error": {
+                    "message": FAKE_MODES[mode],
+                    "type": "InternalServerError",
+                    "param": None,
+                    "code": 500,
+                }
+            }
+        ).encode()
         writer.write(
             b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
             + body
         )
         return
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                 b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")  # fmt: skip
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
     for text in ("a", " b"):
         writer.write(_http_chunk(_sse(_chunk(text))))
         await writer.drain()
@@ -111,8 +130,9 @@ async def _respond(mode: str, writer: asyncio.StreamWriter) -> None:
     else:
         writer.write(_http_chunk(_sse(_chunk(" c"))))
         usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
-        writer.write(_http_chunk(_sse({"object": "chat.completion.chunk", "choices": [],
-                                       "usage": usage})))  # fmt: skip
+        writer.write(
+            _http_chunk(_sse({"object": "chat.completion.chunk", "choices": [], "usage": usage}))
+        )
     writer.write(_http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
 
@@ -125,9 +145,11 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         body = json.loads(await reader.readexactly(length)) if length else {}
         if request_line.startswith("GET /v1/models"):
             data = json.dumps({"object": "list", "data": [{"id": "fake-model"}]}).encode()
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                         + f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
-                         + data)  # fmt: skip
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+                + data
+            )
         else:
             text = json.dumps(body.get("messages", ""))
             mode = next((m for m in FAKE_MODES if m in text), "ok")

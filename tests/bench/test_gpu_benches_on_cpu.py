@@ -9,8 +9,23 @@ from bench import decode, prefill
 
 def test_decode_benchmark_runs_and_reports(tmp_path, capsys):
     out = tmp_path / "decode.json"
-    args = ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--batches", "1,3",
-            "--prompt", "16", "--new", "4", "--hf", "--out", str(out)]  # fmt: skip
+    args = [
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--batches",
+        "1,3",
+        "--prompt",
+        "16",
+        "--new",
+        "4",
+        "--hf",
+        "--out",
+        str(out),
+    ]
     assert decode.main(args) == 0
     result = json.loads(out.read_text())
     assert set(result) == {"engine_tok_s", "hf_tok_s"}
@@ -20,8 +35,19 @@ def test_decode_benchmark_runs_and_reports(tmp_path, capsys):
 
 def test_prefill_benchmark_runs_and_reports(tmp_path):
     out = tmp_path / "prefill.json"
-    args = ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--side", "64", "--hf",
-            "--out", str(out)]  # fmt: skip
+    args = [
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--side",
+        "64",
+        "--hf",
+        "--out",
+        str(out),
+    ]
     assert prefill.main(args) == 0
     result = json.loads(out.read_text())
     assert result["engine"]["prompt_tokens"] == 8 + 2 + 4 + 32

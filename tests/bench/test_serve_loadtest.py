@@ -34,18 +34,45 @@ from bench.serve.server_metrics import Scrape, parse_samples
 from tests.bench.conftest import FAKE_MODES, REPO
 
 RESULT_KEYS = (
-    "date", "backend", "model_id", "num_prompts", "request_rate", "burstiness",
-    "max_concurrency", "duration", "completed", "failed", "total_input_tokens",
-    "total_output_tokens", "request_throughput", "request_goodput", "output_throughput",
-    "total_token_throughput", "input_lens", "output_lens", "ttfts", "itls", "errors", "requests",
+    "date",
+    "backend",
+    "model_id",
+    "num_prompts",
+    "request_rate",
+    "burstiness",
+    "max_concurrency",
+    "duration",
+    "completed",
+    "failed",
+    "total_input_tokens",
+    "total_output_tokens",
+    "request_throughput",
+    "request_goodput",
+    "output_throughput",
+    "total_token_throughput",
+    "input_lens",
+    "output_lens",
+    "ttfts",
+    "itls",
+    "errors",
+    "requests",
     "server_metrics",
-)  # fmt: skip
+)
 
 
 def _result(index=0, ttft=0.1, e2el=1.0, tokens=10, itl=(), success=True, start=0.0, error=""):
-    return RequestResult(index=index, start=start, success=success, ttft=ttft, e2el=e2el,
-                         itl=list(itl), output_tokens=tokens, prompt_tokens=4,
-                         usage_reported=True, error=error)  # fmt: skip
+    return RequestResult(
+        index=index,
+        start=start,
+        success=success,
+        ttft=ttft,
+        e2el=e2el,
+        itl=list(itl),
+        output_tokens=tokens,
+        prompt_tokens=4,
+        usage_reported=True,
+        error=error,
+    )
 
 
 # --- metric math ---------------------------------------------------------------------------
@@ -124,8 +151,16 @@ def test_infinite_rate_sends_everything_at_once():
 
 
 def test_sse_events_join_data_lines_and_skip_comments():
-    lines = [": keep-alive", "data: {\"a\":", "data: 1}", "", "event: error", "data: x", "",
-             "data: [DONE]"]  # fmt: skip
+    lines = [
+        ": keep-alive",
+        'data: {"a":',
+        "data: 1}",
+        "",
+        "event: error",
+        "data: x",
+        "",
+        "data: [DONE]",
+    ]
 
     async def collect():
         async def gen():
@@ -155,8 +190,9 @@ def test_random_mm_images_sizes_and_repeats():
     from PIL import Image
 
     buckets = parse_buckets("64x64:1,96x64:1")
-    spec = RandomSpec(20, input_len=8, output_len=4, num_images=(1, 2), buckets=buckets,
-                      image_repeat_ratio=0.25)  # fmt: skip
+    spec = RandomSpec(
+        20, input_len=8, output_len=4, num_images=(1, 2), buckets=buckets, image_repeat_ratio=0.25
+    )
     requests = random_requests(spec, seed=3)
     assert requests == random_requests(spec, seed=3)
     seen: set[int] = set()
@@ -208,8 +244,13 @@ def test_server_metrics_report_run_deltas():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bench.serve", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "bench.serve", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_bad_arguments_and_unreachable_server_give_one_line_errors():
@@ -230,12 +271,31 @@ def test_bad_arguments_and_unreachable_server_give_one_line_errors():
 def test_failures_are_counted_with_their_messages(fake_server, tmp_path):
     modes = list(FAKE_MODES)
     dataset = tmp_path / "requests.jsonl"
-    dataset.write_text("".join(json.dumps({"prompt": f"please {m}", "max_tokens": 4}) + "\n"
-                               for m in modes))  # fmt: skip
-    rc = main(["--base-url", fake_server, "--dataset-name", "jsonl", "--dataset-path",
-               str(dataset), "--num-prompts", str(2 * len(modes)), "--max-concurrency", "3",
-               "--disable-tqdm", "--timeout", "30", "--save-result", "--result-dir", str(tmp_path),
-               "--result-filename", "fake.json"])  # fmt: skip
+    dataset.write_text(
+        "".join(json.dumps({"prompt": f"please {m}", "max_tokens": 4}) + "\n" for m in modes)
+    )
+    rc = main(
+        [
+            "--base-url",
+            fake_server,
+            "--dataset-name",
+            "jsonl",
+            "--dataset-path",
+            str(dataset),
+            "--num-prompts",
+            str(2 * len(modes)),
+            "--max-concurrency",
+            "3",
+            "--disable-tqdm",
+            "--timeout",
+            "30",
+            "--save-result",
+            "--result-dir",
+            str(tmp_path),
+            "--result-filename",
+            "fake.json",
+        ]
+    )
     assert rc == 0
     result = json.loads((tmp_path / "fake.json").read_text())
     assert result["model_id"] == "fake-model"
@@ -253,16 +313,51 @@ def test_failures_are_counted_with_their_messages(fake_server, tmp_path):
 
 def test_load_run_against_splitvl(bench_cluster, tmp_path, capsys):
     plot = tmp_path / "run.png"
-    rc = main(["--base-url", bench_cluster.base_url, "--api-key", bench_cluster.api_key,
-               "--dataset-name", "random-mm", "--num-prompts", "32", "--max-concurrency", "8",
-               "--random-input-len", "24", "--random-output-len", "12",
-               "--random-range-ratio", "0.33", "--random-mm-bucket-config", "64x64:1,96x64:1",
-               "--image-repeat-ratio", "0.25", "--ignore-eos", "--seed", "1", "--timeout", "60",
-               "--goodput", "ttft:60000", "--disable-tqdm", "--plot", str(plot),
-               "--metrics-url", bench_cluster.language_metrics_url,
-               "--metrics-url", bench_cluster.encode_metrics_url, "--metrics-interval", "0.5",
-               "--save-result", "--result-dir", str(tmp_path),
-               "--result-filename", "run.json"])  # fmt: skip
+    rc = main(
+        [
+            "--base-url",
+            bench_cluster.base_url,
+            "--api-key",
+            bench_cluster.api_key,
+            "--dataset-name",
+            "random-mm",
+            "--num-prompts",
+            "32",
+            "--max-concurrency",
+            "8",
+            "--random-input-len",
+            "24",
+            "--random-output-len",
+            "12",
+            "--random-range-ratio",
+            "0.33",
+            "--random-mm-bucket-config",
+            "64x64:1,96x64:1",
+            "--image-repeat-ratio",
+            "0.25",
+            "--ignore-eos",
+            "--seed",
+            "1",
+            "--timeout",
+            "60",
+            "--goodput",
+            "ttft:60000",
+            "--disable-tqdm",
+            "--plot",
+            str(plot),
+            "--metrics-url",
+            bench_cluster.language_metrics_url,
+            "--metrics-url",
+            bench_cluster.encode_metrics_url,
+            "--metrics-interval",
+            "0.5",
+            "--save-result",
+            "--result-dir",
+            str(tmp_path),
+            "--result-filename",
+            "run.json",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0
     assert "Serving Benchmark Result" in printed and "Encode cache hit ratio" in printed

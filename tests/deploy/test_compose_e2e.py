@@ -62,8 +62,14 @@ def test_compose_cluster_end_to_end(tmp_path):
     log_path = tmp_path / "compose_e2e.log"
     env = {**os.environ, "PYTHON": sys.executable}
     with log_path.open("w") as log:
-        process = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            ["bash", str(SCRIPT)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             process.wait(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:

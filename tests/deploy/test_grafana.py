@@ -17,8 +17,12 @@ GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "splitvl-dashboard.json"
 METRIC = re.compile(r"\bsplitvl_[a-z0-9_]+")
 # What the Prometheus client exposes per metric type (counters gain _total and _created).
-SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count",
-            "_created"), "summary": ("_sum", "_count", "_created"), "gauge": ("",)}  # fmt: skip
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("_sum", "_count", "_created"),
+    "gauge": ("",),
+}
 
 
 def exported_names(registry) -> set[str]:
@@ -30,9 +34,16 @@ def exported_names(registry) -> set[str]:
 
 
 def service_metric_names() -> set[str]:
-    stats = SimpleNamespace(num_running=1, num_waiting=0, kv_usage=0.5, num_free_blocks=3,
-                            num_total_blocks=6, prefix_cache_hits=1, prefix_cache_queries=2,
-                            num_preemptions=0)  # fmt: skip
+    stats = SimpleNamespace(
+        num_running=1,
+        num_waiting=0,
+        kv_usage=0.5,
+        num_free_blocks=3,
+        num_total_blocks=6,
+        prefix_cache_hits=1,
+        prefix_cache_queries=2,
+        num_preemptions=0,
+    )
     language = LanguageMetrics(engine_stats=lambda: stats)
     return exported_names(language.registry) | exported_names(EncodeMetrics().registry)
 
@@ -97,6 +108,7 @@ def test_prometheus_config_scrapes_every_compose_service():
         port = re.search(r"--metrics-port (\d+)", command) or re.search(r"--port (\d+)", command)
         expected.add(f"{name}:{port.group(1)}")
     config = yaml.safe_load((GRAFANA / "prometheus.yml").read_text())
-    targets = {t for job in config["scrape_configs"] for c in job["static_configs"]
-               for t in c["targets"]}  # fmt: skip
+    targets = {
+        t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]
+    }
     assert targets == expected

@@ -19,8 +19,9 @@ SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "healthcheck.py"
 
 
 def probe(*args: str) -> int:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True,
-                          timeout=30).returncode  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, timeout=30
+    ).returncode
 
 
 @pytest.fixture
@@ -82,4 +83,3 @@ def test_http_ok_error_and_usage(http_health):
     handler.status = 503
     assert probe("http", url) == 1
     assert probe("tcp", url) == 2
-

@@ -57,8 +57,11 @@ def render(directory: Path) -> list[dict]:
         _set_image(objects, rule)
     for patch in kustomization.get("patches", []):
         target = patch["target"]
-        matches = [o for o in objects
-                   if o["kind"] == target["kind"] and o["metadata"]["name"] == target["name"]]
+        matches = [
+            o
+            for o in objects
+            if o["kind"] == target["kind"] and o["metadata"]["name"] == target["name"]
+        ]
         assert matches, f"{directory}: patch target {target} matches nothing"
         ops = yaml.safe_load(patch["patch"])
         for i, obj in enumerate(objects):

@@ -23,16 +23,22 @@ def ask(cluster: Cluster, model: E2EModel, question: str, image: bytes | None = 
     response = cluster.client().chat.completions.create(
         model=cluster.model_name, messages=chat_messages(question, image), **model.greedy()
     )
-    return (response, response.model_extra["prompt_token_ids"],
-            response.choices[0].model_extra["token_ids"])  # fmt: skip
+    return (
+        response,
+        response.model_extra["prompt_token_ids"],
+        response.choices[0].model_extra["token_ids"],
+    )
 
 
 def ask_streamed(cluster: Cluster, model: E2EModel, question: str, image: bytes | None = None):
     """Streamed greedy chat with usage; returns (text, answer ids, finish reason, usage)."""
     stream = cluster.client().chat.completions.create(
-        model=cluster.model_name, messages=chat_messages(question, image), stream=True,
-        stream_options={"include_usage": True}, **model.greedy(),
-    )  # fmt: skip
+        model=cluster.model_name,
+        messages=chat_messages(question, image),
+        stream=True,
+        stream_options={"include_usage": True},
+        **model.greedy(),
+    )
     text, ids, reason, usage = "", [], None, None
     for chunk in stream:
         if chunk.usage is not None:
@@ -45,9 +51,13 @@ def ask_streamed(cluster: Cluster, model: E2EModel, question: str, image: bytes 
 
 
 def check_answer(
-    reference: Reference, model: E2EModel, question: str, image: bytes | None,
-    prompt_ids: list[int], token_ids: list[int],
-) -> None:  # fmt: skip
+    reference: Reference,
+    model: E2EModel,
+    question: str,
+    image: bytes | None,
+    prompt_ids: list[int],
+    token_ids: list[int],
+) -> None:
     """The served prompt is transformers' and the answer is its greedy answer."""
     images = [image] if image is not None else []
     assert prompt_ids == reference.prompt_ids(chat_messages(question, image), images)

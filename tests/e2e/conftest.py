@@ -105,19 +105,31 @@ class Cluster:
         """The official openai client, pointed at this cluster."""
         import openai
 
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key,
-                             max_retries=0, timeout=timeout)  # fmt: skip
+        return openai.OpenAI(
+            base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0, timeout=timeout
+        )
 
     def async_client(self, timeout: float = 300.0):
         """The official async openai client."""
         import openai
 
-        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key,
-                                  max_retries=0, timeout=timeout)  # fmt: skip
+        return openai.AsyncOpenAI(
+            base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0, timeout=timeout
+        )
 
 
-LANGUAGE_ARGS = ["--served-model-name", MODEL_NAME, "--api-key", API_KEY, "--max-model-len",
-                 "2048", "--kv-cache-memory", "128MiB", "--max-num-seqs", "32"]  # fmt: skip
+LANGUAGE_ARGS = [
+    "--served-model-name",
+    MODEL_NAME,
+    "--api-key",
+    API_KEY,
+    "--max-model-len",
+    "2048",
+    "--kv-cache-memory",
+    "128MiB",
+    "--max-num-seqs",
+    "32",
+]
 
 
 def run_cluster(model: E2EModel, workdir: Path, transport: str) -> Iterator[Cluster]:
@@ -127,8 +139,9 @@ def run_cluster(model: E2EModel, workdir: Path, transport: str) -> Iterator[Clus
         args = ["--encode", encode_address, "--transport", transport, *LANGUAGE_ARGS]
         language, base_url, grpc_address = start_language(model.path, workdir, args)
         try:
-            yield Cluster(base_url, grpc_address, encode_address,
-                          logs=[encode.log_path, language.log_path])  # fmt: skip
+            yield Cluster(
+                base_url, grpc_address, encode_address, logs=[encode.log_path, language.log_path]
+            )
         finally:
             language.stop()
     finally:

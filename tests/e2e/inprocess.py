@@ -70,8 +70,9 @@ def language_server(
     `options` and a replacement `chat_template` as the service's flags would set them)."""
     config = engine_config or EngineConfig(kv_cache_memory=8 * 2**20, max_model_len=512)
     engine = AsyncEngine.from_model_dir(model_dir, config)
-    frontend = build_frontend(model_dir, engine, encoder, fetch or ImageFetchConfig(), options,
-                              chat_template)  # fmt: skip
+    frontend = build_frontend(
+        model_dir, engine, encoder, fetch or ImageFetchConfig(), options, chat_template
+    )
     app = create_app(
         frontend,
         APIConfig(model_name, api_key=api_key, max_request_bytes=max_request_bytes),

@@ -37,15 +37,19 @@ class LoadCluster:
 
 @contextmanager
 def load_cluster(
-    model: Path, workdir: Path, num_encode: int, language_args: Sequence[str],
+    model: Path,
+    workdir: Path,
+    num_encode: int,
+    language_args: Sequence[str],
     encode_args: Sequence[str] = (),
-) -> Iterator[LoadCluster]:  # fmt: skip
+) -> Iterator[LoadCluster]:
     """`num_encode` replicas (each with /metrics) and one language service; all stopped after."""
     encodes, addresses, metrics = [], [], []
     try:
         for i in range(num_encode):
-            proc, address = start_encode(model, workdir, ["--metrics-port", "0", *encode_args],
-                                         name=f"encode{i}")  # fmt: skip
+            proc, address = start_encode(
+                model, workdir, ["--metrics-port", "0", *encode_args], name=f"encode{i}"
+            )
             encodes.append(proc)
             addresses.append(address)
             metrics.append(f"http://127.0.0.1:{proc.ports()['metrics_port']}/metrics")
@@ -89,14 +93,22 @@ def base_cases(num: int, seed: int = 7) -> list[tuple[Image.Image, str]]:
     return [(example.image, example.question) for example in make_dataset(seed, num)]
 
 
-def chat_body(model: str, question: str, image: bytes | None, max_tokens: int = 24,
-              stream: bool = True) -> dict:  # fmt: skip
+def chat_body(
+    model: str, question: str, image: bytes | None, max_tokens: int = 24, stream: bool = True
+) -> dict:
     content: list | str = question
     if image is not None:
-        content = [{"type": "image_url", "image_url": {"url": data_url(image)}},
-                   {"type": "text", "text": question}]  # fmt: skip
-    return {"model": model, "messages": [{"role": "user", "content": content}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": stream}  # fmt: skip
+        content = [
+            {"type": "image_url", "image_url": {"url": data_url(image)}},
+            {"type": "text", "text": question},
+        ]
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    }
 
 
 # -- streamed requests, every outcome counted --------------------------------------------------
@@ -115,12 +127,12 @@ class StreamResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == 200 and self.done and self.error is None and bool(
-            self.finish_reason)  # fmt: skip
+        return self.status == 200 and self.done and self.error is None and bool(self.finish_reason)
 
 
-async def stream_chat(client: httpx.AsyncClient, url: str, body: dict,
-                      headers: dict | None = None) -> StreamResult:  # fmt: skip
+async def stream_chat(
+    client: httpx.AsyncClient, url: str, body: dict, headers: dict | None = None
+) -> StreamResult:
     result = StreamResult()
     start = time.monotonic()
     try:
@@ -132,7 +144,7 @@ async def stream_chat(client: httpx.AsyncClient, url: str, body: dict,
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
                     continue
-                data = line[len("data: "):]
+                data = line[len("data: ") :]
                 if data == "[DONE]":
                     result.done = True
                     break
@@ -151,8 +163,9 @@ async def stream_chat(client: httpx.AsyncClient, url: str, body: dict,
     return result
 
 
-async def stream_many(url: str, bodies: Sequence[dict], headers: dict | None = None,
-                      timeout_s: float = 600.0) -> list[StreamResult]:  # fmt: skip
+async def stream_many(
+    url: str, bodies: Sequence[dict], headers: dict | None = None, timeout_s: float = 600.0
+) -> list[StreamResult]:
     """All `bodies` at once, each on its own connection."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(timeout_s, connect=60.0)

@@ -67,9 +67,13 @@ class Reference:
                 )
             eos = sorted(self.eos_ids) if self.trained else None
             out = self.hf_model.generate(
-                input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=eos, pad_token_id=0, **kwargs,
-            )  # fmt: skip
+                input_ids=ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=0,
+                **kwargs,
+            )
             self._generated[key] = out[0, ids.shape[1] :].tolist()
         return self._generated[key]
 
@@ -80,9 +84,12 @@ class Reference:
         return ids
 
     def check(
-        self, prompt_ids: Sequence[int], token_ids: Sequence[int], images: Sequence[bytes],
+        self,
+        prompt_ids: Sequence[int],
+        token_ids: Sequence[int],
+        images: Sequence[bytes],
         max_new_tokens: int,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Raise AssertionError unless `token_ids` is transformers' greedy answer."""
         expected = self.generate(prompt_ids, images, max_new_tokens)
         if self._strip_eos(token_ids) == self._strip_eos(expected):

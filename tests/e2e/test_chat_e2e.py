@@ -76,8 +76,13 @@ def test_abort_midway_frees_kv_blocks(grpc_cluster, e2e_model):
     base = grpc_cluster.base_url
     wait_for_idle_kv(base)
     image, question = e2e_model.image_cases(1, seed=5)[0]
-    body = {"model": grpc_cluster.model_name, "messages": chat_messages(question, image),
-            "max_tokens": 1500, "ignore_eos": True, "stream": True}  # fmt: skip
+    body = {
+        "model": grpc_cluster.model_name,
+        "messages": chat_messages(question, image),
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.Client(timeout=60, headers=AUTH) as http:
         with http.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
             lines, chunks = response.iter_lines(), 0
@@ -85,9 +90,10 @@ def test_abort_midway_frees_kv_blocks(grpc_cluster, e2e_model):
                 chunks += next(lines).startswith("data: {")
             busy = read_metrics(base)
             assert busy["splitvl_language_num_requests_running"] == 1
-            used = busy["splitvl_language_kv_cache_total_blocks"] - busy[
-                "splitvl_language_kv_cache_free_blocks"
-            ]
+            used = (
+                busy["splitvl_language_kv_cache_total_blocks"]
+                - busy["splitvl_language_kv_cache_free_blocks"]
+            )
             assert used > 0
     wait_for_idle_kv(base)  # every block back in the free pool, as /metrics shows
 
@@ -104,11 +110,13 @@ def test_grpc_generate_returns_the_same_tokens_as_http(grpc_cluster, e2e_model):
     _, prompt_ids, http_ids = ask(grpc_cluster, e2e_model, question, image)
     greedy = e2e_model.greedy()
     sampling = pb.SamplingParams(
-        temperature=0, max_tokens=greedy["max_tokens"],
+        temperature=0,
+        max_tokens=greedy["max_tokens"],
         ignore_eos=greedy["extra_body"].get("ignore_eos", False),
-    )  # fmt: skip
-    message = pb.Message(role="user", content=[pb.ContentPart(image=image),
-                                               pb.ContentPart(text=question)])  # fmt: skip
+    )
+    message = pb.Message(
+        role="user", content=[pb.ContentPart(image=image), pb.ContentPart(text=question)]
+    )
     responses = _grpc_generate(
         grpc_cluster,
         pb.GenerateRequest(model=grpc_cluster.model_name, messages=[message], sampling=sampling),

@@ -11,9 +11,12 @@ NUM_REQUESTS = 32
 
 async def _stream_one(client, model_name: str, greedy: dict, question: str, image):
     stream = await client.chat.completions.create(
-        model=model_name, messages=chat_messages(question, image), stream=True,
-        stream_options={"include_usage": True}, **greedy,
-    )  # fmt: skip
+        model=model_name,
+        messages=chat_messages(question, image),
+        stream=True,
+        stream_options={"include_usage": True},
+        **greedy,
+    )
     text, ids, reason, usage = "", [], None, None
     async for chunk in stream:
         usage = chunk.usage or usage

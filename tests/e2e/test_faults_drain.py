@@ -28,17 +28,27 @@ from tests.e2e.support import wait_for_idle_kv
 MODEL = "shapes-vl"
 DRAIN_TIMEOUT_S = 3.0
 FAULT_STEPS = (3, 6)
-LANGUAGE_ARGS = ["--served-model-name", MODEL, "--max-model-len", "4096", "--kv-cache-memory",
-                 "64MiB", "--drain-timeout", str(DRAIN_TIMEOUT_S), "--inject-step-faults",
-                 ",".join(map(str, FAULT_STEPS))]  # fmt: skip
+LANGUAGE_ARGS = [
+    "--served-model-name",
+    MODEL,
+    "--max-model-len",
+    "4096",
+    "--kv-cache-memory",
+    "64MiB",
+    "--drain-timeout",
+    str(DRAIN_TIMEOUT_S),
+    "--inject-step-faults",
+    ",".join(map(str, FAULT_STEPS)),
+]
 
 
 @pytest.fixture(scope="module")
 def cluster(e2e_model, tmp_path_factory):
     if not e2e_model.trained:
         pytest.skip("needs the trained shapes model")
-    with load_cluster(e2e_model.path, tmp_path_factory.mktemp("faults"), 1,
-                      LANGUAGE_ARGS) as running:  # fmt: skip
+    with load_cluster(
+        e2e_model.path, tmp_path_factory.mktemp("faults"), 1, LANGUAGE_ARGS
+    ) as running:
         yield running
 
 
@@ -49,8 +59,9 @@ def _post(cluster, body, timeout=60) -> httpx.Response:
 def _stream(cluster, body, result: StreamResult, first: threading.Event) -> None:
     import json
 
-    with httpx.stream("POST", f"{cluster.base_url}/v1/chat/completions", json=body,
-                      timeout=120) as response:  # fmt: skip
+    with httpx.stream(
+        "POST", f"{cluster.base_url}/v1/chat/completions", json=body, timeout=120
+    ) as response:
         result.status = response.status_code
         for line in response.iter_lines():
             if not line.startswith("data: "):
@@ -58,7 +69,7 @@ def _stream(cluster, body, result: StreamResult, first: threading.Event) -> None
             if line == "data: [DONE]":
                 result.done = True
                 break
-            event = json.loads(line[len("data: "):])
+            event = json.loads(line[len("data: ") :])
             if "error" in event:
                 result.error = event["error"]["message"]
                 continue
@@ -115,10 +126,12 @@ def test_sigterm_drains_then_exits(cluster):
     long_result, short_result = StreamResult(), StreamResult()
     long_first, short_first = threading.Event(), threading.Event()
     threads = [
-        threading.Thread(target=_stream, args=(cluster, _text_body(3000, True), long_result,
-                                               long_first)),  # fmt: skip
-        threading.Thread(target=_stream, args=(cluster, _text_body(24, True), short_result,
-                                               short_first)),  # fmt: skip
+        threading.Thread(
+            target=_stream, args=(cluster, _text_body(3000, True), long_result, long_first)
+        ),
+        threading.Thread(
+            target=_stream, args=(cluster, _text_body(24, True), short_result, short_first)
+        ),
     ]
     for thread in threads:
         thread.start()
@@ -152,8 +165,10 @@ def test_sigterm_drains_then_exits(cluster):
     assert DRAIN_TIMEOUT_S <= exited_after < DRAIN_TIMEOUT_S + 15
     log = language.log()
     assert "draining" in log and "drain timeout: ending 1 request(s)" in log
-    print(f"drain: short stream finished ({len(short_result.text)} chars), long stream cut "
-          f"with an error event, exit 0 after {exited_after:.1f} s")
+    print(
+        f"drain: short stream finished ({len(short_result.text)} chars), long stream cut "
+        f"with an error event, exit 0 after {exited_after:.1f} s"
+    )
 
 
 def _check_grpc_generate_refused(address: str) -> None:

@@ -27,13 +27,15 @@ def _bad_configs(model, tmp_path) -> dict[str, tuple[list[str], str]]:
     return {
         "port in use": (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}"),
         "port file in a missing directory": (
-            ["--port-file", str(tmp_path / "absent" / "ports.json")], "does not exist"
+            ["--port-file", str(tmp_path / "absent" / "ports.json")],
+            "does not exist",
         ),
         "model without weights": (["--model", str(no_weights)], "no model.safetensors"),
         "unknown device": (["--device", "tpu"], "--device 'tpu' is not a device"),
         "KV cache below one block": (["--kv-cache-memory", "1KiB"], "--kv-cache-memory"),
         "KV cache below one sequence": (
-            ["--kv-cache-memory", "64KiB", "--max-model-len", "4096"], "less than one sequence"
+            ["--kv-cache-memory", "64KiB", "--max-model-len", "4096"],
+            "less than one sequence",
         ),
     }
 
@@ -51,14 +53,17 @@ def test_bad_configurations_get_one_line_and_a_nonzero_exit(e2e_model, tmp_path,
     busy.listen(1)
     port = str(busy.getsockname()[1])
     base = ["--model", str(e2e_model.path), "--port", "0", "--log-level", "WARNING"]
-    cases = {name: ([a.replace("{busy}", port) for a in args], expected.replace("{busy}", port))
-             for name, (args, expected) in _bad_configs(e2e_model.path, tmp_path).items()}
+    cases = {
+        name: ([a.replace("{busy}", port) for a in args], expected.replace("{busy}", port))
+        for name, (args, expected) in _bad_configs(e2e_model.path, tmp_path).items()
+    }
     procs = {}
     try:
         for name in AS_PROCESSES:
             command = [sys.executable, "-m", "services.language", *base, *cases[name][0]]
-            procs[name] = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
+            procs[name] = subprocess.Popen(
+                command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
         for name, (args, expected) in cases.items():
             if name in AS_PROCESSES:
                 continue
@@ -106,8 +111,7 @@ def test_api_keys_and_image_bytes_never_reach_the_logs(e2e_model, tmp_path):
         assert httpx.post(url, json=streamed, headers=good, timeout=60).status_code == 200
         wrong = {"Authorization": f"Bearer {WRONG_KEY}"}
         assert httpx.post(url, json=body, headers=wrong, timeout=60).status_code == 401
-        broken = chat_body("shapes-vl", question, b"not an image" + image_bytes[:200],
-                           stream=False)  # fmt: skip
+        broken = chat_body("shapes-vl", question, b"not an image" + image_bytes[:200], stream=False)
         assert httpx.post(url, json=broken, headers=good, timeout=60).status_code == 400
         unknown = {**body, "frobnicate": SECRET_KEY}  # named in a warning, value never shown
         assert httpx.post(url, json=unknown, headers=good, timeout=60).status_code == 200
@@ -118,5 +122,5 @@ def test_api_keys_and_image_bytes_never_reach_the_logs(e2e_model, tmp_path):
         for secret in (SECRET_KEY, WRONG_KEY, SECRET_KEY[8:24], WRONG_KEY[8:24]):
             assert secret not in log, f"{name} logged an API key"
         for i in range(0, len(b64) - 32, 256):  # any 32-character slice of the image's base64
-            assert b64[i:i + 32] not in log, f"{name} logged image bytes"
+            assert b64[i : i + 32] not in log, f"{name} logged image bytes"
         assert broken_b64[16:48] not in log and "base64," not in log, f"{name} logged a data URL"

@@ -35,8 +35,18 @@ NUM_BASES = 8
 NUM_REQUESTS = 1024
 MODEL = "shapes-vl"
 KEY = "load-key"
-LANGUAGE_ARGS = ["--served-model-name", MODEL, "--api-key", KEY, "--max-model-len", "2048",
-                 "--kv-cache-memory", "256MiB", "--max-num-seqs", "64"]  # fmt: skip
+LANGUAGE_ARGS = [
+    "--served-model-name",
+    MODEL,
+    "--api-key",
+    KEY,
+    "--max-model-len",
+    "2048",
+    "--kv-cache-memory",
+    "256MiB",
+    "--max-num-seqs",
+    "64",
+]
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 CACHE_BYTES = 8 * 2**20  # small, so the encode caches fill and evict during the runs
 ENCODE_ARGS = ["--cache-memory", "8MiB"]
@@ -81,30 +91,40 @@ def test_the_perturbation_does_not_change_answers(cluster, bases, base_answers):
 
 
 def test_1024_concurrent_streams_with_distinct_images(cluster, bases, base_answers):
-    misses_before = sum(scrape(url)["splitvl_encode_cache_misses_total"]
-                        for url in cluster.encode_metrics_urls)  # fmt: skip
+    misses_before = sum(
+        scrape(url)["splitvl_encode_cache_misses_total"] for url in cluster.encode_metrics_urls
+    )
     cases = [(i % NUM_BASES, i // NUM_BASES) for i in range(NUM_REQUESTS)]
     bodies = [chat_body(MODEL, bases[b][1], perturbed(bases[b][0], k)) for b, k in cases]
-    assert len({body["messages"][0]["content"][0]["image_url"]["url"] for body in bodies}) == \
-        NUM_REQUESTS  # fmt: skip
+    assert (
+        len({body["messages"][0]["content"][0]["image_url"]["url"] for body in bodies})
+        == NUM_REQUESTS
+    )
     start = time.monotonic()
-    results = asyncio.run(stream_many(f"{cluster.base_url}/v1/chat/completions", bodies,
-                                      HEADERS, timeout_s=500))  # fmt: skip
+    results = asyncio.run(
+        stream_many(f"{cluster.base_url}/v1/chat/completions", bodies, HEADERS, timeout_s=500)
+    )
     elapsed = time.monotonic() - start
 
     failed = [(i, r) for i, r in enumerate(results) if not r.ok]
     assert not failed, f"{len(failed)} of {NUM_REQUESTS} failed, e.g. {failed[:3]}"
-    wrong = [(i, r.text, base_answers[cases[i][0]]) for i, r in enumerate(results)
-             if r.text != base_answers[cases[i][0]]]  # fmt: skip
+    wrong = [
+        (i, r.text, base_answers[cases[i][0]])
+        for i, r in enumerate(results)
+        if r.text != base_answers[cases[i][0]]
+    ]
     assert not wrong, f"{len(wrong)} answers differ from their base image's, e.g. {wrong[:3]}"
     # Every image went through a vision tower, on both replicas
-    misses = [scrape(url)["splitvl_encode_cache_misses_total"]
-              for url in cluster.encode_metrics_urls]  # fmt: skip
+    misses = [
+        scrape(url)["splitvl_encode_cache_misses_total"] for url in cluster.encode_metrics_urls
+    ]
     assert sum(misses) - misses_before >= NUM_REQUESTS
     assert all(m > 0 for m in misses)
     wait_for_idle_kv(cluster.base_url)
-    print(f"{NUM_REQUESTS} concurrent streams: 0 lost, 0 failed, all answers equal their "
-          f"base's, {elapsed:.1f} s; encode misses per replica {misses}")
+    print(
+        f"{NUM_REQUESTS} concurrent streams: 0 lost, 0 failed, all answers equal their "
+        f"base's, {elapsed:.1f} s; encode misses per replica {misses}"
+    )
     assert httpx.get(f"{cluster.base_url}/ready", timeout=10).status_code == 200
 
 
@@ -113,16 +133,22 @@ def test_soak_memory_and_state_return_to_idle(cluster, bases, base_answers):
     """A closed loop of SOAK_CONCURRENCY streams for SOAK_S seconds, every image new, with the
     RSS of every process sampled; afterwards KV blocks, encode queues, calls and links are idle
     and the encode caches within their budget."""
-    processes = {"language": cluster.language.pid,
-                 **{f"encode{i}": p.pid for i, p in enumerate(cluster.encodes)}}  # fmt: skip
+    processes = {
+        "language": cluster.language.pid,
+        **{f"encode{i}": p.pid for i, p in enumerate(cluster.encodes)},
+    }
     samples: list[tuple[float, dict[str, int]]] = []
     counts = {"ok": 0, "failed": 0, "wrong": 0}
     start = time.monotonic()
 
     async def sampler(stop: asyncio.Event) -> None:
         while not stop.is_set():
-            samples.append((time.monotonic() - start,
-                            {name: rss_bytes(pid) for name, pid in processes.items()}))
+            samples.append(
+                (
+                    time.monotonic() - start,
+                    {name: rss_bytes(pid) for name, pid in processes.items()},
+                )
+            )
             with suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 2.0)
 
@@ -132,8 +158,9 @@ def test_soak_memory_and_state_return_to_idle(cluster, bases, base_answers):
             base = k % NUM_BASES
             image, question = bases[base]
             body = chat_body(MODEL, question, perturbed(image, (k // NUM_BASES) % 768))
-            result = await stream_chat(client, f"{cluster.base_url}/v1/chat/completions", body,
-                                       HEADERS)  # fmt: skip
+            result = await stream_chat(
+                client, f"{cluster.base_url}/v1/chat/completions", body, HEADERS
+            )
             counts["ok" if result.ok else "failed"] += 1
             counts["wrong"] += result.ok and result.text != base_answers[base]
             k += SOAK_CONCURRENCY
@@ -154,10 +181,13 @@ def test_soak_memory_and_state_return_to_idle(cluster, bases, base_answers):
     assert counts["failed"] == 0 and counts["wrong"] == 0, counts
     warm = next(rss for t, rss in samples if t >= SOAK_WARMUP_S)
     end = samples[-1][1]
-    report = ", ".join(f"{name} {warm[name] / 2**20:.0f} -> {end[name] / 2**20:.0f} MiB"
-                       for name in processes)  # fmt: skip
-    print(f"soak: {counts['ok']} requests in {elapsed:.0f} s ({counts['ok'] / elapsed:.1f} "
-          f"req/s at {SOAK_CONCURRENCY} concurrent); RSS after warm-up -> end: {report}")
+    report = ", ".join(
+        f"{name} {warm[name] / 2**20:.0f} -> {end[name] / 2**20:.0f} MiB" for name in processes
+    )
+    print(
+        f"soak: {counts['ok']} requests in {elapsed:.0f} s ({counts['ok'] / elapsed:.1f} "
+        f"req/s at {SOAK_CONCURRENCY} concurrent); RSS after warm-up -> end: {report}"
+    )
     for name in processes:
         assert end[name] - warm[name] <= RSS_GROWTH_BOUND, f"{name} grew: {report}"
     for url in cluster.encode_metrics_urls:

@@ -26,10 +26,27 @@ from tests.e2e.support import wait_for_idle_kv
 BOUND_S = 1.0
 OVERLOAD = 4.0
 OVERLOAD_S = 8.0
-LANGUAGE_ARGS = ["--served-model-name", "shapes-vl", "--max-model-len", "2048",
-                 "--kv-cache-memory", "128MiB", "--max-num-seqs", "64"]  # fmt: skip
-BENCH_ARGS = ["--dataset-name", "random", "--random-input-len", "128", "--random-output-len",
-              "32", "--ignore-eos", "--disable-tqdm", "--save-result"]  # fmt: skip
+LANGUAGE_ARGS = [
+    "--served-model-name",
+    "shapes-vl",
+    "--max-model-len",
+    "2048",
+    "--kv-cache-memory",
+    "128MiB",
+    "--max-num-seqs",
+    "64",
+]
+BENCH_ARGS = [
+    "--dataset-name",
+    "random",
+    "--random-input-len",
+    "128",
+    "--random-output-len",
+    "32",
+    "--ignore-eos",
+    "--disable-tqdm",
+    "--save-result",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +57,12 @@ def services(e2e_model, tmp_path_factory):
     started: dict = {}
 
     def start(name, extra):
-        started[name] = start_language(e2e_model.path, workdir, [*LANGUAGE_ARGS, *extra],
-                                       name=name)  # fmt: skip
+        started[name] = start_language(e2e_model.path, workdir, [*LANGUAGE_ARGS, *extra], name=name)
 
-    threads = [threading.Thread(target=start, args=("plain", [])),
-               threading.Thread(target=start, args=("guarded",
-                                                    ["--max-queue-delay", str(BOUND_S)]))]
+    threads = [
+        threading.Thread(target=start, args=("plain", [])),
+        threading.Thread(target=start, args=("guarded", ["--max-queue-delay", str(BOUND_S)])),
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -60,8 +77,19 @@ def services(e2e_model, tmp_path_factory):
 
 def bench(base_url: str, workdir: Path, name: str, *args: str) -> dict:
     """One `python -m bench.serve` run; its result JSON, with the outcome of every request."""
-    command = [sys.executable, "-m", "bench.serve", "--base-url", base_url, *BENCH_ARGS,
-               "--result-dir", str(workdir), "--result-filename", f"{name}.json", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.serve",
+        "--base-url",
+        base_url,
+        *BENCH_ARGS,
+        "--result-dir",
+        str(workdir),
+        "--result-filename",
+        f"{name}.json",
+        *args,
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads((workdir / f"{name}.json").read_text())
@@ -74,13 +102,16 @@ def outcome(result: dict) -> dict:
     failed = [r for r in rows if not r["success"] and not r["error"].startswith("HTTP 429")]
     ttfts = [r["ttft_s"] for r in admitted]
     return {
-        "sent": len(rows), "admitted": len(admitted), "shed": len(shed), "failed": failed,
+        "sent": len(rows),
+        "admitted": len(admitted),
+        "shed": len(shed),
+        "failed": failed,
         "p50_ttft_s": float(np.percentile(ttfts, 50)) if ttfts else None,
         "p99_ttft_s": float(np.percentile(ttfts, 99)) if ttfts else None,
         "p99_shed_s": float(np.percentile([r["e2el_s"] for r in shed], 99)) if shed else None,
         # vLLM's goodput: requests that met the SLO (here the bound) per second
         "goodput": sum(t <= BOUND_S for t in ttfts) / result["duration"],
-    }  # fmt: skip
+    }
 
 
 def test_admission_control_holds_the_ttft_bound_at_four_times_the_sustained_rate(
@@ -88,16 +119,30 @@ def test_admission_control_holds_the_ttft_bound_at_four_times_the_sustained_rate
 ):
     _, plain_url = services["plain"]
     _, guarded_url = services["guarded"]
-    sustained = bench(plain_url, tmp_path, "sustained", "--num-prompts", "64",
-                      "--max-concurrency", "16")["request_throughput"]  # fmt: skip
+    sustained = bench(
+        plain_url, tmp_path, "sustained", "--num-prompts", "64", "--max-concurrency", "16"
+    )["request_throughput"]
     rate = OVERLOAD * sustained
     num = str(int(rate * OVERLOAD_S))
     # Warm-ups first, as a service gets before taking traffic: the first requests of a fresh
     # process are slow, and admission control has measured no rate yet
-    guarded_run = outcome(bench(guarded_url, tmp_path, "guarded", "--num-prompts", num,
-                                "--request-rate", f"{rate:.3f}", "--num-warmups", "8"))  # fmt: skip
-    print(f"sustained {sustained:.2f} req/s, offered {rate:.2f} req/s, bound {BOUND_S} s; "
-          f"with --max-queue-delay: {_summary(guarded_run)}")
+    guarded_run = outcome(
+        bench(
+            guarded_url,
+            tmp_path,
+            "guarded",
+            "--num-prompts",
+            num,
+            "--request-rate",
+            f"{rate:.3f}",
+            "--num-warmups",
+            "8",
+        )
+    )
+    print(
+        f"sustained {sustained:.2f} req/s, offered {rate:.2f} req/s, bound {BOUND_S} s; "
+        f"with --max-queue-delay: {_summary(guarded_run)}"
+    )
     assert not guarded_run["failed"], guarded_run["failed"][:3]
     assert guarded_run["shed"] > 0, "nothing was shed at four times the sustained rate"
     assert guarded_run["p99_ttft_s"] <= BOUND_S, guarded_run
@@ -108,6 +153,8 @@ def test_admission_control_holds_the_ttft_bound_at_four_times_the_sustained_rate
 
 
 def _summary(run: dict) -> str:
-    return (f"{run['sent']} sent, {run['admitted']} admitted, {run['shed']} shed (429), "
-            f"{len(run['failed'])} failed, admitted TTFT p50 {run['p50_ttft_s']:.3f} s p99 "
-            f"{run['p99_ttft_s']:.3f} s, goodput {run['goodput']:.2f} req/s")  # fmt: skip
+    return (
+        f"{run['sent']} sent, {run['admitted']} admitted, {run['shed']} shed (429), "
+        f"{len(run['failed'])} failed, admitted TTFT p50 {run['p50_ttft_s']:.3f} s p99 "
+        f"{run['p99_ttft_s']:.3f} s, goodput {run['goodput']:.2f} req/s"
+    )

@@ -29,16 +29,20 @@ def _questions(model, images: list[bytes]) -> list[list[dict]]:
     """Text only, one image, two images in one message."""
     two = chat_messages("Which shape is larger?", images[1])
     two[0]["content"].insert(0, chat_messages("", images[2])[0]["content"][0])
-    return [chat_messages("Hello there! How many shapes?"), chat_messages("What colour is it?",
-            images[0]), two]  # fmt: skip
+    return [
+        chat_messages("Hello there! How many shapes?"),
+        chat_messages("What colour is it?", images[0]),
+        two,
+    ]
 
 
 def _answers(cluster: Cluster, model, questions) -> list[list[int]]:
     client = cluster.client()
     out = []
     for messages in questions:
-        response = client.chat.completions.create(model=cluster.model_name, messages=messages,
-                                                  **model.greedy())  # fmt: skip
+        response = client.chat.completions.create(
+            model=cluster.model_name, messages=messages, **model.greedy()
+        )
         out.append(response.choices[0].model_extra["token_ids"])
     return out
 
@@ -83,7 +87,8 @@ def test_two_ranks_answer_like_one(
 def _sixteen_concurrent_streams(cluster, model, questions, expected) -> None:
     async def one(client, messages):
         stream = await client.chat.completions.create(
-            model=cluster.model_name, messages=messages, stream=True, **model.greedy())
+            model=cluster.model_name, messages=messages, stream=True, **model.greedy()
+        )
         ids = []
         async for chunk in stream:
             for choice in chunk.choices:
@@ -112,8 +117,7 @@ def _children(pid: int) -> list[int]:
 
 def _workers(pid: int) -> list[int]:
     """The spawned worker ranks among the children (not multiprocessing's resource tracker)."""
-    return [c for c in _children(pid)
-            if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]  # fmt: skip
+    return [c for c in _children(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
 def test_a_dead_worker_ends_streams_with_an_error_and_the_service_exits(
@@ -122,12 +126,22 @@ def test_a_dead_worker_ends_streams_with_an_error_and_the_service_exits(
     proc, cluster = _language(e2e_model.path, tmp_path, encode_address, VARIANTS["tp2-grpc"])
     try:
         [worker] = _workers(proc.pid)
-        body = {"model": cluster.model_name, "stream": True, "max_tokens": 1500,
-                "ignore_eos": True, "messages": chat_messages("Count to a thousand.")}  # fmt: skip
+        body = {
+            "model": cluster.model_name,
+            "stream": True,
+            "max_tokens": 1500,
+            "ignore_eos": True,
+            "messages": chat_messages("Count to a thousand."),
+        }
         headers = {"Authorization": f"Bearer {cluster.api_key}"}
         events, killed_at = [], None
-        with httpx.stream("POST", f"{cluster.base_url}/v1/chat/completions", json=body,
-                          headers=headers, timeout=180) as response:  # fmt: skip
+        with httpx.stream(
+            "POST",
+            f"{cluster.base_url}/v1/chat/completions",
+            json=body,
+            headers=headers,
+            timeout=180,
+        ) as response:
             for line in response.iter_lines():
                 if line:  # events are separated by blank lines
                     events.append(line)

@@ -28,8 +28,16 @@ EXAMPLES = examples(README.read_text())
 # Run before the others: it draws the picture they send.
 SETUP = "red-image"
 CHECKED = [name for name, example in EXAMPLES.items() if example.output is not None]
-REQUIRED = {"curl-chat", "openai-stream", "structured-output", "tokenize", "models-health",
-            "grpc-generate", "grpc-reflection", "load-test"}  # fmt: skip
+REQUIRED = {
+    "curl-chat",
+    "openai-stream",
+    "structured-output",
+    "tokenize",
+    "models-health",
+    "grpc-generate",
+    "grpc-reflection",
+    "load-test",
+}
 EXAMPLE_TIMEOUT_S = 120.0
 # How the README's examples spell `make serve`'s addresses. Only text to rewrite: this test's
 # services bind port 0 and the examples are pointed at the ports they got.
@@ -45,8 +53,12 @@ class Readme:
     tmp: Path  # for /tmp
 
     def _to_cluster(self) -> dict[str, str]:
-        return {README_HTTP: self.http, README_GRPC: self.grpc, "/tmp/": f"{self.tmp}/",
-                ".venv/bin/python": sys.executable}  # fmt: skip
+        return {
+            README_HTTP: self.http,
+            README_GRPC: self.grpc,
+            "/tmp/": f"{self.tmp}/",
+            ".venv/bin/python": sys.executable,
+        }
 
     def run(self, example: Example) -> str:
         """The example's standard output, in the README's terms (its addresses and /tmp/)."""
@@ -57,8 +69,9 @@ class Readme:
             command = [sys.executable, "-c", code]
         else:
             raise AssertionError(f"{example.name}: no runner for a {example.language!r} block")
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                              timeout=EXAMPLE_TIMEOUT_S)  # fmt: skip
+        done = subprocess.run(
+            command, cwd=REPO, capture_output=True, text=True, timeout=EXAMPLE_TIMEOUT_S
+        )
         assert done.returncode == 0, f"{example.name} exited {done.returncode}:\n{done.stderr}"
         back = {new: old for old, new in self._to_cluster().items()}
         return _substitute(done.stdout, back)

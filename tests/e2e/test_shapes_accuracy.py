@@ -41,8 +41,10 @@ REQUEST_TIMEOUT_S = 60.0
 @pytest.fixture(scope="module")
 def held_out(e2e_model) -> list[Example]:
     if not e2e_model.trained:
-        pytest.fail("models/shapes-vl (the trained checkpoint) is missing: these checks need its "
-                    "answers; train it with scripts/smallmodel/train.py or set SPLITVL_E2E_MODEL")
+        pytest.fail(
+            "models/shapes-vl (the trained checkpoint) is missing: these checks need its "
+            "answers; train it with scripts/smallmodel/train.py or set SPLITVL_E2E_MODEL"
+        )
     return make_dataset(HELD_OUT_SEED, NUM_QUESTIONS)
 
 
@@ -69,14 +71,19 @@ async def _answer_all(cluster: Cluster, examples: list[Example]) -> list[Served]
         async def ask(example: Example) -> Served:
             async with gate:
                 response = await client.chat.completions.create(
-                    model=cluster.model_name, temperature=0, max_tokens=32,
+                    model=cluster.model_name,
+                    temperature=0,
+                    max_tokens=32,
                     messages=chat_messages(example.question, _png(example)),
                     extra_body={"return_token_ids": True},
-                )  # fmt: skip
+                )
             choice = response.choices[0]
             assert choice.finish_reason == "stop", f"{example.question!r}: no stop in 32 tokens"
-            return Served(choice.message.content, response.model_extra["prompt_token_ids"],
-                          choice.model_extra["token_ids"])  # fmt: skip
+            return Served(
+                choice.message.content,
+                response.model_extra["prompt_token_ids"],
+                choice.model_extra["token_ids"],
+            )
 
         return list(await asyncio.gather(*(ask(ex) for ex in examples)))
 
@@ -100,20 +107,27 @@ class InProcessModel:
         last being the stop token), so one forward replaces a token-by-token decode.
         """
         pixels, grid = preprocess_image(example.image, self.processor)
-        expected_prompt = prompt_ids(self.tokenizer, example.question,
-                                     num_image_tokens(grid, self.processor.merge_size))
+        expected_prompt = prompt_ids(
+            self.tokenizer, example.question, num_image_tokens(grid, self.processor.merge_size)
+        )
         if served.prompt_ids != expected_prompt:
             return [f"{example.question!r}: served prompt differs from the training format"]
         embeds, deepstack = separate_deepstack_embeds(
-            self.vision(pixels, torch.tensor([grid])), self.config.num_deepstack)
+            self.vision(pixels, torch.tensor([grid])), self.config.num_deepstack
+        )
         ids = torch.tensor(served.prompt_ids + served.token_ids[:-1])
         image_token_id = self.config.image_token_id
         inputs_embeds, full_deepstack = splice_image_embeds(
-            ids, self.language.embed_tokens(ids), embeds, deepstack, image_token_id)
+            ids, self.language.embed_tokens(ids), embeds, deepstack, image_token_id
+        )
         positions, _ = mrope_positions(ids, [grid], image_token_id, self.processor.merge_size)
         rows = torch.arange(len(served.prompt_ids) - 1, len(ids))
-        logits = self.language(positions=positions, inputs_embeds=inputs_embeds,
-                               input_deepstack_embeds=full_deepstack, logits_indices=rows)
+        logits = self.language(
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            input_deepstack_embeds=full_deepstack,
+            logits_indices=rows,
+        )
         greedy = logits.argmax(-1).tolist()
         if greedy == served.token_ids:
             return []
@@ -122,8 +136,11 @@ class InProcessModel:
 
 def _misses(answers: list[Served], examples: list[Example]) -> list[str]:
     pairs = zip(answers, examples, strict=True)
-    return [f"{ex.question!r}: got {got.text!r}, want {ex.answer!r}"
-            for got, ex in pairs if got.text != ex.answer]  # fmt: skip
+    return [
+        f"{ex.question!r}: got {got.text!r}, want {ex.answer!r}"
+        for got, ex in pairs
+        if got.text != ex.answer
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +170,9 @@ def one_thread() -> Iterator[None]:
 
 def test_in_process_model_gives_the_same_answers(e2e_model, held_out, grpc_answers, one_thread):
     model = InProcessModel(e2e_model.path)
-    problems = [p for ex, served in zip(held_out, grpc_answers, strict=True)
-                for p in model.check(ex, served)]  # fmt: skip
+    problems = [
+        p
+        for ex, served in zip(held_out, grpc_answers, strict=True)
+        for p in model.check(ex, served)
+    ]
     assert not problems, "\n".join(problems)

@@ -19,8 +19,16 @@ def _dead_address() -> str:
 
 
 def test_text_only_requests_work_without_the_encode_service(e2e_model, tmp_path):
-    args = ["--encode", _dead_address(), "--served-model-name", "m", "--max-model-len", "1024",
-            "--kv-cache-memory", "32MiB"]  # fmt: skip
+    args = [
+        "--encode",
+        _dead_address(),
+        "--served-model-name",
+        "m",
+        "--max-model-len",
+        "1024",
+        "--kv-cache-memory",
+        "32MiB",
+    ]
     language, base_url, _ = start_language(e2e_model.path, tmp_path, args)
     try:
         url = f"{base_url}/v1/chat/completions"

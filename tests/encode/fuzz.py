@@ -27,8 +27,11 @@ _INTS = {
 
 def _int(low: int, high: int):
     # Edges and small values find more than uniform draws over 64 bits.
-    return st.one_of(st.sampled_from([low, high, 0, 1]), st.integers(-3, 300).filter(
-        lambda v: low <= v <= high), st.integers(low, high))  # fmt: skip
+    return st.one_of(
+        st.sampled_from([low, high, 0, 1]),
+        st.integers(-3, 300).filter(lambda v: low <= v <= high),
+        st.integers(low, high),
+    )
 
 
 def _scalar(field: FieldDescriptor):
@@ -104,8 +107,7 @@ def payloads(descriptor: Descriptor, overrides: dict | None = None):
     """Raw request bytes: valid messages, truncated ones, ones with bytes flipped, noise."""
     valid = messages(descriptor, overrides).map(lambda m: m.SerializeToString())
     truncated = st.tuples(valid, st.floats(0, 1)).map(lambda t: t[0][: int(len(t[0]) * t[1])])
-    flips = st.lists(st.tuples(st.integers(0, 2**20), st.integers(1, 255)), min_size=1,
-                     max_size=4)  # fmt: skip
+    flips = st.lists(st.tuples(st.integers(0, 2**20), st.integers(1, 255)), min_size=1, max_size=4)
     flipped = st.tuples(valid, flips).map(lambda t: _flip(*t))
     return st.one_of(valid, truncated, flipped, st.binary(max_size=256))
 

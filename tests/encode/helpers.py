@@ -90,8 +90,17 @@ class EncodeProcess:
 
     def start(self) -> EncodeProcess:
         """Launch without waiting (so several replicas start in parallel)."""
-        args = ["--model", str(self.model_dir), "--host", "127.0.0.1", "--port", "0",
-                "--metrics-port", "0", *self.extra_args]  # fmt: skip
+        args = [
+            "--model",
+            str(self.model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            *self.extra_args,
+        ]
         self.service = ServiceProcess("encode", args, self.workdir, label=self.name)
         return self
 

@@ -53,12 +53,19 @@ def _ca(common_name: str):
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                          content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, encipher_only=False,
-                          decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
-        )  # fmt: skip
+        )
         .sign(key, hashes.SHA256())
     )
     return key, cert
@@ -90,9 +97,19 @@ def make_pki(directory: Path) -> PKI:
     directory.mkdir(parents=True, exist_ok=True)
     pem = serialization.Encoding.PEM
     ca_key, ca_cert = _ca("splitvl test CA")
-    paths = PKI(*(directory / name for name in (
-        "ca.pem", "server.pem", "server.key", "client.pem", "client.key", "other-ca.pem"
-    )))  # fmt: skip
+    paths = PKI(
+        *(
+            directory / name
+            for name in (
+                "ca.pem",
+                "server.pem",
+                "server.key",
+                "client.pem",
+                "client.key",
+                "other-ca.pem",
+            )
+        )
+    )
     paths.ca.write_bytes(ca_cert.public_bytes(pem))
     for (cert_path, key_path), server in (
         ((paths.server_cert, paths.server_key), True),

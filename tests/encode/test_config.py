@@ -104,10 +104,21 @@ def test_security_flags_build_the_config_and_bad_files_are_named(tiny_vl_dir, tm
     token_file.write_text("tok-123\n")
     parser = build_parser()
     base = ["--model", str(tiny_vl_dir)]
-    config = config_from_args(parser.parse_args([
-        *base, "--internal-token-file", str(token_file), "--tls-cert", str(pki.server_cert),
-        "--tls-key", str(pki.server_key), "--tls-ca", str(pki.ca),
-    ]))  # fmt: skip
+    config = config_from_args(
+        parser.parse_args(
+            [
+                *base,
+                "--internal-token-file",
+                str(token_file),
+                "--tls-cert",
+                str(pki.server_cert),
+                "--tls-key",
+                str(pki.server_key),
+                "--tls-ca",
+                str(pki.ca),
+            ]
+        )
+    )
     assert config.internal_token == "tok-123" and config.tls.ca == pki.ca.read_bytes()
     assert "tok-123" not in repr(config) and "PRIVATE" not in repr(config)
     empty = tmp_path / "empty"
@@ -118,14 +129,27 @@ def test_security_flags_build_the_config_and_bad_files_are_named(tiny_vl_dir, tm
         "both": (["--internal-token", "a", "--internal-token-file", str(token_file)], "not both"),
         "spaces": (["--internal-token", "a b"], "printable ASCII"),
         "key_alone": (["--tls-key", str(pki.server_key)], "go together"),
-        "cert_missing": (["--tls-cert", str(tmp_path / "x.pem"), "--tls-key",
-                          str(pki.server_key)], "cannot read the certificate"),
+        "cert_missing": (
+            ["--tls-cert", str(tmp_path / "x.pem"), "--tls-key", str(pki.server_key)],
+            "cannot read the certificate",
+        ),
         "ca_alone": (["--tls-ca", str(pki.ca)], "needs --tls-cert"),
-        "key_of_another_cert": (["--tls-cert", str(pki.server_cert), "--tls-key",
-                                 str(pki.client_key)], "not a usable certificate"),
-        "ca_not_pem": (["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-                        "--tls-ca", str(token_file)], "not a PEM file"),
-    }  # fmt: skip
+        "key_of_another_cert": (
+            ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.client_key)],
+            "not a usable certificate",
+        ),
+        "ca_not_pem": (
+            [
+                "--tls-cert",
+                str(pki.server_cert),
+                "--tls-key",
+                str(pki.server_key),
+                "--tls-ca",
+                str(token_file),
+            ],
+            "not a PEM file",
+        ),
+    }
     for name, (args, message) in bad.items():
         with pytest.raises((SecurityConfigError, ConfigError), match=message):
             config_from_args(parser.parse_args([*base, *args]))

@@ -42,8 +42,11 @@ _OVERRIDES = {
     "splitvl.encode.v1.EncodeRequest.transport": st.sampled_from([0, 1, 1, 1, 2, 7]),
     "splitvl.encode.v1.OpenLinkRequest.device": st.sampled_from(["cpu", "", "cuda:0", "tpu"]),
 }
-_ALLOWED = set(grpc.StatusCode) - {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-                                   grpc.StatusCode.UNIMPLEMENTED}  # fmt: skip
+_ALLOWED = set(grpc.StatusCode) - {
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +79,13 @@ def test_fuzzed_requests_get_a_status_with_a_message(service, method):
     with service.channel() as channel:
         caller = RawCaller(channel, f"/{SERVICE}/{method}", streaming)
 
-        @settings(max_examples=EXAMPLES_PER_METHOD, deadline=None, database=None,
-                  derandomize=True, suppress_health_check=list(HealthCheck))  # fmt: skip
+        @settings(
+            max_examples=EXAMPLES_PER_METHOD,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(payloads(request_type.DESCRIPTOR, _OVERRIDES))
         def fuzz(payload):
             _check(caller, payload)

@@ -52,10 +52,24 @@ def replicas(tiny_vl_dir, tmp_path_factory, pki):
     token_file = workdir / "token"
     token_file.write_text(TOKEN + "\n")
     server = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
-    tls = EncodeProcess(tiny_vl_dir, workdir, *server, "--internal-token-file", str(token_file),
-                        name="tls", credentials=_credentials(pki))  # fmt: skip
-    mtls = EncodeProcess(tiny_vl_dir, workdir, *server, "--tls-ca", str(pki.ca), name="mtls",
-                         credentials=_credentials(pki, client_pair=True))  # fmt: skip
+    tls = EncodeProcess(
+        tiny_vl_dir,
+        workdir,
+        *server,
+        "--internal-token-file",
+        str(token_file),
+        name="tls",
+        credentials=_credentials(pki),
+    )
+    mtls = EncodeProcess(
+        tiny_vl_dir,
+        workdir,
+        *server,
+        "--tls-ca",
+        str(pki.ca),
+        name="mtls",
+        credentials=_credentials(pki, client_pair=True),
+    )
     try:
         tls.start()
         mtls.start()
@@ -75,8 +89,9 @@ def _info(channel, token: str | None = None):
 def _encode_inline(channel, data: bytes, token: str | None) -> bytes:
     metadata = () if token is None else ((TOKEN_METADATA_KEY, token),)
     request = pb.EncodeRequest(images=[pb.ImageInput(data=data)])
-    messages = list(pb_grpc.EncodeServiceStub(channel).Encode(request, timeout=30,
-                                                             metadata=metadata))  # fmt: skip
+    messages = list(
+        pb_grpc.EncodeServiceStub(channel).Encode(request, timeout=30, metadata=metadata)
+    )
     return b"".join(m.chunk.data for m in messages[1:])
 
 
@@ -140,27 +155,34 @@ def _client_encode(address, images, **config):
 
 
 @pytest.mark.parametrize("transport", ["grpc", "nccl"])
-def test_the_encode_client_round_trips_over_tls_with_the_token(replicas, pki, reference,
-                                                               transport):  # fmt: skip
+def test_the_encode_client_round_trips_over_tls_with_the_token(replicas, pki, reference, transport):
     data = png_bytes(120, 80, seed=12)
     tls = TLSFiles(ca=pki.ca.read_bytes())
-    [got], _ = _client_encode(replicas.tls.address, [ImageRef(data)], transport=transport,
-                              tls=tls, internal_token=TOKEN)  # fmt: skip
+    [got], _ = _client_encode(
+        replicas.tls.address, [ImageRef(data)], transport=transport, tls=tls, internal_token=TOKEN
+    )
     _close(got.packed, reference.encode(data))
     client_pair = TLSFiles(pki.client_cert.read_bytes(), pki.client_key.read_bytes(), tls.ca)
-    [got], _ = _client_encode(replicas.mtls.address, [ImageRef(data)], transport=transport,
-                              tls=client_pair)  # fmt: skip
+    [got], _ = _client_encode(
+        replicas.mtls.address, [ImageRef(data)], transport=transport, tls=client_pair
+    )
     _close(got.packed, reference.encode(data))
     with pytest.raises(EncodeError) as err:  # not retried: another attempt cannot fix it
-        _client_encode(replicas.tls.address, [ImageRef(data)], transport=transport, tls=tls,
-                       internal_token="wrong")  # fmt: skip
+        _client_encode(
+            replicas.tls.address,
+            [ImageRef(data)],
+            transport=transport,
+            tls=tls,
+            internal_token="wrong",
+        )
     assert err.value.kind is ErrorKind.UNAUTHENTICATED
 
 
 def test_a_wrong_token_stops_the_language_service_at_its_handshake(replicas, pki):
     async def handshake(token):
-        config = EncodeClientConfig((replicas.tls.address,), tls=TLSFiles(ca=pki.ca.read_bytes()),
-                                    internal_token=token)  # fmt: skip
+        config = EncodeClientConfig(
+            (replicas.tls.address,), tls=TLSFiles(ca=pki.ca.read_bytes()), internal_token=token
+        )
         client = EncodeClient(config)
         try:
             return await client.check_replicas(5)
@@ -177,10 +199,20 @@ def test_the_language_service_flags_reach_the_encode_client(replicas, pki, tmp_p
 
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    args = build_parser().parse_args([
-        "--model", "unused", "--encode", replicas.tls.address, "--internal-token-file",
-        str(token_file), "--encode-tls-ca", str(pki.ca), "--encode-attempt-timeout", "7.5",
-    ])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "--model",
+            "unused",
+            "--encode",
+            replicas.tls.address,
+            "--internal-token-file",
+            str(token_file),
+            "--encode-tls-ca",
+            str(pki.ca),
+            "--encode-attempt-timeout",
+            "7.5",
+        ]
+    )
     text_only = types.SimpleNamespace(model_config=types.SimpleNamespace(is_vl=False))
     data = png_bytes(64, 96, seed=13)
 
@@ -202,8 +234,9 @@ def test_link_peers_without_the_secret_are_refused_while_the_client_keeps_workin
 ):
     service = replicas.tls
     images = [png_bytes(72, 72, seed=20 + i) for i in range(3)]
-    config = EncodeClientConfig((service.address,), "nccl", tls=TLSFiles(ca=pki.ca.read_bytes()),
-                                internal_token=TOKEN)  # fmt: skip
+    config = EncodeClientConfig(
+        (service.address,), "nccl", tls=TLSFiles(ca=pki.ca.read_bytes()), internal_token=TOKEN
+    )
 
     async def run():
         client = EncodeClient(config)
@@ -213,8 +246,9 @@ def test_link_peers_without_the_secret_are_refused_while_the_client_keeps_workin
             with service.channel() as channel:
                 stub = pb_grpc.EncodeServiceStub(channel)
                 metadata = ((TOKEN_METADATA_KEY, TOKEN),)
-                offer = stub.OpenLink(pb.OpenLinkRequest(device="cpu"), timeout=5,
-                                      metadata=metadata)  # fmt: skip
+                offer = stub.OpenLink(
+                    pb.OpenLinkRequest(device="cpu"), timeout=5, metadata=metadata
+                )
             where = (offer.store_host, offer.store_port, 1, "cpu", 5.0)
             # A peer that got an offer but guesses its secret; one that joins the client's link.
             for target, secret in ((offer.link_id, "guess"), (link_id, "guess")):

@@ -89,5 +89,3 @@ def test_inline_chunks_carry_the_in_process_embeddings(encode_service, reference
     header, got = _raw_tensor(encode_service, data)
     assert header.content_hash == content_hash(data) and header.dtype == "float32"
     assert torch.equal(got, reference.encode(data))
-
-

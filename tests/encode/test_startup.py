@@ -27,12 +27,16 @@ def _cases(work: Path, busy_port: int) -> dict[str, tuple[list[str], str]]:
     not_pem.write_text("hello\n")
     return {
         "port_in_use": (["--port", str(busy_port)], rf"cannot listen on 127\.0\.0\.1:{busy_port}"),
-        "port_file_dir_missing": (["--port-file", str(work / "missing" / "ports.json")],
-                                  r"directory of --port-file .*missing.* does not exist"),
+        "port_file_dir_missing": (
+            ["--port-file", str(work / "missing" / "ports.json")],
+            r"directory of --port-file .*missing.* does not exist",
+        ),
         "unknown_device": (["--device", "tpu"], r"unsupported device 'tpu'|unknown device"),
-        "tls_cert_not_pem": (["--tls-cert", str(not_pem), "--tls-key", str(pki.server_key)],
-                             r"--tls-cert\) .*not\.pem is not a PEM file"),
-    }  # fmt: skip
+        "tls_cert_not_pem": (
+            ["--tls-cert", str(not_pem), "--tls-key", str(pki.server_key)],
+            r"--tls-cert\) .*not\.pem is not a PEM file",
+        ),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +50,24 @@ def outcomes(tiny_vl_dir, tmp_path_factory):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         procs = {}
         for name, (args, _) in cases.items():
-            command = [sys.executable, "-m", "services.encode", "--model", str(tiny_vl_dir),
-                       "--host", "127.0.0.1", *args]  # fmt: skip
-            procs[name] = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "services.encode",
+                "--model",
+                str(tiny_vl_dir),
+                "--host",
+                "127.0.0.1",
+                *args,
+            ]
+            procs[name] = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         results = {}
         try:
             for name, proc in procs.items():
@@ -64,8 +82,11 @@ def outcomes(tiny_vl_dir, tmp_path_factory):
 
 
 CASES = [
-    "port_in_use", "port_file_dir_missing", "unknown_device", "tls_cert_not_pem",
-]  # fmt: skip
+    "port_in_use",
+    "port_file_dir_missing",
+    "unknown_device",
+    "tls_cert_not_pem",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -73,8 +94,7 @@ def test_bad_configuration_is_one_line_and_a_non_zero_exit(outcomes, case):
     status, output, pattern = outcomes[case]
     assert status != 0, output
     assert "Traceback" not in output, output
-    problems = [line for line in output.splitlines()
-                if re.search(r"ERROR|error:", line)]  # fmt: skip
+    problems = [line for line in output.splitlines() if re.search(r"ERROR|error:", line)]
     assert len(problems) == 1, output
     assert re.search(pattern, problems[0]), problems[0]
 

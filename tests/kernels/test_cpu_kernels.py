@@ -134,14 +134,17 @@ def test_fused_moe_fp32_activations_on_bf16_expert_weights(kernels, num_tokens):
     gate_up, down = gate_up.to(torch.bfloat16), down.to(torch.bfloat16)
     ref = fused_moe_torch(x, gate_up.float(), down.float(), weights, ids)
     scale = max(1.0, ref.abs().max().item())
-    for out in (torch.ops.splitvl.fused_moe(x, gate_up, down, weights, ids),
-                kernels.fused_moe(x, gate_up, down, weights, ids),
-                fused_moe_torch(x, gate_up, down, weights, ids)):  # fmt: skip
+    for out in (
+        torch.ops.splitvl.fused_moe(x, gate_up, down, weights, ids),
+        kernels.fused_moe(x, gate_up, down, weights, ids),
+        fused_moe_torch(x, gate_up, down, weights, ids),
+    ):
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * scale)
     with pytest.raises(TypeError, match="bfloat16 expert weights"):  # not the other way round
-        torch.ops.splitvl.fused_moe(x.bfloat16(), gate_up.float(), down.float(),
-                                    weights.bfloat16(), ids)  # fmt: skip
+        torch.ops.splitvl.fused_moe(
+            x.bfloat16(), gate_up.float(), down.float(), weights.bfloat16(), ids
+        )
 
 
 def test_fused_moe_idle_experts_and_repeated_order(kernels):
@@ -176,8 +179,9 @@ def test_fused_moe_bad_expert_id(kernels):
 def test_fused_moe_other_dtypes_and_autograd_use_the_reference(kernels):
     x, gate_up, down, weights, ids = _moe_inputs(3, 16, 8, 4, 2, torch.float16, 6)
     ref = fused_moe_torch(x.float(), gate_up.float(), down.float(), weights.float(), ids)
-    torch.testing.assert_close(kernels.fused_moe(x, gate_up, down, weights, ids).float(), ref,
-                               rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        kernels.fused_moe(x, gate_up, down, weights, ids).float(), ref, rtol=1e-2, atol=1e-2
+    )
     x, gate_up, down, weights, ids = _moe_inputs(3, 16, 8, 4, 2, torch.float32, 6)
     gate_up.requires_grad_(True)
     out = kernels.fused_moe(x, gate_up, down, weights, ids)
@@ -201,7 +205,7 @@ def _decode_inputs(context_lens, heads, kv_heads, dim, block_size, dtype, seed):
     tables = torch.full((batch, width), scratch, dtype=torch.long)
     at = 0
     for b, n in enumerate(used):
-        tables[b, :n] = torch.tensor(order[at:at + n])
+        tables[b, :n] = torch.tensor(order[at : at + n])
         at += n
     shape = (num_blocks, block_size, kv_heads, dim)
     k = torch.randn(shape, generator=gen).to(dtype)
@@ -261,8 +265,9 @@ def test_paged_decode_fp32_queries_on_a_bf16_cache(kernels):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("lens", [[600], [3, 500, 64, 129, 7], list(range(10, 600, 18))[:32]],
-                         ids=["B1", "B5", "B32"])
+@pytest.mark.parametrize(
+    "lens", [[600], [3, 500, 64, 129, 7], list(range(10, 600, 18))[:32]], ids=["B1", "B5", "B32"]
+)
 def test_paged_decode_same_for_any_thread_count(kernels, threads, dtype, lens):
     nan_inputs, _ = _decode_inputs(lens, 8, 4, 64, 16, dtype, seed=8)
     threads(1)

@@ -47,16 +47,28 @@ if DEVICE.type == "cpu":
 @pytest.fixture(autouse=True)
 def _kernels_runnable(request):
     if not _IN_PROCESS and request.node.name != "test_interpreter_in_fresh_process":
-        pytest.skip("triton was imported before TRITON_INTERPRET was set; "
-                    "test_interpreter_in_fresh_process runs this file instead")  # fmt: skip
+        pytest.skip(
+            "triton was imported before TRITON_INTERPRET was set; "
+            "test_interpreter_in_fresh_process runs this file instead"
+        )
 
 
 @pytest.mark.skipif(_IN_PROCESS, reason="the kernel tests run in this process")
 def test_interpreter_in_fresh_process():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     # --noconftest: these tests use no shared fixture, and transformers would cost seconds.
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest",
-           "-m", "not gpu", __file__]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--noconftest",
+        "-m",
+        "not gpu",
+        __file__,
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-4000:]
 
@@ -81,8 +93,11 @@ def _randn(*shape, seed, scale=1.0, dtype=torch.float32, device=DEVICE):
 def test_package_has_the_reference_signatures(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert triton_kernels.available()
-    for name, ref in [("fused_moe", fused_moe_torch), ("paged_decode", paged_decode_torch),
-                      ("paged_prefill", paged_prefill_torch)]:  # fmt: skip
+    for name, ref in [
+        ("fused_moe", fused_moe_torch),
+        ("paged_decode", paged_decode_torch),
+        ("paged_prefill", paged_prefill_torch),
+    ]:
         fn = getattr(triton_kernels, name)
         assert inspect.isfunction(fn), f"{name} is {fn!r}"
         assert list(inspect.signature(fn).parameters) == list(inspect.signature(ref).parameters)
@@ -104,26 +119,38 @@ def test_tile_configs_load_and_fall_back():
 
 def _routing(num_tokens, num_experts, top_k, seed, device=DEVICE, dtype=torch.float32):
     gen = _gen(seed)
-    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k]
-                       for _ in range(num_tokens)])  # fmt: skip
+    ids = torch.stack(
+        [torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(num_tokens)]
+    )
     weights = torch.rand(num_tokens, top_k, generator=gen)
     return weights.to(device=device, dtype=dtype), ids.to(device)
 
 
-def _moe_inputs(num_tokens, num_experts, top_k, hidden=64, inter=48, seed=0,
-                dtype=torch.float32, device=DEVICE):  # fmt: skip
+def _moe_inputs(
+    num_tokens, num_experts, top_k, hidden=64, inter=48, seed=0, dtype=torch.float32, device=DEVICE
+):
     x = _randn(num_tokens, hidden, seed=seed, dtype=dtype, device=device)
-    gate_up = _randn(num_experts, hidden, 2 * inter, seed=seed + 1, scale=hidden**-0.5,
-                     dtype=dtype, device=device)  # fmt: skip
-    down = _randn(num_experts, inter, hidden, seed=seed + 2, scale=inter**-0.5, dtype=dtype,
-                  device=device)  # fmt: skip
+    gate_up = _randn(
+        num_experts,
+        hidden,
+        2 * inter,
+        seed=seed + 1,
+        scale=hidden**-0.5,
+        dtype=dtype,
+        device=device,
+    )
+    down = _randn(
+        num_experts, inter, hidden, seed=seed + 2, scale=inter**-0.5, dtype=dtype, device=device
+    )
     weights, ids = _routing(num_tokens, num_experts, top_k, seed + 3, device, dtype)
     return x, gate_up, down, weights, ids
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m",
-                         [(1, 4, 1, 16), (5, 8, 2, 16), (33, 8, 2, 16), (33, 4, 2, 32)])
-def test_align_groups_rows_by_expert(num_tokens, num_experts, top_k, block_m):  # fmt: skip
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,top_k,block_m",
+    [(1, 4, 1, 16), (5, 8, 2, 16), (33, 8, 2, 16), (33, 4, 2, 32)],
+)
+def test_align_groups_rows_by_expert(num_tokens, num_experts, top_k, block_m):
     _, ids = _routing(num_tokens, num_experts, top_k, seed=num_tokens)
     sorted_rows, block_expert, num_blocks = moe_mod.align_block_size(ids, num_experts, block_m)
     flat, num_rows = ids.reshape(-1).cpu(), ids.numel()
@@ -151,8 +178,14 @@ def test_fused_moe_matches_reference(num_tokens, num_experts, top_k):
 
 def test_fused_moe_tiles_with_groups_and_k_loop(monkeypatch):
     """BLOCK_M 32, GROUP_M 4 and a K loop of several steps with a ragged last one."""
-    cfg = {"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 4,
-           "num_warps": 4, "num_stages": 2}  # fmt: skip
+    cfg = {
+        "BLOCK_SIZE_M": 32,
+        "BLOCK_SIZE_N": 32,
+        "BLOCK_SIZE_K": 32,
+        "GROUP_SIZE_M": 4,
+        "num_warps": 4,
+        "num_stages": 2,
+    }
     monkeypatch.setattr(tiles, "moe_config", lambda *a, **k: cfg)
     args = _moe_inputs(33, 8, 2, hidden=96, inter=40, seed=7)
     out = triton_kernels.fused_moe(*args)
@@ -181,15 +214,18 @@ def test_fused_moe_rejects_mismatched_shapes():
 # ----------------------------------------------------------------------------- paged decode
 
 
-def _paged_cache(num_seqs, max_context, block_size, kv_heads, head_dim, seed,
-                 dtype=torch.float32, device=DEVICE):  # fmt: skip
+def _paged_cache(
+    num_seqs, max_context, block_size, kv_heads, head_dim, seed, dtype=torch.float32, device=DEVICE
+):
     """A cache with a shuffled block table per sequence; block 0 is the scratch block."""
     width = -(-max_context // block_size)
     num_blocks = num_seqs * width + 1
-    k_cache = _randn(num_blocks, block_size, kv_heads, head_dim, seed=seed, dtype=dtype,
-                     device=device)  # fmt: skip
-    v_cache = _randn(num_blocks, block_size, kv_heads, head_dim, seed=seed + 1, dtype=dtype,
-                     device=device)  # fmt: skip
+    k_cache = _randn(
+        num_blocks, block_size, kv_heads, head_dim, seed=seed, dtype=dtype, device=device
+    )
+    v_cache = _randn(
+        num_blocks, block_size, kv_heads, head_dim, seed=seed + 1, dtype=dtype, device=device
+    )
     tables = (torch.randperm(num_blocks - 1, generator=_gen(seed + 2)) + 1)[: num_seqs * width]
     return k_cache, v_cache, tables.view(num_seqs, width).to(device)
 
@@ -204,7 +240,7 @@ def _poison_outside(cache, tables, context_lens):
     for row, length in enumerate(context_lens.tolist()):
         pos = torch.arange(length, device=cache.device)
         keep[tables[row, pos // block_size], pos % block_size] = True
-        tables[row, -(-length // block_size):] = 0
+        tables[row, -(-length // block_size) :] = 0
     poisoned[~keep] = float("nan")
     return poisoned, tables
 
@@ -214,8 +250,9 @@ def _poison_outside(cache, tables, context_lens):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_paged_decode_matches_reference(batch, block_size, splits):
     kv_heads, heads, head_dim, max_context = 2, 4, 32, 70
-    k_cache, v_cache, tables = _paged_cache(batch, max_context, block_size, kv_heads, head_dim,
-                                            seed=batch * 100 + block_size)  # fmt: skip
+    k_cache, v_cache, tables = _paged_cache(
+        batch, max_context, block_size, kv_heads, head_dim, seed=batch * 100 + block_size
+    )
     context_lens = torch.tensor([70, 1, 37][:batch], device=DEVICE)
     q = _randn(batch, heads, head_dim, seed=5)
     ref = paged_decode_torch(q, k_cache, v_cache, tables, context_lens, 0.3)
@@ -230,8 +267,7 @@ def test_paged_decode_public_entry_and_bf16():
     context_lens = torch.tensor([40, 17], device=DEVICE)
     q = _randn(2, 4, 32, seed=10, dtype=torch.bfloat16)
     out = triton_kernels.paged_decode(q, k_cache, v_cache, tables, context_lens, 0.2)
-    ref = paged_decode_torch(q.float(), k_cache.float(), v_cache.float(), tables, context_lens,
-                             0.2)  # fmt: skip
+    ref = paged_decode_torch(q.float(), k_cache.float(), v_cache.float(), tables, context_lens, 0.2)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
@@ -246,11 +282,21 @@ def test_num_splits_fills_the_gpu_for_one_long_sequence():
 # ----------------------------------------------------------------------------- paged prefill
 
 
-def _prefill_case(context_start, num_tokens, block_size, seed, dtype=torch.float32,
-                  device=DEVICE, heads=4, kv_heads=2, head_dim=32):  # fmt: skip
+def _prefill_case(
+    context_start,
+    num_tokens,
+    block_size,
+    seed,
+    dtype=torch.float32,
+    device=DEVICE,
+    heads=4,
+    kv_heads=2,
+    head_dim=32,
+):
     total = context_start + num_tokens
-    k_cache, v_cache, tables = _paged_cache(1, total, block_size, kv_heads, head_dim, seed,
-                                            dtype, device)  # fmt: skip
+    k_cache, v_cache, tables = _paged_cache(
+        1, total, block_size, kv_heads, head_dim, seed, dtype, device
+    )
     table = tables[0]
     q = _randn(num_tokens, heads, head_dim, seed=seed + 3, dtype=dtype, device=device)
     k = _randn(num_tokens, kv_heads, head_dim, seed=seed + 4, dtype=dtype, device=device)
@@ -264,8 +310,9 @@ def _prefill_case(context_start, num_tokens, block_size, seed, dtype=torch.float
 @pytest.mark.parametrize("context_start,num_tokens", [(0, 1), (0, 20), (13, 7), (30, 20)])
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_paged_prefill_matches_reference(context_start, num_tokens, block_size):
-    q, k, v, k_cache, v_cache, table = _prefill_case(context_start, num_tokens, block_size,
-                                                     seed=context_start + num_tokens)  # fmt: skip
+    q, k, v, k_cache, v_cache, table = _prefill_case(
+        context_start, num_tokens, block_size, seed=context_start + num_tokens
+    )
     ref = paged_prefill_torch(q, k, v, k_cache, v_cache, table, context_start, 0.25)
     # Only the context before the chunk is read from the cache; the chunk comes from k, v.
     lens = torch.tensor([context_start], device=DEVICE)
@@ -287,8 +334,16 @@ def test_paged_prefill_long_chunk_and_bf16():
 # ----------------------------------------------------------------------------- GPU, 30B-A3B
 
 
-A3B = {"hidden": 2048, "experts": 128, "top_k": 8, "inter": 768, "heads": 32, "kv_heads": 4,
-       "head_dim": 128, "block_size": 16}  # fmt: skip
+A3B = {
+    "hidden": 2048,
+    "experts": 128,
+    "top_k": 8,
+    "inter": 768,
+    "heads": 32,
+    "kv_heads": 4,
+    "head_dim": 128,
+    "block_size": 16,
+}
 
 
 def _close_to_fp32(out, ref_bf16, ref_fp32):
@@ -301,8 +356,16 @@ def _close_to_fp32(out, ref_bf16, ref_fp32):
 
 def _a3b_moe(num_tokens, seed):
     cuda = torch.device("cuda")
-    return _moe_inputs(num_tokens, A3B["experts"], A3B["top_k"], A3B["hidden"], A3B["inter"],
-                       seed=seed, dtype=torch.bfloat16, device=cuda)  # fmt: skip
+    return _moe_inputs(
+        num_tokens,
+        A3B["experts"],
+        A3B["top_k"],
+        A3B["hidden"],
+        A3B["inter"],
+        seed=seed,
+        dtype=torch.bfloat16,
+        device=cuda,
+    )
 
 
 def _fp32(args):
@@ -320,13 +383,21 @@ def test_gpu_fused_moe_a3b(num_tokens):
 
 def _a3b_decode(batch, max_context, seed):
     cuda = torch.device("cuda")
-    k_cache, v_cache, tables = _paged_cache(batch, max_context, A3B["block_size"],
-                                            A3B["kv_heads"], A3B["head_dim"], seed,
-                                            torch.bfloat16, cuda)  # fmt: skip
+    k_cache, v_cache, tables = _paged_cache(
+        batch,
+        max_context,
+        A3B["block_size"],
+        A3B["kv_heads"],
+        A3B["head_dim"],
+        seed,
+        torch.bfloat16,
+        cuda,
+    )
     lens = torch.randint(1, max_context + 1, (batch,), generator=_gen(seed))
     lens[0] = max_context
-    q = _randn(batch, A3B["heads"], A3B["head_dim"], seed=seed + 7, dtype=torch.bfloat16,
-               device=cuda)  # fmt: skip
+    q = _randn(
+        batch, A3B["heads"], A3B["head_dim"], seed=seed + 7, dtype=torch.bfloat16, device=cuda
+    )
     return q, k_cache, v_cache, tables, lens.to(cuda)
 
 
@@ -347,15 +418,22 @@ def test_gpu_paged_decode_a3b(batch, max_context):
 @pytest.mark.parametrize("context_start,num_tokens", [(0, 1066), (1000, 66), (512, 1)])
 def test_gpu_paged_prefill_a3b(context_start, num_tokens):
     q, k, v, k_cache, v_cache, table = _prefill_case(
-        context_start, num_tokens, A3B["block_size"], seed=1, dtype=torch.bfloat16,
-        device=torch.device("cuda"), heads=A3B["heads"], kv_heads=A3B["kv_heads"],
+        context_start,
+        num_tokens,
+        A3B["block_size"],
+        seed=1,
+        dtype=torch.bfloat16,
+        device=torch.device("cuda"),
+        heads=A3B["heads"],
+        kv_heads=A3B["kv_heads"],
         head_dim=A3B["head_dim"],
     )
     scale = A3B["head_dim"] ** -0.5
     out = triton_kernels.paged_prefill(q, k, v, k_cache, v_cache, table, context_start, scale)
     ref = paged_prefill_torch(q, k, v, k_cache, v_cache, table, context_start, scale)
-    ref32 = paged_prefill_torch(*[t.float() for t in (q, k, v, k_cache, v_cache)], table,
-                                context_start, scale)  # fmt: skip
+    ref32 = paged_prefill_torch(
+        *[t.float() for t in (q, k, v, k_cache, v_cache)], table, context_start, scale
+    )
     _close_to_fp32(out, ref, ref32)
 
 
@@ -378,13 +456,14 @@ def test_gpu_moe_and_decode_replay_in_a_cuda_graph():
     q, k_cache, v_cache, tables, lens = _a3b_decode(batch, max_context, seed=2)
 
     def step():
-        return (triton_kernels.fused_moe(x, gate_up, down, weights, ids),
-                triton_kernels.paged_decode(q, k_cache, v_cache, tables, lens, scale))
+        return (
+            triton_kernels.fused_moe(x, gate_up, down, weights, ids),
+            triton_kernels.paged_decode(q, k_cache, v_cache, tables, lens, scale),
+        )
 
     # The next step's inputs, made on the device beforehand: host-to-device copies sync.
     x2 = _randn(num_tokens, A3B["hidden"], seed=5, dtype=torch.bfloat16, device=x.device)
-    weights2, ids2 = _routing(num_tokens, A3B["experts"], A3B["top_k"], 6, x.device,
-                              torch.bfloat16)  # fmt: skip
+    weights2, ids2 = _routing(num_tokens, A3B["experts"], A3B["top_k"], 6, x.device, torch.bfloat16)
     q2 = _randn(*q.shape, seed=7, dtype=torch.bfloat16, device=q.device)
     lens2 = torch.tensor([7, 1024, 300, 16], device=lens.device)
     torch.cuda.synchronize()
@@ -409,8 +488,10 @@ def test_gpu_moe_and_decode_replay_in_a_cuda_graph():
     assert not torch.equal(moe_out, first[0]) and not torch.equal(attn_out, first[1])
     eager = step()  # the kernels are deterministic: a replay is bit-identical to a launch
     assert torch.equal(moe_out, eager[0]) and torch.equal(attn_out, eager[1])
-    _close_to_fp32(moe_out, fused_moe_torch(x, gate_up, down, weights, ids),
-                   fused_moe_torch(*_fp32([x, gate_up, down, weights, ids])))  # fmt: skip
+    _close_to_fp32(
+        moe_out,
+        fused_moe_torch(x, gate_up, down, weights, ids),
+        fused_moe_torch(*_fp32([x, gate_up, down, weights, ids])),
+    )
     ref32 = paged_decode_torch(q.float(), k_cache.float(), v_cache.float(), tables, lens, scale)
-    _close_to_fp32(attn_out, paged_decode_torch(q, k_cache, v_cache, tables, lens, scale),
-                   ref32)  # fmt: skip
+    _close_to_fp32(attn_out, paged_decode_torch(q, k_cache, v_cache, tables, lens, scale), ref32)

@@ -98,8 +98,8 @@ def make_prompt_case(vision, text_runs, image_sizes, seed) -> PromptCase:
     for i, thw in enumerate(grid.tolist()):
         patches = thw[0] * thw[1] * thw[2]
         with torch.no_grad():
-            packed = vision(pixel_values[row:row + patches], grid[i:i + 1])
-        digest = hashlib.sha256(pixel_values[row:row + patches].numpy().tobytes()).hexdigest()
+            packed = vision(pixel_values[row : row + patches], grid[i : i + 1])
+        digest = hashlib.sha256(pixel_values[row : row + patches].numpy().tobytes()).hexdigest()
         images.append(EncodedImage(packed, tuple(thw), digest))
         row += patches
     return PromptCase(ids, pixel_values, grid, tuple(images))
@@ -119,10 +119,13 @@ def _hf_kwargs(case: PromptCase, ids: torch.Tensor) -> dict:
 def hf_greedy(hf_model, case: PromptCase, max_new_tokens: int) -> list[int]:
     """transformers generate, greedy, batch of one."""
     out = hf_model.generate(
-        input_ids=case.ids[None], max_new_tokens=max_new_tokens, do_sample=False,
-        min_new_tokens=max_new_tokens, **_hf_kwargs(case, case.ids),
+        input_ids=case.ids[None],
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        min_new_tokens=max_new_tokens,
+        **_hf_kwargs(case, case.ids),
     )
-    return out[0, case.ids.shape[0]:].tolist()
+    return out[0, case.ids.shape[0] :].tolist()
 
 
 @torch.no_grad()
@@ -131,7 +134,7 @@ def hf_output_logits(hf_model, case: PromptCase, output_ids: list[int]) -> torch
     ids = torch.cat([case.ids, torch.tensor(output_ids, dtype=torch.long)])
     logits = hf_model(input_ids=ids[None], **_hf_kwargs(case, ids)).logits[0]
     num_prompt = case.ids.shape[0]
-    return logits[num_prompt - 1:num_prompt - 1 + len(output_ids)]
+    return logits[num_prompt - 1 : num_prompt - 1 + len(output_ids)]
 
 
 def assert_greedy_parity(hf_model, case: PromptCase, ours: list[int], oracle: list[int]) -> None:

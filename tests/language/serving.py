@@ -57,5 +57,12 @@ def chat_server(
 ):
     """An in-process HTTP server on the shipped model's sizes with the given front-end options."""
     config = engine_config or EngineConfig(kv_cache_memory=32 * 2**20, max_model_len=2048)
-    return language_server(model_dir, encoder, config, fetch=fetch, model_name=model_name,
-                           options=options, chat_template=chat_template)  # fmt: skip
+    return language_server(
+        model_dir,
+        encoder,
+        config,
+        fetch=fetch,
+        model_name=model_name,
+        options=options,
+        chat_template=chat_template,
+    )

@@ -60,8 +60,9 @@ def server(served_dir):
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0,
-                         timeout=60)  # fmt: skip
+    return openai.OpenAI(
+        base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60
+    )
 
 
 def image_message(image: bytes, text: str) -> list[dict]:
@@ -123,9 +124,13 @@ def test_image_chat_streamed_and_whole_agree_with_transformers(
     assert problems == []
 
     stream = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=10, stream=True,
-        stream_options={"include_usage": True}, **GREEDY,
-    )  # fmt: skip
+        model=MODEL,
+        messages=messages,
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+        **GREEDY,
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -134,9 +139,10 @@ def test_image_chat_streamed_and_whole_agree_with_transformers(
     ]
     # The streamed request reuses the first one's cached prefix blocks; both must be greedy
     assert text == hf_tokenizer.decode(streamed_ids, skip_special_tokens=True)
-    assert greedy_disagreements(
-        hf_model, prompt_ids, streamed_ids, IMAGE_TOKEN_ID, pixel_values, grid
-    ) == []
+    assert (
+        greedy_disagreements(hf_model, prompt_ids, streamed_ids, IMAGE_TOKEN_ID, pixel_values, grid)
+        == []
+    )
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert reasons[-1] == "length" and set(reasons[:-1]) == {None}
     assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == len(prompt_ids)
@@ -154,9 +160,10 @@ def test_two_images_in_one_message(client, hf_model, served_dir):
     prompt_ids = response.model_extra["prompt_token_ids"]
     assert prompt_ids.count(IMAGE_TOKEN_ID) == sum(int(g.prod()) // 4 for g in grid)
     token_ids = response.choices[0].model_extra["token_ids"]
-    assert greedy_disagreements(
-        hf_model, prompt_ids, token_ids, IMAGE_TOKEN_ID, pixel_values, grid
-    ) == []
+    assert (
+        greedy_disagreements(hf_model, prompt_ids, token_ids, IMAGE_TOKEN_ID, pixel_values, grid)
+        == []
+    )
 
 
 def test_n_choices_logprobs_and_seeds(client):
@@ -172,8 +179,14 @@ def test_n_choices_logprobs_and_seeds(client):
         tops = [t.logprob for t in entry.top_logprobs]
         assert tops == sorted(tops, reverse=True)
         assert entry.logprob == pytest.approx(tops[0], abs=1e-5)  # greedy picks the top one
-    seeded = dict(model=MODEL, messages=messages, max_tokens=8, temperature=1.0, seed=7,
-                  extra_body={"return_token_ids": True})  # fmt: skip
+    seeded = dict(
+        model=MODEL,
+        messages=messages,
+        max_tokens=8,
+        temperature=1.0,
+        seed=7,
+        extra_body={"return_token_ids": True},
+    )
     a = client.chat.completions.create(**seeded).choices[0].model_extra["token_ids"]
     b = client.chat.completions.create(**seeded).choices[0].model_extra["token_ids"]
     assert a == b
@@ -207,8 +220,13 @@ def test_plain_completions(client, hf_model, hf_tokenizer):
 
 
 def _start_stream(server, max_tokens: int) -> tuple[httpx.Client, httpx.Response]:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}],
-            "max_tokens": max_tokens, "stream": True, "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+    }
     http = httpx.Client(timeout=30)
     response = http.send(
         http.build_request("POST", f"{server.base_url}/v1/chat/completions", json=body),
@@ -231,9 +249,10 @@ def test_aborting_a_stream_frees_its_kv_blocks(server):
                 received.append(json.loads(line[6:]))
         busy = read_metrics(server.base_url)
         assert busy["splitvl_language_num_requests_running"] == 1
-        assert busy["splitvl_language_kv_cache_free_blocks"] < busy[
-            "splitvl_language_kv_cache_total_blocks"
-        ]
+        assert (
+            busy["splitvl_language_kv_cache_free_blocks"]
+            < busy["splitvl_language_kv_cache_total_blocks"]
+        )
     finally:
         response.close()
         http.close()
@@ -243,14 +262,19 @@ def test_aborting_a_stream_frees_its_kv_blocks(server):
 
 def test_disconnecting_a_non_streamed_request_aborts_it(server):
     wait_for_idle_kv(server.base_url)
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": LONG,
-            "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": LONG,
+        "ignore_eos": True,
+    }
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=0.3)
     wait_for_idle_kv(server.base_url)
     # Still serving afterwards
-    ok = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=30,
-                    json={**body, "max_tokens": 2})  # fmt: skip
+    ok = httpx.post(
+        f"{server.base_url}/v1/chat/completions", timeout=30, json={**body, "max_tokens": 2}
+    )
     assert ok.status_code == 200
 
 

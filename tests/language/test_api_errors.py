@@ -35,9 +35,14 @@ def server(served_dir):
     fetch = ImageFetchConfig(allow_http=True, max_image_bytes=MAX_IMAGE_BYTES)
     engine = EngineConfig(kv_cache_memory=8 * 2**20, max_model_len=MAX_MODEL_LEN)
     with language_server(
-        served_dir, InProcessEncoder(served_dir), engine, api_key=KEY, fetch=fetch,
-        model_name=MODEL, max_request_bytes=200_000,
-    ) as srv:  # fmt: skip
+        served_dir,
+        InProcessEncoder(served_dir),
+        engine,
+        api_key=KEY,
+        fetch=fetch,
+        model_name=MODEL,
+        max_request_bytes=200_000,
+    ) as srv:
         yield srv
 
 
@@ -49,8 +54,12 @@ def noise_png(size: int) -> bytes:
 
 
 def chat(content, **extra) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2,
-            **extra}  # fmt: skip
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 2,
+        **extra,
+    }
 
 
 def image_part(url: str) -> list[dict]:
@@ -68,14 +77,20 @@ CASES = {
     "unknown_content_part": (chat([{"type": "audio", "audio": {}}]), 400, "audio"),
     "bad_base64": (chat(image_part("data:image/png;base64,!!not-base64!!")), 400, "base64"),
     "data_url_not_an_image": (
-        chat(image_part(data_url(b"just some text, not pixels"))), 400, "not a recognized image"
+        chat(image_part(data_url(b"just some text, not pixels"))),
+        400,
+        "not a recognized image",
     ),
     "oversized_image": (chat(image_part(data_url(noise_png(64)))), 413, "above the limit"),
     "private_address_url": (
-        chat(image_part("http://127.0.0.1:1/cat.png")), 400, "non-public address"
+        chat(image_part("http://127.0.0.1:1/cat.png")),
+        400,
+        "non-public address",
     ),
     "metadata_address_url": (
-        chat(image_part("http://169.254.169.254/latest")), 400, "non-public address"
+        chat(image_part("http://169.254.169.254/latest")),
+        400,
+        "non-public address",
     ),
     "prompt_over_context": (chat(LONG_TEXT), 400, f"maximum context length is {MAX_MODEL_LEN}"),
     "max_tokens_over_context": (chat("hi", max_tokens=MAX_MODEL_LEN), 400, "lower max_tokens"),
@@ -85,12 +100,16 @@ CASES = {
     "top_logprobs_without_logprobs": (chat("hi", top_logprobs=2), 400, "logprobs"),
     "too_many_choices": (chat("hi", n=100), 400, "n must be"),
     "image_in_system_message": (
-        {"model": MODEL, "messages": [
-            {"role": "system", "content": image_part(data_url(png_bytes(8, 8)))},
-            {"role": "user", "content": "hi"},
-        ]},
-        400, "only in user",
-    ),  # fmt: skip
+        {
+            "model": MODEL,
+            "messages": [
+                {"role": "system", "content": image_part(data_url(png_bytes(8, 8)))},
+                {"role": "user", "content": "hi"},
+            ],
+        },
+        400,
+        "only in user",
+    ),
     "unknown_model": ({**chat("hi"), "model": "gpt-4"}, 404, "does not exist"),
     "body_too_large": (chat("x" * 250_000), 413, "above the limit"),
     # OpenAI's ranges
@@ -110,7 +129,8 @@ CASES = {
     "legacy_functions": (chat("hi", functions=[{"name": "f"}]), 400, "functions"),
     "verbosity": (chat("hi", verbosity="high"), 400, "verbosity"),
     "tools_without_auto_tool_choice": (
-        chat("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+        chat("hi", tools=[{"type": "function", "function": {"name": "f"}}]),
+        400,
         "--enable-auto-tool-choice",
     ),
     "tool_choice_without_tools": (chat("hi", tool_choice="required"), 400, "needs tools"),
@@ -125,28 +145,42 @@ def _nested(depth: int) -> dict:
     return value
 
 
-CASES.update({
-    # OpenAI's ranges not covered above
-    "top_p_over_1": (chat("hi", top_p=1.5), 400, "top_p"),
-    "top_p_zero": (chat("hi", top_p=0), 400, "top_p"),
-    "presence_penalty_over_2": (chat("hi", presence_penalty=2.5), 400, "presence_penalty"),
-    "frequency_penalty_under_minus_2": (chat("hi", frequency_penalty=-3), 400,
-                                        "frequency_penalty"),
-    "negative_top_logprobs": (chat("hi", logprobs=True, top_logprobs=-1), 400, "top_logprobs"),
-    "seed_not_an_integer": (chat("hi", seed="abc"), 400, "seed"),
-    "max_tokens_not_an_integer": (chat("hi", max_tokens=2.5), 400, "max_tokens"),
-    "temperature_not_a_number": (chat("hi", temperature="hot"), 400, "temperature"),
-    # JSON that is too deep or too big is refused before it is parsed
-    "deeply_nested_metadata": (chat("hi", metadata=_nested(100)), 400, "deeper than 64"),
-    "deeply_nested_arrays": (b"[" * 100_000 + b"]" * 100_000, 400, "deeper than 64"),
-    # SSRF spellings of private addresses, with http images on
-    "decimal_loopback_url": (chat(image_part("http://2130706433/cat.png")), 400,
-                             "non-public address"),
-    "mapped_ipv6_loopback_url": (chat(image_part("http://[::ffff:7f00:1]/cat.png")), 400,
-                                 "non-public address"),
-    "nat64_private_url": (chat(image_part("http://[64:ff9b::a00:1]/cat.png")), 400,
-                          "non-public address"),
-})  # fmt: skip
+CASES.update(
+    {
+        # OpenAI's ranges not covered above
+        "top_p_over_1": (chat("hi", top_p=1.5), 400, "top_p"),
+        "top_p_zero": (chat("hi", top_p=0), 400, "top_p"),
+        "presence_penalty_over_2": (chat("hi", presence_penalty=2.5), 400, "presence_penalty"),
+        "frequency_penalty_under_minus_2": (
+            chat("hi", frequency_penalty=-3),
+            400,
+            "frequency_penalty",
+        ),
+        "negative_top_logprobs": (chat("hi", logprobs=True, top_logprobs=-1), 400, "top_logprobs"),
+        "seed_not_an_integer": (chat("hi", seed="abc"), 400, "seed"),
+        "max_tokens_not_an_integer": (chat("hi", max_tokens=2.5), 400, "max_tokens"),
+        "temperature_not_a_number": (chat("hi", temperature="hot"), 400, "temperature"),
+        # JSON that is too deep or too big is refused before it is parsed
+        "deeply_nested_metadata": (chat("hi", metadata=_nested(100)), 400, "deeper than 64"),
+        "deeply_nested_arrays": (b"[" * 100_000 + b"]" * 100_000, 400, "deeper than 64"),
+        # SSRF spellings of private addresses, with http images on
+        "decimal_loopback_url": (
+            chat(image_part("http://2130706433/cat.png")),
+            400,
+            "non-public address",
+        ),
+        "mapped_ipv6_loopback_url": (
+            chat(image_part("http://[::ffff:7f00:1]/cat.png")),
+            400,
+            "non-public address",
+        ),
+        "nat64_private_url": (
+            chat(image_part("http://[64:ff9b::a00:1]/cat.png")),
+            400,
+            "non-public address",
+        ),
+    }
+)
 
 
 def _post(server, body, headers=AUTH, path="/v1/chat/completions") -> httpx.Response:
@@ -187,10 +221,19 @@ def test_error_status_and_body(server, name):
 def test_harmless_fields_are_accepted_and_unknown_ones_named_in_a_warning(server, caplog):
     import logging
 
-    harmless = {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
-                "parallel_tool_calls": True, "reasoning_effort": "low", "seed": 3,
-                "prompt_cache_key": "c", "safety_identifier": "s", "modalities": ["text"],
-                "verbosity": "medium"}  # fmt: skip
+    harmless = {
+        "user": "u1",
+        "metadata": {"k": "v"},
+        "store": False,
+        "service_tier": "auto",
+        "parallel_tool_calls": True,
+        "reasoning_effort": "low",
+        "seed": 3,
+        "prompt_cache_key": "c",
+        "safety_identifier": "s",
+        "modalities": ["text"],
+        "verbosity": "medium",
+    }
     with caplog.at_level(logging.WARNING, logger="services.language.api"):
         response = _post(server, {**VALID, **harmless, "frobnicate": 1, "zzz_extension": {}})
     assert response.status_code == 200, response.text
@@ -235,8 +278,9 @@ def test_errors_are_counted(server):
 
 @pytest.fixture(scope="module")
 def one_slot_server(served_dir):
-    engine = EngineConfig(kv_cache_memory=32 * 2**20, max_model_len=4096, max_num_seqs=1,
-                          max_queue_len=1)  # fmt: skip
+    engine = EngineConfig(
+        kv_cache_memory=32 * 2**20, max_model_len=4096, max_num_seqs=1, max_queue_len=1
+    )
     with language_server(served_dir, None, engine, model_name=MODEL) as srv:
         yield srv
 
@@ -284,7 +328,11 @@ def test_deep_json_is_refused_quickly_and_chunked_bodies_are_limited(server):
         for _ in range(50):
             yield b"x" * 10_000
 
-    response = httpx.post(f"{server.base_url}/v1/chat/completions", content=chunks(),
-                          headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
+    response = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        content=chunks(),
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=60,
+    )
     assert_openai_error(response, 413, "above the limit")
     assert_still_serving(server)

@@ -47,8 +47,9 @@ def server(media_dir, encoder):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0,
-                         timeout=120)  # fmt: skip
+    return openai.OpenAI(
+        base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120
+    )
 
 
 def image_messages(*urls: str, text: str = "Describe the image.") -> list[dict]:
@@ -67,8 +68,10 @@ def hf_num_tokens(max_pixels: int | None) -> int:
     from transformers import AutoImageProcessor
 
     processor = AutoImageProcessor.from_pretrained(SHAPES_VL, use_fast=False)
-    size = {"shortest_edge": processor.size["shortest_edge"],
-            "longest_edge": max_pixels or processor.size["longest_edge"]}  # fmt: skip
+    size = {
+        "shortest_edge": processor.size["shortest_edge"],
+        "longest_edge": max_pixels or processor.size["longest_edge"],
+    }
     image = Image.open(io.BytesIO(IMAGE)).convert("RGB")
     grid = processor(images=[image], size=size, return_tensors="pt")["image_grid_thw"][0]
     return int(grid.prod()) // processor.merge_size**2
@@ -76,8 +79,12 @@ def hf_num_tokens(max_pixels: int | None) -> int:
 
 def chat_ids(client, messages, **extra) -> list[int]:
     response = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=2, temperature=0,
-        extra_body={"return_token_ids": True, **extra})  # fmt: skip
+        model=MODEL,
+        messages=messages,
+        max_tokens=2,
+        temperature=0,
+        extra_body={"return_token_ids": True, **extra},
+    )
     ids = response.model_extra["prompt_token_ids"]
     assert response.usage.prompt_tokens == len(ids)
     return ids
@@ -86,43 +93,54 @@ def chat_ids(client, messages, **extra) -> list[int]:
 def test_max_pixels_counts_tokens_as_transformers(client, encoder):
     default = chat_ids(client, image_messages(data_url(IMAGE)))
     assert default.count(PAD) == hf_num_tokens(None) == 12
-    lowered = chat_ids(client, image_messages(data_url(IMAGE)),
-                       mm_processor_kwargs={"max_pixels": 12000})  # fmt: skip
+    lowered = chat_ids(
+        client, image_messages(data_url(IMAGE)), mm_processor_kwargs={"max_pixels": 12000}
+    )
     assert lowered.count(PAD) == hf_num_tokens(12000) == 9
     assert encoder.refs[-1].max_pixels == 12000 and encoder.refs[-1].min_pixels is None
 
 
-@pytest.mark.parametrize(("kwargs", "fragment"), [
-    ({"max_pixels": 10**6}, "over this server's limit of 16384"),
-    ({"min_pixels": 15000, "max_pixels": 10000}, "greater than max_pixels"),
-    ({"max_pixels": -5}, "positive integer"),
-    ({"do_resize": False}, "not supported"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"max_pixels": 10**6}, "over this server's limit of 16384"),
+        ({"min_pixels": 15000, "max_pixels": 10000}, "greater than max_pixels"),
+        ({"max_pixels": -5}, "positive integer"),
+        ({"do_resize": False}, "not supported"),
+    ],
+)
 def test_bad_pixel_limits_are_400s(server, kwargs, fragment):
-    body = {"model": MODEL, "messages": image_messages(data_url(IMAGE)), "max_tokens": 2,
-            "mm_processor_kwargs": kwargs}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "messages": image_messages(data_url(IMAGE)),
+        "max_tokens": 2,
+        "mm_processor_kwargs": kwargs,
+    }
     response = post(server, "/v1/chat/completions", body)
     assert response.status_code == 400 and fragment in response.json()["error"]["message"]
 
 
 def test_image_limit_refuses_before_encoding(server, encoder):
     calls = encoder.num_calls
-    body = {"model": MODEL, "max_tokens": 2,
-            "messages": image_messages(*[data_url(IMAGE)] * 3)}  # fmt: skip
+    body = {"model": MODEL, "max_tokens": 2, "messages": image_messages(*[data_url(IMAGE)] * 3)}
     response = post(server, "/v1/chat/completions", body)
     assert response.status_code == 400
     assert "at most 2 per prompt" in response.json()["error"]["message"]
     assert encoder.num_calls == calls
-    assert post(server, "/tokenize", {"model": MODEL, "messages": body["messages"]}
-                ).status_code == 400  # fmt: skip
+    assert (
+        post(server, "/tokenize", {"model": MODEL, "messages": body["messages"]}).status_code == 400
+    )
 
 
 def test_local_files_only_inside_the_allowed_directory(client, server, media_dir):
     inside = (media_dir / "images" / "shape.png").as_uri()
     assert chat_ids(client, image_messages(inside)).count(PAD) == 12
-    for url in [f"file://{media_dir}/images/../../outside/secret.png",
-                (media_dir / "images" / "link.png").as_uri(),  # a link to a file outside
-                f"file://{media_dir}/images/missing.png", "file://otherhost/x.png"]:  # fmt: skip
+    for url in [
+        f"file://{media_dir}/images/../../outside/secret.png",
+        (media_dir / "images" / "link.png").as_uri(),  # a link to a file outside
+        f"file://{media_dir}/images/missing.png",
+        "file://otherhost/x.png",
+    ]:
         body = {"model": MODEL, "max_tokens": 2, "messages": image_messages(url)}
         response = post(server, "/v1/chat/completions", body)
         assert response.status_code == 400, url

@@ -41,21 +41,27 @@ def hf_tokenizer(template):
 def client(template):
     options = FrontendOptions(reasoning_parser="qwen3")
     with chat_server(SHAPES_VL, options=options, chat_template=template) as srv:
-        yield openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0,
-                            timeout=120)  # fmt: skip
+        yield openai.OpenAI(
+            base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0, timeout=120
+        )
 
 
 def ask(client, **extra):
     return client.chat.completions.create(
-        model=MODEL, messages=QUESTION, max_tokens=24, temperature=0,
-        extra_body={"return_token_ids": True, **extra})  # fmt: skip
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=24,
+        temperature=0,
+        extra_body={"return_token_ids": True, **extra},
+    )
 
 
 def test_a_prompt_that_opens_thinking_answers_in_reasoning(client, hf_tokenizer):
     response = ask(client)
     prompt_ids = response.model_extra["prompt_token_ids"]
-    expected = hf_tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True,
-                                                tokenize=True, return_dict=False)  # fmt: skip
+    expected = hf_tokenizer.apply_chat_template(
+        QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     assert prompt_ids == list(expected)
     message = response.choices[0].message
     reasoning = message.model_extra["reasoning_content"]
@@ -66,8 +72,13 @@ def test_a_prompt_that_opens_thinking_answers_in_reasoning(client, hf_tokenizer)
     assert usage.completion_tokens_details.reasoning_tokens == usage.completion_tokens
 
     stream = client.chat.completions.create(
-        model=MODEL, messages=QUESTION, max_tokens=24, temperature=0, stream=True,
-        stream_options={"include_usage": True, "continuous_usage_stats": True})  # fmt: skip
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+    )
     chunks = list(stream)
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == reasoning
@@ -78,9 +89,13 @@ def test_a_prompt_that_opens_thinking_answers_in_reasoning(client, hf_tokenizer)
 
 def test_chat_template_kwargs_turn_thinking_off(client, hf_tokenizer):
     response = ask(client, chat_template_kwargs={"enable_thinking": False})
-    expected = hf_tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True,
-                                                tokenize=True, return_dict=False,
-                                                enable_thinking=False)  # fmt: skip
+    expected = hf_tokenizer.apply_chat_template(
+        QUESTION,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+        enable_thinking=False,
+    )
     assert response.model_extra["prompt_token_ids"] == list(expected)
     message = response.choices[0].message
     assert message.content and message.model_extra["reasoning_content"] is None

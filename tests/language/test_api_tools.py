@@ -16,16 +16,26 @@ from services.language.tool_calls import ToolConfig
 from tests.language.serving import SHAPES_VL, chat_server
 
 MODEL = "shapes-vl"
-LOOKUP = {"type": "object", "properties": {"shape": {"enum": ["circle", "square", "triangle"]},
-                                           "filled": {"type": "boolean"}},
-          "required": ["shape", "filled"]}  # fmt: skip
-COUNT = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
-         "required": ["n"]}  # fmt: skip
+LOOKUP = {
+    "type": "object",
+    "properties": {
+        "shape": {"enum": ["circle", "square", "triangle"]},
+        "filled": {"type": "boolean"},
+    },
+    "required": ["shape", "filled"],
+}
+COUNT = {
+    "type": "object",
+    "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["n"],
+}
 TOOLS = [
-    {"type": "function", "function": {"name": "lookup", "description": "Look a shape up.",
-                                      "parameters": LOOKUP}},
+    {
+        "type": "function",
+        "function": {"name": "lookup", "description": "Look a shape up.", "parameters": LOOKUP},
+    },
     {"type": "function", "function": {"name": "count_shapes", "parameters": COUNT}},
-]  # fmt: skip
+]
 SCHEMAS = {"lookup": LOOKUP, "count_shapes": COUNT}
 QUESTION = [{"role": "user", "content": "How many shapes are there?"}]
 
@@ -39,8 +49,9 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0,
-                         timeout=120)  # fmt: skip
+    return openai.OpenAI(
+        base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120
+    )
 
 
 def streamed_calls(stream) -> tuple[list[dict], str | None]:
@@ -58,11 +69,19 @@ def streamed_calls(stream) -> tuple[list[dict], str | None]:
     return [calls[i] for i in sorted(calls)], reason
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function",
-                                                 "function": {"name": "count_shapes"}}])
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "count_shapes"}}]
+)
 def test_forced_calls_are_valid_and_stream_the_same(client, choice):
-    base = dict(model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice=choice, max_tokens=300,
-                temperature=0, parallel_tool_calls=False)  # fmt: skip
+    base = dict(
+        model=MODEL,
+        messages=QUESTION,
+        tools=TOOLS,
+        tool_choice=choice,
+        max_tokens=300,
+        temperature=0,
+        parallel_tool_calls=False,
+    )
     whole = client.chat.completions.create(**base)
     message = whole.choices[0].message
     assert whole.choices[0].finish_reason == "tool_calls"
@@ -80,8 +99,15 @@ def test_forced_calls_are_valid_and_stream_the_same(client, choice):
 
 def test_sampled_required_calls_follow_their_schemas(client):
     response = client.chat.completions.create(
-        model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="required", max_tokens=400,
-        temperature=1.0, seed=5, n=2)  # fmt: skip
+        model=MODEL,
+        messages=QUESTION,
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=400,
+        temperature=1.0,
+        seed=5,
+        n=2,
+    )
     for choice in response.choices:
         assert choice.message.tool_calls, choice.message
         for call in choice.message.tool_calls:
@@ -90,7 +116,8 @@ def test_sampled_required_calls_follow_their_schemas(client):
 
 def test_auto_leaves_a_plain_answer_as_content(client):
     response = client.chat.completions.create(
-        model=MODEL, messages=QUESTION, tools=TOOLS, max_tokens=20, temperature=0)
+        model=MODEL, messages=QUESTION, tools=TOOLS, max_tokens=20, temperature=0
+    )
     choice = response.choices[0]
     assert choice.finish_reason == "stop" and choice.message.tool_calls is None
     assert choice.message.content and "<tool_call>" not in choice.message.content
@@ -98,24 +125,44 @@ def test_auto_leaves_a_plain_answer_as_content(client):
 
 def test_follow_up_turn_renders_like_transformers(client):
     first = client.chat.completions.create(
-        model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="required", max_tokens=300,
-        temperature=0, parallel_tool_calls=False)  # fmt: skip
+        model=MODEL,
+        messages=QUESTION,
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=300,
+        temperature=0,
+        parallel_tool_calls=False,
+    )
     call = first.choices[0].message.tool_calls[0]
-    history = [*QUESTION,
-               {"role": "assistant", "content": None, "tool_calls": [
-                   {"id": call.id, "type": "function",
-                    "function": {"name": call.function.name,
-                                 "arguments": call.function.arguments}}]},
-               {"role": "tool", "tool_call_id": call.id, "content": '{"result": 2}'},
-               {"role": "tool", "tool_call_id": call.id, "content": "second"}]  # fmt: skip
+    history = [
+        *QUESTION,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call.id, "content": '{"result": 2}'},
+        {"role": "tool", "tool_call_id": call.id, "content": "second"},
+    ]
     follow = client.chat.completions.create(
-        model=MODEL, messages=history, tools=TOOLS, max_tokens=4, temperature=0,
-        extra_body={"return_token_ids": True})  # fmt: skip
+        model=MODEL,
+        messages=history,
+        tools=TOOLS,
+        max_tokens=4,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
     hf = PreTrainedTokenizerFast.from_pretrained(SHAPES_VL)
-    text = hf.apply_chat_template(history, tools=TOOLS, add_generation_prompt=True,
-                                  tokenize=False)  # fmt: skip
-    assert "<tools>" in text and "<tool_response>\n{\"result\": 2}\n</tool_response>" in text
+    text = hf.apply_chat_template(history, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    assert "<tools>" in text and '<tool_response>\n{"result": 2}\n</tool_response>' in text
     assert f'<tool_call>\n{{"name": "{call.function.name}", "arguments": ' in text
-    expected = hf.apply_chat_template(history, tools=TOOLS, add_generation_prompt=True,
-                                      tokenize=True, return_dict=False)  # fmt: skip
+    expected = hf.apply_chat_template(
+        history, tools=TOOLS, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     assert follow.model_extra["prompt_token_ids"] == list(expected)

@@ -18,13 +18,18 @@ from services.language.__main__ import (
 def test_sizes_and_settings_parse_into_configs(tmp_path):
     args = build_parser().parse_args(
         [
-            "--model", str(tmp_path),
-            "--kv-cache-memory", "1.5G",
-            "--max-image-bytes", "512KiB",
-            "--allowed-image-networks", "10.0.0.0/8, 192.168.0.0/16",
-            "--dtype", "bfloat16",
+            "--model",
+            str(tmp_path),
+            "--kv-cache-memory",
+            "1.5G",
+            "--max-image-bytes",
+            "512KiB",
+            "--allowed-image-networks",
+            "10.0.0.0/8, 192.168.0.0/16",
+            "--dtype",
+            "bfloat16",
         ]
-    )  # fmt: skip
+    )
     assert args.max_request_bytes == 64 << 20  # the default, parsed by the same function
     engine = engine_config(args)
     assert (engine.kv_cache_memory, engine.dtype) == (3 << 29, "bfloat16")
@@ -70,8 +75,18 @@ def test_missing_model_is_a_one_line_error(tmp_path, caplog):
 
 def test_reliability_flags_reach_the_engine_config_and_the_hook_stays_hidden(tmp_path, capsys):
     parser = build_parser()
-    args = parser.parse_args(["--model", str(tmp_path), "--max-queue-delay", "1.5",
-                              "--drain-timeout", "7", "--inject-step-faults", "3,9"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "--model",
+            str(tmp_path),
+            "--max-queue-delay",
+            "1.5",
+            "--drain-timeout",
+            "7",
+            "--inject-step-faults",
+            "3,9",
+        ]
+    )
     engine = engine_config(args)
     assert (engine.max_queue_delay_s, engine.fault_steps) == (1.5, (3, 9))
     assert args.drain_timeout == 7.0

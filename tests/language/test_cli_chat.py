@@ -14,9 +14,17 @@ def parse(*argv: str):
 
 
 def test_chat_flags_parse_into_options(tmp_path):
-    args = parse("--tool-call-parser", "hermes", "--enable-auto-tool-choice",
-                 "--reasoning-parser", "qwen3", "--limit-mm-per-prompt", '{"image": 2}',
-                 "--allowed-local-media-path", str(tmp_path))  # fmt: skip
+    args = parse(
+        "--tool-call-parser",
+        "hermes",
+        "--enable-auto-tool-choice",
+        "--reasoning-parser",
+        "qwen3",
+        "--limit-mm-per-prompt",
+        '{"image": 2}',
+        "--allowed-local-media-path",
+        str(tmp_path),
+    )
     options = frontend_options(args)
     assert options.tools.parser == "hermes" and options.tools.enable_auto_tool_choice
     assert options.reasoning_parser == "qwen3"
@@ -28,11 +36,16 @@ def test_chat_flags_parse_into_options(tmp_path):
     assert defaults.images.max_images_per_prompt is None
 
 
-@pytest.mark.parametrize("bad", [
-    ["--limit-mm-per-prompt", '{"video": 1}'], ["--limit-mm-per-prompt", '{"image": -1}'],
-    ["--limit-mm-per-prompt", "lots"], ["--tool-call-parser", "mistral"],
-    ["--reasoning-parser", "deepseek"],
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--limit-mm-per-prompt", '{"video": 1}'],
+        ["--limit-mm-per-prompt", '{"image": -1}'],
+        ["--limit-mm-per-prompt", "lots"],
+        ["--tool-call-parser", "mistral"],
+        ["--reasoning-parser", "deepseek"],
+    ],
+)
 def test_bad_values_are_usage_errors(bad):
     with pytest.raises(SystemExit):
         parse(*bad)

@@ -172,7 +172,6 @@ def test_a_broken_link_fails_its_request_clearly_and_is_set_up_again(encode_serv
     assert torch.equal(second[0].packed, reference.encode(images[1]))
 
 
-
 @pytest.mark.parametrize("transport", ["grpc", "nccl"])
 def test_killing_a_replica_mid_flight_loses_no_request(tiny_vl_dir, tmp_path, reference, transport):
     replica_a = EncodeProcess(tiny_vl_dir, tmp_path, name="a").start()

@@ -77,8 +77,12 @@ class Load:
 
 def _report(test: str, **numbers) -> None:
     """One line of measured numbers (shown with pytest -rP)."""
-    print(test, " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in numbers.items()))  # fmt: skip
+    print(
+        test,
+        " ".join(
+            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items()
+        ),
+    )
 
 
 async def _wait_for(predicate, timeout_s: float, what: str) -> None:
@@ -104,8 +108,9 @@ class Replicas:
     def _new(self, name: str, port: int = 0) -> EncodeProcess:
         self.started += 1
         args = ("--link-timeout", "10", "--port", str(port))
-        return EncodeProcess(self.model_dir, self.workdir, *args,
-                             name=f"{name}{self.started}").start()  # fmt: skip
+        return EncodeProcess(
+            self.model_dir, self.workdir, *args, name=f"{name}{self.started}"
+        ).start()
 
     def restart(self, name: str) -> float:
         """Start `name` again on the same port; returns when it reported SERVING."""
@@ -146,13 +151,17 @@ def test_a_stalled_replica_is_timed_out_avoided_and_taken_back(replicas):
     attempt_timeout = 1.0
 
     async def run():
-        client = EncodeClient(_config(replicas, attempt_timeout_s=attempt_timeout,
-                                      probe_timeout_s=0.5))  # fmt: skip
+        client = EncodeClient(
+            _config(replicas, attempt_timeout_s=attempt_timeout, probe_timeout_s=0.5)
+        )
         load = Load(client, concurrency=3, seed=10_000)
         try:
             load.start()
-            await _wait_for(lambda: load.first_served_by(a, 0) and load.first_served_by(b, 0),
-                            10, "traffic on both replicas")  # fmt: skip
+            await _wait_for(
+                lambda: load.first_served_by(a, 0) and load.first_served_by(b, 0),
+                10,
+                "traffic on both replicas",
+            )
             replicas.procs["a"].signal(signal.SIGSTOP)  # keeps its port, answers nothing
             stopped = time.monotonic()
             # The calls stuck on a time out after attempt_timeout and a leaves the rotation.
@@ -174,10 +183,16 @@ def test_a_stalled_replica_is_timed_out_avoided_and_taken_back(replicas):
     finally:
         replicas.procs["a"].signal(signal.SIGCONT)
     during = [r for r in load.records if stopped <= r.start < resumed]
-    _report("stall", requests=len(load.records), failed=len(load.errors()), retries=retries,
-            out_after_s=out_at - stopped, max_latency_during_s=max(r.end - r.start for r in during),
-            calls_to_stalled_while_out=attempts_later - attempts_out,
-            back_after_s=load.first_served_by(a, resumed) - resumed)  # fmt: skip
+    _report(
+        "stall",
+        requests=len(load.records),
+        failed=len(load.errors()),
+        retries=retries,
+        out_after_s=out_at - stopped,
+        max_latency_during_s=max(r.end - r.start for r in during),
+        calls_to_stalled_while_out=attempts_later - attempts_out,
+        back_after_s=load.first_served_by(a, resumed) - resumed,
+    )
     assert load.errors() == []
     assert retries >= 1  # the images stuck on a were encoded by b
     assert out_at - stopped < attempt_timeout + 1.0
@@ -210,8 +225,13 @@ def test_a_replica_that_accepts_connections_but_never_answers_costs_a_second(rep
 
         load, stats = asyncio.run(run())
     worst = max(r.end - r.start for r in load.records)
-    _report("silent", requests=len(load.records), failed=len(load.errors()), worst_s=worst,
-            attempts_on_silent=stats.attempts)  # fmt: skip
+    _report(
+        "silent",
+        requests=len(load.records),
+        failed=len(load.errors()),
+        worst_s=worst,
+        attempts_on_silent=stats.attempts,
+    )
     assert load.errors() == [] and len(load.records) > 10
     assert worst < 2.0 and not stats.admitted
     assert stats.attempts <= 2  # then it stays out of rotation
@@ -259,10 +279,15 @@ def test_a_killed_replica_costs_no_request_and_gets_traffic_once_restarted(repli
     loads, killed, serving, all_down, all_down_s = asyncio.run(run())
     for name, load in zip(("readmitting", "never"), loads, strict=True):
         back = load.first_served_by(a, serving)
-        _report(f"kill/{name}", requests=len(load.records), failed=len(load.errors()),
-                p99_after_kill_s=load.p99_latency(since=killed), restart_s=serving - killed,
-                back_after_serving_s=-1.0 if back is None else back - serving,
-                all_down_s=all_down_s)  # fmt: skip
+        _report(
+            f"kill/{name}",
+            requests=len(load.records),
+            failed=len(load.errors()),
+            p99_after_kill_s=load.p99_latency(since=killed),
+            restart_s=serving - killed,
+            back_after_serving_s=-1.0 if back is None else back - serving,
+            all_down_s=all_down_s,
+        )
     for load in loads:
         assert load.errors() == []
         assert load.p99_latency(since=killed) < 2.0

@@ -69,15 +69,17 @@ def test_a_replica_that_comes_back_changed_is_not_used(tiny_vl_dir, other_checkp
     images = [ImageRef(png_bytes(64, 64, seed=40 + i)) for i in range(6)]
 
     async def run():
-        config = EncodeClientConfig((good.address, flaky.address), expected=_contract(tiny_vl_dir),
-                                    cooldown_s=0.1)  # fmt: skip
+        config = EncodeClientConfig(
+            (good.address, flaky.address), expected=_contract(tiny_vl_dir), cooldown_s=0.1
+        )
         client = EncodeClient(config)
         try:
             infos = await client.check_replicas(10)
             first = await client.encode(images)
             flaky.kill()  # comes back on the same port, serving other weights
-            changed = EncodeProcess(other_checkpoint, tmp_path, "--port", str(port),
-                                    name="changed").start()  # fmt: skip
+            changed = EncodeProcess(
+                other_checkpoint, tmp_path, "--port", str(port), name="changed"
+            ).start()
             changed.port = port
             try:
                 await asyncio.to_thread(changed.wait_serving)

@@ -89,10 +89,15 @@ def test_full_queue_and_invalid_requests_raise_at_once(tiny_vl_model_dir):
             engine.generate(_request("long", num_prompt=600))
         image = EncodedImage(torch.zeros(3, 192), (1, 2, 6), "h")
         with pytest.raises(InvalidRequestError, match="2 image pad tokens.*3 embedding rows"):
-            engine.generate(GenerationRequest(
-                "pads", (1, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 2), (image,),
-                SamplingParams(), time.time(),
-            ))
+            engine.generate(
+                GenerationRequest(
+                    "pads",
+                    (1, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 2),
+                    (image,),
+                    SamplingParams(),
+                    time.time(),
+                )
+            )
         results = [[o async for o in s] for s in streams]
         return results, engine.stats()
 

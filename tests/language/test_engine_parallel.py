@@ -13,20 +13,30 @@ from services.language.engine import EngineConfig
 from tests.language.conftest import greedy_request, make_prompt_case, run_engine
 
 # (text runs around the images, image (w, h) sizes, max_tokens); the last repeats the third.
-CASES = [([5], [], 6), ([4, 6], [(64, 96)], 6), ([3, 5, 2], [(64, 96), (96, 64)], 5),
-         ([10, 3], [(128, 128)], 6), ([10, 3], [(128, 128)], 6)]  # fmt: skip
+CASES = [
+    ([5], [], 6),
+    ([4, 6], [(64, 96)], 6),
+    ([3, 5, 2], [(64, 96), (96, 64)], 5),
+    ([10, 3], [(128, 128)], 6),
+    ([10, 3], [(128, 128)], 6),
+]
 # 7 tokens a step and 4-token blocks: every image is split across prefill chunks.
-BASE = EngineConfig(kv_cache_memory=1 << 22, max_num_batched_tokens=7, block_size=4,
-                    max_model_len=512)  # fmt: skip
+BASE = EngineConfig(
+    kv_cache_memory=1 << 22, max_num_batched_tokens=7, block_size=4, max_model_len=512
+)
 
 
 @pytest.fixture(scope="module")
 def requests(tiny_vision):
     seeds = [0, 1, 2, 3, 3]
-    cases = [make_prompt_case(tiny_vision, runs, sizes, seed)
-             for (runs, sizes, _), seed in zip(CASES, seeds, strict=True)]  # fmt: skip
-    return [greedy_request(f"r{i}", case, n, logprobs=5)
-            for i, (case, (_, _, n)) in enumerate(zip(cases, CASES, strict=True))]  # fmt: skip
+    cases = [
+        make_prompt_case(tiny_vision, runs, sizes, seed)
+        for (runs, sizes, _), seed in zip(CASES, seeds, strict=True)
+    ]
+    return [
+        greedy_request(f"r{i}", case, n, logprobs=5)
+        for i, (case, (_, _, n)) in enumerate(zip(cases, CASES, strict=True))
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,10 @@ CASES = [
 @pytest.fixture(scope="module")
 def cases(tiny_vision):
     seeds = [0, 1, 2, 3, 4, 5, 6, 7, 3]
-    return [make_prompt_case(tiny_vision, runs, sizes, seed)
-            for (runs, sizes, _), seed in zip(CASES, seeds, strict=True)]
+    return [
+        make_prompt_case(tiny_vision, runs, sizes, seed)
+        for (runs, sizes, _), seed in zip(CASES, seeds, strict=True)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,10 @@ def oracle(tiny_vl_hf, cases):
 def test_concurrent_greedy_matches_transformers(
     config, cases, oracle, tiny_vl_hf, tiny_vl_model_dir
 ):
-    requests = [greedy_request(f"r{i}", case, n)
-                for i, (case, (_, _, n)) in enumerate(zip(cases, CASES, strict=True))]
+    requests = [
+        greedy_request(f"r{i}", case, n)
+        for i, (case, (_, _, n)) in enumerate(zip(cases, CASES, strict=True))
+    ]
     tokens, _, stats = run_engine(tiny_vl_model_dir, config, requests)
     for i, case in enumerate(cases):
         assert len(tokens[f"r{i}"]) == CASES[i][2]

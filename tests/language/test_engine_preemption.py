@@ -31,8 +31,9 @@ def requests(tiny_vision):
 
 def _block_bytes(model_dir) -> int:
     text = load_config(model_dir).text
-    spec = KVCacheSpec(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, BLOCK,
-                       dtype=torch.float32)
+    spec = KVCacheSpec(
+        text.num_hidden_layers, text.num_key_value_heads, text.head_dim, BLOCK, dtype=torch.float32
+    )
     return spec.bytes_per_block
 
 
@@ -48,8 +49,10 @@ def test_small_pool_completes_every_request_like_an_unconstrained_run(
     assert free_stats.num_preemptions == 0
     # 13 blocks hold the longest request (46 tokens) but nowhere near all six at once.
     small = EngineConfig(
-        kv_cache_memory=13 * _block_bytes(tiny_vl_model_dir), block_size=BLOCK,
-        max_num_batched_tokens=16, enable_prefix_caching=prefix,
+        kv_cache_memory=13 * _block_bytes(tiny_vl_model_dir),
+        block_size=BLOCK,
+        max_num_batched_tokens=16,
+        enable_prefix_caching=prefix,
     )
     tight_run, outputs, stats = run_engine(tiny_vl_model_dir, small, requests)
     assert stats.num_total_blocks == 13

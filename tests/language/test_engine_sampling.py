@@ -22,8 +22,10 @@ CONFIG = EngineConfig(kv_cache_memory=1 << 22, block_size=4)
 @pytest.fixture(scope="module")
 def cases(tiny_vision):
     specs = [([9], []), ([4, 6], [(64, 96)]), ([3, 5, 2], [(64, 96), (96, 64)])]
-    return [make_prompt_case(tiny_vision, runs, sizes, seed=40 + i)
-            for i, (runs, sizes) in enumerate(specs)]
+    return [
+        make_prompt_case(tiny_vision, runs, sizes, seed=40 + i)
+        for i, (runs, sizes) in enumerate(specs)
+    ]
 
 
 def _with(request, rid, **params):
@@ -43,8 +45,9 @@ def test_seeded_request_reproduces_alone_and_in_a_batch(cases, tiny_vl_model_dir
     base = greedy_request("s", cases[1], 12)
     seeded = _with(base, "seeded", temperature=1.0, seed=1234)
     alone, _, _ = run_engine(tiny_vl_model_dir, CONFIG, [seeded])
-    others = [_with(greedy_request(f"o{i}", c, 12), f"o{i}", temperature=1.0)
-              for i, c in enumerate(cases)]
+    others = [
+        _with(greedy_request(f"o{i}", c, 12), f"o{i}", temperature=1.0) for i, c in enumerate(cases)
+    ]
     batched, _, _ = run_engine(tiny_vl_model_dir, CONFIG, [others[0], seeded, *others[1:]])
     assert batched["seeded"] == alone["seeded"]
     reseeded, _, _ = run_engine(tiny_vl_model_dir, CONFIG, [_with(seeded, "seeded", seed=99)])
@@ -57,12 +60,15 @@ def test_stop_string_across_tokens_cuts_the_text(cases, tiny_vl_model_dir):
     text = "".join(o.new_text for o in full_outputs["full"])
     # Pick two printable characters after the start: with the byte-level tokenizer they are
     # two tokens, so the stop string spans a token boundary.
-    start = next(i for i in range(2, len(text) - 1) if text[i:i + 2].isprintable()
-                 and "\ufffd" not in text[i:i + 2] and text.find(text[i:i + 2]) == i)
-    stop = text[start:start + 2]
-    _, outputs, stats = run_engine(
-        tiny_vl_model_dir, CONFIG, [_with(request, "cut", stop=(stop,))]
+    start = next(
+        i
+        for i in range(2, len(text) - 1)
+        if text[i : i + 2].isprintable()
+        and "\ufffd" not in text[i : i + 2]
+        and text.find(text[i : i + 2]) == i
     )
+    stop = text[start : start + 2]
+    _, outputs, stats = run_engine(tiny_vl_model_dir, CONFIG, [_with(request, "cut", stop=(stop,))])
     streamed = [o.new_text for o in outputs["cut"]]
     assert "".join(streamed) == text[:start]
     assert outputs["cut"][-1].finish_reason == "stop"
@@ -84,8 +90,10 @@ def test_stop_token_ids_and_eos(cases, tiny_vl_model_dir):
 
 def test_logprobs_equal_log_softmax_of_the_model_logits(cases, tiny_vl_hf, tiny_vl_model_dir):
     params = SamplingParams(temperature=0.8, seed=5, max_tokens=6, logprobs=4)
-    requests = [dataclasses.replace(greedy_request(f"l{i}", c, 6), sampling=params)
-                for i, c in enumerate(cases)]
+    requests = [
+        dataclasses.replace(greedy_request(f"l{i}", c, 6), sampling=params)
+        for i, c in enumerate(cases)
+    ]
     tokens, outputs, _ = run_engine(tiny_vl_model_dir, CONFIG, requests)
     for i, case in enumerate(cases):
         logprobs = [lp for o in outputs[f"l{i}"] for lp in o.logprobs]

@@ -41,16 +41,18 @@ _OVERRIDES = {
         messages(pb.SamplingParams.DESCRIPTOR, _FIELDS),
     ),
 }
-_ALLOWED = set(grpc.StatusCode) - {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-                                   grpc.StatusCode.UNIMPLEMENTED}  # fmt: skip
+_ALLOWED = set(grpc.StatusCode) - {
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
 
 
 @pytest.fixture(scope="module")
 def language(tiny_vl_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("generate_fuzz")
     model = servable_copy(tiny_vl_dir, workdir / "tiny")
-    args = ["--served-model-name", "tiny", "--max-model-len", "256", "--kv-cache-memory",
-            "16MiB"]  # fmt: skip
+    args = ["--served-model-name", "tiny", "--max-model-len", "256", "--kv-cache-memory", "16MiB"]
     proc, _, address = start_language(model, workdir, args)
     try:
         yield address
@@ -67,8 +69,13 @@ def _fuzz(language, strategy, examples: int) -> dict:
     with grpc.insecure_channel(language) as channel:
         caller = RawCaller(channel, PATH, streaming=True)
 
-        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @settings(
+            max_examples=examples,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(strategy)
         def fuzz(payload):
             code, details = caller(payload, timeout=20)

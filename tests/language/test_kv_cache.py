@@ -116,8 +116,7 @@ def test_prefix_caching_off_never_hits():
 
 
 def test_pool_size_follows_the_memory_budget():
-    spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4,
-                       dtype=torch.float32)
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
     assert spec.bytes_per_block == 2 * 2 * 4 * 2 * 8 * 4
     assert spec.num_blocks_for(10 * spec.bytes_per_block + 5) == 10
     with pytest.raises(KVCacheConfigError, match="kv-cache-memory"):

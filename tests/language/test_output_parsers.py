@@ -12,12 +12,14 @@ from services.language.errors import BadRequestError
 from services.language.reasoning import ReasoningParser, prompt_opens_reasoning
 from services.language.tool_calls import ToolCallParser, ToolConfig, plan_tools
 
-CALL = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}'
-        "\n</tool_call>")
+CALL = (
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}'
+    "\n</tool_call>"
+)
 
 
 def pieces(text: str, size: int) -> list[str]:
-    return [text[i:i + size] for i in range(0, len(text), size)]
+    return [text[i : i + size] for i in range(0, len(text), size)]
 
 
 def run_tools(chunks: list[str], max_calls=None):
@@ -55,14 +57,35 @@ def test_one_call_split_anywhere(size):
         ("get_weather", {"city": "Paris", "days": [1, 2]})
     ]
     assembled = reassemble(deltas)
-    assert assembled == [{"id": calls[0].id, "name": "get_weather",
-                          "arguments": calls[0].arguments}]  # fmt: skip
+    assert assembled == [
+        {"id": calls[0].id, "name": "get_weather", "arguments": calls[0].arguments}
+    ]
     assert deltas[0].id is not None and deltas[0].arguments == ""  # first: id, type, name
 
 
 def test_tag_split_over_tokens_like_a_byte_level_tokenizer():
-    tokens = ["<", "tool", "_", "call", ">\n", '{"', "name", '":', ' "', "f", '", "', "arguments",
-              '": {', '"x', '": ', "1", "}}", "\n</", "tool_call", ">"]  # fmt: skip
+    tokens = [
+        "<",
+        "tool",
+        "_",
+        "call",
+        ">\n",
+        '{"',
+        "name",
+        '":',
+        ' "',
+        "f",
+        '", "',
+        "arguments",
+        '": {',
+        '"x',
+        '": ',
+        "1",
+        "}}",
+        "\n</",
+        "tool_call",
+        ">",
+    ]
     content, deltas, calls = run_tools(tokens)
     assert content == "" and calls[0].name == "f" and calls[0].arguments == '{"x": 1}'
     assert "".join(d.arguments for d in deltas) == '{"x": 1}'

@@ -139,7 +139,17 @@ def test_expand_image_pads_in_order():
     ids = [1, pad, 2, 3, pad, 4]
     images = [_image((1, 4, 4)), _image((1, 2, 6))]  # 4 tokens, then 3
     assert expand_image_pads(ids, pad, images, merge_size=2) == (
-        1, pad, pad, pad, pad, 2, 3, pad, pad, pad, 4,
+        1,
+        pad,
+        pad,
+        pad,
+        pad,
+        2,
+        3,
+        pad,
+        pad,
+        pad,
+        4,
     )
 
 
@@ -180,17 +190,28 @@ def test_special_tokens_and_tojson_are_available():
 
 
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather by city.",
-                                      "parameters": {"type": "object", "properties": {
-                                          "city": {"type": "string"}}, "required": ["city"]}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather by city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    },
     {"function": {"parameters": {"type": "object"}, "name": "ünïcode_tool"}, "type": "function"},
-]  # fmt: skip
+]
 TOOL_CALLS = (
-    {"id": "call_1", "type": "function",
-     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-    {"id": "call_2", "type": "function",
-     "function": {"name": "ünïcode_tool", "arguments": "{}"}},
-)  # fmt: skip
+    {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    },
+    {"id": "call_2", "type": "function", "function": {"name": "ünïcode_tool", "arguments": "{}"}},
+)
 TOOL_TURNS = {
     "tools_first_turn": [ChatMessage("system", "Use tools."), ChatMessage("user", "Weather?")],
     "tool_results": [

@@ -27,8 +27,14 @@ def server(tiny_vl, tmp_path_factory):
 
     served = servable_copy(tiny_vl[0], tmp_path_factory.mktemp("schema_served"))
     engine = EngineConfig(kv_cache_memory=8 * 2**20, max_model_len=64)
-    with language_server(served, InProcessEncoder(served), engine, api_key=KEY,
-                         model_name="tiny", max_request_bytes=1 << 20) as srv:  # fmt: skip
+    with language_server(
+        served,
+        InProcessEncoder(served),
+        engine,
+        api_key=KEY,
+        model_name="tiny",
+        max_request_bytes=1 << 20,
+    ) as srv:
         yield srv
 
 
@@ -57,25 +63,35 @@ def test_no_5xx_and_every_error_is_openai_json(server):
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 8
     for operation in operations:
-        strategy = st.one_of(operation.as_strategy(GenerationMode.POSITIVE),
-                             operation.as_strategy(GenerationMode.NEGATIVE))  # fmt: skip
+        strategy = st.one_of(
+            operation.as_strategy(GenerationMode.POSITIVE),
+            operation.as_strategy(GenerationMode.NEGATIVE),
+        )
 
         @given(case=strategy)
-        @settings(max_examples=EXAMPLES_PER_ROUTE, deadline=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck), database=None)  # fmt: skip
+        @settings(
+            max_examples=EXAMPLES_PER_ROUTE,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
         def run(case):
             _check(case, calls)
 
         run()
     # Bounded: at most EXAMPLES_PER_ROUTE per route (hypothesis may stop a route early)
     assert len(calls) <= EXAMPLES_PER_ROUTE * len(operations) * 2
-    print(f"schemathesis: {len(calls)} requests over {len(operations)} routes, statuses "
-          f"{sorted(set(calls))}")
+    print(
+        f"schemathesis: {len(calls)} requests over {len(operations)} routes, statuses "
+        f"{sorted(set(calls))}"
+    )
 
 
 def test_the_schema_lists_the_openai_routes(server):
     import httpx
 
     paths = httpx.get(f"{server.base_url}/openapi.json", timeout=10).json()["paths"]
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
-            "/ready"} <= set(paths)  # fmt: skip
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready"} <= set(
+        paths
+    )

@@ -80,8 +80,10 @@ def test_top_p_and_min_p_restrict_the_candidates():
 
 def test_penalties_follow_hf_and_openai_rules():
     logits = torch.tensor([[2.0, -2.0, 1.0, 1.0, 1.0]])
-    seq = _seqs({"repetition_penalty": 2.0, "presence_penalty": 0.5,
-                 "frequency_penalty": 0.25}, prompt=(0, 1))[0]
+    seq = _seqs(
+        {"repetition_penalty": 2.0, "presence_penalty": 0.5, "frequency_penalty": 0.25},
+        prompt=(0, 1),
+    )[0]
     seq.token_ids += [2, 2]  # output token 2 twice
     batch = build_sampling_batch([seq], 5, "cpu")
     out = apply_penalties(logits, batch)
@@ -100,8 +102,9 @@ def test_penalty_changes_the_greedy_choice():
 def test_logprobs_are_log_softmax_of_the_raw_logits():
     torch.manual_seed(4)
     logits = torch.randn(3, V) * 3
-    seqs = _seqs({"temperature": 0.0, "logprobs": 3, "repetition_penalty": 1.5},
-                 {"logprobs": 0}, {})
+    seqs = _seqs(
+        {"temperature": 0.0, "logprobs": 3, "repetition_penalty": 1.5}, {"logprobs": 0}, {}
+    )
     out = _sample(logits, seqs)
     reference = torch.log_softmax(logits, -1)
     first = out.logprobs[0]

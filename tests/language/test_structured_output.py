@@ -15,8 +15,7 @@ from services.language.tokenizer import LanguageTokenizer
 from tests.language.conftest import make_sequence
 from tests.language.serving import SHAPES_VL
 
-CHOICE = {"type": "or", "elements": [{"type": "const_string", "value": v}
-                                     for v in ("red", "blue")]}  # fmt: skip
+CHOICE = {"type": "or", "elements": [{"type": "const_string", "value": v} for v in ("red", "blue")]}
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +64,11 @@ def test_cache_by_format_text_and_errors_name_the_problem(compiler):
 
 
 def test_json_is_compact_and_keeps_the_schema_order(compiler):
-    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"enum": ["x"]}},
-              "required": ["b", "a"]}  # fmt: skip
+    schema = {
+        "type": "object",
+        "properties": {"b": {"type": "integer"}, "a": {"enum": ["x"]}},
+        "required": ["b", "a"],
+    }
     grammar = compiler.compile({"type": "json_schema", "json_schema": schema})
     assert grammar.new_matcher().accept_string('{"b": 1, "a": "x"}')
     assert not grammar.new_matcher().accept_string('{"a": "x", "b": 1}')
@@ -82,9 +84,11 @@ def _grammar_seq(compiler, request_id: str, fmt=CHOICE, **sampling):
 def test_mask_applies_to_grammar_rows_only_in_a_mixed_batch(compiler, tokenizer):
     torch.manual_seed(0)
     logits = torch.randn(3, 448)
-    seqs = [make_sequence([1, 2, 3], request_id="free", temperature=0.0),
-            _grammar_seq(compiler, "g1", temperature=0.0),
-            _grammar_seq(compiler, "g2", temperature=1.0, seed=3)]  # fmt: skip
+    seqs = [
+        make_sequence([1, 2, 3], request_id="free", temperature=0.0),
+        _grammar_seq(compiler, "g1", temperature=0.0),
+        _grammar_seq(compiler, "g2", temperature=1.0, seed=3),
+    ]
     seqs[2].generator = torch.Generator().manual_seed(3)
     batch = build_sampling_batch(seqs, 448, "cpu")
     assert batch.grammar_rows == (1, 2)
@@ -99,9 +103,10 @@ def test_mask_applies_to_grammar_rows_only_in_a_mixed_batch(compiler, tokenizer)
 
 def test_logit_bias_is_batched_and_validated():
     logits = torch.zeros(2, 448)
-    seqs = [make_sequence([1], request_id="a", temperature=0.0, logit_bias=((7, 5.0), (9, 8.0))),
-            make_sequence([1], request_id="b", temperature=0.0, logprobs=1,
-                          logit_bias=((11, 100.0),))]  # fmt: skip
+    seqs = [
+        make_sequence([1], request_id="a", temperature=0.0, logit_bias=((7, 5.0), (9, 8.0))),
+        make_sequence([1], request_id="b", temperature=0.0, logprobs=1, logit_bias=((11, 100.0),)),
+    ]
     out = Sampler()(logits, build_sampling_batch(seqs, 448, "cpu"))
     assert out.token_ids == [9, 11]
     assert out.logprobs[1].logprob == pytest.approx(0.0, abs=1e-6)  # of the biased softmax
@@ -114,10 +119,10 @@ def test_engine_ends_a_request_when_its_grammar_completes(compiler, tokenizer):
     from services.language.engine import EngineConfig
     from services.language.engine.build import build_engine_core
 
-    core = build_engine_core(SHAPES_VL, EngineConfig(kv_cache_memory=16 * 2**20,
-                                                     max_model_len=512))  # fmt: skip
-    prompt = tuple(tokenizer.encode("<|im_start|>user\nWhat color is it?<|im_end|>\n"
-                                    "<|im_start|>assistant\n"))  # fmt: skip
+    core = build_engine_core(SHAPES_VL, EngineConfig(kv_cache_memory=16 * 2**20, max_model_len=512))
+    prompt = tuple(
+        tokenizer.encode("<|im_start|>user\nWhat color is it?<|im_end|>\n<|im_start|>assistant\n")
+    )
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     grammar = compiler.compile({"type": "json_schema", "json_schema": schema})
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
@@ -163,5 +168,7 @@ def test_bitmask_on_cuda_equals_cpu(compiler):
     assert torch.equal(on_cpu[[0, 2]], logits[[0, 2]]) and torch.isinf(on_cpu[1]).any()
     seqs = [_grammar_seq(compiler, str(i), temperature=0.0) for i in range(3)]
     batch = build_sampling_batch(seqs, 448, "cuda")
-    assert Sampler()(logits.cuda(), batch).token_ids == Sampler()(
-        logits, build_sampling_batch(seqs, 448, "cpu")).token_ids
+    assert (
+        Sampler()(logits.cuda(), batch).token_ids
+        == Sampler()(logits, build_sampling_batch(seqs, 448, "cpu")).token_ids
+    )

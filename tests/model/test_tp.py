@@ -34,8 +34,9 @@ def _worker(rank: int, world: int, ep: bool, store: str, model_dir: str, out: st
         with torch.no_grad():
             logits = model(IDS)
         params = {n: p.numel() * p.element_size() for n, p in model.named_parameters()}
-        torch.save({"logits": logits, "bytes_read": dict(bytes_read), "params": params},
-                   f"{out}.{rank}")  # fmt: skip
+        torch.save(
+            {"logits": logits, "bytes_read": dict(bytes_read), "params": params}, f"{out}.{rank}"
+        )
         # Neither rank tears down its gloo pairs while the other may still be using them.
         dist.barrier()
     finally:
@@ -47,16 +48,24 @@ def _worker(rank: int, world: int, ep: bool, store: str, model_dir: str, out: st
 
 def _run(tmp_path, model_dir, world: int, ep: bool) -> list[dict]:
     out = tmp_path / f"out-{world}-{ep}"
-    mp.start_processes(_worker, args=(world, ep, str(tmp_path / f"store-{ep}"), str(model_dir),
-                                      str(out)), nprocs=world, join=True, start_method="spawn")
+    mp.start_processes(
+        _worker,
+        args=(world, ep, str(tmp_path / f"store-{ep}"), str(model_dir), str(out)),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
     return [torch.load(f"{out}.{r}") for r in range(world)]
 
 
 @pytest.fixture(scope="module", params=[2, 1], ids=["kv-sharded", "kv-replicated"])
 def checkpoint(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"tp-{request.param}")
-    make_vl_checkpoint(path, seed=4, text=dict(num_key_value_heads=request.param,
-                                                  decoder_sparse_step=2, intermediate_size=64))
+    make_vl_checkpoint(
+        path,
+        seed=4,
+        text=dict(num_key_value_heads=request.param, decoder_sparse_step=2, intermediate_size=64),
+    )
     return path
 
 

@@ -23,9 +23,18 @@ from tests.smallmodel.conftest import SHIPPED
 MAX_CHECKPOINT_BYTES = 25 * 1024 * 1024
 
 TINY = SmallModelConfig(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-    head_dim=32, num_experts=4, moe_intermediate_size=48, vision_depth=2, vision_hidden_size=32,
-    vision_num_heads=2, vision_intermediate_size=64, num_position_embeddings=64,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    num_experts=4,
+    moe_intermediate_size=48,
+    vision_depth=2,
+    vision_hidden_size=32,
+    vision_num_heads=2,
+    vision_intermediate_size=64,
+    num_position_embeddings=64,
     deepstack_visual_indexes=(0,),
 )
 
@@ -83,8 +92,10 @@ def test_transformers_reads_config_values(shipped_config):
     assert cfg.text_config.rope_parameters["rope_theta"] == text["rope_theta"]
     assert cfg.text_config.rope_parameters["mrope_interleaved"] is True
     assert cfg.text_config.num_experts == text["num_experts"]
-    assert cfg.vision_config.deepstack_visual_indexes == \
-        shipped_config["vision_config"]["deepstack_visual_indexes"]
+    assert (
+        cfg.vision_config.deepstack_visual_indexes
+        == shipped_config["vision_config"]["deepstack_visual_indexes"]
+    )
     assert cfg.image_token_id == shipped_config["image_token_id"]
 
 
@@ -132,8 +143,12 @@ def test_saved_checkpoint_reloads_with_identical_logits(tmp_path):
 
     reloaded = Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32)
     examples = make_dataset(5, 3)
-    batch = make_batch(tokenizer, AutoImageProcessor.from_pretrained(tmp_path),
-                       [e.image for e in examples], [e.question for e in examples])
+    batch = make_batch(
+        tokenizer,
+        AutoImageProcessor.from_pretrained(tmp_path),
+        [e.image for e in examples],
+        [e.question for e in examples],
+    )
     with torch.no_grad():
         want = model(**batch.model_inputs()).logits
         got = reloaded.eval()(**batch.model_inputs()).logits

@@ -62,7 +62,7 @@ def test_shapes_inside_and_apart(dataset):
         for i, s in enumerate(scene.shapes):
             x0, y0, x1, y1 = s.box()
             assert 0 <= x0 and x1 <= scene.width and 0 <= y0 and y1 <= scene.height
-            for other in scene.shapes[i + 1:]:
+            for other in scene.shapes[i + 1 :]:
                 ox0, oy0, ox1, oy1 = other.box()
                 assert x1 < ox0 or ox1 < x0 or y1 < oy0 or oy1 < y0
 

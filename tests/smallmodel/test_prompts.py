@@ -49,14 +49,20 @@ def test_two_turn_conversation_matches_chat_template(tokenizer):
     # The template closes every assistant turn with "<|im_end|>\n"; generation stops at <|im_end|>.
     assert rendered[:-1] == ids and tokenizer.decode(rendered[-1:]) == "\n"
     answer_tokens = [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
-    assert tokenizer.decode(answer_tokens, skip_special_tokens=False) == \
-        "two<|im_end|>red<|im_end|>"
+    assert (
+        tokenizer.decode(answer_tokens, skip_special_tokens=False) == "two<|im_end|>red<|im_end|>"
+    )
 
 
 def test_batch_pads_right_and_marks_image_tokens(tokenizer, image_processor):
     examples = make_dataset(8, 4)
-    batch = make_batch(tokenizer, image_processor, [e.image for e in examples],
-                       [e.question for e in examples], [e.answer for e in examples])
+    batch = make_batch(
+        tokenizer,
+        image_processor,
+        [e.image for e in examples],
+        [e.question for e in examples],
+        [e.answer for e in examples],
+    )
     pad = tokenizer.token_to_id("<|image_pad|>")
     merge = image_processor.merge_size
     for row, ex in enumerate(examples):
@@ -64,8 +70,7 @@ def test_batch_pads_right_and_marks_image_tokens(tokenizer, image_processor):
         assert batch.attention_mask[row, :n].all() and not batch.attention_mask[row, n:].any()
         tokens = int(batch.image_grid_thw[row].prod()) // merge**2
         assert int((batch.input_ids[row] == pad).sum()) == tokens
-        assert batch.mm_token_type_ids[row].tolist() == \
-            (batch.input_ids[row] == pad).int().tolist()
+        assert batch.mm_token_type_ids[row].tolist() == (batch.input_ids[row] == pad).int().tolist()
         answer = [t for t in batch.labels[row].tolist() if t != IGNORE_INDEX]
         assert tokenizer.decode(answer, skip_special_tokens=False) == ex.answer + "<|im_end|>"
     assert batch.pixel_values.shape[0] == int(batch.image_grid_thw.prod(dim=1).sum())
@@ -73,13 +78,18 @@ def test_batch_pads_right_and_marks_image_tokens(tokenizer, image_processor):
 
 def test_prompt_only_batch_has_no_labels(tokenizer, image_processor):
     examples = make_dataset(9, 2)
-    batch = make_batch(tokenizer, image_processor, [e.image for e in examples],
-                       [e.question for e in examples])
+    batch = make_batch(
+        tokenizer, image_processor, [e.image for e in examples], [e.question for e in examples]
+    )
     assert (batch.labels == IGNORE_INDEX).all()
 
 
 def test_mismatched_lengths_raise(tokenizer, image_processor):
     examples = make_dataset(9, 2)
     with pytest.raises(ValueError, match="2 images for 1 conversations"):
-        make_conversation_batch(tokenizer, image_processor, [e.image for e in examples],
-                                [[("How many shapes are there?", None)]])
+        make_conversation_batch(
+            tokenizer,
+            image_processor,
+            [e.image for e in examples],
+            [[("How many shapes are there?", None)]],
+        )

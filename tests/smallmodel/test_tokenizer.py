@@ -19,7 +19,7 @@ from scripts.smallmodel.tokenizer import (
 )
 from tests.smallmodel.conftest import SHIPPED
 
-TEMPLATE = (SHIPPED / "chat_template.jinja")
+TEMPLATE = SHIPPED / "chat_template.jinja"
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +85,15 @@ def test_transformers_tokenizer_matches_and_renders_the_prompt(shipped_tokenizer
     content = [{"type": "image"}, {"type": "text", "text": question}]
     messages = [{"role": "user", "content": content}]
     rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    expected = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
-                f"{question}<|im_end|>\n<|im_start|>assistant\n")
+    expected = (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+        f"{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert rendered == expected
     pad = shipped_tokenizer.token_to_id("<|image_pad|>")
     ids = hf.encode(rendered, add_special_tokens=False)
     at = ids.index(pad)
-    assert ids[:at] + [pad] * 12 + ids[at + 1:] == prompt_ids(shipped_tokenizer, question, 12)
+    assert ids[:at] + [pad] * 12 + ids[at + 1 :] == prompt_ids(shipped_tokenizer, question, 12)
 
 
 def test_answer_ends_with_im_end(shipped_tokenizer):

@@ -22,8 +22,9 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
 
     tokenizer, config = write_static_files(tmp_path, TINY, seed=0, corpus_size=300)
     image_processor = AutoImageProcessor.from_pretrained(tmp_path)
-    cfg = TrainConfig(steps=3, batch_size=2, warmup_steps=1, probe_every=0, log_every=10,
-                      curriculum=(0.3, 0.6))
+    cfg = TrainConfig(
+        steps=3, batch_size=2, warmup_steps=1, probe_every=0, log_every=10, curriculum=(0.3, 0.6)
+    )
 
     def run() -> tuple[dict, dict]:
         torch.manual_seed(cfg.seed)

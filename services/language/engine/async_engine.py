@@ -134,8 +134,9 @@ class AsyncEngine:
         self._closed: str | None = None  # why new requests are refused (shutting down)
         self.admission = AdmissionControl(config.max_queue_delay_s)
         if config.fault_steps:
-            log.warning("fault injection on: steps %s will raise (a test hook)",
-                        list(config.fault_steps))  # fmt: skip
+            log.warning(
+                "fault injection on: steps %s will raise (a test hook)", list(config.fault_steps)
+            )
             core.executor = _FaultyExecutor(core.executor, config.fault_steps)
 
     @classmethod
@@ -285,10 +286,12 @@ class AsyncEngine:
                 log.exception("engine step failed; failing its requests")
                 # The step's state on the runner side is unknown, so every live request ends;
                 # the ones that arrive next start from a clean slate.
-                self._fail_all(EngineStepError(
-                    f"the model step running this request failed ({type(exc).__name__}); "
-                    "the request was not completed and can be retried"
-                ))  # fmt: skip
+                self._fail_all(
+                    EngineStepError(
+                        f"the model step running this request failed ({type(exc).__name__}); "
+                        "the request was not completed and can be retried"
+                    )
+                )
                 continue
             if outputs:
                 self._publish(outputs)

@@ -30,12 +30,16 @@ _RANK_TIMEOUT_S = 900.0
 def runner_setup(config: EngineConfig, model_config: ModelConfig) -> RunnerSetup:
     max_model_len = config.max_model_len or model_config.text.max_position_embeddings
     runner = RunnerConfig(
-        config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.block_size,
+        config.max_num_seqs,
+        config.max_num_batched_tokens,
+        max_model_len,
+        config.block_size,
         pad_decodes=config.cuda_graphs if config.pad_decodes is None else config.pad_decodes,
         cuda_graphs=config.cuda_graphs,
-    )  # fmt: skip
-    return RunnerSetup(runner, config.kv_cache_memory, config.gpu_memory_fraction,
-                       config.max_num_seqs)  # fmt: skip
+    )
+    return RunnerSetup(
+        runner, config.kv_cache_memory, config.gpu_memory_fraction, config.max_num_seqs
+    )
 
 
 def build_executor(
@@ -54,11 +58,22 @@ def build_executor(
         num_blocks = num_kv_blocks(model, model_config, setup)
         return LocalExecutor(build_runner(model, model_config, setup, num_blocks)), num_blocks
     specs = [
-        RankSpec(rank, config.tensor_parallel_size, config.expert_parallel, str(model_dir),
-                 dtype, expert_dtype, device, setup, "127.0.0.1", 0, config.threads_per_rank(),
-                 _RANK_TIMEOUT_S)
+        RankSpec(
+            rank,
+            config.tensor_parallel_size,
+            config.expert_parallel,
+            str(model_dir),
+            dtype,
+            expert_dtype,
+            device,
+            setup,
+            "127.0.0.1",
+            0,
+            config.threads_per_rank(),
+            _RANK_TIMEOUT_S,
+        )
         for rank, device in enumerate(config.rank_devices())
-    ]  # fmt: skip
+    ]
     executor = MultiprocExecutor.start(specs)
     return executor, executor.num_blocks
 
@@ -93,5 +108,6 @@ def _core(executor, num_blocks, model_config, tokenizer, config, setup, dtype) -
     scheduler = Scheduler(
         SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), block_manager
     )
-    return EngineCore(executor, scheduler, model_config, tokenizer, setup.runner.max_model_len,
-                      dtype)  # fmt: skip
+    return EngineCore(
+        executor, scheduler, model_config, tokenizer, setup.runner.max_model_len, dtype
+    )

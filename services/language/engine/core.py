@@ -223,9 +223,7 @@ class EngineCore:
             return "length"
         return None
 
-    def _make_output(
-        self, tracked: _Tracked, new_ids: list[int], finished: bool
-    ) -> RequestOutput:
+    def _make_output(self, tracked: _Tracked, new_ids: list[int], finished: bool) -> RequestOutput:
         seq = tracked.seq
         logprobs = None
         if seq.sampling.logprobs is not None:

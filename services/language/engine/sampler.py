@@ -95,7 +95,8 @@ def build_sampling_batch(
         prompt_token_ids=prompt_ids,
         output_token_ids=output_ids,
         generators=tuple(
-            (i, s.generator) for i, s in enumerate(seqs)
+            (i, s.generator)
+            for i, s in enumerate(seqs)
             if s.generator is not None and not s.sampling.greedy
         ),
         all_greedy=all(p.greedy for p in params),

@@ -135,16 +135,27 @@ class Scheduler:
         for work in chunks:
             seq = work.seq
             if seq.num_sent_tokens == 0:
-                new.append(NewRequest(
-                    seq.request_id, tuple(seq.token_ids), seq.num_prompt_tokens,
-                    seq.request.images, tuple(seq.block_ids), work.start,
-                    seq.mrope_positions, seq.rope_delta,
-                ))  # fmt: skip
+                new.append(
+                    NewRequest(
+                        seq.request_id,
+                        tuple(seq.token_ids),
+                        seq.num_prompt_tokens,
+                        seq.request.images,
+                        tuple(seq.block_ids),
+                        work.start,
+                        seq.mrope_positions,
+                        seq.rope_delta,
+                    )
+                )
             else:
-                diffs.append(RequestDiff(
-                    seq.request_id, tuple(seq.token_ids[seq.num_sent_tokens:]),
-                    tuple(seq.block_ids[seq.num_sent_blocks:]), work.start,
-                ))  # fmt: skip
+                diffs.append(
+                    RequestDiff(
+                        seq.request_id,
+                        tuple(seq.token_ids[seq.num_sent_tokens :]),
+                        tuple(seq.block_ids[seq.num_sent_blocks :]),
+                        work.start,
+                    )
+                )
             seq.num_sent_tokens, seq.num_sent_blocks = seq.num_tokens, len(seq.block_ids)
         scheduled = tuple(ScheduledChunk(w.seq.request_id, w.num_tokens, w.samples) for w in chunks)
         return StepPlan(forgotten, tuple(new), tuple(diffs), scheduled)

@@ -65,15 +65,18 @@ class PagedAttention:
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
         num = meta.num_decode_tokens
         if not meta.prefills:  # decode-only steps: no copy of the output
-            return paged_decode(q[:num], k_cache, v_cache, meta.decode_block_tables,
-                                meta.decode_context_lens, scale)  # fmt: skip
+            return paged_decode(
+                q[:num], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
+            )
         out = torch.empty_like(q)
         if num:
-            out[:num] = paged_decode(q[:num], k_cache, v_cache, meta.decode_block_tables,
-                                     meta.decode_context_lens, scale)  # fmt: skip
+            out[:num] = paged_decode(
+                q[:num], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
+            )
         for span in meta.prefills:
             rows = slice(span.token_start, span.token_start + span.num_tokens)
-            table = meta.prefill_block_tables[span.table_row, :span.num_blocks]
-            out[rows] = paged_prefill(q[rows], k[rows], v[rows], k_cache, v_cache, table,
-                                      span.context_start, scale)  # fmt: skip
+            table = meta.prefill_block_tables[span.table_row, : span.num_blocks]
+            out[rows] = paged_prefill(
+                q[rows], k[rows], v[rows], k_cache, v_cache, table, span.context_start, scale
+            )
         return out

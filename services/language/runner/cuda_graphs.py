@@ -63,8 +63,13 @@ class DecodeGraphs:
             self._graphs[size] = graph
         torch.cuda.synchronize(device)
         used = torch.cuda.memory_reserved(device) - before
-        log.info("captured %d decode graphs (sizes %s) in %.1f s, %.0f MiB",
-                 len(self._graphs), list(self.sizes), time.perf_counter() - t0, used / 2**20)
+        log.info(
+            "captured %d decode graphs (sizes %s) in %.1f s, %.0f MiB",
+            len(self._graphs),
+            list(self.sizes),
+            time.perf_counter() - t0,
+            used / 2**20,
+        )
         self._captured = True
 
     def replay(self, size: int) -> torch.Tensor:

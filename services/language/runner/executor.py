@@ -30,8 +30,7 @@ class Executor(Protocol):
         """Raise if the executor can no longer run steps (a worker died)."""
         ...
 
-    def shutdown(self) -> None:
-        ...
+    def shutdown(self) -> None: ...
 
 
 class LocalExecutor:

@@ -49,10 +49,12 @@ class KVCache:
         self.num_blocks = num_blocks
         self.scratch_block = num_blocks
         shape = (num_blocks + 1, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=spec.dtype, device=device)
-                  for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, dtype=spec.dtype, device=device)
-                  for _ in range(spec.num_layers)]
+        self.k = [
+            torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
+        ]
+        self.v = [
+            torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
+        ]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Store new keys/values ``[T, kv_heads, head_dim]`` at flat slot indices ``[T]``."""

@@ -96,9 +96,10 @@ class ModelRunner:
         self.block_size = config.block_size
         max_blocks = -(-config.max_model_len // config.block_size)
         limits = BufferLimits(
-            max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
+            max(config.max_num_batched_tokens, config.max_num_seqs),
+            config.max_num_seqs,
             max_blocks,
-        )  # fmt: skip
+        )
         self.buffers = StepBuffers(limits, self.device, kv_cache.scratch_block)
         self.attention = PagedAttention(kv_cache)
         self.graphs: DecodeGraphs | None = None
@@ -117,7 +118,7 @@ class ModelRunner:
         logits = self.forward(batch)
         for chunk in plan.chunks:
             self.state[chunk.request_id].num_computed_tokens += chunk.num_tokens
-        return logits[:batch.num_sampled]
+        return logits[: batch.num_sampled]
 
     def prepare(self, plan: StepPlan) -> StepBatch:
         """Fill the host buffers for ``plan`` and upload them (one copy)."""
@@ -155,8 +156,9 @@ class ModelRunner:
         graph = num_rows if padded and self.graphs is not None else None
         if graph is not None:
             width = self.buffers.limits.max_blocks_per_seq  # graphs read fixed-width tables
-        return StepBatch(offset, num_rows, width, tuple(prefills), num_logits, num_sampled,
-                         tuple(splices), graph)  # fmt: skip
+        return StepBatch(
+            offset, num_rows, width, tuple(prefills), num_logits, num_sampled, tuple(splices), graph
+        )
 
     def _fill_decode(self, req: RunnerRequest, row: int, start: int, num_blocks: int) -> None:
         """One token at position `start` in row `row`: scalar writes, the common case of a
@@ -177,17 +179,18 @@ class ModelRunner:
     def _fill_tokens(self, req: RunnerRequest, offset: int, start: int, n: int) -> None:
         host = self.buffers.host
         end = start + n
-        host["input_ids"][offset:offset + n] = req.token_ids[start:end]
+        host["input_ids"][offset : offset + n] = req.token_ids[start:end]
         idx = np.arange(start, end)
         blocks = req.block_array()
-        host["slot_mapping"][offset:offset + n] = blocks[idx // self.block_size] * \
-            self.block_size + idx % self.block_size
-        positions = host["positions"][:, offset:offset + n]
+        host["slot_mapping"][offset : offset + n] = (
+            blocks[idx // self.block_size] * self.block_size + idx % self.block_size
+        )
+        positions = host["positions"][:, offset : offset + n]
         positions[:] = idx + (req.rope_delta if start >= req.num_prompt_tokens else 0)
         if req.mrope is not None and start < req.num_prompt_tokens:
             prompt_end = min(end, req.num_prompt_tokens)
-            positions[:, :prompt_end - start] = req.mrope[:, start:prompt_end]
-            positions[:, prompt_end - start:] = idx[prompt_end - start:] + req.rope_delta
+            positions[:, : prompt_end - start] = req.mrope[:, start:prompt_end]
+            positions[:, prompt_end - start :] = idx[prompt_end - start :] + req.rope_delta
 
     def _fill_padding(self, start: int, end: int) -> int:
         """Rows [start, end) of a padded decode step: token 0 at position 0, writing and reading
@@ -208,8 +211,11 @@ class ModelRunner:
             first, last = max(lo, req.image_starts[i]), min(hi, req.image_starts[i] + len(image))
             if first < last:
                 dest = req.image_positions[first] - start + offset
-                splices.append(ImageSplice(dest, image[first - req.image_starts[i]:
-                                                       last - req.image_starts[i]]))
+                splices.append(
+                    ImageSplice(
+                        dest, image[first - req.image_starts[i] : last - req.image_starts[i]]
+                    )
+                )
         return splices
 
     # -- the forward ---------------------------------------------------------------------------
@@ -219,9 +225,9 @@ class ModelRunner:
         dev = self.buffers.dev
         b = batch.num_decodes
         return AttentionMetadata(
-            slot_mapping=dev["slot_mapping"][:batch.num_tokens],
+            slot_mapping=dev["slot_mapping"][: batch.num_tokens],
             num_decode_tokens=b,
-            decode_block_tables=dev["decode_block_tables"][:b, :batch.decode_width],
+            decode_block_tables=dev["decode_block_tables"][:b, : batch.decode_width],
             decode_context_lens=dev["decode_context_lens"][:b],
             prefill_block_tables=dev["prefill_block_tables"],
             prefills=batch.prefills,
@@ -236,7 +242,7 @@ class ModelRunner:
         if batch.graph_size is not None:
             return self.graphs.replay(batch.graph_size)
         dev = self.buffers.dev
-        input_ids = dev["input_ids"][:batch.num_tokens]
+        input_ids = dev["input_ids"][: batch.num_tokens]
         inputs_embeds, deepstack = self._image_inputs(batch, input_ids)
         self.attention.bind(self.metadata(batch))
         return self.model(
@@ -245,7 +251,7 @@ class ModelRunner:
             inputs_embeds=inputs_embeds,
             input_deepstack_embeds=deepstack,
             attention=self.attention,
-            logits_indices=dev["logits_indices"][:batch.num_logits],
+            logits_indices=dev["logits_indices"][: batch.num_logits],
         )
 
     def _image_inputs(

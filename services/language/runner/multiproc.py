@@ -70,8 +70,13 @@ class RankSpec:
 def _init_groups(spec: RankSpec, store: dist.Store) -> dist.ProcessGroup:
     """The model group (default, NCCL or gloo) and the gloo group that carries plans."""
     timeout = datetime.timedelta(seconds=spec.timeout_s)
-    dist.init_process_group(spec.backend, store=dist.PrefixStore("model", store),
-                            rank=spec.rank, world_size=spec.world_size, timeout=timeout)
+    dist.init_process_group(
+        spec.backend,
+        store=dist.PrefixStore("model", store),
+        rank=spec.rank,
+        world_size=spec.world_size,
+        timeout=timeout,
+    )
     if spec.backend == "gloo":
         return dist.group.WORLD
     return dist.new_group(backend="gloo", timeout=timeout)
@@ -85,13 +90,19 @@ def load_rank(spec: RankSpec, control: dist.ProcessGroup) -> tuple[ModelRunner, 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     layout = ParallelLayout(spec.rank, spec.world_size, spec.expert_parallel)
-    model, bytes_read = load_parallel_text_model(spec.model_dir, layout, None, spec.dtype, device,
-                                                  spec.expert_dtype)
+    model, bytes_read = load_parallel_text_model(
+        spec.model_dir, layout, None, spec.dtype, device, spec.expert_dtype
+    )
     config = load_config(spec.model_dir)
     blocks = torch.tensor([num_kv_blocks(model.eval(), config, spec.setup)])
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=control)
-    log.info("rank %d/%d on %s: read %.1f MiB of weights", spec.rank, spec.world_size, device,
-             sum(bytes_read.values()) / 2**20)  # fmt: skip
+    log.info(
+        "rank %d/%d on %s: read %.1f MiB of weights",
+        spec.rank,
+        spec.world_size,
+        device,
+        sum(bytes_read.values()) / 2**20,
+    )
     return build_runner(model, config, spec.setup, int(blocks)), int(blocks)
 
 
@@ -104,10 +115,16 @@ def _die_with_parent() -> None:
 def worker_main(spec: RankSpec) -> None:
     """A worker rank: join, load, then run every broadcast plan until told to stop."""
     _die_with_parent()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{spec.rank} %(name)s "
-                        "%(message)s")  # fmt: skip
-    store = dist.TCPStore(spec.store_host, spec.store_port, spec.world_size, False,
-                          datetime.timedelta(seconds=spec.timeout_s))  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s rank{spec.rank} %(name)s %(message)s"
+    )
+    store = dist.TCPStore(
+        spec.store_host,
+        spec.store_port,
+        spec.world_size,
+        False,
+        datetime.timedelta(seconds=spec.timeout_s),
+    )
     control = _init_groups(spec, store)
     runner, _ = load_rank(spec, control)
     dist.barrier(group=control)
@@ -133,8 +150,10 @@ def _host_images(plan: StepPlan | None) -> StepPlan | None:
     CUDA tensor would land on the wrong device in the worker."""
     if plan is None or not any(im.packed.is_cuda for r in plan.new_requests for im in r.images):
         return plan
-    new = tuple(replace(r, images=tuple(replace(im, packed=im.packed.cpu()) for im in r.images))
-                for r in plan.new_requests)  # fmt: skip
+    new = tuple(
+        replace(r, images=tuple(replace(im, packed=im.packed.cpu()) for im in r.images))
+        for r in plan.new_requests
+    )
     return replace(plan, new_requests=new)
 
 
@@ -153,15 +172,21 @@ class MultiprocExecutor:
     def start(cls, specs: list[RankSpec]) -> MultiprocExecutor:
         """Spawn ranks 1..N-1, then join as rank 0 (the store's host) and load in parallel."""
         first = specs[0]
-        store = dist.TCPStore(first.store_host, 0, first.world_size, True,
-                              datetime.timedelta(seconds=first.timeout_s),
-                              wait_for_workers=False)  # fmt: skip
+        store = dist.TCPStore(
+            first.store_host,
+            0,
+            first.world_size,
+            True,
+            datetime.timedelta(seconds=first.timeout_s),
+            wait_for_workers=False,
+        )
         context = mp.get_context("spawn")
         workers = []
         for spec in specs[1:]:
             spec = replace(spec, store_port=store.port)
-            proc = context.Process(target=worker_main, args=(spec,), daemon=True,
-                                   name=f"tp-rank{spec.rank}")  # fmt: skip
+            proc = context.Process(
+                target=worker_main, args=(spec,), daemon=True, name=f"tp-rank{spec.rank}"
+            )
             proc.start()
             workers.append(proc)
         try:
@@ -172,8 +197,11 @@ class MultiprocExecutor:
             for proc in workers:
                 proc.kill()
             raise
-        log.info("tensor parallel: %d ranks ready (worker pids %s)", first.world_size,
-                 [p.pid for p in workers])  # fmt: skip
+        log.info(
+            "tensor parallel: %d ranks ready (worker pids %s)",
+            first.world_size,
+            [p.pid for p in workers],
+        )
         return cls(runner, workers, control, num_blocks)
 
     @property
@@ -202,8 +230,10 @@ class MultiprocExecutor:
         while True:
             for rank, proc in enumerate(self._workers, start=1):
                 if not proc.is_alive():
-                    return (f"tensor-parallel rank {rank} (pid {proc.pid}) exited with status "
-                            f"{proc.exitcode}")  # fmt: skip
+                    return (
+                        f"tensor-parallel rank {rank} (pid {proc.pid}) exited with status "
+                        f"{proc.exitcode}"
+                    )
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.05)

@@ -75,7 +75,7 @@ class RunnerState:
     def _make(self, new: NewRequest) -> RunnerRequest:
         image_positions: list[int] = []
         if new.images:
-            prompt = new.token_ids[:new.num_prompt_tokens]
+            prompt = new.token_ids[: new.num_prompt_tokens]
             image_positions = [i for i, t in enumerate(prompt) if t == self.image_token_id]
         images, starts, row = [], [], 0
         for image in new.images:
@@ -85,12 +85,16 @@ class RunnerState:
             starts.append(row)
             row += image.num_tokens
         return RunnerRequest(
-            token_ids=list(new.token_ids), num_prompt_tokens=new.num_prompt_tokens,
-            block_ids=list(new.block_ids), num_computed_tokens=new.num_computed_tokens,
-            mrope=new.mrope_positions, rope_delta=new.rope_delta,
+            token_ids=list(new.token_ids),
+            num_prompt_tokens=new.num_prompt_tokens,
+            block_ids=list(new.block_ids),
+            num_computed_tokens=new.num_computed_tokens,
+            mrope=new.mrope_positions,
+            rope_delta=new.rope_delta,
             image_positions=image_positions,
-            images=images, image_starts=starts,
-        )  # fmt: skip
+            images=images,
+            image_starts=starts,
+        )
 
     def _apply(self, diff: RequestDiff) -> None:
         req = self[diff.request_id]

@@ -71,6 +71,5 @@ def build_runner(
     runner = ModelRunner(model, config, kv_cache, setup.runner)
     if runner.graphs is not None:
         runner.graphs.capture()
-    log.info("runner on %s: %d KV blocks of %d tokens", device, num_blocks,
-             setup.runner.block_size)  # fmt: skip
+    log.info("runner on %s: %d KV blocks of %d tokens", device, num_blocks, setup.runner.block_size)
     return runner

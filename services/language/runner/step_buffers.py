@@ -56,8 +56,9 @@ class StepBuffers:
         self._host = torch.zeros(total, dtype=torch.int64, pin_memory=pin)
         # On CPU the "device" buffer is the staging buffer itself: nothing to copy.
         self._device = (
-            self._host if device.type == "cpu" else torch.zeros(total, dtype=torch.int64,
-                                                                 device=device)
+            self._host
+            if device.type == "cpu"
+            else torch.zeros(total, dtype=torch.int64, device=device)
         )
         self._host_np = self._host.numpy()
         self.host: dict[str, np.ndarray] = {}
@@ -65,8 +66,8 @@ class StepBuffers:
         offset = 0
         for name, shape in layout:
             size = int(np.prod(shape))
-            self.host[name] = self._host_np[offset:offset + size].reshape(shape)
-            self.dev[name] = self._device[offset:offset + size].view(shape)
+            self.host[name] = self._host_np[offset : offset + size].reshape(shape)
+            self.dev[name] = self._device[offset : offset + size].view(shape)
             offset += size
         self._used = total
 

@@ -102,5 +102,6 @@ def paged_decode(
     ok = q.dtype in _DTYPES and k_cache.dtype in _DTYPES and v_cache.dtype == k_cache.dtype
     if not ok or _reference_needed(q, k_cache, v_cache):
         return paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return torch.ops.splitvl.paged_decode(q, k_cache, v_cache, block_tables, context_lens,
-                                          float(scale))
+    return torch.ops.splitvl.paged_decode(
+        q, k_cache, v_cache, block_tables, context_lens, float(scale)
+    )

@@ -31,8 +31,23 @@ LDFLAGS = ("-fopenmp",)
 LOCK_TIMEOUT_S = 300.0  # another process compiling the same directory: wait this long at most
 
 # CPU flags worth reporting (x86 /proc/cpuinfo "flags", Arm "Features").
-_FEATURES = ("sse4_2", "avx", "f16c", "fma", "avx2", "avx512f", "avx512bw", "avx512vl",
-             "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve", "bf16")
+_FEATURES = (
+    "sse4_2",
+    "avx",
+    "f16c",
+    "fma",
+    "avx2",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "asimd",
+    "sve",
+    "bf16",
+)
 
 
 class BuildError(RuntimeError):
@@ -73,8 +88,17 @@ def cache_dir() -> Path:
     for name in SOURCES + HEADERS:
         digest.update(name.encode() + b"\0" + (CSRC / name).read_bytes() + b"\0")
     model, flags = _cpuinfo()
-    for part in (*CFLAGS, "|", *LDFLAGS, "|", model, *flags, platform.machine(),
-                 torch.__version__, str(torch.version.git_version)):
+    for part in (
+        *CFLAGS,
+        "|",
+        *LDFLAGS,
+        "|",
+        model,
+        *flags,
+        platform.machine(),
+        torch.__version__,
+        str(torch.version.git_version),
+    ):
         digest.update(part.encode() + b"\0")
     root = os.environ.get("SPLITVL_KERNEL_CACHE") or Path.home() / ".cache/splitvl/kernels"
     return Path(root) / f"{torch.__version__}-{digest.hexdigest()[:16]}"
@@ -108,9 +132,15 @@ def _compile(directory: Path, verbose: bool) -> None:
     (directory / "lock").unlink(missing_ok=True)
     with _ninja_on_path():
         try:
-            load(name=NAME, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=list(CFLAGS),
-                 extra_ldflags=list(LDFLAGS), build_directory=str(directory),
-                 is_python_module=False, verbose=verbose)
+            load(
+                name=NAME,
+                sources=[str(CSRC / s) for s in SOURCES],
+                extra_cflags=list(CFLAGS),
+                extra_ldflags=list(LDFLAGS),
+                build_directory=str(directory),
+                is_python_module=False,
+                verbose=verbose,
+            )
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             raise BuildError(_first_error(str(exc))) from exc
 
@@ -147,5 +177,6 @@ def library(verbose: bool = False) -> tuple[Path, bool]:
             marker.write_text(" ".join(CFLAGS) + "\n")
             return path, True
     except Timeout as exc:
-        raise BuildError(f"another process held {directory}/build.lock for "
-                         f"{LOCK_TIMEOUT_S:.0f} s") from exc
+        raise BuildError(
+            f"another process held {directory}/build.lock for {LOCK_TIMEOUT_S:.0f} s"
+        ) from exc

@@ -50,8 +50,11 @@ def _align_kernel(
     # stores is needed: slots [starts[e] + counts[e], ends[e]) of each expert.
     pad = tl.arange(0, BLOCK_M)
     slots = (starts + counts)[:, None] + pad[None, :]
-    tl.store(sorted_ptr + slots, tl.full([E_PAD, BLOCK_M], 0, tl.int32) + num_rows,
-             mask=slots < ends[:, None])  # fmt: skip
+    tl.store(
+        sorted_ptr + slots,
+        tl.full([E_PAD, BLOCK_M], 0, tl.int32) + num_rows,
+        mask=slots < ends[:, None],
+    )
 
     # Block b starts at row b * BLOCK_M; its expert is the number of experts ending at or
     # before it. Blocks past the last are never computed; keep their id in range anyway.
@@ -59,8 +62,9 @@ def _align_kernel(
         blocks = start + tl.arange(0, CHUNK)
         first = blocks * BLOCK_M
         owner = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + blocks, tl.minimum(owner, num_experts - 1),
-                 mask=blocks < max_blocks)  # fmt: skip
+        tl.store(
+            block_expert_ptr + blocks, tl.minimum(owner, num_experts - 1), mask=blocks < max_blocks
+        )
 
     # Stable: rows of one expert keep their flat order (rank within the chunk + running count).
     running = starts
@@ -143,8 +147,9 @@ def _gate_up_kernel(
         u_ptrs += BLOCK_K * stride_wk
     h = acc_g * tl.sigmoid(acc_g) * acc_u
     out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_or + offs_n[None, :]
-    tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty),
-             mask=valid[:, None] & (offs_n[None, :] < inter))  # fmt: skip
+    tl.store(
+        out_ptrs, h.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < inter)
+    )
 
 
 @triton.jit
@@ -199,8 +204,9 @@ def _down_kernel(
     route = tl.load(weights_ptr + rows64, mask=valid, other=0.0).to(tl.float32)
     acc = acc * route[:, None]
     out_ptrs = out_ptr + rows64[:, None] * stride_or + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty),
-             mask=valid[:, None] & (offs_n[None, :] < hidden))  # fmt: skip
+    tl.store(
+        out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < hidden)
+    )
 
 
 @triton.jit
@@ -221,8 +227,11 @@ def _topk_sum_kernel(
     for j in tl.static_range(TOP_K):
         rows = tokens * TOP_K + j
         acc += tl.load(terms_ptr + rows[:, None] * hidden + cols[None, :], mask=mask).to(tl.float32)
-    tl.store(out_ptr + tokens[:, None] * hidden + cols[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask)  # fmt: skip
+    tl.store(
+        out_ptr + tokens[:, None] * hidden + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 def max_blocks(num_rows: int, num_experts: int, block_m: int) -> int:
@@ -249,9 +258,18 @@ def align_block_size(
     e_pad = triton.next_power_of_2(num_experts)
     chunk = max(16, min(128, 8192 // e_pad))
     _align_kernel[(1,)](
-        flat, sorted_rows, block_expert, num_blocks, num_rows, num_experts, blocks,
-        BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, num_warps=4,
-    )  # fmt: skip
+        flat,
+        sorted_rows,
+        block_expert,
+        num_blocks,
+        num_rows,
+        num_experts,
+        blocks,
+        BLOCK_M=block_m,
+        E_PAD=e_pad,
+        CHUNK=chunk,
+        num_warps=4,
+    )
     return sorted_rows, block_expert, num_blocks
 
 
@@ -270,11 +288,12 @@ def _check(x, gate_up, down, weights, ids) -> None:
     if w_hidden != hidden or two_inter % 2:
         raise MoeShapeError(f"gate_up {tuple(gate_up.shape)} does not fit x {tuple(x.shape)}")
     if tuple(down.shape) != (num_experts, two_inter // 2, hidden):
-        raise MoeShapeError(f"down {tuple(down.shape)} does not fit gate_up "
-                            f"{tuple(gate_up.shape)}")  # fmt: skip
+        raise MoeShapeError(f"down {tuple(down.shape)} does not fit gate_up {tuple(gate_up.shape)}")
     if ids.shape != weights.shape or ids.shape[0] != num_tokens:
-        raise MoeShapeError(f"ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must "
-                            f"both be [T={num_tokens}, k]")  # fmt: skip
+        raise MoeShapeError(
+            f"ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must "
+            f"both be [T={num_tokens}, k]"
+        )
 
 
 def fused_moe_triton(
@@ -302,25 +321,70 @@ def fused_moe_triton(
 
     h = x.new_empty(num_rows, inter)  # [T*k, I] silu(gate) * up, row t*k + j
     _gate_up_kernel[(blocks * triton.cdiv(inter, block_n),)](
-        x, gate_up, h, sorted_rows, block_expert, num_blocks, num_rows, hidden, inter, blocks,
-        x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
-        h.stride(0), TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP_M=cfg["GROUP_SIZE_M"], EVEN_K=hidden % block_k == 0, PRECISION=precision, **launch,
-    )  # fmt: skip
+        x,
+        gate_up,
+        h,
+        sorted_rows,
+        block_expert,
+        num_blocks,
+        num_rows,
+        hidden,
+        inter,
+        blocks,
+        x.stride(0),
+        x.stride(1),
+        gate_up.stride(0),
+        gate_up.stride(1),
+        gate_up.stride(2),
+        h.stride(0),
+        TOP_K=top_k,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=cfg["GROUP_SIZE_M"],
+        EVEN_K=hidden % block_k == 0,
+        PRECISION=precision,
+        **launch,
+    )
 
     # With k = 1, row r is token r: GEMM 2 writes the output itself.
     terms = out if top_k == 1 else x.new_empty(num_rows, hidden)  # [T*k, H]
     _down_kernel[(blocks * triton.cdiv(hidden, block_n),)](
-        h, down, terms, weights.contiguous(), sorted_rows, block_expert, num_blocks, num_rows,
-        inter, hidden, blocks, h.stride(0), down.stride(0), down.stride(1), down.stride(2),
-        terms.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP_M=cfg["GROUP_SIZE_M"], EVEN_K=inter % block_k == 0, PRECISION=precision, **launch,
-    )  # fmt: skip
+        h,
+        down,
+        terms,
+        weights.contiguous(),
+        sorted_rows,
+        block_expert,
+        num_blocks,
+        num_rows,
+        inter,
+        hidden,
+        blocks,
+        h.stride(0),
+        down.stride(0),
+        down.stride(1),
+        down.stride(2),
+        terms.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=cfg["GROUP_SIZE_M"],
+        EVEN_K=inter % block_k == 0,
+        PRECISION=precision,
+        **launch,
+    )
     if top_k > 1:
         block_h = min(1024, triton.next_power_of_2(hidden))
         block_t = min(4096 // block_h, triton.next_power_of_2(num_tokens))
         _topk_sum_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))](
-            terms, out, num_tokens, hidden, TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h,
+            terms,
+            out,
+            num_tokens,
+            hidden,
+            TOP_K=top_k,
+            BLOCK_T=block_t,
+            BLOCK_H=block_h,
             num_warps=4,
-        )  # fmt: skip
+        )
     return out

@@ -49,11 +49,18 @@ def _decode_kernel(
     lse_ptr,  # [B, Hq, NUM_SPLITS] fp32 (unused when NUM_SPLITS == 1)
     qk_scale,  # scale * log2(e)
     partition,  # tokens per split, a multiple of BLOCK_N
-    stride_qb, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
     stride_tb,
-    stride_ob, stride_oh, stride_os,
+    stride_ob,
+    stride_oh,
+    stride_os,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -62,7 +69,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -76,8 +83,11 @@ def _decode_kernel(
     head_ok = tl.arange(0, GROUP_PAD) < GROUP
     dims = tl.arange(0, DIM_PAD)
     dim_ok = dims < HEAD_DIM
-    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-                mask=head_ok[:, None] & dim_ok[None, :], other=0.0)  # fmt: skip
+    q = tl.load(
+        q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+        mask=head_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
     m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], dtype=tl.float32)
@@ -88,17 +98,22 @@ def _decode_kernel(
         slot = pos % BLOCK_SIZE
         k_off = block * stride_kb + slot * stride_kt + kv_head * stride_kh
         v_off = block * stride_vb + slot * stride_vt + kv_head * stride_vh
-        kt = tl.load(k_ptr + k_off[None, :] + dims[:, None],
-                     mask=live[None, :] & dim_ok[:, None], other=0.0)  # [DIM_PAD, BLOCK_N]
-        v = tl.load(v_ptr + v_off[:, None] + dims[None, :],
-                    mask=live[:, None] & dim_ok[None, :], other=0.0)  # [BLOCK_N, DIM_PAD]
+        kt = tl.load(
+            k_ptr + k_off[None, :] + dims[:, None], mask=live[None, :] & dim_ok[:, None], other=0.0
+        )  # [DIM_PAD, BLOCK_N]
+        v = tl.load(
+            v_ptr + v_off[:, None] + dims[None, :], mask=live[:, None] & dim_ok[None, :], other=0.0
+        )  # [BLOCK_N, DIM_PAD]
         m, denom, acc = _attend(q, kt, v, live[None, :], m, denom, acc, qk_scale, PRECISION)
 
     out = acc / denom[:, None]
     store_ok = head_ok[:, None] & dim_ok[None, :]
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=store_ok)  # fmt: skip
+        tl.store(
+            out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=store_ok,
+        )
     else:
         base = seq * stride_ob + heads * stride_oh + split * stride_os
         tl.store(out_ptr + base[:, None] + dims[None, :], out, mask=store_ok)
@@ -114,11 +129,12 @@ def _decode_merge_kernel(
     out_ptr,  # [B, Hq, D]
     partition,
     num_heads,
-    stride_ob, stride_oh,
+    stride_ob,
+    stride_oh,
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-):  # fmt: skip
+):
     """Log-sum-exp weighted sum of the splits that saw tokens, in split order."""
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -139,8 +155,11 @@ def _decode_merge_kernel(
         total = total * alpha + w
         acc = acc * alpha + w * part
         m = m_new
-    tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims,
-             (acc / total).to(out_ptr.dtype.element_ty), mask=dim_ok)  # fmt: skip
+    tl.store(
+        out_ptr + seq * stride_ob + head * stride_oh + dims,
+        (acc / total).to(out_ptr.dtype.element_ty),
+        mask=dim_ok,
+    )
 
 
 @triton.jit
@@ -155,12 +174,20 @@ def _prefill_kernel(
     num_tokens,
     context_start,
     qk_scale,
-    stride_qt, stride_qh,
-    stride_kt, stride_kh,
-    stride_vt, stride_vh,
-    stride_cb, stride_ct, stride_ch,
-    stride_db, stride_dt, stride_dh,
-    stride_ot, stride_oh,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    stride_db,
+    stride_dt,
+    stride_dh,
+    stride_ot,
+    stride_oh,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
@@ -168,7 +195,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     """Queries at positions context_start + [0, n): first the cached context through the
     table (all of it visible), then the chunk itself under the causal mask."""
     head = tl.program_id(1)
@@ -177,8 +204,11 @@ def _prefill_kernel(
     row_ok = rows < num_tokens
     dims = tl.arange(0, DIM_PAD)
     dim_ok = dims < HEAD_DIM
-    q = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_qt + head * stride_qh + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)  # fmt: skip
+    q = tl.load(
+        q_ptr + rows[:, None].to(tl.int64) * stride_qt + head * stride_qh + dims[None, :],
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_PAD], dtype=tl.float32)
@@ -188,10 +218,20 @@ def _prefill_kernel(
         live = pos < context_start
         block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=live, other=0)
         slot = pos % BLOCK_SIZE
-        kt = tl.load(kc_ptr + (block * stride_cb + slot * stride_ct + kv_head * stride_ch)[None, :]
-                     + dims[:, None], mask=live[None, :] & dim_ok[:, None], other=0.0)
-        v = tl.load(vc_ptr + (block * stride_db + slot * stride_dt + kv_head * stride_dh)[:, None]
-                    + dims[None, :], mask=live[:, None] & dim_ok[None, :], other=0.0)
+        kt = tl.load(
+            kc_ptr
+            + (block * stride_cb + slot * stride_ct + kv_head * stride_ch)[None, :]
+            + dims[:, None],
+            mask=live[None, :] & dim_ok[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            vc_ptr
+            + (block * stride_db + slot * stride_dt + kv_head * stride_dh)[:, None]
+            + dims[None, :],
+            mask=live[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
         m, denom, acc = _attend(q, kt, v, live[None, :], m, denom, acc, qk_scale, PRECISION)
 
     # Chunk keys j <= i only: nothing past this block's last row.
@@ -200,16 +240,25 @@ def _prefill_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < num_tokens
         cols64 = cols.to(tl.int64)
-        kt = tl.load(k_ptr + (cols64 * stride_kt + kv_head * stride_kh)[None, :] + dims[:, None],
-                     mask=col_ok[None, :] & dim_ok[:, None], other=0.0)  # fmt: skip
-        v = tl.load(v_ptr + (cols64 * stride_vt + kv_head * stride_vh)[:, None] + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)  # fmt: skip
+        kt = tl.load(
+            k_ptr + (cols64 * stride_kt + kv_head * stride_kh)[None, :] + dims[:, None],
+            mask=col_ok[None, :] & dim_ok[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            v_ptr + (cols64 * stride_vt + kv_head * stride_vh)[:, None] + dims[None, :],
+            mask=col_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
         visible = col_ok[None, :] & (cols[None, :] <= rows[:, None])
         m, denom, acc = _attend(q, kt, v, visible, m, denom, acc, qk_scale, PRECISION)
 
     out = acc / denom[:, None]
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_ot + head * stride_oh + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])  # fmt: skip
+    tl.store(
+        out_ptr + rows[:, None].to(tl.int64) * stride_ot + head * stride_oh + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & dim_ok[None, :],
+    )
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -245,13 +294,16 @@ def num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device
 
 def _check_cache(q, k_cache, v_cache) -> tuple[int, int]:
     if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
-        raise AttentionShapeError(f"k_cache {tuple(k_cache.shape)} and v_cache "
-                                  f"{tuple(v_cache.shape)} must match, [blocks, block_size, "
-                                  "kv_heads, head_dim]")  # fmt: skip
+        raise AttentionShapeError(
+            f"k_cache {tuple(k_cache.shape)} and v_cache "
+            f"{tuple(v_cache.shape)} must match, [blocks, block_size, "
+            "kv_heads, head_dim]"
+        )
     num_heads, kv_heads = q.shape[-2], k_cache.shape[2]
     if num_heads % kv_heads or q.shape[-1] != k_cache.shape[3]:
-        raise AttentionShapeError(f"q {tuple(q.shape)} does not fit the cache "
-                                  f"{tuple(k_cache.shape)}")  # fmt: skip
+        raise AttentionShapeError(
+            f"q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)}"
+        )
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise AttentionShapeError("head_dim must be the innermost, contiguous dimension")
     return num_heads, kv_heads
@@ -285,23 +337,51 @@ def paged_decode_triton(
         part, lse = out, out  # the kernel writes the output itself; lse unused
         part_strides = (out.stride(0), out.stride(1), 0)
     else:
-        part = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32,
-                           device=q.device)  # fmt: skip
+        part = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
         part_strides = part.stride()[:3]
     _decode_kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part, lse, scale * LOG2E, partition,
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        block_tables.stride(0), *part_strides,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        DIM_PAD=dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=splits,
-        PRECISION=_precision(q.dtype), num_warps=4, num_stages=2,
-    )  # fmt: skip
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        part,
+        lse,
+        scale * LOG2E,
+        partition,
+        q.stride(0),
+        q.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        block_tables.stride(0),
+        *part_strides,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        DIM_PAD=dim_pad,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=splits,
+        PRECISION=_precision(q.dtype),
+        num_warps=4,
+        num_stages=2,
+    )
     if splits > 1:
         _decode_merge_kernel[(batch, num_heads)](
-            part, lse, context_lens, out, partition, num_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, DIM_PAD=dim_pad, NUM_SPLITS=splits, num_warps=1,
-        )  # fmt: skip
+            part,
+            lse,
+            context_lens,
+            out,
+            partition,
+            num_heads,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            DIM_PAD=dim_pad,
+            NUM_SPLITS=splits,
+            num_warps=1,
+        )
     return out
 
 
@@ -320,8 +400,10 @@ def paged_prefill_triton(
     num_heads, kv_heads = _check_cache(q, k_cache, v_cache)
     num_tokens, _, head_dim = q.shape
     if k.shape != v.shape or k.shape != (num_tokens, kv_heads, head_dim):
-        raise AttentionShapeError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be "
-                                  f"[n={num_tokens}, {kv_heads}, {head_dim}]")  # fmt: skip
+        raise AttentionShapeError(
+            f"k {tuple(k.shape)} and v {tuple(v.shape)} must be "
+            f"[n={num_tokens}, {kv_heads}, {head_dim}]"
+        )
     if context_start < 0:
         raise AttentionShapeError(f"context_start must be >= 0, got {context_start}")
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
@@ -330,13 +412,34 @@ def paged_prefill_triton(
     block_m = 64 if num_tokens > 32 else 16
     block_n = 64 if head_dim <= 128 else 32
     _prefill_kernel[(triton.cdiv(num_tokens, block_m), num_heads)](
-        q, k, v, k_cache, v_cache, block_table, out, num_tokens, context_start, scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1),
-        GROUP=num_heads // kv_heads, HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        block_table,
+        out,
+        num_tokens,
+        context_start,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        out.stride(0),
+        out.stride(1),
+        GROUP=num_heads // kv_heads,
+        HEAD_DIM=head_dim,
+        DIM_PAD=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
         PRECISION=_precision(q.dtype),
-        num_warps=4 if block_m == 16 else 8, num_stages=2,
-    )  # fmt: skip
+        num_warps=4 if block_m == 16 else 8,
+        num_stages=2,
+    )
     return out
-

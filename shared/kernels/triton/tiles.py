@@ -72,8 +72,10 @@ def _load(path: Path) -> dict[int, dict[str, int]]:
 @functools.cache
 def table_for(num_experts: int, intermediate: int, name: str) -> dict[int, dict[str, int]]:
     """The per-M table for a shape and device: its own file if there is one, else the default."""
-    for path in (CONFIG_DIR / config_file_name(num_experts, intermediate, name),
-                 CONFIG_DIR / DEFAULT_FILE):  # fmt: skip
+    for path in (
+        CONFIG_DIR / config_file_name(num_experts, intermediate, name),
+        CONFIG_DIR / DEFAULT_FILE,
+    ):
         if path.exists():
             return _load(path)
     log.warning("no tile configs under %s; using the built-in default", CONFIG_DIR)
