@@ -19,22 +19,11 @@ import time
 
 import torch
 
-from bench.shapes import SHAPES, model_config, random_text_model
-from scripts.support.tokenizers import build_tokenizer
+from bench.common import SHAPES, model_config, random_text_model, random_tokenizer, sync
 from services.language.engine.build import core_for_model
 from services.language.engine.config import EngineConfig
-from services.language.request import GenerationRequest, SamplingParams
-from services.language.tokenizer import LanguageTokenizer
+from services.language.engine.request import GenerationRequest, SamplingParams
 from shared.model.config import DTYPES
-
-
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _tokenizer(vocab: int) -> LanguageTokenizer:
-    return LanguageTokenizer(build_tokenizer(vocab_size=max(vocab, 300)), ())
 
 
 def engine_decode(args, config, batches: list[int]) -> dict[int, float]:
@@ -51,7 +40,7 @@ def engine_decode(args, config, batches: list[int]) -> dict[int, float]:
         kv_cache_memory=args.kv_cache_memory,
     )
     t0 = time.perf_counter()
-    core = core_for_model(model, config, _tokenizer(config.text.vocab_size), engine_config)
+    core = core_for_model(model, config, random_tokenizer(config.text.vocab_size), engine_config)
     print(f"engine ready in {time.perf_counter() - t0:.1f} s (CUDA graphs captured if on)")
     gen = torch.Generator().manual_seed(0)
     results = {}
@@ -60,19 +49,19 @@ def engine_decode(args, config, batches: list[int]) -> dict[int, float]:
         for i in range(b):
             ids = torch.randint(100, 800, (args.prompt,), generator=gen).tolist()
             core.add_request(GenerationRequest(f"b{b}-{i}", tuple(ids), (), sampling, 0.0))
-        _sync(args.device)
+        sync(args.device)
         t0 = time.perf_counter()
         while core.scheduler.num_waiting or any(
             s.num_output_tokens == 0 for s in core.scheduler.running
         ):
             core.step()
         core.step()  # the first decode step (warm)
-        _sync(args.device)
+        sync(args.device)
         prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(args.new):
             core.step()
-        _sync(args.device)
+        sync(args.device)
         decode_s = time.perf_counter() - t0
         while core.has_work():
             core.step()
@@ -93,8 +82,8 @@ def hf_decode(args, batches: list[int]) -> dict[int, float]:
     """transformers generate at each batch size (greedy, min = max new tokens)."""
     from transformers import Qwen3VLMoeForConditionalGeneration
 
-    from bench.shapes import special_ids
-    from scripts.support.checkpoints import vl_config
+    from bench.common import special_ids
+    from scripts.testkit.checkpoints import vl_config
 
     spec = SHAPES[args.shape]
     text = {**spec["text"], "max_position_embeddings": 32768, "rms_norm_eps": 1e-6}
@@ -111,10 +100,10 @@ def hf_decode(args, batches: list[int]) -> dict[int, float]:
         ids = torch.randint(100, 800, (b, args.prompt), device=args.device)
         kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
         model.generate(input_ids=ids, max_new_tokens=2, min_new_tokens=2, **kw)
-        _sync(args.device)
+        sync(args.device)
         t0 = time.perf_counter()
         model.generate(input_ids=ids, max_new_tokens=args.new, min_new_tokens=args.new, **kw)
-        _sync(args.device)
+        sync(args.device)
         results[b] = b * args.new / (time.perf_counter() - t0)
         print(f"hf      B={b:<4} generate {results[b]:8.1f} tok/s", flush=True)
     return results

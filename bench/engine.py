@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.shapes import SHAPES, special_ids
+from bench.common import SHAPES, special_ids, sync
 from shared.model.config import DTYPES
 
 
@@ -43,13 +43,13 @@ def write_checkpoint(
     path: Path, shape: str, layers: int | None, dtype: torch.dtype, device: str
 ) -> None:
     """Random-weight checkpoint of ``shape`` written by transformers, plus a tokenizer."""
-    from scripts.support.checkpoints import (
+    from scripts.testkit.checkpoints import (
         Init,
         preprocessor_config,
         vl_config,
         write_vl_checkpoint,
     )
-    from scripts.support.tokenizers import save_tokenizer
+    from scripts.testkit.tokenizers import save_tokenizer
 
     spec = SHAPES[shape]
     text = {**spec["text"], "max_position_embeddings": 32768, "rms_norm_eps": 1e-6}
@@ -119,11 +119,6 @@ def make_workload(model_dir: Path, num_requests: int, seed: int) -> list[Workloa
     return work
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def run_transformers(model_dir: Path, work: list[Workload], dtype, device) -> tuple[float, list]:
     """transformers generate, all requests in one left-padded batch, greedy."""
@@ -148,7 +143,7 @@ def run_transformers(model_dir: Path, work: list[Workload], dtype, device) -> tu
             mm_token_type_ids=(ids == image_id).long().to(device),
         )
     max_new = max(w.max_tokens for w in work)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     out = model.generate(
         input_ids=ids.to(device),
@@ -159,7 +154,7 @@ def run_transformers(model_dir: Path, work: list[Workload], dtype, device) -> tu
         pad_token_id=pad,
         **kwargs,
     )
-    _sync(device)
+    sync(device)
     elapsed = time.perf_counter() - start
     tokens = [out[row, width : width + w.max_tokens].tolist() for row, w in enumerate(work)]
     del model
@@ -171,7 +166,7 @@ def run_engine(
 ) -> tuple[float, list]:
     """The engine with every request submitted at once; the vision tower runs inside the timing."""
     from services.language.engine import AsyncEngine, EngineConfig
-    from services.language.request import GenerationRequest, SamplingParams
+    from services.language.engine.request import GenerationRequest, SamplingParams
     from shared.model.loader import load_vision_model
     from shared.wire.images import EncodedImage
 
@@ -211,7 +206,7 @@ def run_engine(
     async def main() -> tuple[float, list]:
         await engine.start()
         try:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             images = encode()
             streams = [
@@ -231,7 +226,7 @@ def run_engine(
                 return [t async for out in stream for t in out.new_token_ids]
 
             tokens = await asyncio.gather(*(drain(s) for s in streams))
-            _sync(device)
+            sync(device)
             return time.perf_counter() - start, tokens
         finally:
             await engine.shutdown()

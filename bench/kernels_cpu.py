@@ -22,11 +22,10 @@ from collections.abc import Callable
 
 import torch
 
-from bench.engine import SHAPES
+from bench.common import SHAPES
 from shared.kernels import cpu
-from shared.kernels.attention import paged_decode_torch
 from shared.kernels.cpu import build as cpu_build
-from shared.kernels.moe import fused_moe_torch
+from shared.kernels.reference import fused_moe_torch, paged_decode_torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -193,8 +193,8 @@ def compile_only(tokens: list[int], batches: list[int], contexts: list[int]) -> 
     import triton.runtime.jit as jit
     from triton.runtime import driver
 
-    from shared.kernels import triton as kernels
-    from shared.kernels.triton import paged_attention, tiles
+    from shared.kernels import gpu as kernels
+    from shared.kernels.gpu import paged_attention, tiles
 
     compiled: dict[str, object] = {}
     run = jit.JITFunction.run
@@ -287,10 +287,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from shared.kernels import triton as kernels
-    from shared.kernels.attention import paged_decode_torch
-    from shared.kernels.moe import fused_moe_torch
-    from shared.kernels.triton.paged_attention import num_splits
+    from shared.kernels import gpu as kernels
+    from shared.kernels.gpu.attention_triton import num_splits
+    from shared.kernels.reference import fused_moe_torch, paged_decode_torch
 
     if not kernels.available():
         print("bench.kernels_triton: triton is not installed", file=sys.stderr)

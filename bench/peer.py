@@ -90,8 +90,8 @@ def _engine_session(
     runs the vision tower) plus generating all its prompts at once; returns (seconds, tokens) per
     phase.
     """
-    from services.language import request as api
     from services.language.engine import AsyncEngine, EngineConfig
+    from services.language.engine import request as api
 
     if hasattr(api, "ImageInput"):  # the engine takes embeds and deepstack apart
         from shared.model.qwen3_vl_moe import separate_deepstack_embeds

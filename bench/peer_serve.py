@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from bench.peer import KV_CACHE_BYTES, MAX_MODEL_LEN, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
-from scripts.support.launch import start_encode, start_language
+from scripts.testkit.launch import start_encode, start_language
 
 _START_TIMEOUT_S = 600.0
 

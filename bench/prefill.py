@@ -20,11 +20,17 @@ import time
 
 import torch
 
-from bench.decode import _sync, _tokenizer
-from bench.shapes import SHAPES, model_config, random_text_model, random_vision_model
+from bench.common import (
+    SHAPES,
+    model_config,
+    random_text_model,
+    random_tokenizer,
+    random_vision_model,
+    sync,
+)
 from services.language.engine.build import core_for_model
 from services.language.engine.config import EngineConfig
-from services.language.request import GenerationRequest, SamplingParams
+from services.language.engine.request import GenerationRequest, SamplingParams
 from shared.model.config import DTYPES
 from shared.wire.images import EncodedImage
 
@@ -43,10 +49,10 @@ def _timed(fn, device: str) -> float:
     fn()
     times = []
     for _ in range(_REPEATS):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -79,7 +85,7 @@ def engine_prefill(args, config) -> dict[str, float]:
         enable_prefix_caching=False,
         kv_cache_memory=args.kv_cache_memory,
     )
-    core = core_for_model(model, config, _tokenizer(config.text.vocab_size), engine_config)
+    core = core_for_model(model, config, random_tokenizer(config.text.vocab_size), engine_config)
     image = EncodedImage(packed, tuple(grid[0].tolist()), "0" * 64)
     counter = iter(range(1 << 30))
 
@@ -112,8 +118,8 @@ def engine_prefill(args, config) -> dict[str, float]:
 def hf_prefill(args, config) -> dict[str, float]:
     from transformers import Qwen3VLMoeForConditionalGeneration
 
-    from bench.shapes import special_ids
-    from scripts.support.checkpoints import vl_config
+    from bench.common import special_ids
+    from scripts.testkit.checkpoints import vl_config
 
     spec = SHAPES[args.shape]
     text = {**spec["text"], "max_position_embeddings": 32768, "rms_norm_eps": 1e-6}

@@ -6,7 +6,7 @@ the 30B-A3B output width and a 3-block, 64-wide tower) encodes a 1024x1024 image
 call then names the image by its content hash, so it is a cache hit and its time is delivery: the
 Encode call (plus Transfer over the link) from request to a tensor in the client's memory.
 
-Rows, all through services.language.encode_client except the first and last: "gRPC raw bytes", the
+Rows, all through services.language.encoder.client except the first and last: "gRPC raw bytes", the
 floor for inline, a bare gRPC server streaming pre-built bytes in the same chunks (no tensors, no
 copies of its own); "gRPC inline", the client's default: chunks of --chunk-bytes, each copied once
 into the message gRPC sends and once into the client's tensor, overlapped with the transfer;
@@ -43,7 +43,7 @@ RAW_METHOD = "/bench.Raw/Stream"
 
 def make_checkpoint(path: Path) -> None:
     """A random Qwen3-VL-MoE with the 30B-A3B vision output width; everything else tiny."""
-    from scripts.support.checkpoints import preprocessor_config, vl_config, write_vl_checkpoint
+    from scripts.testkit.checkpoints import preprocessor_config, vl_config, write_vl_checkpoint
 
     text = dict(
         vocab_size=320,
@@ -149,7 +149,7 @@ async def measure(
     address: str, raw_address: str, data: bytes, repeats: int, num_bytes: int, chunk_bytes: int
 ):
     """Median-friendly timings, the methods interleaved round-robin so load drift hits all alike."""
-    from services.language.encode_client import EncodeClient, EncodeClientConfig
+    from services.language.encoder.client import EncodeClient, EncodeClientConfig
     from shared.wire.images import ImageRef
 
     configs = {
@@ -208,7 +208,7 @@ def report(rows: list[tuple[str, list[float]]], num_bytes: int) -> None:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> None:
-    from scripts.support.launch import ServiceProcess, start_encode
+    from scripts.testkit.launch import ServiceProcess, start_encode
     from shared.wire.units import parse_bytes
 
     chunk = parse_bytes(args.chunk_bytes)

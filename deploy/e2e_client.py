@@ -3,7 +3,7 @@
     python deploy/e2e_client.py answers --base-url http://127.0.0.1:8000 [-n 40]
     python deploy/e2e_client.py load --base-url URL --kill CONTAINER [--survivor CONTAINER]
 
-`answers` asks held-out questions about generated shape images (scripts/smallmodel/data.py) and
+`answers` asks held-out questions about generated shape images (scripts/shapes_vl/data.py) and
 checks the shipped model's greedy answers exactly, as tests/e2e/test_shapes_accuracy.py does.
 `load` runs a bounded load of chat requests with unique images (`python -m bench.serve
 --dataset-name random-mm` when the repository has it, else a small asyncio loop of its own),
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import random
 import re
@@ -34,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from scripts.shapes_vl.chat import chat_messages  # noqa: E402 - after the path is set
+
 REQUEST_TIMEOUT_S = 120.0
 FINISHED = re.compile(r"^splitvl_language_requests_finished_total\{[^}]*\}\s+([0-9.eE+-]+)$", re.M)
 ENCODE_IMAGES = re.compile(r"^splitvl_encode_images_total\s+([0-9.eE+-]+)$", re.M)
@@ -41,21 +41,6 @@ ENCODE_IMAGES = re.compile(r"^splitvl_encode_images_total\s+([0-9.eE+-]+)$", re.
 
 class CheckError(RuntimeError):
     """The cluster answered wrongly, lost a request, or could not be reached."""
-
-
-def png_data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def chat_messages(image, question: str) -> list[dict]:
-    """One user turn: the image, then the question (the order the model was trained on)."""
-    parts = [
-        {"type": "image_url", "image_url": {"url": png_data_url(image)}},
-        {"type": "text", "text": question},
-    ]
-    return [{"role": "user", "content": parts}]
 
 
 def model_name(base_url: str) -> str:
@@ -69,8 +54,8 @@ def model_name(base_url: str) -> str:
 async def _answers(base_url: str, num: int, in_flight: int) -> list[tuple]:
     import openai
 
-    from scripts.smallmodel.data import make_dataset
-    from scripts.smallmodel.evaluate import HELD_OUT_SEED
+    from scripts.shapes_vl.data import make_dataset
+    from scripts.shapes_vl.evaluate import HELD_OUT_SEED
 
     examples = make_dataset(HELD_OUT_SEED, num)
     name = model_name(base_url)
@@ -253,7 +238,7 @@ async def _own_load(args: argparse.Namespace) -> dict:
     """The fallback load: streamed chats, one unique random shapes image each."""
     import openai
 
-    from scripts.smallmodel.data import random_scene, render
+    from scripts.shapes_vl.data import random_scene, render
 
     rng = random.Random(args.seed)
     prompts = []

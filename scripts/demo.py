@@ -14,8 +14,6 @@ errors and Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import os
 import secrets
 import signal
@@ -27,7 +25,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.support.launch import (
+from scripts.shapes_vl.chat import chat_messages
+from scripts.testkit.launch import (
     REPO,
     ServiceError,
     ServiceProcess,
@@ -49,7 +48,7 @@ def check_model_dir(model_dir: Path) -> None:
     if missing:
         raise ServiceError(
             f"{model_dir} lacks {', '.join(missing)}; pass --model DIR, or train one with "
-            f"'.venv/bin/python -m scripts.smallmodel.train --out {model_dir}'"
+            f"'.venv/bin/python -m scripts.shapes_vl.train --out {model_dir}'"
         )
     with open(model_dir / "model.safetensors", "rb") as f:
         if f.read(40).startswith(b"version https://git-lfs"):
@@ -159,22 +158,6 @@ def running_cluster(cfg: ClusterConfig) -> Iterator[Cluster]:
         )
 
 
-def png_data_url(image) -> str:
-    """A PIL image as a base64 PNG data URL."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def chat_messages(image, question: str) -> list[dict]:
-    """One user turn: the image, then the question (the order the model was trained on)."""
-    parts = [
-        {"type": "image_url", "image_url": {"url": png_data_url(image)}},
-        {"type": "text", "text": question},
-    ]
-    return [{"role": "user", "content": parts}]
-
-
 def stream_answer(client, model_name: str, image, question: str, echo: bool) -> tuple[str, float]:
     """Stream one greedy answer; returns (text, seconds to the first content token)."""
     start = time.monotonic()
@@ -202,8 +185,8 @@ def run_demo(args: argparse.Namespace) -> int:
     """Ask args.n held-out questions and print answers, expectations and timings."""
     import openai
 
-    from scripts.smallmodel.data import make_dataset
-    from scripts.smallmodel.evaluate import HELD_OUT_SEED
+    from scripts.shapes_vl.data import make_dataset
+    from scripts.shapes_vl.evaluate import HELD_OUT_SEED
 
     examples = make_dataset(HELD_OUT_SEED if args.seed is None else args.seed, args.n)
     api_key = secrets.token_urlsafe(16)

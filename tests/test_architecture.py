@@ -49,7 +49,7 @@ def tree_copy(tmp_path_factory) -> Path:
         ("shared/wire/probe.py", "import services.language.engine\n", "shared is the bottom layer"),
         (
             "services/encode/probe.py",
-            "from services.language import request\n",
+            "from services.language.engine import request\n",
             "the two services are independent",
         ),
         (

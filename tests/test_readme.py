@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from scripts.support.launch import REPO
+from scripts.testkit.launch import REPO
 from services.encode.__main__ import build_parser as encode_parser
-from services.language.__main__ import build_parser as language_parser
+from services.language.cli import build_parser as language_parser
 from tests.readme import README, section
 
 CONFIG = "## Configuration reference"
@@ -54,7 +54,7 @@ def test_hidden_hooks_stay_out_of_the_checked_flags():
 def test_benchmarks_section_lists_every_benchmark_module():
     text = section(README.read_text(), "## Benchmarks")
     bench = REPO / "bench"
-    shared = {"__init__.py", "shapes.py"}  # not benchmarks: the package and its model shapes
+    shared = {"__init__.py", "common.py"}  # not benchmarks: the package and its helpers
     modules = sorted(p.stem for p in bench.glob("*.py") if p.name not in shared)
     modules += sorted(p.name for p in bench.iterdir() if (p / "__main__.py").is_file())
     assert len(modules) >= 8

@@ -1,15 +1,15 @@
-"""The tiny Qwen3-VL-MoE / Qwen3-MoE shapes of the parity tests (written by scripts.support)."""
+"""The tiny Qwen3-VL-MoE / Qwen3-MoE shapes of the parity tests (written by scripts.testkit)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from scripts.support.checkpoints import (
+from scripts.testkit.checkpoints import (
     preprocessor_config,
     write_text_checkpoint,
     write_vl_checkpoint,
 )
-from scripts.support.checkpoints import vl_config as _vl_config
+from scripts.testkit.checkpoints import vl_config as _vl_config
 
 IMAGE_TOKEN_ID = 300
 VIDEO_TOKEN_ID = 301

@@ -3,7 +3,7 @@
     python deploy/grafana/dashboard.py          # rewrite deploy/grafana/splitvl-dashboard.json
 
 The JSON is committed; tests/deploy/test_grafana.py checks that it matches this script and that
-every metric an expression names exists in services/language/metrics.py or
+every metric an expression names exists in services/language/frontend/metrics.py or
 services/encode/metrics.py. Import it in Grafana (Dashboards > New > Import) and pick the
 Prometheus data source that scrapes the language service's /metrics (HTTP port) and each encode
 replica's --metrics-port.

@@ -9,14 +9,11 @@ import os
 import sys
 from pathlib import Path
 
-from services.encode.config import (
-    ConfigError,
-    EncodeLimits,
-    EncodeServiceConfig,
-    parse_bytes,
-    parse_dtype,
-)
+from services.common.argtypes import byte_size, dtype_choice
+from services.common.errors import ConfigError
+from services.encode.config import EncodeLimits, EncodeServiceConfig
 from shared.wire.security import TOKEN_ENV, load_tls_files, resolve_token
+from shared.wire.units import parse_dtype
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument(
         "--dtype",
+        type=dtype_choice,
         default="auto",
         help="auto (the checkpoint's; float32 on a CPU without native bf16), float32, bfloat16, "
         "float16",
@@ -43,14 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="how long a partial batch waits for more images (default 0)",
     )
-    p.add_argument("--cache-memory", default="1GiB", help="embedding cache budget, e.g. 512MiB")
+    p.add_argument(
+        "--cache-memory", type=byte_size, default="1GiB", help="embedding cache budget, e.g. 512MiB"
+    )
     p.add_argument(
         "--metrics-port",
         type=int,
         default=None,
         help="serve Prometheus /metrics over HTTP on this port (0 picks one)",
     )
-    p.add_argument("--max-image-bytes", default="32MiB")
+    p.add_argument("--max-image-bytes", type=byte_size, default="32MiB")
     p.add_argument("--max-images-per-request", type=int, default=32)
     p.add_argument(
         "--max-decoded-pixels",
@@ -68,9 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-url-fetch",
         action="store_true",
-        help="fetch http(s) image URLs (data: URLs are always accepted)",
+        help="fetch http(s) image URLs, public addresses only (data: URLs are always accepted)",
     )
-    p.add_argument("--chunk-bytes", default="1MiB", help="inline tensor chunk size")
+    p.add_argument(
+        "--allowed-fetch-networks",
+        default="",
+        help="CIDRs exempt from the public-address rule of --allow-url-fetch, comma-separated",
+    )
+    p.add_argument("--chunk-bytes", type=byte_size, default="1MiB", help="inline tensor chunk size")
     p.add_argument("--preprocess-workers", type=int, default=2)
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, after SIGTERM")
     p.add_argument(
@@ -129,12 +134,15 @@ def config_from_args(args: argparse.Namespace) -> EncodeServiceConfig:
     if tls is not None and tls.cert is None:
         raise ConfigError("--tls-ca needs --tls-cert and --tls-key (the server's own pair)")
     limits = EncodeLimits(
-        max_image_bytes=parse_bytes(args.max_image_bytes),
+        max_image_bytes=args.max_image_bytes,
         max_decoded_pixels=args.max_decoded_pixels,
         max_images_per_request=args.max_images_per_request,
         max_queue_images=args.max_queue_images,
         max_pixels=args.max_pixels,
         allow_url_fetch=args.allow_url_fetch,
+        allowed_fetch_networks=tuple(
+            n.strip() for n in args.allowed_fetch_networks.split(",") if n.strip()
+        ),
     )
     return EncodeServiceConfig(
         model_dir=args.model,
@@ -144,10 +152,10 @@ def config_from_args(args: argparse.Namespace) -> EncodeServiceConfig:
         dtype=None if args.dtype == "auto" else parse_dtype(args.dtype),
         max_batch_patches=args.max_batch_patches,
         batch_wait_s=args.batch_wait_ms / 1000,
-        cache_bytes=parse_bytes(args.cache_memory),
+        cache_bytes=args.cache_memory,
         metrics_port=args.metrics_port,
         limits=limits,
-        chunk_bytes=parse_bytes(args.chunk_bytes),
+        chunk_bytes=args.chunk_bytes,
         preprocess_workers=args.preprocess_workers,
         drain_timeout_s=args.drain_timeout,
         ticket_ttl_s=args.ticket_ttl,

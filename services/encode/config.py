@@ -7,32 +7,10 @@ from pathlib import Path
 
 import torch
 
+from services.common.errors import ConfigError
+from shared.wire.fetch import FetchPolicy
 from shared.wire.security import TLSFiles
-from shared.wire.units import DTYPES, GIB, KIB, MIB
-from shared.wire.units import dtype_name as _dtype_name
-from shared.wire.units import parse_bytes as _parse_bytes
-from shared.wire.units import parse_dtype as _parse_dtype
-
-__all__ = ["DTYPES", "GIB", "KIB", "MIB", "ConfigError", "dtype_name", "parse_bytes", "parse_dtype"]
-
-
-class ConfigError(ValueError):
-    """A command-line or configuration value is invalid."""
-
-
-def parse_bytes(text: str | int) -> int:
-    """'512MiB', '1.5G', '4096' -> bytes (binary units); ConfigError otherwise."""
-    return _parse_bytes(text, ConfigError)
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """'float32' / 'fp32' / 'bfloat16' / 'bf16' / 'float16' / 'fp16' -> torch dtype."""
-    return _parse_dtype(name, ConfigError)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> 'bfloat16' (the wire name); ConfigError for another dtype."""
-    return _dtype_name(dtype, ConfigError)
+from shared.wire.units import GIB, KIB, MIB
 
 
 @dataclass(frozen=True)
@@ -49,6 +27,8 @@ class EncodeLimits:
     max_pixels: int | None = None
     allow_url_fetch: bool = False
     url_fetch_timeout_s: float = 10.0
+    # CIDRs exempt from the public-address rule of URL fetches (an image store on a private net)
+    allowed_fetch_networks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in (
@@ -59,6 +39,18 @@ class EncodeLimits:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        try:
+            self.fetch_policy()
+        except ValueError as exc:
+            raise ConfigError(f"--allowed-fetch-networks: {exc}") from None
+
+    def fetch_policy(self) -> FetchPolicy:
+        """The limits and address policy of http(s) image fetches."""
+        return FetchPolicy(
+            max_bytes=self.max_image_bytes,
+            timeout_s=self.url_fetch_timeout_s,
+            allowed_networks=self.allowed_fetch_networks,
+        )
 
     @property
     def max_request_bytes(self) -> int:

@@ -18,7 +18,7 @@ from services.encode.batcher import DeadlineExpiredError, VisionBatcher
 from services.encode.cache import CacheEntry, CacheKey, EmbeddingCache
 from services.encode.config import EncodeLimits
 from services.encode.metrics import EncodeMetrics
-from services.encode.sources import ImageSourceError, fetch_url
+from services.encode.sources import ImageSources, ImageSourceError
 from shared.model.processing import (
     ImageError,
     ImageProcessorConfig,
@@ -56,6 +56,7 @@ class VisionEncoder:
     ):
         self.processor = processor
         self.limits = limits
+        self._sources = ImageSources(limits.fetch_policy(), limits.allow_url_fetch)
         self.max_pixels = limits.max_pixels or processor.max_pixels
         self.batcher = batcher
         self.cache = cache
@@ -146,12 +147,7 @@ class VisionEncoder:
         if spec.data is not None:
             return spec.data
         if spec.url:
-            return await fetch_url(
-                spec.url,
-                self.limits.max_image_bytes,
-                self.limits.url_fetch_timeout_s,
-                self.limits.allow_url_fetch,
-            )
+            return await self._sources.load(spec.url)
         return None
 
     async def _hash(self, data: bytes | None, claimed: str | None) -> str:

@@ -16,7 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from services.common import write_port_file
+from services.common.errors import StartupError
+from services.common.port_file import write_port_file
 from services.encode.config import EncodeServiceConfig
 from services.encode.metrics import EncodeMetrics
 from services.encode.runtime import load_runtime
@@ -26,10 +27,6 @@ from services.encode.server import MAX_SEND_MESSAGE_BYTES, SERVICE_NAME, EncodeS
 log = logging.getLogger(__name__)
 
 _HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-
-
-class StartupError(RuntimeError):
-    """The service cannot start as configured (a port in use, an unwritable port file)."""
 
 
 class EncodeServer:

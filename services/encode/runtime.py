@@ -9,14 +9,15 @@ from dataclasses import dataclass
 
 import torch
 
+from services.common.errors import ConfigError
 from services.encode.batcher import BatchStats, VisionBatcher
 from services.encode.cache import EmbeddingCache
-from services.encode.config import ConfigError, EncodeServiceConfig, dtype_name
+from services.encode.config import EncodeServiceConfig
 from services.encode.encoder import VisionEncoder
 from services.encode.links import LinkManager
 from services.encode.metrics import EncodeMetrics
 from shared.wire.info import EncoderContract, EncoderInfo
-from shared.wire.units import compute_dtype, resolve_dtype
+from shared.wire.units import compute_dtype, dtype_name, resolve_dtype
 
 log = logging.getLogger(__name__)
 

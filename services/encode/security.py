@@ -11,7 +11,7 @@ import logging
 
 import grpc
 
-from shared.wire.security import TOKEN_METADATA_KEY, TLSFiles, token_matches
+from shared.wire.security import TOKEN_METADATA_KEY, TLSFiles, secrets_match
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         for key, value in handler_call_details.invocation_metadata or ():
             if key == TOKEN_METADATA_KEY:
                 supplied = value
-        if token_matches(supplied, self._token):
+        if secrets_match(supplied, self._token):
             return await continuation(handler_call_details)
         self.num_refused += 1
         # The value received is never logged: a near-miss token is still a secret.

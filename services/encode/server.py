@@ -15,17 +15,18 @@ import time
 import grpc
 
 from proto.splitvl.encode.v1 import encode_pb2 as pb
+from services.common.grpc_handlers import unary, unary_stream
 from services.encode.batcher import BatcherClosedError, DeadlineExpiredError, VisionQueueFullError
-from services.encode.config import EncodeServiceConfig, dtype_name
+from services.encode.config import EncodeServiceConfig
 from services.encode.encoder import InvalidImageError, NotCachedError
 from services.encode.links import LinkLimitError, TicketError, UnknownLinkError
 from services.encode.metrics import EncodeMetrics
 from services.encode.runtime import Runtime
-from services.rpc import unary, unary_stream
 from shared.wire.codec import iter_chunk_frames, tensor_bytes
 from shared.wire.errors import ImageRefError, LinkError, WireFormatError
 from shared.wire.images import EncodedImage, ImageRef
 from shared.wire.info import EncoderInfo
+from shared.wire.units import dtype_name
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 Each error carries its HTTP status and OpenAI error fields, so the HTTP layer renders every
 failure as `{"error": {"message", "type", "param", "code"}}`; the gRPC layer maps each error
-class to its own status code. Nothing here depends on a web framework.
+class to its own status code. Nothing here depends on a web framework or on the rest of the
+service: every package of the front end may raise these.
 Messages are written for the caller: they say what was wrong and what to change.
 """
 
@@ -10,11 +11,6 @@ from __future__ import annotations
 
 from http import HTTPStatus
 from typing import Any
-
-from services.language.encode_rpc import ErrorKind
-from services.language.engine.admission import AdmissionRefusedError
-from services.language.engine.async_engine import EngineClosedError, EngineStepError
-from services.language.request import EngineDeadError, InvalidRequestError, QueueFullError
 
 
 class APIError(Exception):
@@ -114,40 +110,3 @@ class ImageInputError(BadRequestError):
 
 class ImageTooLargeError(PayloadTooLargeError):
     """An image whose bytes or pixel count exceed the configured limits."""
-
-
-# ------------------------------------------------------- failures of the engine and encode service
-
-
-def encode_failure(exc: Exception, retry_after_s: int) -> APIError:
-    """The client-facing error for a failed encode: the image's fault (400) or ours (503)."""
-    kind = getattr(exc, "kind", None)
-    if kind is ErrorKind.INVALID:
-        return ImageInputError(f"the image could not be encoded: {exc}")
-    reason = kind.value if kind is not None else "no answer"
-    return ServiceUnavailableError(
-        f"the encode service could not encode the images ({reason}); retry shortly",
-        retry_after_s=retry_after_s,
-        code="encode_unavailable",
-    )
-
-
-def engine_failure(exc: BaseException, retry_after_s: int) -> BaseException:
-    """The client-facing error for an engine exception."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, EngineStepError):
-        return InternalServerError(str(exc), code="engine_step_failed")
-    if isinstance(exc, EngineClosedError):
-        return ServiceUnavailableError(str(exc), retry_after_s=retry_after_s, code="shutting_down")
-    if isinstance(exc, AdmissionRefusedError):
-        return OverloadedError(str(exc), retry_after_s=exc.retry_after_s, code="queue_delay")
-    if isinstance(exc, EngineDeadError):
-        return ServiceUnavailableError(str(exc), retry_after_s=retry_after_s, code="engine_dead")
-    if isinstance(exc, QueueFullError):
-        return OverloadedError(
-            f"the server is at capacity ({exc}); retry shortly", retry_after_s=retry_after_s
-        )
-    if isinstance(exc, InvalidRequestError):
-        return BadRequestError(str(exc))
-    return exc

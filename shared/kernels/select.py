@@ -2,7 +2,7 @@
 
 Backends are modules exposing the reference functions' signatures (`fused_moe`,
 `paged_decode`, `paged_prefill`, each optional): `shared.kernels.cpu` on CPUs when its
-extension compiled on this machine, `shared.kernels.triton` on CUDA when Triton imports. A
+extension compiled on this machine, `shared.kernels.gpu` on CUDA when Triton imports. A
 missing backend or operation falls back to the PyTorch reference. ``SPLITVL_KERNELS=torch``
 forces the references (the parity baseline); the choice is made once per device type.
 """
@@ -18,8 +18,7 @@ from types import ModuleType
 
 import torch
 
-from shared.kernels.attention import paged_decode_torch, paged_prefill_torch
-from shared.kernels.moe import fused_moe_torch
+from shared.kernels.reference import fused_moe_torch, paged_decode_torch, paged_prefill_torch
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ def _backend(device_type: str) -> ModuleType | None:
     """The accelerated backend module for a device type, or None."""
     if os.environ.get("SPLITVL_KERNELS", "auto") == "torch":
         return None
-    name = {"cpu": "cpu", "cuda": "triton"}.get(device_type)
+    name = {"cpu": "cpu", "cuda": "gpu"}.get(device_type)
     if name is None:
         return None
     try:
@@ -57,17 +56,17 @@ def implementation(name: str, device_type: str) -> Callable:
 
 
 def fused_moe(x, gate_up, down, weights, ids) -> torch.Tensor:
-    """See shared.kernels.moe.fused_moe_torch."""
+    """See shared.kernels.reference.fused_moe_torch."""
     return implementation("fused_moe", x.device.type)(x, gate_up, down, weights, ids)
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
-    """See shared.kernels.attention.paged_decode_torch."""
+    """See shared.kernels.reference.paged_decode_torch."""
     fn = implementation("paged_decode", q.device.type)
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 def paged_prefill(q, k, v, k_cache, v_cache, block_table, context_start, scale) -> torch.Tensor:
-    """See shared.kernels.attention.paged_prefill_torch."""
+    """See shared.kernels.reference.paged_prefill_torch."""
     fn = implementation("paged_prefill", q.device.type)
     return fn(q, k, v, k_cache, v_cache, block_table, context_start, scale)

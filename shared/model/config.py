@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
+from shared.wire.units import DTYPES
+
 VL_MODEL_TYPES = ("qwen3_vl_moe",)
 TEXT_MODEL_TYPES = ("qwen3_moe",)
 
 
-class ConfigError(ValueError):
+class ModelConfigError(ValueError):
     """config.json is missing, unsupported, or internally inconsistent."""
 
 
@@ -120,17 +122,9 @@ class ModelConfig:
         return major.isdigit() and int(major) >= 5
 
 
-# The dtypes checkpoints, the services and the wire use, by their torch names.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
-
 def _require(d: dict[str, Any], key: str, where: str) -> Any:
     if key not in d:
-        raise ConfigError(f"config.json: {where} has no '{key}'")
+        raise ModelConfigError(f"config.json: {where} has no '{key}'")
     return d[key]
 
 
@@ -141,10 +135,12 @@ def _rope_fields(text: dict[str, Any]) -> tuple[float, tuple[int, int, int] | No
     merged = {**scaling, **params}
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     if rope_type not in ("default", "mrope"):
-        raise ConfigError(f"config.json: unsupported rope_type '{rope_type}' (only default RoPE)")
+        raise ModelConfigError(
+            f"config.json: unsupported rope_type '{rope_type}' (only default RoPE)"
+        )
     theta = merged.get("rope_theta", text.get("rope_theta"))
     if theta is None:
-        raise ConfigError("config.json: no rope_theta (neither rope_parameters nor top-level)")
+        raise ModelConfigError("config.json: no rope_theta (neither rope_parameters nor top-level)")
     section = merged.get("mrope_section")
     section = tuple(int(s) for s in section) if section else None
     return float(theta), section, bool(merged.get("mrope_interleaved", False))
@@ -187,30 +183,30 @@ def parse_text_config(text: dict[str, Any], is_vl: bool) -> TextConfig:
 
 def _check_text(cfg: TextConfig) -> None:
     if cfg.num_attention_heads % cfg.num_key_value_heads:
-        raise ConfigError(
+        raise ModelConfigError(
             f"num_attention_heads ({cfg.num_attention_heads}) is not a multiple of "
             f"num_key_value_heads ({cfg.num_key_value_heads})"
         )
     if cfg.head_dim % 2:
-        raise ConfigError(f"head_dim must be even for RoPE, got {cfg.head_dim}")
+        raise ModelConfigError(f"head_dim must be even for RoPE, got {cfg.head_dim}")
     if cfg.mrope_section is not None:
         if len(cfg.mrope_section) != 3 or sum(cfg.mrope_section) != cfg.head_dim // 2:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"mrope_section {list(cfg.mrope_section)} must have 3 entries summing to "
                 f"head_dim/2 = {cfg.head_dim // 2}"
             )
     if cfg.hidden_act != "silu":
-        raise ConfigError(f"unsupported text hidden_act '{cfg.hidden_act}' (only silu)")
+        raise ModelConfigError(f"unsupported text hidden_act '{cfg.hidden_act}' (only silu)")
     moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     if moe_layers and not (0 < cfg.num_experts_per_tok <= cfg.num_experts):
-        raise ConfigError(
+        raise ModelConfigError(
             f"num_experts_per_tok ({cfg.num_experts_per_tok}) must be in 1..num_experts "
             f"({cfg.num_experts})"
         )
     if moe_layers and cfg.moe_intermediate_size <= 0:
-        raise ConfigError("moe_intermediate_size must be positive for MoE layers")
+        raise ModelConfigError("moe_intermediate_size must be positive for MoE layers")
     if len(moe_layers) < cfg.num_hidden_layers and cfg.intermediate_size <= 0:
-        raise ConfigError("intermediate_size must be positive when some layers are dense")
+        raise ModelConfigError("intermediate_size must be positive when some layers are dense")
 
 
 def parse_vision_config(vision: dict[str, Any], text: TextConfig) -> VisionConfig:
@@ -233,24 +229,26 @@ def parse_vision_config(vision: dict[str, Any], text: TextConfig) -> VisionConfi
     )
     side = math.isqrt(cfg.num_position_embeddings)
     if side * side != cfg.num_position_embeddings:
-        raise ConfigError(f"num_position_embeddings ({cfg.num_position_embeddings}) is not square")
+        raise ModelConfigError(
+            f"num_position_embeddings ({cfg.num_position_embeddings}) is not square"
+        )
     if cfg.hidden_size % cfg.num_heads or cfg.head_dim % 4:
-        raise ConfigError(
+        raise ModelConfigError(
             f"vision hidden_size {cfg.hidden_size} / num_heads {cfg.num_heads} must give a "
             "head_dim divisible by 4"
         )
     if cfg.out_hidden_size != text.hidden_size:
-        raise ConfigError(
+        raise ModelConfigError(
             f"vision out_hidden_size ({cfg.out_hidden_size}) != "
             f"text hidden_size ({text.hidden_size})"
         )
     if any(not 0 <= i < cfg.depth for i in cfg.deepstack_visual_indexes):
-        raise ConfigError(
+        raise ModelConfigError(
             f"deepstack_visual_indexes {list(cfg.deepstack_visual_indexes)} out of range for "
             f"depth {cfg.depth}"
         )
     if cfg.num_deepstack > text.num_hidden_layers:
-        raise ConfigError("more deepstack layers than text decoder layers")
+        raise ModelConfigError("more deepstack layers than text decoder layers")
     return cfg
 
 
@@ -263,7 +261,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         text_raw = dict(_require(raw, "text_config", "config"))
         text = parse_text_config(text_raw, is_vl=True)
         if text.mrope_section is None:
-            raise ConfigError("config.json: Qwen3-VL-MoE text_config needs an mrope_section")
+            raise ModelConfigError("config.json: Qwen3-VL-MoE text_config needs an mrope_section")
         vision = parse_vision_config(_require(raw, "vision_config", "config"), text)
         return ModelConfig(
             model_type=model_type,
@@ -288,7 +286,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
             transformers_version=raw.get("transformers_version"),
         )
     supported = ", ".join(VL_MODEL_TYPES + TEXT_MODEL_TYPES)
-    raise ConfigError(
+    raise ModelConfigError(
         f"config.json: unsupported model_type '{model_type}' (supported: {supported})"
     )
 
@@ -297,9 +295,9 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     """Read and parse `model_dir/config.json`."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise ConfigError(f"no config.json in {model_dir}")
+        raise ModelConfigError(f"no config.json in {model_dir}")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        raise ModelConfigError(f"{path} is not valid JSON: {e}") from e
     return parse_config(raw)

@@ -1,8 +1,8 @@
 """Monolithic Qwen3-VL-MoE: vision tower + the unified language model, for tests and tools.
 
 The disaggregated path runs the same pieces in two processes: `Qwen3VLVisionModel` on the encode
-side,
-`Qwen3MoeForCausalLM` on the language side, joined by the packed tensor.
+side, `Qwen3MoeForCausalLM` on the language side, joined by the packed tensor
+(`shared.wire.packed`).
 """
 
 from __future__ import annotations
@@ -14,19 +14,7 @@ from shared.model.config import ModelConfig
 from shared.model.processing import mrope_positions
 from shared.model.qwen3_moe import Qwen3MoeModel
 from shared.model.vision import Qwen3VLVisionModel
-
-
-def separate_deepstack_embeds(
-    packed: torch.Tensor, num_deepstack: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split the tower's packed `[n, (1+k)*H]` into embeds `[n, H]` and deepstack `[n, k*H]`."""
-    if packed.dim() != 2 or packed.shape[1] % (1 + num_deepstack):
-        raise ValueError(
-            f"packed embeddings of shape {tuple(packed.shape)} do not split into "
-            f"1 + {num_deepstack} equal parts"
-        )
-    hidden = packed.shape[1] // (1 + num_deepstack)
-    return packed[:, :hidden], packed[:, hidden:]
+from shared.wire.packed import separate_deepstack_embeds
 
 
 def splice_image_embeds(

@@ -17,6 +17,7 @@ from torch import nn
 
 from shared.model.config import VisionConfig
 from shared.model.layers.rotary import rotate_half
+from shared.wire.packed import pack_embeds
 
 _ACTS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -201,4 +202,4 @@ class Qwen3VLVisionModel(nn.Module):
             if i in self.config.deepstack_visual_indexes:
                 j = self.config.deepstack_visual_indexes.index(i)
                 deepstack.append(self.deepstack_merger_list[j](x))
-        return torch.cat([self.merger(x), *deepstack], dim=1)
+        return pack_embeds(self.merger(x), deepstack)

@@ -1,9 +1,10 @@
-"""data: URLs, as clients send images to either service."""
+"""data: URLs, as clients send images to either service: one decoder for both."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+from urllib.parse import unquote_to_bytes
 from dataclasses import dataclass
 
 
@@ -52,5 +53,26 @@ def decode_base64_payload(payload: str, max_bytes: int) -> bytes:
     except (binascii.Error, ValueError) as exc:
         raise DataURLError(f"data URL is not valid base64: {exc}") from exc
     if len(data) > max_bytes:  # padding lets the estimate above run two bytes short
+        raise DataURLTooLargeError(f"image is {len(data)} bytes, above the limit of {max_bytes}")
+    return data
+
+
+def decode_data_url(url: str, max_bytes: int, media_prefix: str = "image/") -> bytes:
+    """The bytes of a data:[<mime>][;base64],<data> URL, base64 or percent-encoded (RFC 2397),
+    refused before decoding when it cannot fit `max_bytes`; a media type given must start with
+    `media_prefix`."""
+    parsed = split_data_url(url)
+    if parsed.mime and not parsed.mime.startswith(media_prefix):
+        raise DataURLError(
+            f"data URL media type {parsed.mime!r} is not {media_prefix}* "
+            f"('data:{media_prefix}png;base64,...')"
+        )
+    if parsed.is_base64:
+        return decode_base64_payload(parsed.payload, max_bytes)
+    # Percent-encoding spends 1 to 3 characters per byte: anything longer cannot fit
+    if len(parsed.payload) > 3 * max_bytes:
+        raise DataURLTooLargeError(f"data URL is over the limit of {max_bytes} bytes")
+    data = unquote_to_bytes(parsed.payload)
+    if len(data) > max_bytes:
         raise DataURLTooLargeError(f"image is {len(data)} bytes, above the limit of {max_bytes}")
     return data

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.model.qwen3_vl_moe import separate_deepstack_embeds
 from shared.wire.errors import ImageRefError
+from shared.wire.packed import separate_deepstack_embeds
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 

@@ -8,6 +8,7 @@ is one line at start-up instead of a failure on the first connection.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ssl
 from dataclasses import dataclass
@@ -40,13 +41,17 @@ def resolve_token(token: str | None, token_file: Path | None) -> str | None:
     return token
 
 
-def token_matches(supplied: str | bytes | None, expected: str) -> bool:
-    """Constant-time comparison of a received metadata value with the token."""
+def secrets_match(supplied: str | bytes | None, expected: str) -> bool:
+    """Constant-time comparison of a received secret (metadata value, bearer token) with the
+    expected one. Both are hashed first, so neither the time taken nor the early exit on a length
+    difference says anything about the expected secret."""
     if supplied is None:
         return False
     if isinstance(supplied, str):
         supplied = supplied.encode("utf-8", "backslashreplace")
-    return hmac.compare_digest(supplied, expected.encode())
+    return hmac.compare_digest(
+        hashlib.sha256(supplied).digest(), hashlib.sha256(expected.encode()).digest()
+    )
 
 
 def read_pem(path: Path, what: str) -> bytes:

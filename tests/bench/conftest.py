@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.support.launch import REPO, ServiceProcess, start_encode, start_language
+from scripts.testkit.launch import REPO, ServiceProcess, start_encode, start_language
 
 SHAPES_VL = REPO / "models" / "shapes-vl"
 API_KEY = "bench-key"

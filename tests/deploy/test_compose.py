@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from services.encode.__main__ import build_parser as encode_parser
-from services.language.__main__ import build_parser as language_parser
+from services.language.cli import build_parser as language_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 PARSERS = {"services.encode": encode_parser, "services.language": language_parser}

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import yaml
 
 from services.encode.metrics import EncodeMetrics
-from services.language.metrics import LanguageMetrics
+from services.language.frontend.metrics import LanguageMetrics
 
 GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "splitvl-dashboard.json"

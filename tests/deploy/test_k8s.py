@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from services.encode.__main__ import build_parser as encode_parser
-from services.language.__main__ import build_parser as language_parser
+from services.language.cli import build_parser as language_parser
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 jsonpatch = pytest.importorskip("jsonpatch")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.support.launch import REPO, start_encode, start_language
+from scripts.testkit.launch import REPO, start_encode, start_language
 from tests.e2e.reference import Reference
 from tests.e2e.support import png_bytes, servable_copy
 
@@ -43,7 +43,7 @@ class E2EModel:
         if self.trained:
             import io
 
-            from scripts.smallmodel.data import make_dataset
+            from scripts.shapes_vl.data import make_dataset
 
             cases = []
             for example in make_dataset(seed, n):

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import uvicorn
 
-from services.language.__main__ import build_frontend, running
-from services.language.api import APIConfig, create_app
 from services.language.engine import AsyncEngine, EngineConfig
-from services.language.frontend import FrontendOptions
-from services.language.images import ImageFetchConfig
+from services.language.frontend.images import ImageFetchConfig
+from services.language.frontend.pipeline import FrontendOptions
+from services.language.openai_api.app import APIConfig, create_app
+from services.language.server import build_frontend, running
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0

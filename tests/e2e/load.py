@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from scripts.support.launch import ServiceProcess, start_encode, start_language
+from scripts.testkit.launch import ServiceProcess, start_encode, start_language
 from tests.e2e.support import data_url
 
 
@@ -88,7 +88,7 @@ def perturbed(image: Image.Image, k: int) -> bytes:
 
 def base_cases(num: int, seed: int = 7) -> list[tuple[Image.Image, str]]:
     """(image, question) pairs of the shapes task, one question per image."""
-    from scripts.smallmodel.data import make_dataset
+    from scripts.shapes_vl.data import make_dataset
 
     return [(example.image, example.question) for example in make_dataset(seed, num)]
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from scripts.support.tokenizers import save_tokenizer
-from services.language.encode_client import EncodedImage
+from scripts.testkit.tokenizers import save_tokenizer
+from services.language.encoder.client import EncodedImage
 from shared.wire.images import ImageRef
 
 # The Qwen3-VL chat template, as shipped with the small model's tooling
 QWEN3_VL_TEMPLATE = (
-    Path(__file__).resolve().parents[2] / "scripts" / "smallmodel" / "qwen3_vl_chat_template.jinja"
+    Path(__file__).resolve().parents[2] / "scripts" / "shapes_vl" / "qwen3_vl_chat_template.jinja"
 )
 
 
@@ -61,7 +61,8 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 
 
 class InProcessEncoder:
-    """The vision tower run in this process; for API tests that are not about the transport."""
+    """The vision tower run in this process, as the front end's `ImageEncoder`; for API tests that
+    are not about the transport."""
 
     def __init__(self, model_dir: Path) -> None:
         from shared.model.loader import load_vision_model
@@ -85,6 +86,13 @@ class InProcessEncoder:
         """EncodeClient.encode's interface, computed off the event loop."""
         self.num_calls += 1
         return await asyncio.to_thread(lambda: [self.encode_sync(i.data) for i in images])
+
+    async def ready(self) -> bool:
+        """Always: the tower is in this process."""
+        return True
+
+    async def close(self) -> None:
+        """Nothing to release: no channels or links."""
 
 
 @torch.no_grad()

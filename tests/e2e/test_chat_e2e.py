@@ -11,7 +11,7 @@ import pytest
 
 from proto.splitvl.language.v1 import language_pb2 as pb
 from proto.splitvl.language.v1 import language_pb2_grpc as pb_grpc
-from scripts.support.launch import wait_grpc_serving
+from scripts.testkit.launch import wait_grpc_serving
 from tests.e2e.checks import ask, ask_streamed, chat_messages, check_answer
 from tests.e2e.conftest import API_KEY
 from tests.e2e.support import read_metrics, wait_for_idle_kv

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2
 
-from scripts.support.launch import grpc_health
+from scripts.testkit.launch import grpc_health
 from tests.e2e.load import StreamResult, base_cases, chat_body, load_cluster, png, wait_until
 from tests.e2e.support import wait_for_idle_kv
 

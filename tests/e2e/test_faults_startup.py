@@ -12,7 +12,7 @@ import sys
 import httpx
 import pytest
 
-from scripts.support.launch import REPO
+from scripts.testkit.launch import REPO
 from tests.e2e.load import base_cases, chat_body, load_cluster, png
 
 START_TIMEOUT_S = 240
@@ -46,7 +46,7 @@ AS_PROCESSES = ("port in use", "unknown device", "KV cache below one block")
 
 
 def test_bad_configurations_get_one_line_and_a_nonzero_exit(e2e_model, tmp_path, caplog):
-    from services.language.__main__ import main
+    from services.language.server import main
 
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))

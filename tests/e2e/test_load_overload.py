@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.support.launch import REPO, start_language
+from scripts.testkit.launch import REPO, start_language
 from tests.e2e.support import wait_for_idle_kv
 
 BOUND_S = 1.0

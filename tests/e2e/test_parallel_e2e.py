@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from scripts.support.launch import start_language
+from scripts.testkit.launch import start_language
 from tests.e2e.checks import chat_messages
 from tests.e2e.conftest import LANGUAGE_ARGS, Cluster
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from scripts.demo import ClusterConfig, check_model_dir, running_cluster
-from scripts.support.launch import REPO, ServiceError
+from scripts.testkit.launch import REPO, ServiceError
 from tests.readme import README, Example, examples
 
 SHAPES_VL = REPO / "models" / "shapes-vl"

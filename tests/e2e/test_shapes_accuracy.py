@@ -17,9 +17,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from scripts.smallmodel.data import Example, make_dataset
-from scripts.smallmodel.evaluate import HELD_OUT_SEED
-from scripts.smallmodel.prompts import prompt_ids
+from scripts.shapes_vl.data import Example, make_dataset
+from scripts.shapes_vl.evaluate import HELD_OUT_SEED
+from scripts.shapes_vl.prompts import prompt_ids
 from shared.model.config import load_config
 from shared.model.loader import load_text_model, load_vision_model
 from shared.model.processing import (
@@ -43,7 +43,7 @@ def held_out(e2e_model) -> list[Example]:
     if not e2e_model.trained:
         pytest.fail(
             "models/shapes-vl (the trained checkpoint) is missing: these checks need its "
-            "answers; train it with scripts/smallmodel/train.py or set SPLITVL_E2E_MODEL"
+            "answers; train it with scripts/shapes_vl/train.py or set SPLITVL_E2E_MODEL"
         )
     return make_dataset(HELD_OUT_SEED, NUM_QUESTIONS)
 

@@ -6,7 +6,7 @@ import socket
 
 import httpx
 
-from scripts.support.launch import start_language
+from scripts.testkit.launch import start_language
 from tests.e2e.checks import chat_messages
 from tests.e2e.support import png_bytes
 

@@ -14,7 +14,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from scripts.support.launch import ServiceProcess, grpc_health, wait_grpc_serving
+from scripts.testkit.launch import (
+    ServiceProcess,
+    grpc_health,
+    service_threads,
+    wait_grpc_serving,
+)
 
 
 def png_bytes(width: int, height: int, seed: int) -> bytes:
@@ -57,7 +62,8 @@ class Reference:
     @torch.inference_mode()
     def encode(self, data: bytes, max_pixels: int | None = None) -> torch.Tensor:
         pixel_values, grid = self.preprocess(data, max_pixels)
-        return self.model(pixel_values, torch.tensor([grid]))
+        with service_threads():  # the services' thread count, so results match bit for bit
+            return self.model(pixel_values, torch.tensor([grid]))
 
 
 class EncodeProcess:

@@ -8,32 +8,13 @@ import grpc
 import pytest
 import torch
 
+from services.common.errors import ConfigError
 from services.encode.__main__ import build_parser, config_from_args
 from services.encode.batcher import DeadlineExpiredError, VisionQueueFullError
-from services.encode.config import ConfigError, dtype_name, parse_bytes, parse_dtype
 from services.encode.encoder import InvalidImageError, NotCachedError
 from services.encode.links import TicketError, UnknownLinkError
 from services.encode.server import UnavailableError, status_for
 from shared.wire.errors import LinkError
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [("4096", 4096), ("512MiB", 512 << 20), ("1.5G", 3 << 29), ("2 kib", 2048), ("1GB", 1 << 30)],
-)
-def test_parse_bytes(text, expected):
-    assert parse_bytes(text) == expected
-
-
-def test_parse_errors_are_typed_and_actionable():
-    with pytest.raises(ConfigError, match="e.g."):
-        parse_bytes("lots")
-    with pytest.raises(ConfigError, match="choose one of"):
-        parse_dtype("int8")
-    assert parse_dtype("bf16") is torch.bfloat16
-    assert dtype_name(torch.float16) == "float16"
-    with pytest.raises(ConfigError, match="not one of"):
-        dtype_name(torch.int8)
 
 
 def test_command_line_builds_a_frozen_config(tiny_vl_dir):

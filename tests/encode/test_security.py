@@ -16,8 +16,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from proto.splitvl.encode.v1 import encode_pb2 as pb
 from proto.splitvl.encode.v1 import encode_pb2_grpc as pb_grpc
-from services.language.encode_client import EncodeClient, EncodeClientConfig, EncodeError
-from services.language.encode_rpc import ErrorKind
+from services.language.encoder.client import EncodeClient, EncodeClientConfig, EncodeError
+from services.language.encoder.rpc import ErrorKind
 from shared.wire.errors import LinkRefusedError, SecurityConfigError
 from shared.wire.images import ImageRef
 from shared.wire.link import join_link
@@ -195,7 +195,8 @@ def test_a_wrong_token_stops_the_language_service_at_its_handshake(replicas, pki
 
 
 def test_the_language_service_flags_reach_the_encode_client(replicas, pki, tmp_path, reference):
-    from services.language.__main__ import _build_encoder, build_parser
+    from services.language.cli import build_parser, service_config
+    from services.language.server import build_encoder
 
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
@@ -217,7 +218,7 @@ def test_the_language_service_flags_reach_the_encode_client(replicas, pki, tmp_p
     data = png_bytes(64, 96, seed=13)
 
     async def run():
-        client = _build_encoder(args, text_only)
+        client = build_encoder(service_config(args), text_only)
         try:
             return client.config, await client.encode([ImageRef(data)])
         finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.support.launch import REPO
+from scripts.testkit.launch import REPO
 from tests.encode.pki import make_pki
 
 TIMEOUT_S = 120

@@ -12,7 +12,7 @@ import torch
 
 from services.language.engine import EngineConfig
 from services.language.engine.build import build_engine_core
-from services.language.request import GenerationRequest, SamplingParams
+from services.language.engine.request import GenerationRequest, SamplingParams
 from shared.model.loader import load_vision_model
 from shared.model.processing import load_image_processor_config, preprocess_image
 from shared.wire.images import EncodedImage
@@ -24,7 +24,7 @@ SHAPES_VL = Path(__file__).resolve().parents[2] / "models" / "shapes-vl"
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from scripts.support.tokenizers import save_tokenizer
+    from scripts.testkit.tokenizers import save_tokenizer
     from tests.tiny import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_END_ID, VISION_START_ID, VOCAB
 
     path = tmp_path_factory.mktemp("tiny_cuda")
@@ -91,8 +91,8 @@ def _shapes_requests(num: int):
     """Held-out shapes questions: prompt ids (pads expanded) and pixel values per request."""
     from transformers import PreTrainedTokenizerFast
 
-    from scripts.smallmodel.data import make_dataset
-    from scripts.smallmodel.evaluate import HELD_OUT_SEED
+    from scripts.shapes_vl.data import make_dataset
+    from scripts.shapes_vl.evaluate import HELD_OUT_SEED
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(SHAPES_VL)
     processor = load_image_processor_config(SHAPES_VL)

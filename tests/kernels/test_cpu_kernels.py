@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from shared.kernels import cpu
-from shared.kernels.attention import paged_decode_torch
 from shared.kernels.cpu import build
-from shared.kernels.moe import fused_moe_torch
+from shared.kernels.reference import fused_moe_torch, paged_decode_torch
 
 BF16_RTOL = 2.0**-8
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from scripts.support.tokenizers import save_tokenizer
+from scripts.testkit.tokenizers import save_tokenizer
 from tests.encode.conftest import encode_service, reference  # noqa: F401 (client tests use them)
 from tests.tiny import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_END_ID, VISION_START_ID, VOCAB
 
@@ -53,7 +53,7 @@ def make_sequence(
     **sampling,
 ):
     """An engine RequestState for unit tests; ``images`` are EncodedImages on the pad ids."""
-    from services.language.request import GenerationRequest, RequestState, SamplingParams
+    from services.language.engine.request import GenerationRequest, RequestState, SamplingParams
 
     request = GenerationRequest(
         request_id, tuple(token_ids), tuple(images), SamplingParams(**sampling), 0.0
@@ -159,7 +159,7 @@ def assert_greedy_parity(hf_model, case: PromptCase, ours: list[int], oracle: li
 
 
 def greedy_request(request_id: str, case: PromptCase, max_tokens: int, **sampling):
-    from services.language.request import GenerationRequest, SamplingParams
+    from services.language.engine.request import GenerationRequest, SamplingParams
 
     params = {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True, **sampling}
     return GenerationRequest(

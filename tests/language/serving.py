@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from services.language.engine import EngineConfig
-from services.language.frontend import FrontendOptions
-from services.language.images import ImageFetchConfig
+from services.language.frontend.images import ImageFetchConfig
+from services.language.frontend.pipeline import FrontendOptions
 from tests.e2e.inprocess import language_server
 from tests.e2e.support import InProcessEncoder
 
@@ -29,7 +29,7 @@ class PixelLimitEncoder(InProcessEncoder):
     def encode_ref(self, ref):
         import hashlib
 
-        from services.language.encode_client import EncodedImage
+        from services.language.encoder.client import EncodedImage
         from shared.model.processing import decode_image, preprocess_image
 
         high = ref.max_pixels or self.processor.max_pixels

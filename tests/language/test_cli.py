@@ -1,4 +1,4 @@
-"""The language service's command line: sizes, engine and image-fetch settings."""
+"""The language service's command line: sizes, engine and image-fetch settings, chat options."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import os
 
 import pytest
 
-from services.language.__main__ import (
-    _announce,
+from services.common.errors import ConfigError
+from services.language.cli import (
     build_parser,
+    chat_template_source,
     engine_config,
+    frontend_options,
     image_fetch_config,
 )
+from services.language.server import _announce
 
 
 def test_sizes_and_settings_parse_into_configs(tmp_path):
@@ -57,7 +60,7 @@ def test_announce_writes_the_ports_and_pid_atomically(tmp_path):
 
 
 def test_dtype_aliases_and_errors():
-    from services.language.__main__ import build_parser
+    from services.language.cli import build_parser
 
     parser = build_parser()
     assert parser.parse_args(["--model", "m", "--dtype", "bf16"]).dtype == "bfloat16"
@@ -67,7 +70,7 @@ def test_dtype_aliases_and_errors():
 
 
 def test_missing_model_is_a_one_line_error(tmp_path, caplog):
-    from services.language.__main__ import main
+    from services.language.server import main
 
     assert main(["--model", str(tmp_path / "absent"), "--port", "0"]) == 1
     assert "cannot start the language service" in caplog.text
@@ -98,3 +101,60 @@ def test_reliability_flags_reach_the_engine_config_and_the_hook_stays_hidden(tmp
     shown = capsys.readouterr().out
     assert "--max-queue-delay" in shown and "--drain-timeout" in shown
     assert "--inject-step-faults" not in shown  # a test hook, not a setting
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["--model", "m", *argv])
+
+
+def test_chat_flags_parse_into_options(tmp_path):
+    args = parse(
+        "--tool-call-parser",
+        "hermes",
+        "--enable-auto-tool-choice",
+        "--reasoning-parser",
+        "qwen3",
+        "--limit-mm-per-prompt",
+        '{"image": 2}',
+        "--allowed-local-media-path",
+        str(tmp_path),
+    )
+    options = frontend_options(args)
+    assert options.tools.parser == "hermes" and options.tools.enable_auto_tool_choice
+    assert options.reasoning_parser == "qwen3"
+    assert options.images.max_images_per_prompt == 2
+    assert image_fetch_config(args).allowed_local_media_path == str(tmp_path)
+    assert parse("--limit-mm-per-prompt", "image=3").limit_mm_per_prompt == 3
+    defaults = frontend_options(parse())
+    assert defaults.reasoning_parser is None and defaults.tools.parser is None
+    assert defaults.images.max_images_per_prompt is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--limit-mm-per-prompt", '{"video": 1}'],
+        ["--limit-mm-per-prompt", '{"image": -1}'],
+        ["--limit-mm-per-prompt", "lots"],
+        ["--tool-call-parser", "mistral"],
+        ["--reasoning-parser", "deepseek"],
+    ],
+)
+def test_bad_values_are_usage_errors(bad):
+    with pytest.raises(SystemExit):
+        parse(*bad)
+
+
+def test_auto_tool_choice_needs_a_parser():
+    with pytest.raises(ConfigError, match="--tool-call-parser"):
+        frontend_options(parse("--enable-auto-tool-choice"))
+
+
+def test_chat_template_from_a_file_or_inline(tmp_path):
+    path = tmp_path / "template.jinja"
+    path.write_text("{{ messages[0].content }}")
+    assert chat_template_source(str(path)) == "{{ messages[0].content }}"
+    assert chat_template_source("{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert chat_template_source(None) is None
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        chat_template_source(str(tmp_path / "missing.jinja"))

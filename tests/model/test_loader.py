@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from shared.model.config import ConfigError, load_config
+from shared.model.config import ModelConfigError, load_config
 from shared.model.loader import CheckpointError, load_text_model, load_vision_model, load_vl_model
 from tests.model.helpers import hf_logits, images_inputs, prompt_ids
 from tests.tiny import make_vl_checkpoint
@@ -123,7 +123,7 @@ def _write_config(tmp_path, tiny_vl_dir, edit):
 
 def test_unsupported_model_type(tmp_path, tiny_vl_dir):
     path = _write_config(tmp_path, tiny_vl_dir, lambda c: c.update(model_type="llama"))
-    with pytest.raises(ConfigError, match="unsupported model_type 'llama'"):
+    with pytest.raises(ModelConfigError, match="unsupported model_type 'llama'"):
         load_config(path)
 
 
@@ -131,7 +131,7 @@ def test_inconsistent_mrope_section(tmp_path, tiny_vl_dir):
     def edit(c):
         c["text_config"]["rope_parameters"]["mrope_section"] = [6, 5, 4]
 
-    with pytest.raises(ConfigError, match="mrope_section"):
+    with pytest.raises(ModelConfigError, match="mrope_section"):
         load_config(_write_config(tmp_path, tiny_vl_dir, edit))
 
 
@@ -139,7 +139,7 @@ def test_inconsistent_vision_width(tmp_path, tiny_vl_dir):
     def edit(c):
         c["vision_config"]["out_hidden_size"] = 48
 
-    with pytest.raises(ConfigError, match="out_hidden_size"):
+    with pytest.raises(ModelConfigError, match="out_hidden_size"):
         load_config(_write_config(tmp_path, tiny_vl_dir, edit))
 
 

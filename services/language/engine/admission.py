@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from services.language.request import QueueFullError
+from services.language.engine.request import QueueFullError
 
 _WINDOW = 64  # first tokens the rate is measured over
 _MIN_SAMPLES = 4  # first tokens needed before the rate is trusted

@@ -19,14 +19,14 @@ import torch
 from services.language.engine.admission import AdmissionControl
 from services.language.engine.config import EngineConfig
 from services.language.engine.core import EngineCore, EngineStats
-from services.language.request import (
+from services.language.engine.request import (
     EngineDeadError,
     GenerationRequest,
     InvalidRequestError,
     QueueFullError,
     RequestOutput,
 )
-from services.language.tokenizer import LanguageTokenizer
+from services.language.engine.tokenizer import LanguageTokenizer
 from shared.model.config import ModelConfig
 
 __all__ = [

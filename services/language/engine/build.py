@@ -10,13 +10,13 @@ import torch
 
 from services.language.engine.config import EngineConfig
 from services.language.engine.core import EngineCore
-from services.language.engine.kv_cache import BlockManager
+from services.language.engine.kv_blocks import BlockManager
 from services.language.engine.scheduler import Scheduler, SchedulerConfig
+from services.language.engine.tokenizer import LanguageTokenizer
 from services.language.runner.executor import Executor, LocalExecutor
 from services.language.runner.model_runner import RunnerConfig
 from services.language.runner.multiproc import MultiprocExecutor, RankSpec
 from services.language.runner.setup import RunnerSetup, build_runner, num_kv_blocks
-from services.language.tokenizer import LanguageTokenizer
 from shared.model.config import ModelConfig, load_config
 from shared.model.loader import load_text_model
 from shared.model.qwen3_moe import Qwen3MoeForCausalLM

@@ -10,18 +10,18 @@ from dataclasses import dataclass
 
 import torch
 
-from services.language.engine.kv_cache import BlockManager
-from services.language.engine.sampler import Sampler, build_sampling_batch
-from services.language.engine.scheduler import Scheduler
-from services.language.request import (
+from services.language.engine.kv_blocks import BlockManager
+from services.language.engine.request import (
     GenerationRequest,
     InvalidRequestError,
     RequestOutput,
     RequestState,
     TokenLogprob,
 )
+from services.language.engine.sampler import Sampler, build_sampling_batch
+from services.language.engine.scheduler import Scheduler
+from services.language.engine.tokenizer import IncrementalDetokenizer, LanguageTokenizer
 from services.language.runner.executor import Executor
-from services.language.tokenizer import IncrementalDetokenizer, LanguageTokenizer
 from shared.model.config import ModelConfig
 from shared.model.processing import mrope_positions
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from services.language.request import RequestState, TokenLogprob
-from services.language.structured_output import TokenBitmask
+from services.language.engine.request import RequestState, TokenLogprob
+from services.language.engine.structured_output import TokenBitmask
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from bisect import insort
 from collections import deque
 from dataclasses import dataclass
 
-from services.language.engine.kv_cache import BlockManager
-from services.language.request import RequestState, SequenceStatus
+from services.language.engine.kv_blocks import BlockManager
+from services.language.engine.request import RequestState, SequenceStatus
 from services.language.runner.step_plan import NewRequest, RequestDiff, ScheduledChunk, StepPlan
 
 

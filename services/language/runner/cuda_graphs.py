@@ -2,19 +2,18 @@
 
 Each graph is captured over views of the runner's persistent buffers (token ids, positions,
 slots, fixed-width block tables, context lengths), so a replay after the host uploads a new
-step computes that step. Sizes are captured largest first, sharing one memory pool.
+step computes that step. Sizes are captured largest first, sharing one memory pool. The graphs
+know the runner only through two callables: `prepare(size)` fills and uploads the buffers of a
+padded step of `size` rows, `forward(size)` runs the model on them and returns the logits.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
-
-if TYPE_CHECKING:
-    from services.language.runner.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +23,17 @@ _WARMUP_RUNS = 2
 class DecodeGraphs:
     """Captures and replays the decode forward for each size in ``sizes``."""
 
-    def __init__(self, runner: ModelRunner, sizes: tuple[int, ...]):
-        self.runner = runner
+    def __init__(
+        self,
+        sizes: tuple[int, ...],
+        device: torch.device,
+        prepare: Callable[[int], None],
+        forward: Callable[[int], torch.Tensor],
+    ):
         self.sizes = sizes
+        self.device = device
+        self._prepare = prepare
+        self._forward = forward
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         self._pool = None
@@ -36,28 +43,21 @@ class DecodeGraphs:
         """Capture every size (once); logs the time and the memory the graphs hold."""
         if self._captured:
             return
-        from services.language.runner.model_runner import StepBatch
-
-        runner = self.runner
-        width = runner.buffers.limits.max_blocks_per_seq
-        device = runner.device
+        device = self.device
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_reserved(device)
         t0 = time.perf_counter()
         stream = torch.cuda.Stream(device)
         for size in sorted(self.sizes, reverse=True):
-            runner.buffers.reset_tables(size, 0)
-            runner._fill_padding(0, size)
-            runner.buffers.upload()
-            batch = StepBatch(size, size, width, (), size, size, (), None)
+            self._prepare(size)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 for _ in range(_WARMUP_RUNS):
-                    runner.forward(batch)
+                    self._forward(size)
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                self._outputs[size] = runner.forward(batch)
+                self._outputs[size] = self._forward(size)
             if self._pool is None:
                 self._pool = graph.pool()
             self._graphs[size] = graph

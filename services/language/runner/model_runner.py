@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.language.runner.attention import AttentionMetadata, PagedAttention, PrefillSpan
 from services.language.runner.cuda_graphs import DecodeGraphs
 from services.language.runner.kv_pool import KVCache
+from services.language.runner.paged_attention import AttentionMetadata, PagedAttention, PrefillSpan
 from services.language.runner.runner_state import RunnerRequest, RunnerState
 from services.language.runner.step_buffers import BufferLimits, StepBuffers
 from services.language.runner.step_plan import StepPlan
@@ -104,7 +104,9 @@ class ModelRunner:
         self.attention = PagedAttention(kv_cache)
         self.graphs: DecodeGraphs | None = None
         if config.cuda_graphs and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(self, config.capture_sizes)
+            self.graphs = DecodeGraphs(
+                config.capture_sizes, self.device, self._prepare_padded, self._forward_padded
+            )
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -202,6 +204,19 @@ class ModelRunner:
         host["decode_context_lens"][start:end] = 1
         host["logits_indices"][start:end] = np.arange(start, end)
         return end
+
+    def _padded_batch(self, size: int) -> StepBatch:
+        """A decode step of `size` padding rows (what a graph of that size is captured on)."""
+        width = self.buffers.limits.max_blocks_per_seq
+        return StepBatch(size, size, width, (), size, size, (), None)
+
+    def _prepare_padded(self, size: int) -> None:
+        self.buffers.reset_tables(size, 0)
+        self._fill_padding(0, size)
+        self.buffers.upload()
+
+    def _forward_padded(self, size: int) -> torch.Tensor:
+        return self.forward(self._padded_batch(size))
 
     @staticmethod
     def _splices(req: RunnerRequest, offset: int, start: int, n: int) -> list[ImageSplice]:

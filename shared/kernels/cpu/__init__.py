@@ -15,8 +15,7 @@ import threading
 
 import torch
 
-from shared.kernels.attention import paged_decode_torch
-from shared.kernels.moe import fused_moe_torch
+from shared.kernels.reference import fused_moe_torch, paged_decode_torch
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ def fused_moe(
     weights: torch.Tensor,  # [T, k], x.dtype
     ids: torch.Tensor,  # [T, k] int64
 ) -> torch.Tensor:  # [T, H]
-    """See shared.kernels.moe.fused_moe_torch; float32 or bfloat16 throughout, or float32
+    """See shared.kernels.reference.fused_moe_torch; float32 or bfloat16 throughout, or float32
     activations with bfloat16 expert weights (widened in registers, never copied).
 
     fp32 with many rows per expert (prefill) goes to the reference, whose grouped GEMM
@@ -98,7 +97,7 @@ def paged_decode(
     context_lens: torch.Tensor,  # [B] int64
     scale: float,
 ) -> torch.Tensor:  # [B, Hq, D]
-    """See shared.kernels.attention.paged_decode_torch; q and the cache float32 or bfloat16."""
+    """See shared.kernels.reference.paged_decode_torch; q and the cache float32 or bfloat16."""
     ok = q.dtype in _DTYPES and k_cache.dtype in _DTYPES and v_cache.dtype == k_cache.dtype
     if not ok or _reference_needed(q, k_cache, v_cache):
         return paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale)

@@ -1,0 +1,398 @@
+"""The language service's command line: every flag, turned into frozen configs once.
+
+`parse_args(argv)` gives a `ServiceConfig`; nothing after it reads the argparse namespace.
+Values are checked here where a flag alone decides them (one line naming the flag at start-up);
+what depends on the loaded checkpoint is checked by `server`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.argtypes import byte_size, dtype_choice
+from services.common.errors import ConfigError
+from services.language.encoder.client import TRANSPORTS, EncodeClientConfig
+from services.language.engine import EngineConfig
+from services.language.frontend.image_policy import ImagePolicy
+from services.language.frontend.images import ImageFetchConfig
+from services.language.frontend.pipeline import FrontendOptions
+from services.language.openai_api.app import APIConfig
+from services.language.parsers.reasoning import REASONING_PARSERS
+from services.language.parsers.tool_calls import TOOL_CALL_PARSERS, ToolConfig
+from shared.wire.security import TOKEN_ENV, load_tls_files, resolve_token
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """Where the service listens and announces itself."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000  # HTTP; 0 picks a free one
+    grpc_port: int | None = None  # None: no gRPC API
+    port_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything `python -m services.language` runs with."""
+
+    model_dir: Path
+    engine: EngineConfig
+    api: APIConfig
+    listen: ListenConfig
+    fetch: ImageFetchConfig
+    frontend: FrontendOptions
+    chat_template: str | None  # source text replacing the checkpoint's template
+    encode: EncodeClientConfig | None  # None: text only (no encode replica)
+    drain_timeout_s: float = 30.0
+    log_level: str = "INFO"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(
+        prog="python -m services.language",
+        description="The language service: OpenAI-compatible HTTP (and, with --grpc-port, the "
+        "internal gRPC LanguageService) over a checkpoint's language model, until SIGINT or "
+        "SIGTERM.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="Hugging Face checkpoint directory")
+    p.add_argument("--served-model-name", default=None, help="default: the directory's name")
+    p.add_argument("--encode", default="", help="encode replicas, HOST:PORT[,HOST:PORT...]")
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="grpc",
+        help="how image embeddings travel: inline in gRPC, or over a torch.distributed link",
+    )
+    _add_encode_client_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port; 0 picks a free one")
+    p.add_argument("--grpc-port", type=int, default=None, help="serve gRPC too; 0 picks one")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("SPLITVL_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $SPLITVL_API_KEY)",
+    )
+    p.add_argument(
+        "--port-file",
+        type=Path,
+        default=None,
+        help="write {http_port, grpc_port, pid} as JSON here once serving",
+    )
+    _add_image_args(p)
+    _add_chat_args(p)
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--max-n", type=int, default=8, help="most choices per request")
+    limits.add_argument("--max-request-bytes", type=byte_size, default="64MiB")
+    _add_engine_args(p)
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="after SIGTERM: refuse new requests, give in-flight ones this long, end the rest "
+        "with an error, exit",
+    )
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def _add_encode_client_args(p: argparse.ArgumentParser) -> None:
+    """Fail-over and security of the calls to the encode replicas."""
+    group = p.add_argument_group("encode replicas")
+    group.add_argument(
+        "--encode-attempt-timeout",
+        type=float,
+        default=15.0,
+        help="seconds one attempt on one replica may take before the image is retried on "
+        "another (never more than the request has left)",
+    )
+    group.add_argument(
+        "--internal-token",
+        default=os.environ.get(TOKEN_ENV),
+        help="send it as x-splitvl-token metadata to the encode replicas (their "
+        f"--internal-token; default: ${TOKEN_ENV})",
+    )
+    group.add_argument(
+        "--internal-token-file",
+        type=Path,
+        default=None,
+        help="read the internal token from this file's first line",
+    )
+    group.add_argument(
+        "--encode-tls-ca",
+        type=Path,
+        default=None,
+        help="connect to the encode replicas over TLS, verifying their certificates against "
+        "this PEM CA",
+    )
+    group.add_argument(
+        "--encode-tls-cert",
+        type=Path,
+        default=None,
+        help="client certificate for mutual TLS (with --encode-tls-key)",
+    )
+    group.add_argument("--encode-tls-key", type=Path, default=None, help="its PEM private key")
+
+
+def _add_image_args(p: argparse.ArgumentParser) -> None:
+    images = p.add_argument_group("images")
+    images.add_argument(
+        "--allow-http-images",
+        action="store_true",
+        help="fetch http(s) image URLs (public addresses only)",
+    )
+    images.add_argument(
+        "--allowed-image-networks",
+        default="",
+        help="CIDRs exempt from the public-address rule, comma-separated",
+    )
+    images.add_argument("--max-image-bytes", type=byte_size, default="20MiB")
+    images.add_argument("--image-fetch-timeout", type=float, default=10.0, help="seconds")
+    images.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        metavar="DIR",
+        help="serve file:// image URLs from inside DIR (off by default)",
+    )
+    images.add_argument(
+        "--limit-mm-per-prompt",
+        type=mm_limit_arg,
+        default=None,
+        metavar="JSON",
+        help="most images per prompt, e.g. '{\"image\": 4}'",
+    )
+
+
+def _add_chat_args(p: argparse.ArgumentParser) -> None:
+    chat = p.add_argument_group("chat")
+    chat.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="PATH",
+        help="a Jinja chat template file to use instead of the checkpoint's",
+    )
+    chat.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=None,
+        help="parse <tool_call> blocks of the output into tool_calls (qwen3 and hermes are the "
+        "same format)",
+    )
+    chat.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser',
+    )
+    chat.add_argument(
+        "--reasoning-parser",
+        choices=REASONING_PARSERS,
+        default=None,
+        help="split <think>...</think> into reasoning_content",
+    )
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--device", default="cpu")
+    engine.add_argument(
+        "--dtype",
+        type=dtype_choice,
+        default="auto",
+        help="auto, float32, bfloat16 (bf16), float16",
+    )
+    engine.add_argument("--block-size", type=int, default=16)
+    engine.add_argument("--kv-cache-memory", type=byte_size, default=None)
+    engine.add_argument("--gpu-memory-fraction", type=float, default=0.9)
+    engine.add_argument("--max-num-seqs", type=int, default=64)
+    engine.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    engine.add_argument("--max-model-len", type=int, default=None)
+    engine.add_argument("--max-queue-len", type=int, default=1024)
+    engine.add_argument(
+        "--max-queue-delay",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="admission control: refuse a request at once (429 + Retry-After) when its "
+        "estimated wait for a first token exceeds this; default off",
+    )
+    # Test hook, hidden from --help: the executor raises on these (1-based) steps.
+    engine.add_argument("--inject-step-faults", type=_steps_arg, default=(), help=argparse.SUPPRESS)
+    engine.add_argument("--no-prefix-caching", action="store_true")
+    engine.add_argument(
+        "--enforce-eager", action="store_true", help="no CUDA graphs for decode steps"
+    )
+    parallel = p.add_argument_group("parallelism")
+    parallel.add_argument(
+        "-tp",
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="ranks the language model is split across (workers spawned)",
+    )
+    parallel.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="give each rank whole experts instead of a slice of every one",
+    )
+    parallel.add_argument(
+        "--devices",
+        default=None,
+        type=_devices_arg,
+        help="CUDA device indices, one per rank (e.g. 0,2); default 0..N-1",
+    )
+    parallel.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per rank (default: the usable cores split between the ranks)",
+    )
+
+
+def _devices_arg(text: str) -> tuple[str, ...]:
+    try:
+        return tuple(f"cuda:{int(d)}" for d in text.split(",") if d.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--devices takes CUDA indices like 0,2; got {text!r}"
+        ) from None
+
+
+def _steps_arg(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"step numbers like 3,7; got {text!r}") from None
+
+
+def mm_limit_arg(text: str) -> int:
+    """'{"image": 4}' (vLLM's form) or 'image=4' -> 4."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        key, sep, number = text.partition("=")
+        value = {key.strip(): number.strip()} if sep else None
+    if not isinstance(value, dict) or "image" not in value or set(value) - {"image", "video"}:
+        raise argparse.ArgumentTypeError(f'expected {{"image": N}}, got {text!r}')
+    if value.get("video") not in (None, 0, "0"):
+        raise argparse.ArgumentTypeError('videos are not supported; leave out "video"')
+    try:
+        limit = int(value["image"])
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"the image limit must be an integer: {text!r}") from None
+    if limit < 0:
+        raise argparse.ArgumentTypeError(f'expected {{"image": N}} with N >= 0, got {text!r}')
+    return limit
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig from the command line."""
+    return EngineConfig(
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_fraction=args.gpu_memory_fraction,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        max_queue_len=args.max_queue_len,
+        dtype=args.dtype,
+        device=args.device,
+        enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
+        expert_parallel=args.enable_expert_parallel,
+        devices=args.devices,
+        threads=args.threads,
+        max_queue_delay_s=args.max_queue_delay,
+        fault_steps=args.inject_step_faults,
+    )
+
+
+def image_fetch_config(args: argparse.Namespace) -> ImageFetchConfig:
+    """ImageFetchConfig from the command line."""
+    networks = tuple(n.strip() for n in args.allowed_image_networks.split(",") if n.strip())
+    try:
+        return ImageFetchConfig(
+            allow_http=args.allow_http_images,
+            max_image_bytes=args.max_image_bytes,
+            fetch_timeout_s=args.image_fetch_timeout,
+            allowed_networks=networks,
+            allowed_local_media_path=args.allowed_local_media_path,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"image flags: {exc}") from None
+
+
+def frontend_options(args: argparse.Namespace) -> FrontendOptions:
+    """FrontendOptions from the command line (the server adds the model's image processor)."""
+    try:
+        tools = ToolConfig(args.tool_call_parser, args.enable_auto_tool_choice)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    images = ImagePolicy(None, args.limit_mm_per_prompt)
+    return FrontendOptions(args.reasoning_parser, tools, images)
+
+
+def chat_template_source(value: str | None) -> str | None:
+    """--chat-template: a file's text, or (as vLLM allows) the template itself."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{{" in value or "{%" in value:
+        return value
+    raise FileNotFoundError(f"--chat-template {value}: no such file")
+
+
+def encode_client_config(args: argparse.Namespace) -> EncodeClientConfig | None:
+    """The encode client's config without the contract the replicas must meet (the server
+    derives it from the loaded checkpoint); None without --encode."""
+    endpoints = tuple(e.strip() for e in args.encode.split(",") if e.strip())
+    if not endpoints:
+        return None
+    tls = load_tls_files(
+        args.encode_tls_cert, args.encode_tls_key, args.encode_tls_ca, "--encode-tls"
+    )
+    return EncodeClientConfig(
+        endpoints,
+        args.transport,
+        args.device,
+        attempt_timeout_s=args.encode_attempt_timeout,
+        internal_token=resolve_token(args.internal_token, args.internal_token_file),
+        tls=tls,
+    )
+
+
+def service_config(args: argparse.Namespace) -> ServiceConfig:
+    """The frozen configs of a parsed command line; ConfigError, SecurityConfigError or
+    FileNotFoundError name a bad value."""
+    name = args.served_model_name or args.model.resolve().name
+    try:
+        api = APIConfig(
+            name, args.api_key, str(args.model.resolve()), args.max_n, args.max_request_bytes
+        )
+    except ValueError as exc:
+        raise ConfigError(f"--max-n / --max-request-bytes: {exc}") from None
+    return ServiceConfig(
+        model_dir=args.model,
+        engine=engine_config(args),
+        api=api,
+        listen=ListenConfig(args.host, args.port, args.grpc_port, args.port_file),
+        fetch=image_fetch_config(args),
+        frontend=frontend_options(args),
+        chat_template=chat_template_source(args.chat_template),
+        encode=encode_client_config(args),
+        drain_timeout_s=args.drain_timeout,
+        log_level=args.log_level,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> ServiceConfig:
+    """The command line -> ServiceConfig (argparse exits 2 on a malformed flag)."""
+    return service_config(build_parser().parse_args(argv))

@@ -1,0 +1,56 @@
+"""Triton kernels for the CUDA fast path, behind the reference signatures.
+
+``fused_moe``, ``paged_decode`` and ``paged_prefill`` take exactly the arguments of the
+``shared.kernels`` references; ``shared.kernels.select`` picks them on CUDA when
+``available()``. None reads a device value on the host, allocates a data-dependent size or
+launches a data-dependent grid, so decode steps built on them can be captured in CUDA graphs.
+``TRITON_INTERPRET=1`` (set before this package is imported) runs the same kernels on CPU
+tensors through Triton's interpreter; that is how the CPU test suite checks them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if _HAS_TRITON:
+    from shared.kernels.gpu import attention_triton, moe_triton
+
+    if interpreting():
+        from shared.kernels.gpu import interpreter_compat
+
+        interpreter_compat.apply()
+
+
+def available() -> bool:
+    """Triton imports and can run here: on a CUDA device, or in the interpreter."""
+    return _HAS_TRITON and (interpreting() or torch.cuda.is_available())
+
+
+def fused_moe(x, gate_up, down, weights, ids) -> torch.Tensor:
+    """See shared.kernels.reference.fused_moe_torch."""
+    return moe_triton.fused_moe_triton(x, gate_up, down, weights, ids)
+
+
+def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
+    """See shared.kernels.reference.paged_decode_torch."""
+    return attention_triton.paged_decode_triton(
+        q, k_cache, v_cache, block_tables, context_lens, scale
+    )
+
+
+def paged_prefill(q, k, v, k_cache, v_cache, block_table, context_start, scale) -> torch.Tensor:
+    """See shared.kernels.reference.paged_prefill_torch."""
+    return attention_triton.paged_prefill_triton(
+        q, k, v, k_cache, v_cache, block_table, context_start, scale
+    )

@@ -1,0 +1,445 @@
+"""Paged attention in Triton: split-KV decode and a FlashAttention-style prefill chunk.
+
+Both read the cache ``[num_blocks, block_size, kv_heads, head_dim]`` through block tables
+inside the kernel: a tile of BLOCK_N token positions loads its block ids from the table, then
+gathers K/V rows; positions at or past a sequence's context are masked and never loaded, so the
+table entries there (pointing at the scratch block) are never dereferenced. Softmax is online, in
+fp32, in base 2 (``exp2`` with the scale folded into ``log2(e) * scale``).
+
+Decode (flash-decoding): one program per (sequence, kv head, split) holds all the q heads of
+that kv head, so each K/V tile is read once for the whole group. The number of splits is
+fixed by the shapes (the block-table width bounds the context), so a captured graph replays the
+same grid; splits past a sequence's context exit at once and a second kernel merges the
+per-split results by their log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend(q, kt, v, visible, m, denom, acc, qk_scale, PRECISION: tl.constexpr):
+    """One online-softmax step over a K/V tile: q [M, D], kt [D, N], v [N, D], visible [M, N]
+    or [1, N]; returns the updated running max, denominator and unnormalized output."""
+    s = tl.dot(q, kt.to(q.dtype), input_precision=PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m - m_new)
+    denom = denom * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+    return m_new, denom, acc
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,  # [B, Hq, D]
+    k_ptr,  # [num_blocks, block_size, Hkv, D]
+    v_ptr,
+    table_ptr,  # [B, W]
+    ctx_ptr,  # [B]
+    out_ptr,  # [B, Hq, D] when NUM_SPLITS == 1, else [B, Hq, NUM_SPLITS, D] fp32
+    lse_ptr,  # [B, Hq, NUM_SPLITS] fp32 (unused when NUM_SPLITS == 1)
+    qk_scale,  # scale * log2(e)
+    partition,  # tokens per split, a multiple of BLOCK_N
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_tb,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + seq).to(tl.int32)
+    start = split * partition
+    if start >= ctx:
+        return
+    end = tl.minimum(start + partition, ctx)
+
+    heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
+    head_ok = tl.arange(0, GROUP_PAD) < GROUP
+    dims = tl.arange(0, DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(
+        q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+        mask=head_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, DIM_PAD], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        live = pos < end
+        block = tl.load(table_ptr + seq * stride_tb + pos // BLOCK_SIZE, mask=live, other=0)
+        slot = pos % BLOCK_SIZE
+        k_off = block * stride_kb + slot * stride_kt + kv_head * stride_kh
+        v_off = block * stride_vb + slot * stride_vt + kv_head * stride_vh
+        kt = tl.load(
+            k_ptr + k_off[None, :] + dims[:, None], mask=live[None, :] & dim_ok[:, None], other=0.0
+        )  # [DIM_PAD, BLOCK_N]
+        v = tl.load(
+            v_ptr + v_off[:, None] + dims[None, :], mask=live[:, None] & dim_ok[None, :], other=0.0
+        )  # [BLOCK_N, DIM_PAD]
+        m, denom, acc = _attend(q, kt, v, live[None, :], m, denom, acc, qk_scale, PRECISION)
+
+    out = acc / denom[:, None]
+    store_ok = head_ok[:, None] & dim_ok[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(
+            out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=store_ok,
+        )
+    else:
+        base = seq * stride_ob + heads * stride_oh + split * stride_os
+        tl.store(out_ptr + base[:, None] + dims[None, :], out, mask=store_ok)
+        lse_base = (seq * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
+        tl.store(lse_ptr + lse_base, m + tl.log2(denom), mask=head_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
+    lse_ptr,  # [B, Hq, NUM_SPLITS] fp32, base 2
+    ctx_ptr,
+    out_ptr,  # [B, Hq, D]
+    partition,
+    num_heads,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """Log-sum-exp weighted sum of the splits that saw tokens, in split order."""
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    ctx = tl.load(ctx_ptr + seq).to(tl.int32)
+    used = tl.cdiv(ctx, partition)
+    dims = tl.arange(0, DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+    row = seq * num_heads + head
+    m = tl.full([1], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([DIM_PAD], dtype=tl.float32)
+    for split in range(0, used):
+        lse = tl.load(lse_ptr + row * NUM_SPLITS + split + tl.arange(0, 1))
+        part = tl.load(part_ptr + (row * NUM_SPLITS + split) * HEAD_DIM + dims, mask=dim_ok)
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        total = total * alpha + w
+        acc = acc * alpha + w * part
+        m = m_new
+    tl.store(
+        out_ptr + seq * stride_ob + head * stride_oh + dims,
+        (acc / total).to(out_ptr.dtype.element_ty),
+        mask=dim_ok,
+    )
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,  # [n, Hq, D]
+    k_ptr,  # [n, Hkv, D] the chunk's own keys
+    v_ptr,
+    kc_ptr,  # [num_blocks, block_size, Hkv, D]
+    vc_ptr,
+    table_ptr,  # [num_blocks_of_seq]
+    out_ptr,  # [n, Hq, D]
+    num_tokens,
+    context_start,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    stride_db,
+    stride_dt,
+    stride_dh,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Queries at positions context_start + [0, n): first the cached context through the
+    table (all of it visible), then the chunk itself under the causal mask."""
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_tokens
+    dims = tl.arange(0, DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(
+        q_ptr + rows[:, None].to(tl.int64) * stride_qt + head * stride_qh + dims[None, :],
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DIM_PAD], dtype=tl.float32)
+
+    for n0 in range(0, context_start, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        live = pos < context_start
+        block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=live, other=0)
+        slot = pos % BLOCK_SIZE
+        kt = tl.load(
+            kc_ptr
+            + (block * stride_cb + slot * stride_ct + kv_head * stride_ch)[None, :]
+            + dims[:, None],
+            mask=live[None, :] & dim_ok[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            vc_ptr
+            + (block * stride_db + slot * stride_dt + kv_head * stride_dh)[:, None]
+            + dims[None, :],
+            mask=live[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
+        m, denom, acc = _attend(q, kt, v, live[None, :], m, denom, acc, qk_scale, PRECISION)
+
+    # Chunk keys j <= i only: nothing past this block's last row.
+    last = tl.minimum((tl.program_id(0) + 1) * BLOCK_M, num_tokens)
+    for n0 in range(0, last, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < num_tokens
+        cols64 = cols.to(tl.int64)
+        kt = tl.load(
+            k_ptr + (cols64 * stride_kt + kv_head * stride_kh)[None, :] + dims[:, None],
+            mask=col_ok[None, :] & dim_ok[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            v_ptr + (cols64 * stride_vt + kv_head * stride_vh)[:, None] + dims[None, :],
+            mask=col_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
+        visible = col_ok[None, :] & (cols[None, :] <= rows[:, None])
+        m, denom, acc = _attend(q, kt, v, visible, m, denom, acc, qk_scale, PRECISION)
+
+    out = acc / denom[:, None]
+    tl.store(
+        out_ptr + rows[:, None].to(tl.int64) * stride_ot + head * stride_oh + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & dim_ok[None, :],
+    )
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 would run as tf32 on tensor cores by default; "ieee" keeps the fp32 path exact.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class AttentionShapeError(ValueError):
+    """The attention operands do not fit together."""
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: few programs keep tests fast
+
+
+# Each split covers at least this many tokens: below it, a split's fixed cost (loading q,
+# the merge) outweighs the parallelism it adds.
+MIN_PARTITION = 128
+# Aim for this many programs per SM when contexts are full, so the last wave is short.
+PROGRAMS_PER_SM = 4
+MAX_SPLITS = 128
+
+
+def num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Splits per sequence from static shapes only: enough programs to fill the GPU when every
+    context is at its maximum, and no split shorter than MIN_PARTITION tokens."""
+    wanted = triton.cdiv(PROGRAMS_PER_SM * _num_sms(device), batch * kv_heads)
+    return max(1, min(wanted, triton.cdiv(max_context, MIN_PARTITION), MAX_SPLITS))
+
+
+def _check_cache(q, k_cache, v_cache) -> tuple[int, int]:
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
+        raise AttentionShapeError(
+            f"k_cache {tuple(k_cache.shape)} and v_cache "
+            f"{tuple(v_cache.shape)} must match, [blocks, block_size, "
+            "kv_heads, head_dim]"
+        )
+    num_heads, kv_heads = q.shape[-2], k_cache.shape[2]
+    if num_heads % kv_heads or q.shape[-1] != k_cache.shape[3]:
+        raise AttentionShapeError(
+            f"q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)}"
+        )
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise AttentionShapeError("head_dim must be the innermost, contiguous dimension")
+    return num_heads, kv_heads
+
+
+def paged_decode_triton(
+    q: torch.Tensor,  # [B, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, W]
+    context_lens: torch.Tensor,  # [B], >= 1
+    scale: float,
+    splits: int | None = None,
+) -> torch.Tensor:  # [B, Hq, D]
+    """Same contract as ``shared.kernels.reference.paged_decode_torch``; ``splits`` overrides
+    the split count (tests)."""
+    num_heads, kv_heads = _check_cache(q, k_cache, v_cache)
+    batch, _, head_dim = q.shape
+    block_size = k_cache.shape[1]
+    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    group = num_heads // kv_heads
+    max_context = block_tables.shape[1] * block_size
+    if splits is None:
+        splits = num_splits(batch, kv_heads, max_context, q.device)
+    block_n = 64 if head_dim <= 128 else 32
+    partition = triton.cdiv(triton.cdiv(max_context, splits), block_n) * block_n
+    dim_pad = triton.next_power_of_2(head_dim)
+    if splits == 1:
+        part, lse = out, out  # the kernel writes the output itself; lse unused
+        part_strides = (out.stride(0), out.stride(1), 0)
+    else:
+        part = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
+        part_strides = part.stride()[:3]
+    _decode_kernel[(batch, kv_heads, splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        part,
+        lse,
+        scale * LOG2E,
+        partition,
+        q.stride(0),
+        q.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        block_tables.stride(0),
+        *part_strides,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        DIM_PAD=dim_pad,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=splits,
+        PRECISION=_precision(q.dtype),
+        num_warps=4,
+        num_stages=2,
+    )
+    if splits > 1:
+        _decode_merge_kernel[(batch, num_heads)](
+            part,
+            lse,
+            context_lens,
+            out,
+            partition,
+            num_heads,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            DIM_PAD=dim_pad,
+            NUM_SPLITS=splits,
+            num_warps=1,
+        )
+    return out
+
+
+def paged_prefill_triton(
+    q: torch.Tensor,  # [n, Hq, D]
+    k: torch.Tensor,  # [n, Hkv, D]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,  # [num_blocks] covering context_start + n
+    context_start: int,
+    scale: float,
+) -> torch.Tensor:  # [n, Hq, D]
+    """Same contract as ``shared.kernels.reference.paged_prefill_torch``. The chunk's own K/V
+    come from ``k``/``v``; only the context before it is read from the cache."""
+    num_heads, kv_heads = _check_cache(q, k_cache, v_cache)
+    num_tokens, _, head_dim = q.shape
+    if k.shape != v.shape or k.shape != (num_tokens, kv_heads, head_dim):
+        raise AttentionShapeError(
+            f"k {tuple(k.shape)} and v {tuple(v.shape)} must be "
+            f"[n={num_tokens}, {kv_heads}, {head_dim}]"
+        )
+    if context_start < 0:
+        raise AttentionShapeError(f"context_start must be >= 0, got {context_start}")
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return out
+    block_m = 64 if num_tokens > 32 else 16
+    block_n = 64 if head_dim <= 128 else 32
+    _prefill_kernel[(triton.cdiv(num_tokens, block_m), num_heads)](
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        block_table,
+        out,
+        num_tokens,
+        context_start,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        out.stride(0),
+        out.stride(1),
+        GROUP=num_heads // kv_heads,
+        HEAD_DIM=head_dim,
+        DIM_PAD=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        PRECISION=_precision(q.dtype),
+        num_warps=4 if block_m == 16 else 8,
+        num_stages=2,
+    )
+    return out

@@ -1,0 +1,390 @@
+"""Routed experts in Triton: align rows per expert, two grouped GEMMs, a top-k-ordered sum.
+
+Row ``r = t * k + j`` is token t's j-th expert choice. The align kernel lays the rows out grouped
+by expert, each expert's run padded to a multiple of BLOCK_M, so every BLOCK_M-row block of the
+layout belongs to one expert; padding slots hold the sentinel ``T * k``. Both GEMMs launch a grid
+sized from shapes alone (an upper bound on the number of blocks) and let programs past the real
+block count exit, so nothing is read back on the host and the whole op can be graph-captured.
+
+- GEMM 1 gathers x rows inside the kernel, reads gate and up tiles of ``gate_up [E, H, 2I]`` in
+  place and writes ``silu(gate) * up`` to row r of ``[T * k, I]``.
+- GEMM 2 multiplies by ``down [E, I, H]``, scales by the routing weight and writes row r of
+  ``[T * k, H]``; a small kernel then sums each token's k rows in top-k order (no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from shared.kernels.gpu import tiles
+
+
+@triton.jit
+def _align_kernel(
+    ids_ptr,  # [num_rows] expert id of each row
+    sorted_ptr,  # [max_blocks * BLOCK_M] int32, out: row ids grouped by expert
+    block_expert_ptr,  # [max_blocks] int32, out: the expert of each block
+    num_blocks_ptr,  # [1] int32, out: blocks in use
+    num_rows,
+    num_experts,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    E_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """One program: counts per expert, padded offsets, then a stable scatter of the rows."""
+    experts = tl.arange(0, E_PAD)
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for start in range(0, num_rows, CHUNK):
+        rows = start + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + rows, mask=rows < num_rows, other=E_PAD).to(tl.int32)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    tl.store(num_blocks_ptr, tl.sum(padded, axis=0) // BLOCK_M)
+
+    # The sentinel goes only where no row will be written, so no ordering between the two
+    # stores is needed: slots [starts[e] + counts[e], ends[e]) of each expert.
+    pad = tl.arange(0, BLOCK_M)
+    slots = (starts + counts)[:, None] + pad[None, :]
+    tl.store(
+        sorted_ptr + slots,
+        tl.full([E_PAD, BLOCK_M], 0, tl.int32) + num_rows,
+        mask=slots < ends[:, None],
+    )
+
+    # Block b starts at row b * BLOCK_M; its expert is the number of experts ending at or
+    # before it. Blocks past the last are never computed; keep their id in range anyway.
+    for start in range(0, max_blocks, CHUNK):
+        blocks = start + tl.arange(0, CHUNK)
+        first = blocks * BLOCK_M
+        owner = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)
+        tl.store(
+            block_expert_ptr + blocks, tl.minimum(owner, num_experts - 1), mask=blocks < max_blocks
+        )
+
+    # Stable: rows of one expert keep their flat order (rank within the chunk + running count).
+    running = starts
+    for start in range(0, num_rows, CHUNK):
+        rows = start + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + rows, mask=rows < num_rows, other=E_PAD).to(tl.int32)
+        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, E_PAD]
+        rank = tl.cumsum(onehot, axis=0) - onehot
+        dest = tl.sum(onehot * (running[None, :] + rank), axis=1)
+        tl.store(sorted_ptr + dest, rows, mask=rows < num_rows)
+        running += tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def _block_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M consecutive row blocks share each weight column tile in L2."""
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group
+    pid_n = (pid % per_group) // group
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr,  # [T, H]
+    w_ptr,  # [E, H, 2I]
+    out_ptr,  # [num_rows, I]
+    sorted_ptr,
+    block_expert_ptr,
+    num_blocks_ptr,
+    num_rows,
+    hidden,
+    inter,
+    max_blocks,
+    stride_xt,
+    stride_xh,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_or,
+    TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _block_ids(tl.program_id(0), max_blocks, tl.cdiv(inter, BLOCK_N), GROUP_M)
+    if pid_m >= tl.load(num_blocks_ptr):
+        return
+    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = rows < num_rows
+    tokens = (rows // TOP_K).to(tl.int64)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = offs_n % inter  # wrapped columns stay in bounds; the store drops them
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xh
+    g_ptrs = w_ptr + expert * stride_we + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+    u_ptrs = g_ptrs + inter * stride_wn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, tl.cdiv(hidden, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+            g = tl.load(g_ptrs)
+            u = tl.load(u_ptrs)
+        else:
+            k_ok = offs_k < hidden - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
+            u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
+        acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_xh
+        g_ptrs += BLOCK_K * stride_wk
+        u_ptrs += BLOCK_K * stride_wk
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_or + offs_n[None, :]
+    tl.store(
+        out_ptrs, h.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < inter)
+    )
+
+
+@triton.jit
+def _down_kernel(
+    a_ptr,  # [num_rows, I]
+    w_ptr,  # [E, I, H]
+    out_ptr,  # [num_rows, H]
+    weights_ptr,  # [num_rows] routing weight of each row
+    sorted_ptr,
+    block_expert_ptr,
+    num_blocks_ptr,
+    num_rows,
+    inter,
+    hidden,
+    max_blocks,
+    stride_ar,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_or,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _block_ids(tl.program_id(0), max_blocks, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+    if pid_m >= tl.load(num_blocks_ptr):
+        return
+    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = rows < num_rows
+    rows64 = rows.to(tl.int64)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = offs_n % hidden
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows64[:, None] * stride_ar + offs_k[None, :]
+    w_ptrs = w_ptr + expert * stride_we + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, tl.cdiv(inter, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+            w = tl.load(w_ptrs)
+        else:
+            k_ok = offs_k < inter - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    route = tl.load(weights_ptr + rows64, mask=valid, other=0.0).to(tl.float32)
+    acc = acc * route[:, None]
+    out_ptrs = out_ptr + rows64[:, None] * stride_or + offs_n[None, :]
+    tl.store(
+        out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < hidden)
+    )
+
+
+@triton.jit
+def _topk_sum_kernel(
+    terms_ptr,  # [T * k, H]
+    out_ptr,  # [T, H]
+    num_tokens,
+    hidden,
+    TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """out[t] = terms[t*k] + terms[t*k + 1] + ... in that order, in fp32."""
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (tokens < num_tokens)[:, None] & (cols < hidden)[None, :]
+    acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        rows = tokens * TOP_K + j
+        acc += tl.load(terms_ptr + rows[:, None] * hidden + cols[None, :], mask=mask).to(tl.float32)
+    tl.store(
+        out_ptr + tokens[:, None] * hidden + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+def max_blocks(num_rows: int, num_experts: int, block_m: int) -> int:
+    """Static bound on the blocks the align step can fill: each of at most min(E, rows) used
+    experts pads by under BLOCK_M rows, and no layout has more blocks than rows."""
+    used = min(num_experts, num_rows)
+    return min(triton.cdiv(num_rows + used * (block_m - 1), block_m), num_rows)
+
+
+def align_block_size(
+    ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows grouped by expert, padded per expert to ``block_m`` (sentinel ``ids.numel()``).
+
+    Returns (sorted rows ``[max_blocks * block_m]`` int32, expert per block ``[max_blocks]``
+    int32, blocks in use ``[1]`` int32); only the first ``num_blocks`` blocks are defined.
+    """
+    flat = ids.reshape(-1)
+    num_rows = flat.numel()
+    blocks = max_blocks(num_rows, num_experts, block_m)
+    sorted_rows = torch.empty(blocks * block_m, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(blocks, dtype=torch.int32, device=ids.device)
+    num_blocks = torch.empty(1, dtype=torch.int32, device=ids.device)
+    e_pad = triton.next_power_of_2(num_experts)
+    chunk = max(16, min(128, 8192 // e_pad))
+    _align_kernel[(1,)](
+        flat,
+        sorted_rows,
+        block_expert,
+        num_blocks,
+        num_rows,
+        num_experts,
+        blocks,
+        BLOCK_M=block_m,
+        E_PAD=e_pad,
+        CHUNK=chunk,
+        num_warps=4,
+    )
+    return sorted_rows, block_expert, num_blocks
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs would run as tf32 on tensor cores by default; "ieee" keeps them exact.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class MoeShapeError(ValueError):
+    """The fused-MoE operands do not fit together."""
+
+
+def _check(x, gate_up, down, weights, ids) -> None:
+    num_tokens, hidden = x.shape
+    num_experts, w_hidden, two_inter = gate_up.shape
+    if w_hidden != hidden or two_inter % 2:
+        raise MoeShapeError(f"gate_up {tuple(gate_up.shape)} does not fit x {tuple(x.shape)}")
+    if tuple(down.shape) != (num_experts, two_inter // 2, hidden):
+        raise MoeShapeError(f"down {tuple(down.shape)} does not fit gate_up {tuple(gate_up.shape)}")
+    if ids.shape != weights.shape or ids.shape[0] != num_tokens:
+        raise MoeShapeError(
+            f"ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must "
+            f"both be [T={num_tokens}, k]"
+        )
+
+
+def fused_moe_triton(
+    x: torch.Tensor,  # [T, H]
+    gate_up: torch.Tensor,  # [E, H, 2I]
+    down: torch.Tensor,  # [E, I, H]
+    weights: torch.Tensor,  # [T, k]
+    ids: torch.Tensor,  # [T, k]
+) -> torch.Tensor:  # [T, H]
+    """Same contract as ``shared.kernels.reference.fused_moe_torch``."""
+    _check(x, gate_up, down, weights, ids)
+    num_tokens, hidden = x.shape
+    num_experts, inter = gate_up.shape[0], gate_up.shape[2] // 2
+    top_k = ids.shape[1]
+    num_rows = num_tokens * top_k
+    out = x.new_empty(num_tokens, hidden)
+    if num_tokens == 0:
+        return out
+    cfg = tiles.moe_config(num_experts, inter, num_tokens, x.device)
+    block_m, block_n, block_k = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    sorted_rows, block_expert, num_blocks = align_block_size(ids, num_experts, block_m)
+    blocks = block_expert.numel()
+    precision = _precision(x.dtype)
+
+    h = x.new_empty(num_rows, inter)  # [T*k, I] silu(gate) * up, row t*k + j
+    _gate_up_kernel[(blocks * triton.cdiv(inter, block_n),)](
+        x,
+        gate_up,
+        h,
+        sorted_rows,
+        block_expert,
+        num_blocks,
+        num_rows,
+        hidden,
+        inter,
+        blocks,
+        x.stride(0),
+        x.stride(1),
+        gate_up.stride(0),
+        gate_up.stride(1),
+        gate_up.stride(2),
+        h.stride(0),
+        TOP_K=top_k,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=cfg["GROUP_SIZE_M"],
+        EVEN_K=hidden % block_k == 0,
+        PRECISION=precision,
+        **launch,
+    )
+
+    # With k = 1, row r is token r: GEMM 2 writes the output itself.
+    terms = out if top_k == 1 else x.new_empty(num_rows, hidden)  # [T*k, H]
+    _down_kernel[(blocks * triton.cdiv(hidden, block_n),)](
+        h,
+        down,
+        terms,
+        weights.contiguous(),
+        sorted_rows,
+        block_expert,
+        num_blocks,
+        num_rows,
+        inter,
+        hidden,
+        blocks,
+        h.stride(0),
+        down.stride(0),
+        down.stride(1),
+        down.stride(2),
+        terms.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=cfg["GROUP_SIZE_M"],
+        EVEN_K=inter % block_k == 0,
+        PRECISION=precision,
+        **launch,
+    )
+    if top_k > 1:
+        block_h = min(1024, triton.next_power_of_2(hidden))
+        block_t = min(4096 // block_h, triton.next_power_of_2(num_tokens))
+        _topk_sum_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))](
+            terms,
+            out,
+            num_tokens,
+            hidden,
+            TOP_K=top_k,
+            BLOCK_T=block_t,
+            BLOCK_H=block_h,
+            num_warps=4,
+        )
+    return out

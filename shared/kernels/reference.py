@@ -1,0 +1,140 @@
+"""The PyTorch references of every kernel: the implementations all others are tested against.
+
+Paged attention over a K/V cache of ``[num_blocks, block_size, kv_heads, head_dim]`` per layer.
+``paged_decode``: one query token per sequence, attending to its first ``context_lens[b]`` cached
+tokens through its block table. ``paged_prefill``: a chunk of ``n`` query tokens of one sequence
+at positions ``[context_start, context_start + n)``, causal, over the cached context (whose K/V
+for the chunk itself is already written). GQA: query head h uses kv head
+``h // (q_heads / kv_heads)``. Softmax in fp32.
+
+Routed experts: out[t] = sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j].
+Weights stay in the fused hub layout: ``gate_up [E, H, 2I]`` (gate is the first I columns) and
+``down [E, I, H]``. The sum over a token's experts runs in top-k order, so every
+implementation adds the same terms in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+
+def paged_decode_torch(
+    q: torch.Tensor,  # [B, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, W] int64; entries past a context point anywhere valid
+    context_lens: torch.Tensor,  # [B] int64, >= 1
+    scale: float,
+) -> torch.Tensor:  # [B, Hq, D]
+    """The reference: gather each row's W blocks, one masked SDPA for the batch."""
+    batch, num_heads, dim = q.shape
+    num_kv = k_cache.shape[2]
+    width = block_tables.shape[1] * k_cache.shape[1]
+    keys = k_cache[block_tables].view(batch, width, num_kv, dim).transpose(1, 2)
+    values = v_cache[block_tables].view(batch, width, num_kv, dim).transpose(1, 2)
+    positions = torch.arange(width, device=q.device)
+    mask = (positions < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, width]
+    # GQA without copying K/V: the q heads sharing a kv head become that head's queries.
+    grouped = q.view(batch, num_kv, num_heads // num_kv, dim)
+    out = F.scaled_dot_product_attention(
+        grouped, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale
+    )
+    return out.reshape(batch, num_heads, dim)
+
+
+def paged_prefill_torch(
+    q: torch.Tensor,  # [n, Hq, D]
+    k: torch.Tensor,  # [n, Hkv, D], the chunk's own keys
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,  # [num_blocks] int64 covering context_start + n
+    context_start: int,
+    scale: float,
+) -> torch.Tensor:  # [n, Hq, D]
+    """The reference: causal SDPA over the chunk, or over cache + chunk (lower-right aligned
+    causal bias, no materialized [n, context] mask) when earlier tokens are cached."""
+    num_tokens = q.shape[0]
+    if context_start == 0:
+        keys, values, bias = k, v, None
+    else:
+        num_context = context_start + num_tokens
+        keys = k_cache[block_table].flatten(0, 1)[:num_context]
+        values = v_cache[block_table].flatten(0, 1)[:num_context]
+        bias = causal_lower_right(num_tokens, num_context)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        keys.transpose(0, 1).to(q.dtype),
+        values.transpose(0, 1).to(q.dtype),
+        attn_mask=bias,
+        is_causal=bias is None,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(0, 1)
+
+
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    return all(t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not (_HAS_GROUPED_MM and _aligned(x, w)):
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16
+    return x.dtype in (torch.float32, torch.bfloat16)
+
+
+def expert_offsets(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Cumulative row counts per expert, int32 ``[E]``, computed on the device (no host sync:
+    ``bincount`` would read the maximum back to size its output)."""
+    flat = ids.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
+    counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return counts.cumsum(0, dtype=torch.int32)
+
+
+def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x ``[n, K]`` sorted by expert, w ``[E, K, N]`` -> ``[n, N]``."""
+    if _grouped_mm_ok(x, w):
+        return torch._grouped_mm(x, w, offs=offs)
+    # One matmul per expert that has rows; reads the offsets on the host (eager only).
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(x[start:end], w[e], out=out[start:end])
+        start = end
+    return out
+
+
+def fused_moe_torch(
+    x: torch.Tensor,  # [T, H]
+    gate_up: torch.Tensor,  # [E, H, 2I]
+    down: torch.Tensor,  # [E, I, H]
+    weights: torch.Tensor,  # [T, k] routing weights, x.dtype
+    ids: torch.Tensor,  # [T, k] int64 expert ids
+) -> torch.Tensor:  # [T, H]
+    """The reference: rows sorted by expert, grouped matmuls, then un-sorted and summed.
+
+    Expert weights of another dtype than x (bf16 weights kept for fp32 compute on CPUs without
+    bf16 arithmetic) are widened to x's dtype first."""
+    gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
+    num_tokens, top_k = ids.shape
+    order = torch.argsort(ids.reshape(-1), stable=True)
+    offs = expert_offsets(ids, gate_up.shape[0])
+    h = _grouped(x[order // top_k], gate_up, offs)  # [T*k, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    h = _grouped((F.silu(gate) * up).contiguous(), down, offs)  # [T*k, H]
+    unsorted = torch.empty_like(h).index_copy_(0, order, h)  # row j of token t at t*k + j
+    terms = unsorted.view(num_tokens, top_k, -1) * weights.unsqueeze(-1)
+    out = terms[:, 0]
+    for j in range(1, top_k):  # top-k order, explicitly
+        out = out + terms[:, j]
+    return out
