@@ -18,7 +18,7 @@ from services.encode.batcher import DeadlineExpiredError, VisionBatcher
 from services.encode.cache import CacheEntry, CacheKey, EmbeddingCache
 from services.encode.config import EncodeLimits
 from services.encode.metrics import EncodeMetrics
-from services.encode.sources import ImageSources, ImageSourceError
+from services.encode.sources import ImageSourceError, ImageSources
 from shared.model.processing import (
     ImageError,
     ImageProcessorConfig,

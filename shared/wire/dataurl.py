@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from urllib.parse import unquote_to_bytes
 from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
 
 
 class DataURLError(ValueError):

@@ -24,7 +24,7 @@ def interpreting() -> bool:
 
 
 if _HAS_TRITON:
-    from shared.kernels.gpu import attention_triton, moe_triton
+    from shared.kernels.gpu import attention_triton, moe_triton, prefill_triton
 
     if interpreting():
         from shared.kernels.gpu import interpreter_compat
@@ -51,6 +51,6 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torc
 
 def paged_prefill(q, k, v, k_cache, v_cache, block_table, context_start, scale) -> torch.Tensor:
     """See shared.kernels.reference.paged_prefill_torch."""
-    return attention_triton.paged_prefill_triton(
+    return prefill_triton.paged_prefill_triton(
         q, k, v, k_cache, v_cache, block_table, context_start, scale
     )
