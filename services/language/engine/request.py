@@ -26,6 +26,18 @@ class QueueFullError(RuntimeError):
     """The engine's bounded waiting queue is full; the client should retry later (HTTP 503/429)."""
 
 
+# Seeds span what torch.Generator.manual_seed takes: int64 and uint64 alike (a negative seed is
+# its value modulo 2**64). Counts and token ids fit int32.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+INT32_MAX = 2**31 - 1
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request seeded with `seed` (seed, seed+1, ... modulo
+    2**64, so every choice's seed is one manual_seed takes and choice 0 keeps `seed`)."""
+    return seed if index == 0 else (seed + index) % 2**64
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop. ``temperature == 0`` means greedy."""
@@ -56,8 +68,8 @@ class SamplingParams:
             f"top_p must be in (0, 1], got {self.top_p}",
         )
         _check(
-            isinstance(self.top_k, int) and self.top_k >= 0,
-            f"top_k must be an integer >= 0 (0 disables it), got {self.top_k}",
+            isinstance(self.top_k, int) and 0 <= self.top_k <= INT32_MAX,
+            f"top_k must be an integer in [0, {INT32_MAX}] (0 disables it), got {self.top_k}",
         )
         _check(
             _finite(self.min_p) and 0.0 <= self.min_p <= 1.0,
@@ -73,12 +85,12 @@ class SamplingParams:
             f"repetition_penalty must be > 0, got {self.repetition_penalty}",
         )
         _check(
-            isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-            f"max_tokens must be an integer >= 1, got {self.max_tokens}",
+            isinstance(self.max_tokens, int) and 1 <= self.max_tokens <= INT32_MAX,
+            f"max_tokens must be an integer in [1, {INT32_MAX}], got {self.max_tokens}",
         )
         _check(
-            self.seed is None or isinstance(self.seed, int),
-            f"seed must be an integer or None, got {self.seed!r}",
+            self.seed is None or (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX),
+            f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}",
         )
         _check(
             isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
@@ -86,8 +98,8 @@ class SamplingParams:
         )
         _check(
             isinstance(self.stop_token_ids, tuple)
-            and all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-            f"stop_token_ids must be a tuple of token ids >= 0, got {self.stop_token_ids!r}",
+            and all(isinstance(t, int) and 0 <= t <= INT32_MAX for t in self.stop_token_ids),
+            f"stop_token_ids must be token ids in [0, {INT32_MAX}], got {self.stop_token_ids!r}",
         )
         _check(
             self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
@@ -118,8 +130,8 @@ def _check_logit_bias(pairs: tuple[tuple[int, float], ...]) -> None:
         )
         token_id, bias = pair
         _check(
-            isinstance(token_id, int) and token_id >= 0,
-            f"logit_bias keys must be token ids >= 0, got {token_id!r}",
+            isinstance(token_id, int) and 0 <= token_id <= INT32_MAX,
+            f"logit_bias keys must be token ids in [0, {INT32_MAX}], got {token_id!r}",
         )
         _check(
             _finite(bias) and -100.0 <= bias <= 100.0,

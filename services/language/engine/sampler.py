@@ -74,7 +74,9 @@ def build_sampling_batch(
         dtype=torch.float32,
     ).to(device)
     column = dict(zip(_FLOAT_COLUMNS, floats.unbind(0), strict=True))
-    top_k = torch.tensor([p.top_k or vocab_size for p in params], dtype=torch.long, device=device)
+    top_k = torch.tensor(
+        [min(p.top_k, vocab_size) or vocab_size for p in params], dtype=torch.long, device=device
+    )
     use_penalties = any(
         p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params
     )

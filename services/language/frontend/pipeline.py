@@ -18,7 +18,12 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 
 from services.language.encoder.client import EncodeError
-from services.language.engine.request import GenerationRequest, RequestOutput, SamplingParams
+from services.language.engine.request import (
+    GenerationRequest,
+    RequestOutput,
+    SamplingParams,
+    choice_seed,
+)
 from services.language.engine.structured_output import (
     CompiledGrammar,
     Constraint,
@@ -247,11 +252,11 @@ class LanguageFrontend:
         n: int,
         arrival_time: float,
     ) -> list[GenerationRequest]:
-        """One engine request per choice; choices with a seed get seed, seed+1, ..."""
+        """One engine request per choice; choices with a seed get seed, seed+1, ... (mod 2**64)"""
         max_tokens = self.window.max_tokens(len(prompt.token_ids), requested_max_tokens)
         requests = []
         for index in range(n):
-            seed = None if sampling.seed is None else sampling.seed + index
+            seed = None if sampling.seed is None else choice_seed(sampling.seed, index)
             params = dataclasses.replace(sampling, max_tokens=max_tokens, seed=seed)
             rid = request_id if n == 1 else f"{request_id}-{index}"
             requests.append(

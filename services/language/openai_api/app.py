@@ -20,7 +20,8 @@ from services.language.errors import BadRequestError, NotFoundError
 from services.language.frontend.metrics import CONTENT_TYPE
 from services.language.frontend.pipeline import ChatInput, LanguageFrontend
 from services.language.frontend.serving import RequestSlot
-from services.language.openai_api.http_errors import RequestGate, install_error_handlers
+from services.language.openai_api.gate import RequestGate
+from services.language.openai_api.http_errors import install_error_handlers
 from services.language.openai_api.protocol import ChatCompletionRequest, CompletionRequest
 from services.language.openai_api.responses import ResponseBuilder, collect_response, stream_events
 from services.language.openai_api.tokenize import add_tokenize_routes

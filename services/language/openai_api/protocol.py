@@ -10,11 +10,18 @@ with one warning naming them, as vLLM does, so clients that send newer extension
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.language.engine.request import InvalidRequestError, SamplingParams
+from services.language.engine.request import (
+    INT32_MAX,
+    SEED_MAX,
+    SEED_MIN,
+    InvalidRequestError,
+    SamplingParams,
+)
 from services.language.errors import BadRequestError
 from services.language.frontend.prompt import (
     RESERVED_TEMPLATE_VARIABLES,
@@ -33,6 +40,8 @@ from services.language.openai_api.fields import check_fields, validate_tool_choi
 from services.language.openai_api.responses import ResponseOptions
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+# A logit_bias key: a token id in ASCII digits (str.isdigit would pass "²", which int() refuses)
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")
 
 
 class _Model(BaseModel):
@@ -96,16 +105,16 @@ class _SamplingFields(_Request):
     max_tokens: int | None = None  # >= 1: SamplingParams checks it, naming max_tokens
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    n: int = 1  # the API checks it against --max-n
+    n: int = Field(default=1, ge=1, le=INT32_MAX)  # and against --max-n
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
@@ -135,7 +144,7 @@ class _SamplingFields(_Request):
         values: dict[str, Any] = {
             "temperature": self.temperature,
             "top_p": self.top_p,
-            "top_k": self.top_k,
+            "top_k": 0 if self.top_k == -1 else self.top_k,  # vLLM's -1 disables it too
             "min_p": self.min_p,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
@@ -156,7 +165,7 @@ class _SamplingFields(_Request):
     def _logit_bias(self) -> tuple[tuple[int, float], ...]:
         pairs = []
         for key, bias in (self.logit_bias or {}).items():
-            if not key.strip().isdigit():
+            if not _TOKEN_ID_KEY.fullmatch(key.strip()):
                 raise BadRequestError(
                     f"logit_bias keys must be token ids (strings of digits), got {key!r}",
                     param="logit_bias",

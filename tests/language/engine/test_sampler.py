@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.language.engine.request import InvalidRequestError, SamplingParams
+from services.language.engine.request import InvalidRequestError, SamplingParams, choice_seed
 from services.language.engine.sampler import Sampler, apply_penalties, build_sampling_batch
 from tests.language.conftest import make_sequence
 
@@ -35,6 +35,22 @@ def test_invalid_parameters_raise_typed_errors():
         SamplingParams(max_tokens=0)
     with pytest.raises(InvalidRequestError, match="stop"):
         SamplingParams(stop=("",))
+    for bad in ({"seed": 2**64}, {"seed": -(2**63) - 1}, {"top_k": 2**31}, {"max_tokens": 2**31}):
+        with pytest.raises(InvalidRequestError, match=next(iter(bad))):
+            SamplingParams(**bad)
+    with pytest.raises(InvalidRequestError, match="stop_token_ids"):
+        SamplingParams(stop_token_ids=(2**31,))
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        SamplingParams(logit_bias=((2**31, 1.0),))
+
+
+def test_choice_seeds_stay_in_the_range_manual_seed_takes():
+    assert [choice_seed(7, i) for i in range(3)] == [7, 8, 9]
+    assert choice_seed(2**64 - 1, 1) == 0  # wraps instead of overflowing
+    assert choice_seed(-1, 0) == -1 and choice_seed(-1, 1) == 0  # -1 is 2**64 - 1 to torch
+    for seed in (-(2**63), 2**64 - 1):
+        for index in range(3):
+            torch.Generator().manual_seed(choice_seed(seed, index))  # no overflow
 
 
 def test_greedy_and_top_k_1_pick_the_argmax():
@@ -43,6 +59,13 @@ def test_greedy_and_top_k_1_pick_the_argmax():
     seqs = _seqs(*[{"temperature": 0.0}] * 3, *[{"temperature": 1.3, "top_k": 1}] * 3)
     out = _sample(logits, seqs)
     assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_a_top_k_above_the_vocabulary_is_no_top_k():
+    torch.manual_seed(3)
+    logits = torch.randn(2, V)
+    wide = _seqs({"seed": 5, "top_k": 2**31 - 1}, {"seed": 5, "top_k": 0})
+    assert len(set(_sample(logits[:1].repeat(2, 1), wide).token_ids)) == 1
 
 
 def test_seeded_request_reproduces_alone_and_in_any_batch():

@@ -7,7 +7,7 @@ import json
 import time
 
 from services.common.auth import bearer_matches
-from services.language.openai_api.http_errors import (
+from services.language.openai_api.gate import (
     MAX_JSON_CONTAINERS,
     MAX_JSON_DEPTH,
     json_shape_error,
@@ -55,3 +55,43 @@ def test_bearer_keys_are_checked_by_scheme_and_value():
     assert bearer_matches("bearer  sk-right ", "sk-right")
     for header in (None, "", "sk-right", "Basic sk-right", "Bearer sk-wrong", "Bearer"):
         assert not bearer_matches(header, "sk-right")
+
+
+def test_a_failing_route_is_a_500_answer_not_an_exception_to_the_server():
+    import asyncio
+
+    from services.language.openai_api.gate import RequestGate
+
+    async def failing_app(scope, receive, send):
+        raise RuntimeError("a bug in a route")
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+    gate = RequestGate(failing_app, api_key=None, max_request_bytes=1 << 20)
+    asyncio.run(gate(scope, receive, send))  # nothing raised: the server keeps the connection
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 500
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert body["error"]["message"] == "internal server error"  # no internals
+    assert "a bug" not in json.dumps(body)
+
+
+def test_bodies_that_are_not_unicode_text_are_refused_before_parsing():
+    from services.language.openai_api.gate import body_error
+
+    assert body_error(b'{"a": "caf\xc3\xa9 \\ud83d\\ude00"}') is None  # UTF-8 and a paired escape
+    for bad, fragment in (
+        (b'{"a": "\xff"}', "not valid UTF-8"),
+        (b'{"a": "\xed\xa0\x80"}', "not valid UTF-8"),  # a surrogate encoded raw
+        (b'{"a": "\\ud800"}', "unpaired UTF-16 surrogate"),
+        (b'{"a": ["x", {"\\udfff": 1}]}', "unpaired UTF-16 surrogate"),
+    ):
+        error = body_error(bad)
+        assert error is not None and error.status_code == 400 and fragment in error.message
+    assert body_error(b'{"a": "\\\\ud800"}') is None  # an escaped backslash: plain text
