@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo serve proto clean
+.PHONY: setup test lint format demo serve proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,12 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+
+# Reformats the tree (the style test and `make lint` check it).
+format: $(STAMP)
+	$(BIN)/ruff format .
 
 # Model and addresses for `make demo` / `make serve`; override e.g. `make serve HTTP_PORT=9000`.
 MODEL ?= models/shapes-vl

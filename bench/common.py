@@ -7,6 +7,8 @@ place on the device, no checkpoint on disk. `medium` is the CPU peer benchmark's
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from scripts.testkit.checkpoints import Init, randomize
@@ -99,32 +101,33 @@ def special_ids(vocab: int) -> dict[str, int]:
     return {name: vocab - 4 + i for i, name in enumerate(SPECIAL)}
 
 
-def model_config(shape: str, layers: int | None = None) -> ModelConfig:
-    """The ModelConfig of a benchmark shape (`layers` overrides the decoder depth)."""
+def shape_configs(shape: str, layers: int | None = None) -> tuple[dict, dict, dict[str, int]]:
+    """(text config, vision config, special ids) of a benchmark shape, as config.json spells
+    them (`layers` overrides the decoder depth)."""
     spec = SHAPES[shape]
-    text = {
-        **spec["text"],
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 5e6,
-            "mrope_section": list(spec["mrope"]),
-            "mrope_interleaved": True,
-        },
-    }
+    text = {**spec["text"], "max_position_embeddings": 32768, "rms_norm_eps": 1e-6}
     if layers:
         text["num_hidden_layers"] = layers
-    special = special_ids(text["vocab_size"])
     vision = {
         **spec["vision"],
         "out_hidden_size": text["hidden_size"],
         "patch_size": 16,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
-        "hidden_act": "gelu_pytorch_tanh",
-        "in_channels": 3,
     }
+    return text, vision, special_ids(text["vocab_size"])
+
+
+def model_config(shape: str, layers: int | None = None) -> ModelConfig:
+    """The ModelConfig of a benchmark shape (`layers` overrides the decoder depth)."""
+    text, vision, special = shape_configs(shape, layers)
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 5e6,
+        "mrope_section": list(SHAPES[shape]["mrope"]),
+        "mrope_interleaved": True,
+    }
+    vision.update(hidden_act="gelu_pytorch_tanh", in_channels=3)
     raw = {
         "model_type": "qwen3_vl_moe",
         "text_config": text,
@@ -137,6 +140,21 @@ def model_config(shape: str, layers: int | None = None) -> ModelConfig:
         "dtype": "bfloat16",
     }
     return parse_config(raw)
+
+
+def hf_config(shape: str, layers: int | None = None):
+    """The transformers Qwen3VLMoeConfig of a benchmark shape (for side-by-side runs)."""
+    from scripts.testkit.checkpoints import vl_config
+
+    text, vision, special = shape_configs(shape, layers)
+    return vl_config(text, vision, special, SHAPES[shape]["mrope"], rope_theta=5e6)
+
+
+def save_result(path: str | None, result: dict) -> None:
+    """Write a benchmark's result dict as JSON to `path` (--out), if given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def _materialize(module: torch.nn.Module, dtype: torch.dtype, device: str, seed: int):

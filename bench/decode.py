@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 
 import torch
 
-from bench.common import SHAPES, model_config, random_text_model, random_tokenizer, sync
+from bench.common import (
+    SHAPES,
+    hf_config,
+    model_config,
+    random_text_model,
+    random_tokenizer,
+    save_result,
+    sync,
+)
 from services.language.engine.build import core_for_model
 from services.language.engine.config import EngineConfig
 from services.language.engine.request import GenerationRequest, SamplingParams
@@ -82,15 +89,7 @@ def hf_decode(args, batches: list[int]) -> dict[int, float]:
     """transformers generate at each batch size (greedy, min = max new tokens)."""
     from transformers import Qwen3VLMoeForConditionalGeneration
 
-    from bench.common import special_ids
-    from scripts.testkit.checkpoints import vl_config
-
-    spec = SHAPES[args.shape]
-    text = {**spec["text"], "max_position_embeddings": 32768, "rms_norm_eps": 1e-6}
-    if args.layers:
-        text["num_hidden_layers"] = args.layers
-    vision = {**spec["vision"], "out_hidden_size": text["hidden_size"]}
-    cfg = vl_config(text, vision, special_ids(text["vocab_size"]), spec["mrope"], 5e6)
+    cfg = hf_config(args.shape, args.layers)
     torch.manual_seed(0)
     with torch.device(args.device):
         model = Qwen3VLMoeForConditionalGeneration._from_config(cfg, dtype=DTYPES[args.dtype])
@@ -136,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         result["hf_tok_s"] = theirs
         for b in batches:
             print(f"ratio B={b}: engine / transformers = {ours[b] / theirs[b]:.2f}x")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    save_result(args.out, result)
     return 0
 
 

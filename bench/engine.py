@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import SHAPES, special_ids, sync
+from bench.common import SHAPES, hf_config, shape_configs, sync
 from shared.model.config import DTYPES
 
 
@@ -46,24 +46,12 @@ def write_checkpoint(
     from scripts.testkit.checkpoints import (
         Init,
         preprocessor_config,
-        vl_config,
         write_vl_checkpoint,
     )
     from scripts.testkit.tokenizers import save_tokenizer
 
-    spec = SHAPES[shape]
-    text = {**spec["text"], "max_position_embeddings": 32768, "rms_norm_eps": 1e-6}
-    if layers:
-        text["num_hidden_layers"] = layers
-    special = special_ids(text["vocab_size"])
-    vision = {
-        **spec["vision"],
-        "out_hidden_size": text["hidden_size"],
-        "patch_size": 16,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-    }
-    config = vl_config(text, vision, special, spec["mrope"], rope_theta=5e6)
+    text, _, special = shape_configs(shape, layers)
+    config = hf_config(shape, layers)
     write_vl_checkpoint(
         path,
         config,

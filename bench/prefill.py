@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import time
 
@@ -22,10 +21,12 @@ import torch
 
 from bench.common import (
     SHAPES,
+    hf_config,
     model_config,
     random_text_model,
     random_tokenizer,
     random_vision_model,
+    save_result,
     sync,
 )
 from services.language.engine.build import core_for_model
@@ -118,15 +119,7 @@ def engine_prefill(args, config) -> dict[str, float]:
 def hf_prefill(args, config) -> dict[str, float]:
     from transformers import Qwen3VLMoeForConditionalGeneration
 
-    from bench.common import special_ids
-    from scripts.testkit.checkpoints import vl_config
-
-    spec = SHAPES[args.shape]
-    text = {**spec["text"], "max_position_embeddings": 32768, "rms_norm_eps": 1e-6}
-    if args.layers:
-        text["num_hidden_layers"] = args.layers
-    vision = {**spec["vision"], "out_hidden_size": text["hidden_size"]}
-    cfg = vl_config(text, vision, special_ids(text["vocab_size"]), spec["mrope"], 5e6)
+    cfg = hf_config(args.shape, args.layers)
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     with torch.device(args.device):
@@ -170,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("vision_ms", "prefill_ms"):
             ratio = result["hf"][key] / result["engine"][key]
             print(f"speed-up {key[:-3]}: transformers / engine = {ratio:.2f}x")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    save_result(args.out, result)
     return 0
 
 
