@@ -30,14 +30,13 @@ def randomize(model: torch.nn.Module, seed: int = 0, init: Init = Init()) -> Non
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32)
             if "norm" in name and name.endswith("weight"):
-                value = 1.0 + init.norm_std * noise
-            elif name.endswith("bias"):
-                value = init.bias_std * noise
+                offset, std = 1.0, init.norm_std
             else:
-                value = init.std * noise
-            p.copy_(value)
+                offset, std = 0.0, init.bias_std if name.endswith("bias") else init.std
+            # In place, in the parameter's own dtype: no temporary the size of the parameter (a
+            # 30B-A3B expert tensor would be 1.6 GB of fp32 noise)
+            p.normal_(offset, std, generator=gen)
 
 
 def preprocessor_config(min_pixels: int, max_pixels: int) -> dict:

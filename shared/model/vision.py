@@ -65,10 +65,14 @@ class VisionAttention(nn.Module):
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
         outs = []
         for qi, ki, vi in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens), strict=True):
+            # [1, heads, len, head_dim]: 4-D inputs reach SDPA's fused kernels (flash on CPU and
+            # GPU), which never hold a [len, len] score matrix; 3-D ones take the math path.
             o = F.scaled_dot_product_attention(
-                qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)
+                qi.transpose(0, 1).unsqueeze(0),
+                ki.transpose(0, 1).unsqueeze(0),
+                vi.transpose(0, 1).unsqueeze(0),
             )
-            outs.append(o.transpose(0, 1))
+            outs.append(o.squeeze(0).transpose(0, 1))
         return self.proj(torch.cat(outs).reshape(n, -1))
 
 

@@ -1,4 +1,5 @@
-"""Paged KV cache: the preallocated tensor pool, the block allocator and prefix-cache hashing.
+"""KV cache blocks as the scheduler sees them: the block allocator and prefix-cache hashing (the
+tensors themselves are the runner's pool, `runner.kv_pool`).
 
 Blocks hold ``block_size`` consecutive tokens of one sequence. A full block whose K/V has been
 computed is registered under a chained hash of everything before and in it, so a later sequence

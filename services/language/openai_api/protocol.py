@@ -114,7 +114,7 @@ class _SamplingFields(_Request):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    n: int = Field(default=1, ge=1, le=INT32_MAX)  # and against --max-n
+    n: int = Field(default=1, le=INT32_MAX)  # the API checks it against --max-n
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
