@@ -166,3 +166,26 @@ def test_a_dead_worker_ends_streams_with_an_error_and_the_service_exits(
     finally:
         proc.stop()
     assert _children(proc.pid) == []
+
+
+def test_an_idle_workers_death_turns_health_503_within_two_seconds(
+    e2e_model, encode_address, tmp_path
+):
+    proc, cluster = _language(e2e_model.path, tmp_path, encode_address, VARIANTS["tp2-grpc"])
+    try:
+        [worker] = _workers(proc.pid)
+        assert httpx.get(f"{cluster.base_url}/health", timeout=5).status_code == 200
+        os.kill(worker, signal.SIGKILL)  # no request in flight: nothing steps the engine
+        killed_at = time.monotonic()
+        while True:
+            health = httpx.get(f"{cluster.base_url}/health", timeout=2)
+            if health.status_code == 503:
+                break
+            assert time.monotonic() - killed_at < 2.0, "health stayed 200 after the death"
+            time.sleep(0.05)
+        assert time.monotonic() - killed_at < 2.0
+        assert "rank 1" in health.json()["reason"]
+        assert proc.process.wait(30) == 1  # and the service exits for a restart, as when busy
+    finally:
+        proc.stop()
+    assert _children(proc.pid) == []

@@ -165,13 +165,16 @@ class AsyncEngine:
 
     @property
     def fatal_error(self) -> str | None:
-        """Why the engine stopped serving for good (a tensor-parallel worker died), or None."""
-        return self._fatal
+        """Why the engine stopped serving for good (a tensor-parallel worker died), or None.
+        Read from the executor too: a worker's death is known at once, even while the engine
+        thread still waits in the step it broke."""
+        return self._fatal or self._core.executor.death()
 
     def health(self) -> tuple[bool, str]:
         """(serving, reason): False when stopped, fatally failed or its thread is gone."""
-        if self._fatal is not None:
-            return False, self._fatal
+        fatal = self.fatal_error
+        if fatal is not None:
+            return False, fatal
         if self._thread is None or not self._thread.is_alive():
             return False, "the engine is not running"
         return True, "ok"
@@ -275,6 +278,8 @@ class AsyncEngine:
         while not self._stopping.is_set():
             self._drain_commands()
             if not self._core.has_work():
+                if self._core.executor.death() is not None and self._check_fatal(None):
+                    return  # a worker died while idle: nothing can run any more
                 self._wakeup.wait(_IDLE_WAIT_S)
                 self._wakeup.clear()
                 continue
@@ -325,13 +330,13 @@ class AsyncEngine:
     def _submitted(self) -> None:
         self._num_submitted -= 1
 
-    def _check_fatal(self, exc: Exception) -> bool:
-        """After a failed step: if the executor is gone, fail everything and stop for good."""
-        try:
-            self._core.executor.check_health()
+    def _check_fatal(self, exc: Exception | None) -> bool:
+        """After a failed step (or an idle check): if the executor is gone, fail everything and
+        stop for good."""
+        death = self._core.executor.death()
+        if death is None:
             return False
-        except Exception as dead:  # noqa: BLE001 - the executor's own account of its death
-            self._fatal = str(dead)
+        self._fatal = death
         log.error("engine stopped: %s (step error: %r)", self._fatal, exc)
         self._fail_all(EngineDeadError(f"the engine stopped: {self._fatal}"))
         return True

@@ -26,8 +26,9 @@ class Executor(Protocol):
         """Logits ``[len(plan.sampling_ids), V]``, or None when the plan computes nothing."""
         ...
 
-    def check_health(self) -> None:
-        """Raise if the executor can no longer run steps (a worker died)."""
+    def death(self) -> str | None:
+        """Why the executor can no longer run steps (a worker died), or None; never blocks, so
+        health checks may call it while a step runs."""
         ...
 
     def shutdown(self) -> None: ...
@@ -46,7 +47,7 @@ class LocalExecutor:
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
         return self._runner.execute(plan)
 
-    def check_health(self) -> None:
+    def death(self) -> str | None:
         return None
 
     def shutdown(self) -> None:

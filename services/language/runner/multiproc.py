@@ -7,8 +7,10 @@ samples: seeds and sampling state then live in one place, and the sampled tokens
 workers with the next plan's diffs. Image embeddings travel inside the plan (as host tensors),
 so no rank encodes again. Each rank loads only its slices of the weights.
 
-A worker that dies makes `check_health` (and the step it broke) raise `WorkerDiedError`;
-workers also die with the service process (parent-death signal), so none is left behind.
+A watcher thread waits on the workers' process sentinels: the moment one exits, idle or in the
+middle of a step, `death()` says so (health turns 503 at once, not at the next step) and the
+next step raises `WorkerDiedError`; workers also die with the service process (parent-death
+signal), so none is left behind.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ctypes
 import datetime
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -167,6 +170,16 @@ class MultiprocExecutor:
         self.num_blocks = num_blocks
         self._dead: str | None = None
         self._lock = threading.Lock()
+        self._stopping = False
+        self._watcher = threading.Thread(target=self._watch, name="tp-worker-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        """Block on the workers' sentinels; the first to exit marks the executor dead."""
+        multiprocessing.connection.wait([proc.sentinel for proc in self._workers])
+        if not self._stopping and self._dead is None:
+            self._dead = self._worker_death(0.0) or "a tensor-parallel rank exited"
+            log.error("%s; the engine cannot run steps any more", self._dead)
 
     @classmethod
     def start(cls, specs: list[RankSpec]) -> MultiprocExecutor:
@@ -208,14 +221,12 @@ class MultiprocExecutor:
     def device(self) -> torch.device:
         return self._runner.device
 
-    def check_health(self) -> None:
-        if self._dead is None:
-            self._dead = self._worker_death(0.0)
-        if self._dead is not None:
-            raise WorkerDiedError(self._dead)
+    def death(self) -> str | None:
+        return self._dead
 
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
-        self.check_health()
+        if self._dead is not None:
+            raise WorkerDiedError(self._dead)
         try:
             send_plan(plan, self._control)
             return self._runner.execute(plan)
@@ -240,6 +251,7 @@ class MultiprocExecutor:
 
     def shutdown(self) -> None:
         with self._lock:
+            self._stopping = True  # workers exiting now are not a death
             if self._dead is None and all(p.is_alive() for p in self._workers):
                 try:
                     send_plan(_STOP, self._control)
