@@ -214,8 +214,9 @@ def _check_kv_capacity(engine: AsyncEngine) -> None:
     if blocks * block_size < engine.max_model_len:
         raise StartupError(
             f"the KV cache holds {blocks * block_size} tokens ({blocks} blocks of {block_size}), "
-            f"less than one sequence of {engine.max_model_len} tokens; raise --kv-cache-memory "
-            "or lower --max-model-len"
+            f"less than one sequence of {engine.max_model_len} tokens; the longest that fits is "
+            f"--max-model-len {blocks * block_size} (or leave the flag out to get it), or raise "
+            "--kv-cache-memory"
         )
 
 

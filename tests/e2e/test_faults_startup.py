@@ -35,7 +35,7 @@ def _bad_configs(model, tmp_path) -> dict[str, tuple[list[str], str]]:
         "KV cache below one block": (["--kv-cache-memory", "1KiB"], "--kv-cache-memory"),
         "KV cache below one sequence": (
             ["--kv-cache-memory", "64KiB", "--max-model-len", "4096"],
-            "less than one sequence",
+            "the longest that fits is --max-model-len",
         ),
     }
 

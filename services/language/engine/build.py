@@ -16,7 +16,12 @@ from services.language.engine.tokenizer import LanguageTokenizer
 from services.language.runner.executor import Executor, LocalExecutor
 from services.language.runner.model_runner import RunnerConfig
 from services.language.runner.multiproc import MultiprocExecutor, RankSpec
-from services.language.runner.setup import RunnerSetup, build_runner, num_kv_blocks
+from services.language.runner.setup import (
+    RunnerSetup,
+    build_runner,
+    fit_to_pool,
+    num_kv_blocks,
+)
 from shared.model.config import ModelConfig, load_config
 from shared.model.loader import load_text_model
 from shared.model.qwen3_moe import Qwen3MoeForCausalLM
@@ -28,6 +33,8 @@ _RANK_TIMEOUT_S = 900.0
 
 
 def runner_setup(config: EngineConfig, model_config: ModelConfig) -> RunnerSetup:
+    # Without --max-model-len the model's length is only a ceiling: fit_to_pool cuts it to the
+    # pool once the pool's size is known
     max_model_len = config.max_model_len or model_config.text.max_position_embeddings
     runner = RunnerConfig(
         config.max_num_seqs,
@@ -38,7 +45,11 @@ def runner_setup(config: EngineConfig, model_config: ModelConfig) -> RunnerSetup
         cuda_graphs=config.cuda_graphs,
     )
     return RunnerSetup(
-        runner, config.kv_cache_memory, config.gpu_memory_fraction, config.max_num_seqs
+        runner,
+        config.kv_cache_memory,
+        config.gpu_memory_fraction,
+        config.max_num_seqs,
+        fit_max_model_len=config.max_model_len is None,
     )
 
 
@@ -108,6 +119,5 @@ def _core(executor, num_blocks, model_config, tokenizer, config, setup, dtype) -
     scheduler = Scheduler(
         SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), block_manager
     )
-    return EngineCore(
-        executor, scheduler, model_config, tokenizer, setup.runner.max_model_len, dtype
-    )
+    max_model_len = fit_to_pool(setup, num_blocks).runner.max_model_len
+    return EngineCore(executor, scheduler, model_config, tokenizer, max_model_len, dtype)

@@ -7,7 +7,7 @@ tensor-parallel worker, from one picklable `RunnerSetup`, so all ranks agree on 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -30,6 +30,20 @@ class RunnerSetup:
     kv_cache_memory: int | None  # bytes per rank; None: gpu_memory_fraction of free memory
     gpu_memory_fraction: float
     max_num_seqs: int
+    # No --max-model-len given: runner.max_model_len is the model's, to be cut to what the KV
+    # pool holds once its size is known (`fit_to_pool`)
+    fit_max_model_len: bool = False
+
+
+def fit_to_pool(setup: RunnerSetup, num_blocks: int) -> RunnerSetup:
+    """The setup with its final max_model_len: without --max-model-len, the longest sequence a
+    pool of `num_blocks` holds, capped at the model's (a 262,144-token default would not fit an
+    80 GB GPU beside the weights, and start-up would fail unless the user guessed a length)."""
+    if not setup.fit_max_model_len:
+        return setup
+    cfg = setup.runner
+    fitted = min(cfg.max_model_len, num_blocks * cfg.block_size)
+    return replace(setup, runner=replace(cfg, max_model_len=fitted), fit_max_model_len=False)
 
 
 def kv_spec(model: nn.Module, config: ModelConfig, block_size: int) -> KVCacheSpec:
@@ -65,11 +79,20 @@ def build_runner(
     model: nn.Module, config: ModelConfig, setup: RunnerSetup, num_blocks: int
 ) -> ModelRunner:
     """The runner with a K/V pool of `num_blocks` (the same on every rank), graphs captured."""
+    given, setup = setup, fit_to_pool(setup, num_blocks)
     device = next(model.parameters()).device
     model.fuse_projections()
     kv_cache = KVCache(kv_spec(model, config, setup.runner.block_size), num_blocks, device)
     runner = ModelRunner(model, config, kv_cache, setup.runner)
     if runner.graphs is not None:
         runner.graphs.capture()
-    log.info("runner on %s: %d KV blocks of %d tokens", device, num_blocks, setup.runner.block_size)
+    fitted = " (the longest the pool holds)" if setup is not given else ""
+    log.info(
+        "runner on %s: %d KV blocks of %d tokens, max_model_len %d%s",
+        device,
+        num_blocks,
+        setup.runner.block_size,
+        setup.runner.max_model_len,
+        fitted,
+    )
     return runner
