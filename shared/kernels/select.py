@@ -29,6 +29,7 @@ _REFERENCES: dict[str, Callable] = {
 }
 
 
+@functools.cache
 def _backend(device_type: str) -> ModuleType | None:
     """The accelerated backend module for a device type, or None."""
     if os.environ.get("SPLITVL_KERNELS", "auto") == "torch":
@@ -42,6 +43,11 @@ def _backend(device_type: str) -> ModuleType | None:
     except Exception as exc:  # noqa: BLE001 - a broken backend must never stop the model
         log.warning("no %s kernels on %s, using the PyTorch references: %r", name, device_type, exc)
         return None
+
+
+def accelerated(device_type: str) -> bool:
+    """Whether a backend of its own (not the PyTorch references) runs kernels on a device type."""
+    return _backend(device_type) is not None
 
 
 @functools.cache

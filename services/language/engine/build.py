@@ -22,6 +22,7 @@ from services.language.runner.setup import (
     fit_to_pool,
     num_kv_blocks,
 )
+from shared.kernels import select
 from shared.model.config import ModelConfig, load_config
 from shared.model.loader import load_text_model
 from shared.model.qwen3_moe import Qwen3MoeForCausalLM
@@ -32,17 +33,34 @@ log = logging.getLogger(__name__)
 _RANK_TIMEOUT_S = 900.0
 
 
+def decode_graphs(config: EngineConfig) -> bool:
+    """Whether decode steps replay CUDA graphs: on CUDA unless --enforce-eager, and only over the
+    Triton kernels. The PyTorch references read values on the host (an fp32 model's experts) or
+    gather whole fixed-width block tables, so a capture over them crashes or runs out of memory."""
+    if not config.cuda_graphs:
+        return False
+    if select.accelerated("cuda"):
+        return True
+    log.warning(
+        "no Triton kernels on %s (triton missing or failing to load): CUDA graphs off, decode "
+        "steps run eagerly on the PyTorch references",
+        config.device,
+    )
+    return False
+
+
 def runner_setup(config: EngineConfig, model_config: ModelConfig) -> RunnerSetup:
     # Without --max-model-len the model's length is only a ceiling: fit_to_pool cuts it to the
     # pool once the pool's size is known
     max_model_len = config.max_model_len or model_config.text.max_position_embeddings
+    graphs = decode_graphs(config)
     runner = RunnerConfig(
         config.max_num_seqs,
         config.max_num_batched_tokens,
         max_model_len,
         config.block_size,
-        pad_decodes=config.cuda_graphs if config.pad_decodes is None else config.pad_decodes,
-        cuda_graphs=config.cuda_graphs,
+        pad_decodes=graphs if config.pad_decodes is None else config.pad_decodes,
+        cuda_graphs=graphs,
     )
     return RunnerSetup(
         runner,

@@ -130,7 +130,7 @@ class ModelRunner:
         decode_only = num_decodes == len(chunks) and all(c.samples for c in chunks)
         padded = decode_only and self.config.pad_decodes and num_decodes <= self.config.max_num_seqs
         num_rows = self.config.padded(num_decodes) if padded else num_decodes
-        self.buffers.reset_tables(num_rows, len(chunks) - num_decodes)
+        self.buffers.begin_step(num_rows, len(chunks) - num_decodes)
         offset, width, num_logits = 0, 1, 0
         prefills, splices = [], []
         for index, chunk in enumerate(chunks):
@@ -211,7 +211,7 @@ class ModelRunner:
         return StepBatch(size, size, width, (), size, size, (), None)
 
     def _prepare_padded(self, size: int) -> None:
-        self.buffers.reset_tables(size, 0)
+        self.buffers.begin_step(size, 0)
         self._fill_padding(0, size)
         self.buffers.upload()
 

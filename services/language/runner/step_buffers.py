@@ -6,10 +6,16 @@ lengths, prefill query offsets and block tables. A step fills the host side with
 it with ONE non-blocking copy; the forward reads device views at fixed addresses, which is what
 lets a captured CUDA graph replay on new data. Block tables have the fixed width
 ``max_model_len / block_size``; unused entries point at the scratch block.
+
+The copy is asynchronous: it may still be reading the staging buffer when the host starts the
+next step, which would hand the device a mix of two steps. Each upload records an event, and
+`begin_step` waits on it before the first write of the next step (back-to-back prefill chunks of
+a long prompt never synchronize otherwise).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,20 +52,29 @@ class StepBuffers:
     it natively: no per-step dtype conversion kernels.
     """
 
-    def __init__(self, limits: BufferLimits, device: torch.device, scratch_block: int):
+    def __init__(
+        self,
+        limits: BufferLimits,
+        device: torch.device,
+        scratch_block: int,
+        staged: bool | None = None,
+        new_event: Callable[[], object] | None = None,
+    ):
+        """`staged`: a separate device buffer filled by an asynchronous copy (default: on any
+        device but the CPU, where the staging buffer is the device buffer and nothing is copied);
+        `new_event` makes the event each upload records (default: a CUDA event)."""
         self.limits = limits
         self.device = device
         self.scratch_block = scratch_block
         layout = _regions(limits)
         total = sum(int(np.prod(shape)) for _, shape in layout)
-        pin = device.type == "cuda"
-        self._host = torch.zeros(total, dtype=torch.int64, pin_memory=pin)
-        # On CPU the "device" buffer is the staging buffer itself: nothing to copy.
+        staged = device.type != "cpu" if staged is None else staged
+        self._host = torch.zeros(total, dtype=torch.int64, pin_memory=device.type == "cuda")
         self._device = (
-            self._host
-            if device.type == "cpu"
-            else torch.zeros(total, dtype=torch.int64, device=device)
+            torch.zeros(total, dtype=torch.int64, device=device) if staged else self._host
         )
+        self._new_event = new_event or torch.cuda.Event
+        self._copy_done = None  # the event of the upload that may still read the staging buffer
         self._host_np = self._host.numpy()
         self.host: dict[str, np.ndarray] = {}
         self.dev: dict[str, torch.Tensor] = {}
@@ -71,8 +86,13 @@ class StepBuffers:
             offset += size
         self._used = total
 
-    def reset_tables(self, num_decodes: int, num_prefills: int) -> None:
-        """Point every entry of the rows about to be written at the scratch block."""
+    def begin_step(self, num_decodes: int, num_prefills: int) -> None:
+        """Before a step's first host write: wait until the last upload has read the staging
+        buffer, then point every entry of the table rows about to be written at the scratch
+        block."""
+        if self._copy_done is not None:
+            self._copy_done.synchronize()
+            self._copy_done = None
         self.host["decode_block_tables"][:num_decodes] = self.scratch_block
         self.host["prefill_block_tables"][:num_prefills] = self.scratch_block
 
@@ -80,3 +100,5 @@ class StepBuffers:
         """One host-to-device copy of the whole layout (non-blocking from pinned memory)."""
         if self._device is not self._host:
             self._device.copy_(self._host, non_blocking=True)
+            self._copy_done = self._new_event()
+            self._copy_done.record()

@@ -25,9 +25,28 @@ def test_the_pool_decides_without_a_given_length_capped_at_the_models():
 
 def test_an_engine_without_max_model_len_gets_the_longest_its_pool_holds(tiny_vl_model_dir):
     model_max = load_config(tiny_vl_model_dir).text.max_position_embeddings
-    engine = AsyncEngine.from_model_dir(tiny_vl_model_dir, EngineConfig(kv_cache_memory=256 * 2**10))
+    engine = AsyncEngine.from_model_dir(
+        tiny_vl_model_dir, EngineConfig(kv_cache_memory=256 * 2**10)
+    )
     blocks = engine.stats().num_total_blocks
     assert blocks * 16 < model_max  # a pool too small for the model's own length
     assert engine.max_model_len == blocks * 16
     roomy = AsyncEngine.from_model_dir(tiny_vl_model_dir, EngineConfig(kv_cache_memory=64 * 2**20))
     assert roomy.max_model_len == model_max
+
+
+def test_cuda_graphs_need_the_triton_kernels(caplog, monkeypatch):
+    import types
+
+    from services.language.engine import build
+    from shared.kernels import select
+
+    wants = types.SimpleNamespace(cuda_graphs=True, device="cuda:0")
+    monkeypatch.setattr(select, "accelerated", lambda device_type: False)
+    with caplog.at_level("WARNING"):
+        assert build.decode_graphs(wants) is False
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "CUDA graphs off" in warning.getMessage()
+    monkeypatch.setattr(select, "accelerated", lambda device_type: device_type == "cuda")
+    assert build.decode_graphs(wants) is True
+    assert build.decode_graphs(types.SimpleNamespace(cuda_graphs=False, device="cpu")) is False
