@@ -16,7 +16,7 @@ from services.encode.config import EncodeServiceConfig
 from services.encode.encoder import VisionEncoder
 from services.encode.links import LinkManager
 from services.encode.metrics import EncodeMetrics
-from shared.wire.info import EncoderContract, EncoderInfo
+from shared.wire.info import EncoderContract, EncoderInfo, device_uuid
 from shared.wire.units import compute_dtype, dtype_name, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ def load_runtime(config: EncodeServiceConfig, metrics: EncodeMetrics) -> Runtime
         max_batch_patches=config.max_batch_patches,
         device=str(device),
         link_backend=links.backend,
+        device_uuid=device_uuid(str(device)),
     )
     return Runtime(encoder, batcher, links, info)
 

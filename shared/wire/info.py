@@ -47,6 +47,7 @@ class EncoderInfo:
     device: str
     link_backend: str
     metrics_port: int = 0
+    device_uuid: str = ""  # the GPU's UUID, "" on a CPU
 
     def as_flat_dict(self) -> dict:
         """Every field at one level (the GetInfo message's layout)."""
@@ -70,4 +71,26 @@ def check_compatible(expected: EncoderContract, info: EncoderInfo, endpoint: str
         raise IncompatibleEncoderError(
             f"encode replica {endpoint} ({info.model}) does not match this language service: "
             + "; ".join(f"{d} (encode != language)" for d in differ)
+        )
+
+
+def device_uuid(device: str) -> str:
+    """The UUID of a CUDA device (the same GPU has the same UUID in every process, whatever its
+    index there), or "" for any other device."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ""
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def check_link_placement(local_uuid: str, info: EncoderInfo, endpoint: str) -> None:
+    """Refuse the NCCL link to a replica on this process's own GPU: NCCL will not connect two
+    ranks on one device ("Duplicate GPU detected"), so the first transfer would fail."""
+    if local_uuid and info.device_uuid == local_uuid:
+        raise IncompatibleEncoderError(
+            f"encode replica {endpoint} runs on the same GPU ({local_uuid}) as this language "
+            "service, and NCCL cannot link two processes on one GPU; use --transport grpc for "
+            "it, or run the replica on another GPU"
         )

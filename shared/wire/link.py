@@ -4,6 +4,12 @@ A two-rank process group object built from a PrefixStore over a TCPStore, NCCL o
 and gloo on CPU through the same code; several links per process, no default group. Data moves
 by send/recv; control (tickets, shapes, dtypes) stays on gRPC.
 
+A stuck or dead peer must cost one call its timeout, never the process: on NCCL `Work.wait`
+only makes the current stream wait, so every operation is also polled for completion until its
+deadline (`complete`), and link groups are built with NCCL's asynchronous error handling in its
+clean-up-only mode, so the watchdog aborts the communicator instead of the whole process. A
+failed operation marks the link broken and aborts its group.
+
 Joining needs the link's secret, which only travels over gRPC (OpenLink): anyone who reaches
 the store's port can read and write its keys, so the peer claims the link with an HMAC of the
 secret before the group forms, and once it has formed both ranks prove over the group itself that
@@ -16,9 +22,11 @@ import datetime
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +41,25 @@ _NONCE_BYTES = 32
 _DIGEST_BYTES = 32
 # Tags of the in-group handshake; transfers use ticket % (2**31 - 1) and start after it.
 _HANDSHAKE_TAG = 2**31 - 1
+# NCCL's TORCH_NCCL_ASYNC_ERROR_HANDLING modes: 2 aborts a failed communicator and leaves the
+# process alive (the default tears the process down), read once per group at its construction.
+_NCCL_CLEAN_UP_ONLY = "2"
+_NCCL_ENV_LOCK = threading.Lock()
+_POLL_S = 0.0005
+
+
+def complete(work, timeout: datetime.timedelta, clock=time.monotonic, sleep=time.sleep) -> None:
+    """Wait for a send/recv to finish within `timeout`, or raise TimeoutError.
+
+    gloo's `wait` blocks (and raises on its timeout); NCCL's returns at once with the work still
+    queued, so completion is polled against the deadline as well: a peer that never answers
+    costs the call its timeout, it cannot hang it."""
+    deadline = clock() + timeout.total_seconds()
+    work.wait(timeout)
+    while not work.is_completed():
+        if clock() >= deadline:
+            raise TimeoutError(f"no completion within {timeout.total_seconds():.1f} s")
+        sleep(_POLL_S)
 
 
 @dataclass(frozen=True)
@@ -135,7 +162,16 @@ def _new_group(
             raise LinkError("device is CUDA but this torch build has no NCCL")
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, 2, opts)
+        with _NCCL_ENV_LOCK:  # the setting is read from the environment by the constructor
+            before = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = _NCCL_CLEAN_UP_ONLY
+            try:
+                return dist.ProcessGroupNCCL(store, rank, 2, opts)
+            finally:
+                if before is None:
+                    os.environ.pop("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+                else:
+                    os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = before
     opts = dist.ProcessGroupGloo._Options()
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]
     opts._timeout = timeout
@@ -262,11 +298,11 @@ class P2PLink:
 
     def _raw_send(self, data: bytes) -> None:
         tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
-        self._group.send([tensor], self.peer, _HANDSHAKE_TAG).wait(self.timeout)
+        complete(self._group.send([tensor], self.peer, _HANDSHAKE_TAG), self.timeout)
 
     def _raw_recv(self, num_bytes: int) -> bytes:
         tensor = torch.empty(num_bytes, dtype=torch.uint8, device=self.device)
-        self._group.recv([tensor], self.peer, _HANDSHAKE_TAG).wait(self.timeout)
+        complete(self._group.recv([tensor], self.peer, _HANDSHAKE_TAG), self.timeout)
         return bytes(tensor.cpu().numpy())
 
     @property
@@ -285,7 +321,7 @@ class P2PLink:
             try:
                 for tensor, tag in zip(tensors, tags, strict=True):
                     data = self._as_bytes(tensor)
-                    self._group.send([data], self.peer, tag).wait(timeout)
+                    complete(self._group.send([data], self.peer, tag), timeout)
                     total += data.numel()
             except Exception as exc:
                 raise self._fail("send", exc) from exc
@@ -305,20 +341,24 @@ class P2PLink:
             try:
                 for (shape, dtype), tag in zip(specs, tags, strict=True):
                     tensor = torch.empty(tuple(shape), dtype=dtype, device=self.device)
-                    self._group.recv([self._as_bytes(tensor)], self.peer, tag).wait(timeout)
+                    complete(self._group.recv([self._as_bytes(tensor)], self.peer, tag), timeout)
                     out.append(tensor)
             except Exception as exc:
                 raise self._fail("recv", exc) from exc
             return out
 
-    def close(self, reason: str = "closed") -> None:
-        """Release the process group; idempotent."""
+    def close(self, reason: str = "closed", abort: bool = False) -> None:
+        """Release the process group; idempotent. `abort` after a failure: operations may still
+        be queued (NCCL), and a clean shutdown would wait for them."""
         if self._broken is None:
             self._broken = reason
         group, self._group = getattr(self, "_group", None), None
         if group is not None:
             try:
-                group.shutdown()
+                if abort and hasattr(group, "abort"):
+                    group.abort()
+                else:
+                    group.shutdown()
             except Exception:  # a broken group may refuse a clean shutdown; it is dropped anyway
                 log.debug("link %s: shutdown raised", self.link_id, exc_info=True)
 
@@ -339,5 +379,5 @@ class P2PLink:
     def _fail(self, op: str, exc: Exception) -> LinkError:
         reason = f"{op} failed: {exc}"
         log.warning("link %s broken: %s", self.link_id, reason)
-        self.close(reason)
+        self.close(reason, abort=True)
         return LinkError(f"link {self.link_id} broke during {op} with rank {self.peer}: {exc}")

@@ -34,7 +34,13 @@ from services.language.encoder.probe import ReplicaProbe
 from services.language.encoder.rpc import EncodeStub, ErrorKind, RemoteError
 from shared.wire.errors import IncompatibleEncoderError, LinkError, SecurityConfigError
 from shared.wire.images import EncodedImage, ImageRef
-from shared.wire.info import EncoderContract, EncoderInfo, check_compatible
+from shared.wire.info import (
+    EncoderContract,
+    EncoderInfo,
+    check_compatible,
+    check_link_placement,
+    device_uuid,
+)
 from shared.wire.security import TLSFiles
 
 log = logging.getLogger(__name__)
@@ -139,6 +145,7 @@ class EncodeClient:
     def __init__(self, config: EncodeClientConfig):
         self.config = config
         self.device = torch.device(config.device)
+        self._device_uuid = device_uuid(config.device)  # "" on a CPU
         self._pool = ThreadPoolExecutor(
             max(2, 2 * len(config.endpoints)), thread_name_prefix="encode-link"
         )
@@ -154,6 +161,7 @@ class EncodeClient:
         )
         self._picks = itertools.count(1)
         self.retries = 0  # attempts made after a failed one
+        self.link_fallbacks = 0  # images retried inline after their link transfer failed
 
     def outstanding(self, endpoint: str) -> int:
         """Calls in flight to one endpoint."""
@@ -280,6 +288,8 @@ class EncodeClient:
         info = await replica.stub.info(timeout)
         try:
             check_compatible(self.config.expected, info, replica.stub.address)
+            if replica.link is not None:
+                check_link_placement(self._device_uuid, info, replica.stub.address)
         except IncompatibleEncoderError as exc:
             replica.incompatible = str(exc)
             log.error("%s; it will not be used", exc)
@@ -290,6 +300,7 @@ class EncodeClient:
     async def _encode_image(self, ref: ImageRef, deadline: float, request_id: str) -> EncodedImage:
         tried: set[str] = set()
         last: Exception | None = None
+        inline = False  # after a link failure the image is retried inline, over gRPC
         for attempt in range(self.config.max_attempts):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -303,7 +314,7 @@ class EncodeClient:
             replica.outstanding += 1
             replica.attempts += 1
             try:
-                image = await self._bounded_attempt(replica, ref, request_id, budget)
+                image = await self._bounded_attempt(replica, ref, request_id, budget, inline)
                 replica.admitted = True  # a call that works puts a replica back at once
                 return image
             except RemoteError as exc:
@@ -314,6 +325,7 @@ class EncodeClient:
                     self._cool_down(replica, exc)
                 if exc.kind is ErrorKind.UNAVAILABLE:
                     replica.verified = False  # it may come back as another process
+                inline = inline or self._link_failed(replica, exc)
                 last = exc
             except IncompatibleEncoderError as exc:
                 replica.failures += 1
@@ -321,6 +333,7 @@ class EncodeClient:
                 last = exc
             except LinkError as exc:
                 replica.failures += 1
+                inline = inline or self._link_failed(replica, exc)
                 last = exc
             finally:
                 replica.outstanding -= 1
@@ -331,8 +344,21 @@ class EncodeClient:
             kind if last is not None else ErrorKind.DEADLINE,
         )
 
+    def _link_failed(self, replica: _Replica, exc: Exception) -> bool:
+        """Whether `exc` broke a link transfer (the image's next attempt then goes inline: the
+        link's own peer or transport may be what failed; later requests set up a new link)."""
+        failed = replica.link is not None and (
+            isinstance(exc, LinkError) or exc.kind is ErrorKind.LINK_BROKEN
+        )
+        if failed:
+            self.link_fallbacks += 1
+            log.warning(
+                "link to %s failed (%s); retrying the image inline", replica.stub.address, exc
+            )
+        return failed
+
     async def _bounded_attempt(
-        self, replica: _Replica, ref: ImageRef, request_id: str, budget: float
+        self, replica: _Replica, ref: ImageRef, request_id: str, budget: float, inline: bool
     ) -> EncodedImage:
         """Handshake (if due) and one attempt, together within `budget` seconds: the gRPC
         deadlines inside stop the replica's work, this bound stops everything else (link set-up
@@ -342,7 +368,7 @@ class EncodeClient:
             async with asyncio.timeout(budget):
                 await self._verify(replica, budget)
                 left = max(deadline - time.monotonic(), 0.001)
-                return await self._attempt(replica, ref, request_id, left)
+                return await self._attempt(replica, ref, request_id, left, inline)
         except TimeoutError:
             raise RemoteError(
                 ErrorKind.DEADLINE,
@@ -351,11 +377,11 @@ class EncodeClient:
             ) from None
 
     async def _attempt(
-        self, replica: _Replica, ref: ImageRef, request_id: str, timeout: float
+        self, replica: _Replica, ref: ImageRef, request_id: str, timeout: float, inline: bool
     ) -> EncodedImage:
         expected = self.config.expected
         checkpoint = expected.checkpoint_id if expected is not None else None
-        if replica.link is not None:
+        if replica.link is not None and not inline:
             return await replica.link.receive(ref, request_id, timeout, checkpoint)
         chunk = self.config.inline_chunk_bytes or self.config.max_message_bytes - _FRAME_OVERHEAD
         pin = self.device.type == "cuda"

@@ -137,7 +137,9 @@ def test_per_request_max_pixels(encode_service, reference):
     assert torch.equal(small.packed, reference.encode(data, max_pixels=64 * 64))
 
 
-def test_a_broken_link_fails_its_request_clearly_and_is_set_up_again(encode_service, reference):
+def test_a_broken_link_is_retried_inline_or_fails_clearly_and_is_set_up_again(
+    encode_service, reference
+):
     images = [png_bytes(80, 80, seed=900 + i) for i in range(3)]
 
     def close_link_on_service(link_id):
@@ -157,18 +159,20 @@ def test_a_broken_link_fails_its_request_clearly_and_is_set_up_again(encode_serv
             except EncodeError as exc:
                 second = exc
             third = await client.encode([ImageRef(images[2])])
-            return first_link, second, third, client.link_id(encode_service.address), client.retries
+            last_link = client.link_id(encode_service.address)
+            return first_link, second, third, last_link, (client.retries, client.link_fallbacks)
         finally:
             await client.close()
 
     # One attempt: the request on the broken link fails with a clear error; the next one works.
-    first_link, second, third, last_link, retries = asyncio.run(run(max_attempts=1))
+    first_link, second, third, last_link, (retries, _) = asyncio.run(run(max_attempts=1))
     assert isinstance(second, EncodeError) and "link" in str(second)
     assert last_link not in (None, first_link) and retries == 0
     assert torch.equal(third[0].packed, reference.encode(images[2]))
-    # With retries the same break is invisible to the caller.
-    first_link, second, third, last_link, retries = asyncio.run(run(max_attempts=3))
-    assert retries == 1 and last_link != first_link
+    # With retries the same break is invisible to the caller: the image is retried inline over
+    # gRPC, and the next request sets up a new link.
+    first_link, second, third, last_link, (retries, fallbacks) = asyncio.run(run(max_attempts=3))
+    assert retries == 1 and fallbacks == 1 and last_link != first_link
     assert torch.equal(second[0].packed, reference.encode(images[1]))
 
 

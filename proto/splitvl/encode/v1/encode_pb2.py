@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$proto/splitvl/encode/v1/encode.proto\x12\x11splitvl.encode.v1\"s\n\nImageInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\x12\x12\n\nmin_pixels\x18\x04 \x01(\x04\x12\x12\n\nmax_pixels\x18\x05 \x01(\x04\x42\x08\n\x06source\"\xad\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x06images\x18\x02 \x03(\x0b\x32\x1d.splitvl.encode.v1.ImageInput\x12/\n\ttransport\x18\x03 \x01(\x0e\x32\x1c.splitvl.encode.v1.Transport\x12\x0f\n\x07link_id\x18\x04 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\x04\"\xc3\x01\n\x0bImageHeader\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08grid_thw\x18\x02 \x03(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x04\x12\x14\n\x0c\x63ontent_hash\x18\x06 \x01(\t\x12\x11\n\tcache_hit\x18\x07 \x01(\x08\x12\x11\n\tnum_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06ticket\x18\t \x01(\x04\x12\x15\n\rcheckpoint_id\x18\n \x01(\t\"K\n\x0bTensorChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0f\n\x07padding\x18\x04 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"~\n\x0e\x45ncodeResponse\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.splitvl.encode.v1.ImageHeaderH\x00\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1e.splitvl.encode.v1.TensorChunkH\x00\x42\t\n\x07payload\"\x10\n\x0eGetInfoRequest\"\xef\x02\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x15\n\rnum_deepstack\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\npatch_size\x18\x05 \x01(\r\x12\x12\n\nmerge_size\x18\x06 \x01(\r\x12\x1b\n\x13temporal_patch_size\x18\x07 \x01(\r\x12\x12\n\nmin_pixels\x18\x08 \x01(\x04\x12\x12\n\nmax_pixels\x18\t \x01(\x04\x12\x17\n\x0fmax_image_bytes\x18\n \x01(\x04\x12\x1e\n\x16max_images_per_request\x18\x0b \x01(\r\x12\x19\n\x11max_batch_patches\x18\x0c \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\r \x01(\t\x12\x14\n\x0clink_backend\x18\x0e \x01(\t\x12\x14\n\x0cmetrics_port\x18\x0f \x01(\r\x12\x15\n\rcheckpoint_id\x18\x10 \x01(\t\"!\n\x0fOpenLinkRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\"\x8d\x01\n\x10OpenLinkResponse\x12\x0f\n\x07link_id\x18\x01 \x01(\t\x12\x12\n\nstore_host\x18\x02 \x01(\t\x12\x12\n\nstore_port\x18\x03 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\x12\x0e\n\x06secret\x18\x07 \x01(\t\"3\n\x0fTransferRequest\x12\x0f\n\x07link_id\x18\x01 \x01(\t\x12\x0f\n\x07tickets\x18\x02 \x03(\x04\"\x7f\n\x10TransferResponse\x12\x31\n\x05ready\x18\x01 \x01(\x0b\x32 .splitvl.encode.v1.TransferReadyH\x00\x12/\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1f.splitvl.encode.v1.TransferDoneH\x00\x42\x07\n\x05stage\"$\n\rTransferReady\x12\x13\n\x0bnum_tensors\x18\x01 \x01(\r\"!\n\x0cTransferDone\x12\x11\n\tnum_bytes\x18\x01 \x01(\x04\"#\n\x10\x43loseLinkRequest\x12\x0f\n\x07link_id\x18\x01 \x01(\t\"\x13\n\x11\x43loseLinkResponse\"\x13\n\x11GetMetricsRequest\"\"\n\x12GetMetricsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*P\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x14\n\x10TRANSPORT_INLINE\x10\x01\x12\x12\n\x0eTRANSPORT_LINK\x10\x02\x32\x91\x04\n\rEncodeService\x12O\n\x06\x45ncode\x12 .splitvl.encode.v1.EncodeRequest\x1a!.splitvl.encode.v1.EncodeResponse0\x01\x12P\n\x07GetInfo\x12!.splitvl.encode.v1.GetInfoRequest\x1a\".splitvl.encode.v1.GetInfoResponse\x12S\n\x08OpenLink\x12\".splitvl.encode.v1.OpenLinkRequest\x1a#.splitvl.encode.v1.OpenLinkResponse\x12U\n\x08Transfer\x12\".splitvl.encode.v1.TransferRequest\x1a#.splitvl.encode.v1.TransferResponse0\x01\x12V\n\tCloseLink\x12#.splitvl.encode.v1.CloseLinkRequest\x1a$.splitvl.encode.v1.CloseLinkResponse\x12Y\n\nGetMetrics\x12$.splitvl.encode.v1.GetMetricsRequest\x1a%.splitvl.encode.v1.GetMetricsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$proto/splitvl/encode/v1/encode.proto\x12\x11splitvl.encode.v1\"s\n\nImageInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\x12\x12\n\nmin_pixels\x18\x04 \x01(\x04\x12\x12\n\nmax_pixels\x18\x05 \x01(\x04\x42\x08\n\x06source\"\xad\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x06images\x18\x02 \x03(\x0b\x32\x1d.splitvl.encode.v1.ImageInput\x12/\n\ttransport\x18\x03 \x01(\x0e\x32\x1c.splitvl.encode.v1.Transport\x12\x0f\n\x07link_id\x18\x04 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\x04\"\xc3\x01\n\x0bImageHeader\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08grid_thw\x18\x02 \x03(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x04\x12\x14\n\x0c\x63ontent_hash\x18\x06 \x01(\t\x12\x11\n\tcache_hit\x18\x07 \x01(\x08\x12\x11\n\tnum_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06ticket\x18\t \x01(\x04\x12\x15\n\rcheckpoint_id\x18\n \x01(\t\"K\n\x0bTensorChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0f\n\x07padding\x18\x04 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"~\n\x0e\x45ncodeResponse\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.splitvl.encode.v1.ImageHeaderH\x00\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1e.splitvl.encode.v1.TensorChunkH\x00\x42\t\n\x07payload\"\x10\n\x0eGetInfoRequest\"\x84\x03\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x15\n\rnum_deepstack\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\npatch_size\x18\x05 \x01(\r\x12\x12\n\nmerge_size\x18\x06 \x01(\r\x12\x1b\n\x13temporal_patch_size\x18\x07 \x01(\r\x12\x12\n\nmin_pixels\x18\x08 \x01(\x04\x12\x12\n\nmax_pixels\x18\t \x01(\x04\x12\x17\n\x0fmax_image_bytes\x18\n \x01(\x04\x12\x1e\n\x16max_images_per_request\x18\x0b \x01(\r\x12\x19\n\x11max_batch_patches\x18\x0c \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\r \x01(\t\x12\x14\n\x0clink_backend\x18\x0e \x01(\t\x12\x14\n\x0cmetrics_port\x18\x0f \x01(\r\x12\x15\n\rcheckpoint_id\x18\x10 \x01(\t\x12\x13\n\x0b\x64\x65vice_uuid\x18\x11 \x01(\t\"!\n\x0fOpenLinkRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\"\x8d\x01\n\x10OpenLinkResponse\x12\x0f\n\x07link_id\x18\x01 \x01(\t\x12\x12\n\nstore_host\x18\x02 \x01(\t\x12\x12\n\nstore_port\x18\x03 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\x12\x0e\n\x06secret\x18\x07 \x01(\t\"3\n\x0fTransferRequest\x12\x0f\n\x07link_id\x18\x01 \x01(\t\x12\x0f\n\x07tickets\x18\x02 \x03(\x04\"\x7f\n\x10TransferResponse\x12\x31\n\x05ready\x18\x01 \x01(\x0b\x32 .splitvl.encode.v1.TransferReadyH\x00\x12/\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1f.splitvl.encode.v1.TransferDoneH\x00\x42\x07\n\x05stage\"$\n\rTransferReady\x12\x13\n\x0bnum_tensors\x18\x01 \x01(\r\"!\n\x0cTransferDone\x12\x11\n\tnum_bytes\x18\x01 \x01(\x04\"#\n\x10\x43loseLinkRequest\x12\x0f\n\x07link_id\x18\x01 \x01(\t\"\x13\n\x11\x43loseLinkResponse\"\x13\n\x11GetMetricsRequest\"\"\n\x12GetMetricsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*P\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x14\n\x10TRANSPORT_INLINE\x10\x01\x12\x12\n\x0eTRANSPORT_LINK\x10\x02\x32\x91\x04\n\rEncodeService\x12O\n\x06\x45ncode\x12 .splitvl.encode.v1.EncodeRequest\x1a!.splitvl.encode.v1.EncodeResponse0\x01\x12P\n\x07GetInfo\x12!.splitvl.encode.v1.GetInfoRequest\x1a\".splitvl.encode.v1.GetInfoResponse\x12S\n\x08OpenLink\x12\".splitvl.encode.v1.OpenLinkRequest\x1a#.splitvl.encode.v1.OpenLinkResponse\x12U\n\x08Transfer\x12\".splitvl.encode.v1.TransferRequest\x1a#.splitvl.encode.v1.TransferResponse0\x01\x12V\n\tCloseLink\x12#.splitvl.encode.v1.CloseLinkRequest\x1a$.splitvl.encode.v1.CloseLinkResponse\x12Y\n\nGetMetrics\x12$.splitvl.encode.v1.GetMetricsRequest\x1a%.splitvl.encode.v1.GetMetricsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.splitvl.encode.v1.encode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSPORT']._serialized_start=1692
-  _globals['_TRANSPORT']._serialized_end=1772
+  _globals['_TRANSPORT']._serialized_start=1713
+  _globals['_TRANSPORT']._serialized_end=1793
   _globals['_IMAGEINPUT']._serialized_start=59
   _globals['_IMAGEINPUT']._serialized_end=174
   _globals['_ENCODEREQUEST']._serialized_start=177
@@ -46,27 +46,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFOREQUEST']._serialized_start=755
   _globals['_GETINFOREQUEST']._serialized_end=771
   _globals['_GETINFORESPONSE']._serialized_start=774
-  _globals['_GETINFORESPONSE']._serialized_end=1141
-  _globals['_OPENLINKREQUEST']._serialized_start=1143
-  _globals['_OPENLINKREQUEST']._serialized_end=1176
-  _globals['_OPENLINKRESPONSE']._serialized_start=1179
-  _globals['_OPENLINKRESPONSE']._serialized_end=1320
-  _globals['_TRANSFERREQUEST']._serialized_start=1322
-  _globals['_TRANSFERREQUEST']._serialized_end=1373
-  _globals['_TRANSFERRESPONSE']._serialized_start=1375
-  _globals['_TRANSFERRESPONSE']._serialized_end=1502
-  _globals['_TRANSFERREADY']._serialized_start=1504
-  _globals['_TRANSFERREADY']._serialized_end=1540
-  _globals['_TRANSFERDONE']._serialized_start=1542
-  _globals['_TRANSFERDONE']._serialized_end=1575
-  _globals['_CLOSELINKREQUEST']._serialized_start=1577
-  _globals['_CLOSELINKREQUEST']._serialized_end=1612
-  _globals['_CLOSELINKRESPONSE']._serialized_start=1614
-  _globals['_CLOSELINKRESPONSE']._serialized_end=1633
-  _globals['_GETMETRICSREQUEST']._serialized_start=1635
-  _globals['_GETMETRICSREQUEST']._serialized_end=1654
-  _globals['_GETMETRICSRESPONSE']._serialized_start=1656
-  _globals['_GETMETRICSRESPONSE']._serialized_end=1690
-  _globals['_ENCODESERVICE']._serialized_start=1775
-  _globals['_ENCODESERVICE']._serialized_end=2304
+  _globals['_GETINFORESPONSE']._serialized_end=1162
+  _globals['_OPENLINKREQUEST']._serialized_start=1164
+  _globals['_OPENLINKREQUEST']._serialized_end=1197
+  _globals['_OPENLINKRESPONSE']._serialized_start=1200
+  _globals['_OPENLINKRESPONSE']._serialized_end=1341
+  _globals['_TRANSFERREQUEST']._serialized_start=1343
+  _globals['_TRANSFERREQUEST']._serialized_end=1394
+  _globals['_TRANSFERRESPONSE']._serialized_start=1396
+  _globals['_TRANSFERRESPONSE']._serialized_end=1523
+  _globals['_TRANSFERREADY']._serialized_start=1525
+  _globals['_TRANSFERREADY']._serialized_end=1561
+  _globals['_TRANSFERDONE']._serialized_start=1563
+  _globals['_TRANSFERDONE']._serialized_end=1596
+  _globals['_CLOSELINKREQUEST']._serialized_start=1598
+  _globals['_CLOSELINKREQUEST']._serialized_end=1633
+  _globals['_CLOSELINKRESPONSE']._serialized_start=1635
+  _globals['_CLOSELINKRESPONSE']._serialized_end=1654
+  _globals['_GETMETRICSREQUEST']._serialized_start=1656
+  _globals['_GETMETRICSREQUEST']._serialized_end=1675
+  _globals['_GETMETRICSRESPONSE']._serialized_start=1677
+  _globals['_GETMETRICSRESPONSE']._serialized_end=1711
+  _globals['_ENCODESERVICE']._serialized_start=1796
+  _globals['_ENCODESERVICE']._serialized_end=2325
 # @@protoc_insertion_point(module_scope)

@@ -5,7 +5,7 @@ import warnings
 
 from proto.splitvl.encode.v1 import encode_pb2 as proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
