@@ -39,8 +39,12 @@ class DecodeGraphs:
         self._pool = None
         self._captured = False
 
+    @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every size (once); logs the time and the memory the graphs hold."""
+        """Capture every size (once); logs the time and the memory the graphs hold. Under
+        inference mode, as the steps that replay them run: with autograd on, a model whose
+        parameters require grad (a benchmark's random one) would keep every activation of the
+        warm-up runs alive."""
         if self._captured:
             return
         device = self.device
