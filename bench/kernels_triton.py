@@ -29,6 +29,8 @@ from collections.abc import Callable
 
 import torch
 
+from bench.common import save_result
+
 A3B = {
     "hidden": 2048,
     "experts": 128,
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 128, 1024])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument(
         "--compile-only",
         action="store_true",
@@ -301,15 +304,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{'torch GB/s':>10}"
     )
     print(header)
+    results = {"fused_moe": {}, "paged_decode": {}}
     for tokens in args.tokens:
-        print(_row(f"fused MoE T={tokens}", bench_moe(tokens, args.rounds, kernels, references)))
+        result = bench_moe(tokens, args.rounds, kernels, references)
+        results["fused_moe"][f"T={tokens}"] = result
+        print(_row(f"fused MoE T={tokens}", result))
         torch.cuda.empty_cache()
     for context in args.contexts:
         for batch in args.batches:
             splits = num_splits(batch, A3B["kv_heads"], context, torch.device("cuda"))
-            label = f"decode B={batch} ctx={context} s={splits}"
-            print(_row(label, bench_decode(batch, context, args.rounds, kernels, references)))
+            result = bench_decode(batch, context, args.rounds, kernels, references)
+            results["paged_decode"][f"B={batch} ctx={context}"] = result
+            print(_row(f"decode B={batch} ctx={context} s={splits}", result))
             torch.cuda.empty_cache()
+    save_result(args.out, results)
     return 0
 
 

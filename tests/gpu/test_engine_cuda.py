@@ -59,7 +59,7 @@ def _decode_ready_core(model_dir, num_requests: int, **overrides):
 @pytest.mark.parametrize("num_requests", [1, 2, 3, 5, 8, 11, 16])
 def test_graph_replay_equals_eager_without_host_syncs(tiny_dir, num_requests):
     core = _decode_ready_core(tiny_dir, num_requests)
-    runner = core.executor._runner
+    runner = core.executor.runner
     assert runner.graphs is not None
     scheduled = core.scheduler.schedule()
     runner.state.update(scheduled.plan)

@@ -38,6 +38,8 @@ class DecodeGraphs:
         self._outputs: dict[int, torch.Tensor] = {}
         self._pool = None
         self._captured = False
+        self.capture_seconds = 0.0
+        self.capture_bytes = 0  # device memory the graphs hold (their pool and outputs)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -66,13 +68,14 @@ class DecodeGraphs:
                 self._pool = graph.pool()
             self._graphs[size] = graph
         torch.cuda.synchronize(device)
-        used = torch.cuda.memory_reserved(device) - before
+        self.capture_bytes = torch.cuda.memory_reserved(device) - before
+        self.capture_seconds = time.perf_counter() - t0
         log.info(
             "captured %d decode graphs (sizes %s) in %.1f s, %.0f MiB",
             len(self._graphs),
             list(self.sizes),
-            time.perf_counter() - t0,
-            used / 2**20,
+            self.capture_seconds,
+            self.capture_bytes / 2**20,
         )
         self._captured = True
 

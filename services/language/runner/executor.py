@@ -38,14 +38,14 @@ class LocalExecutor:
     """One model runner in the calling process."""
 
     def __init__(self, runner):
-        self._runner = runner
+        self.runner = runner  # public for tools that inspect it (benchmarks), never the core
 
     @property
     def device(self) -> torch.device:
-        return self._runner.device
+        return self.runner.device
 
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
-        return self._runner.execute(plan)
+        return self.runner.execute(plan)
 
     def death(self) -> str | None:
         return None

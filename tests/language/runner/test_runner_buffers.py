@@ -90,7 +90,7 @@ def test_a_decode_forward_reads_nothing_back(cases, tiny_vl_model_dir, monkeypat
         any(s.num_output_tokens == 0 for s in core.scheduler.running) or core.scheduler.num_waiting
     ):
         core.step()
-    runner = core.executor._runner
+    runner = core.executor.runner
     scheduled = core.scheduler.schedule()
     assert all(w.num_tokens == 1 for w in scheduled.chunks)
     runner.state.update(scheduled.plan)
