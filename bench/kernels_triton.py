@@ -190,13 +190,54 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {k: int(fields[k]) for k in ("REG", "STACK", "LOCAL")}
 
 
-def compile_only(tokens: list[int], batches: list[int], contexts: list[int]) -> int:
+def _compile_launches(kernels, dt, tokens, batches, contexts) -> None:
+    """Every launch the benchmark's shapes make, in one dtype."""
+    hidden, experts, top_k, inter = (A3B[k] for k in ("hidden", "experts", "top_k", "inter"))
+    gate_up = torch.empty(experts, hidden, 2 * inter, dtype=dt)
+    down = torch.empty(experts, inter, hidden, dtype=dt)
+    for t in tokens:
+        kernels.fused_moe(
+            torch.empty(t, hidden, dtype=dt),
+            gate_up,
+            down,
+            torch.empty(t, top_k, dtype=dt),
+            torch.zeros(t, top_k, dtype=torch.long),
+        )
+    heads, kv_heads, dim, block = (A3B[k] for k in ("heads", "kv_heads", "head_dim", "block_size"))
+    scale = dim**-0.5
+    for context in contexts:
+        for b in batches:
+            width = context // block
+            cache = torch.empty(b * width + 1, block, kv_heads, dim, dtype=dt)
+            kernels.paged_decode(
+                torch.empty(b, heads, dim, dtype=dt),
+                cache,
+                cache,
+                torch.zeros(b, width, dtype=torch.long),
+                torch.ones(b, dtype=torch.long),
+                scale,
+            )
+    cache = torch.empty(128, block, kv_heads, dim, dtype=dt)
+    table = torch.zeros(128, dtype=torch.long)
+    for start, n in [(0, 1066), (1000, 66), (0, 16)]:
+        kv = torch.empty(n, kv_heads, dim, dtype=dt)
+        kernels.paged_prefill(
+            torch.empty(n, heads, dim, dtype=dt), kv, kv, cache, cache, table, start, scale
+        )
+
+
+def compile_only(
+    tokens: list[int],
+    batches: list[int],
+    contexts: list[int],
+    dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32),
+) -> int:
     """Compile every launch of the benchmark for sm_90 on the CPU; report, fail on spills."""
     import triton.runtime.jit as jit
     from triton.runtime import driver
 
     from shared.kernels import gpu as kernels
-    from shared.kernels.gpu import paged_attention, tiles
+    from shared.kernels.gpu import attention_triton, tiles
 
     compiled: dict[str, object] = {}
     run = jit.JITFunction.run
@@ -210,43 +251,10 @@ def compile_only(tokens: list[int], batches: list[int], contexts: list[int]) -> 
     driver.set_active(_Sm90Driver())
     jit.JITFunction.run = compile_instead
     tiles.device_name = lambda device: "NVIDIA_H200"
-    paged_attention._num_sms = lambda device: 132
+    attention_triton._num_sms = lambda device: 132
     try:
-        hidden, experts, top_k, inter = (A3B[k] for k in ("hidden", "experts", "top_k", "inter"))
-        dt = torch.bfloat16
-        gate_up = torch.empty(experts, hidden, 2 * inter, dtype=dt)
-        down = torch.empty(experts, inter, hidden, dtype=dt)
-        for t in tokens:
-            kernels.fused_moe(
-                torch.empty(t, hidden, dtype=dt),
-                gate_up,
-                down,
-                torch.empty(t, top_k, dtype=dt),
-                torch.zeros(t, top_k, dtype=torch.long),
-            )
-        heads, kv_heads, dim, block = (
-            A3B[k] for k in ("heads", "kv_heads", "head_dim", "block_size")
-        )
-        scale = dim**-0.5
-        for context in contexts:
-            for b in batches:
-                width = context // block
-                cache = torch.empty(b * width + 1, block, kv_heads, dim, dtype=dt)
-                kernels.paged_decode(
-                    torch.empty(b, heads, dim, dtype=dt),
-                    cache,
-                    cache,
-                    torch.zeros(b, width, dtype=torch.long),
-                    torch.ones(b, dtype=torch.long),
-                    scale,
-                )
-        cache = torch.empty(128, block, kv_heads, dim, dtype=dt)
-        table = torch.zeros(128, dtype=torch.long)
-        for start, n in [(0, 1066), (1000, 66), (0, 16)]:
-            kv = torch.empty(n, kv_heads, dim, dtype=dt)
-            kernels.paged_prefill(
-                torch.empty(n, heads, dim, dtype=dt), kv, kv, cache, cache, table, start, scale
-            )
+        for dt in dtypes:  # bf16 for bf16 checkpoints; fp32 serves fp32 ones (the shipped model)
+            _compile_launches(kernels, dt, tokens, batches, contexts)
     finally:
         jit.JITFunction.run = run
         driver._active = previous

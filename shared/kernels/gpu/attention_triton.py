@@ -194,6 +194,15 @@ def num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device
     return max(1, min(wanted, triton.cdiv(max_context, MIN_PARTITION), MAX_SPLITS))
 
 
+def tile_n(head_dim: int, dtype: torch.dtype) -> int:
+    """K/V positions per tile: 64 for 2-byte heads up to 128 wide; 16 for fp32, whose exact
+    (non-tensor-core) dots spill registers at 32 and above (`bench.kernels_triton
+    --compile-only` compiles both dtypes and fails on spills); 32 for wider bf16 heads."""
+    if dtype.itemsize > 2:
+        return 16
+    return 64 if head_dim <= 128 else 32
+
+
 def check_cache(q, k_cache, v_cache) -> tuple[int, int]:
     if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
         raise AttentionShapeError(
@@ -232,7 +241,7 @@ def paged_decode_triton(
     max_context = block_tables.shape[1] * block_size
     if splits is None:
         splits = num_splits(batch, kv_heads, max_context, q.device)
-    block_n = 64 if head_dim <= 128 else 32
+    block_n = tile_n(head_dim, q.dtype)
     partition = triton.cdiv(triton.cdiv(max_context, splits), block_n) * block_n
     dim_pad = triton.next_power_of_2(head_dim)
     if splits == 1:

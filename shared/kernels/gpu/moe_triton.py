@@ -33,6 +33,7 @@ def _align_kernel(
     BLOCK_M: tl.constexpr,
     E_PAD: tl.constexpr,
     CHUNK: tl.constexpr,
+    PAD_CHUNK: tl.constexpr,
 ):
     """One program: counts per expert, padded offsets, then a stable scatter of the rows."""
     experts = tl.arange(0, E_PAD)
@@ -48,13 +49,15 @@ def _align_kernel(
 
     # The sentinel goes only where no row will be written, so no ordering between the two
     # stores is needed: slots [starts[e] + counts[e], ends[e]) of each expert.
-    pad = tl.arange(0, BLOCK_M)
-    slots = (starts + counts)[:, None] + pad[None, :]
-    tl.store(
-        sorted_ptr + slots,
-        tl.full([E_PAD, BLOCK_M], 0, tl.int32) + num_rows,
-        mask=slots < ends[:, None],
-    )
+    # In [E_PAD, PAD_CHUNK] pieces: a whole [E_PAD, BLOCK_M] tile spills registers at 64.
+    pad = tl.arange(0, PAD_CHUNK)
+    for offset in tl.static_range(0, BLOCK_M, PAD_CHUNK):
+        slots = (starts + counts)[:, None] + offset + pad[None, :]
+        tl.store(
+            sorted_ptr + slots,
+            tl.full([E_PAD, PAD_CHUNK], 0, tl.int32) + num_rows,
+            mask=slots < ends[:, None],
+        )
 
     # Block b starts at row b * BLOCK_M; its expert is the number of experts ending at or
     # before it. Blocks past the last are never computed; keep their id in range anyway.
@@ -268,6 +271,7 @@ def align_block_size(
         BLOCK_M=block_m,
         E_PAD=e_pad,
         CHUNK=chunk,
+        PAD_CHUNK=min(block_m, 16),
         num_warps=4,
     )
     return sorted_rows, block_expert, num_blocks
@@ -312,7 +316,7 @@ def fused_moe_triton(
     out = x.new_empty(num_tokens, hidden)
     if num_tokens == 0:
         return out
-    cfg = tiles.moe_config(num_experts, inter, num_tokens, x.device)
+    cfg = tiles.moe_config(num_experts, inter, num_tokens, x.device, x.dtype)
     block_m, block_n, block_k = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     sorted_rows, block_expert, num_blocks = align_block_size(ids, num_experts, block_m)

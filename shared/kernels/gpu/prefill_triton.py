@@ -14,6 +14,7 @@ from shared.kernels.gpu.attention_triton import (
     attend,
     check_cache,
     precision_of,
+    tile_n,
 )
 
 
@@ -140,8 +141,8 @@ def paged_prefill_triton(
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
-    block_m = 64 if num_tokens > 32 else 16
-    block_n = 64 if head_dim <= 128 else 32
+    block_n = tile_n(head_dim, q.dtype)
+    block_m = 16 if num_tokens <= 32 else block_n
     _prefill_kernel[(triton.cdiv(num_tokens, block_m), num_heads)](
         q,
         k,

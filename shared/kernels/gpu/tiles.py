@@ -83,9 +83,18 @@ def table_for(num_experts: int, intermediate: int, name: str) -> dict[int, dict[
 
 
 def moe_config(
-    num_experts: int, intermediate: int, num_tokens: int, device: torch.device
+    num_experts: int,
+    intermediate: int,
+    num_tokens: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, int]:
-    """Launch parameters for ``num_tokens`` tokens: the entry with the nearest M."""
+    """Launch parameters for ``num_tokens`` tokens: the entry with the nearest M. The tables are
+    tuned for 2-byte weights; fp32 halves BLOCK_SIZE_K, keeping each tile's bytes (at the bf16
+    depth the largest fp32 variants spill registers)."""
     table = table_for(num_experts, intermediate, device_name(device))
     nearest = min(table, key=lambda m: (abs(m - num_tokens), m))
-    return table[nearest]
+    entry = table[nearest]
+    if dtype.itemsize > 2:
+        entry = {**entry, "BLOCK_SIZE_K": max(16, entry["BLOCK_SIZE_K"] // 2)}
+    return entry
