@@ -176,10 +176,19 @@ class MultiprocExecutor:
 
     def _watch(self) -> None:
         """Block on the workers' sentinels; the first to exit marks the executor dead."""
-        multiprocessing.connection.wait([proc.sentinel for proc in self._workers])
-        if not self._stopping and self._dead is None:
-            self._dead = self._worker_death(0.0) or "a tensor-parallel rank exited"
-            log.error("%s; the engine cannot run steps any more", self._dead)
+        ready = multiprocessing.connection.wait([proc.sentinel for proc in self._workers])
+        if self._stopping or self._dead is not None:
+            return
+        rank, proc = next(
+            (rank, proc)
+            for rank, proc in enumerate(self._workers, start=1)
+            if proc.sentinel in ready
+        )
+        proc.join(_DEATH_GRACE_S)  # the sentinel fires before the exit status can be read
+        self._dead = (
+            f"tensor-parallel rank {rank} (pid {proc.pid}) exited with status {proc.exitcode}"
+        )
+        log.error("%s; the engine cannot run steps any more", self._dead)
 
     @classmethod
     def start(cls, specs: list[RankSpec]) -> MultiprocExecutor:
@@ -225,8 +234,8 @@ class MultiprocExecutor:
         return self._dead
 
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
-        if self._dead is not None:
-            raise WorkerDiedError(self._dead)
+        if self._dead is not None or self._stopping:
+            raise WorkerDiedError(self._dead or "the tensor-parallel workers were shut down")
         try:
             send_plan(plan, self._control)
             return self._runner.execute(plan)
@@ -263,7 +272,6 @@ class MultiprocExecutor:
                 if proc.is_alive():
                     proc.kill()
                     proc.join(_JOIN_TIMEOUT_S)
-            self._dead = self._dead or "shut down"
             if dist.is_initialized():
                 try:
                     dist.destroy_process_group()
