@@ -138,3 +138,72 @@ def fused_moe_torch(
     for j in range(1, top_k):  # top-k order, explicitly
         out = out + terms[:, j]
     return out
+
+
+# -- the small ops around the GEMMs: what the fused kernels replace ---------------------------
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3's RMSNorm over the last axis: normalize in fp32, cast back to x's dtype, then
+    scale in that dtype (the order transformers keeps, which decides bf16's rounding)."""
+    if x.dtype == torch.float32 == weight.dtype:
+        return F.rms_norm(x, weight.shape, weight, eps)  # the same arithmetic in one op
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm_torch(
+    x: torch.Tensor,  # [T, H]
+    residual: torch.Tensor | None,  # [T, H]
+    weight: torch.Tensor,  # [H]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (normed, the new residual)
+    """RMSNorm(x + residual) and x + residual (rounded to x's dtype first, as transformers adds
+    the residual before the next norm); without a residual, RMSNorm(x) and x."""
+    h = x if residual is None else x + residual
+    return rms_norm_torch(h, weight, eps), h
+
+
+def qk_norm_rope_torch(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    q_weight: torch.Tensor,  # [D]
+    k_weight: torch.Tensor,  # [D]
+    eps: float,
+    cos: torch.Tensor,  # [T, D] in q's dtype
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q and k, then rotary: x * cos + rotate_half(x) * sin in q's dtype."""
+
+    def rope(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+    return rope(rms_norm_torch(q, q_weight, eps)), rope(rms_norm_torch(k, k_weight, eps))
+
+
+def router_topk_torch(
+    logits: torch.Tensor,  # [T, E] in the model dtype
+    top_k: int,
+    renormalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # weights [T, k] in logits' dtype, ids [T, k] int64
+    """Softmax in fp32, the top k, optionally renormalized over them, cast back."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), ids
+
+
+def kv_store_torch(
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,  # [T] flat slot of each token
+) -> None:
+    """Write each token's K/V at its flat slot of the paged cache."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))

@@ -1,10 +1,13 @@
 """Which implementation runs each kernel on each device.
 
 Backends are modules exposing the reference functions' signatures (`fused_moe`,
-`paged_decode`, `paged_prefill`, each optional): `shared.kernels.cpu` on CPUs when its
-extension compiled on this machine, `shared.kernels.gpu` on CUDA when Triton imports. A
-missing backend or operation falls back to the PyTorch reference. ``SPLITVL_KERNELS=torch``
-forces the references (the parity baseline); the choice is made once per device type.
+`paged_decode`, `paged_prefill`, `add_rms_norm`, `qk_norm_rope`, `router_topk`, `kv_store`, each
+optional): `shared.kernels.cpu` on CPUs when its extension compiled on this machine,
+`shared.kernels.gpu` on CUDA when Triton imports. A missing backend or operation falls back to
+the PyTorch reference. ``SPLITVL_KERNELS=torch`` forces the references (the parity baseline);
+``SPLITVL_KERNELS=gpu`` the Triton kernels on every device (CPU tensors then run in Triton's
+interpreter, TRITON_INTERPRET=1: how the CUDA selection's launches are counted without a GPU).
+The choice is made once per device type.
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ from types import ModuleType
 
 import torch
 
-from shared.kernels.reference import fused_moe_torch, paged_decode_torch, paged_prefill_torch
+from shared.kernels.reference import (
+    add_rms_norm_torch,
+    fused_moe_torch,
+    kv_store_torch,
+    paged_decode_torch,
+    paged_prefill_torch,
+    qk_norm_rope_torch,
+    router_topk_torch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +37,20 @@ _REFERENCES: dict[str, Callable] = {
     "fused_moe": fused_moe_torch,
     "paged_decode": paged_decode_torch,
     "paged_prefill": paged_prefill_torch,
+    "add_rms_norm": add_rms_norm_torch,
+    "qk_norm_rope": qk_norm_rope_torch,
+    "router_topk": router_topk_torch,
+    "kv_store": kv_store_torch,
 }
 
 
 @functools.cache
 def _backend(device_type: str) -> ModuleType | None:
     """The accelerated backend module for a device type, or None."""
-    if os.environ.get("SPLITVL_KERNELS", "auto") == "torch":
+    choice = os.environ.get("SPLITVL_KERNELS", "auto")
+    if choice == "torch":
         return None
-    name = {"cpu": "cpu", "cuda": "gpu"}.get(device_type)
+    name = "gpu" if choice == "gpu" else {"cpu": "cpu", "cuda": "gpu"}.get(device_type)
     if name is None:
         return None
     try:
@@ -76,3 +92,23 @@ def paged_prefill(q, k, v, k_cache, v_cache, block_table, context_start, scale) 
     """See shared.kernels.reference.paged_prefill_torch."""
     fn = implementation("paged_prefill", q.device.type)
     return fn(q, k, v, k_cache, v_cache, block_table, context_start, scale)
+
+
+def add_rms_norm(x, residual, weight, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """See shared.kernels.reference.add_rms_norm_torch."""
+    return implementation("add_rms_norm", x.device.type)(x, residual, weight, eps)
+
+
+def qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """See shared.kernels.reference.qk_norm_rope_torch."""
+    return implementation("qk_norm_rope", q.device.type)(q, k, q_weight, k_weight, eps, cos, sin)
+
+
+def router_topk(logits, top_k, renormalize) -> tuple[torch.Tensor, torch.Tensor]:
+    """See shared.kernels.reference.router_topk_torch."""
+    return implementation("router_topk", logits.device.type)(logits, top_k, renormalize)
+
+
+def kv_store(k, v, k_cache, v_cache, slots) -> None:
+    """See shared.kernels.reference.kv_store_torch."""
+    implementation("kv_store", k.device.type)(k, v, k_cache, v_cache, slots)

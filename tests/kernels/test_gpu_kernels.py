@@ -11,25 +11,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import os
-import subprocess
-import sys
-
-import torch
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-# ``triton.jit`` chooses interpreter or compiler when a function is defined, Triton's own
-# library included, so without a GPU TRITON_INTERPRET must be set before triton is first
-# imported (torch.nn.attention imports it when it is installed). If something in this process
-# imported it earlier, the kernel tests here skip and one test reruns this file in a fresh
-# process instead. The variable stays set: Triton reads it again when kernels first launch.
-_PREVIOUS = os.environ.get("TRITON_INTERPRET")
-_IN_PROCESS = DEVICE.type == "cuda" or "triton" not in sys.modules or _PREVIOUS == "1"
-if DEVICE.type == "cpu" and _IN_PROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+import torch
+
+from tests.kernels.triton_env import DEVICE, IN_PROCESS, rerun_in_fresh_process
 
 pytest.importorskip("triton")
 
@@ -49,30 +35,16 @@ if DEVICE.type == "cpu":
 
 @pytest.fixture(autouse=True)
 def _kernels_runnable(request):
-    if not _IN_PROCESS and request.node.name != "test_interpreter_in_fresh_process":
+    if not IN_PROCESS and request.node.name != "test_interpreter_in_fresh_process":
         pytest.skip(
             "triton was imported before TRITON_INTERPRET was set; "
             "test_interpreter_in_fresh_process runs this file instead"
         )
 
 
-@pytest.mark.skipif(_IN_PROCESS, reason="the kernel tests run in this process")
+@pytest.mark.skipif(IN_PROCESS, reason="the kernel tests run in this process")
 def test_interpreter_in_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    # --noconftest: these tests use no shared fixture, and transformers would cost seconds.
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--noconftest",
-        "-m",
-        "not gpu",
-        __file__,
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = rerun_in_fresh_process(__file__)
     assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-4000:]
 
 

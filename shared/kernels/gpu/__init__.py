@@ -1,7 +1,8 @@
 """Triton kernels for the CUDA fast path, behind the reference signatures.
 
-``fused_moe``, ``paged_decode`` and ``paged_prefill`` take exactly the arguments of the
-``shared.kernels`` references; ``shared.kernels.select`` picks them on CUDA when
+``fused_moe``, ``paged_decode``, ``paged_prefill`` and the small fused ops around them
+(``add_rms_norm``, ``qk_norm_rope``, ``router_topk``, ``kv_store``) take exactly the arguments of
+the ``shared.kernels.reference`` functions; ``shared.kernels.select`` picks them on CUDA when
 ``available()``. None reads a device value on the host, allocates a data-dependent size or
 launches a data-dependent grid, so decode steps built on them can be captured in CUDA graphs.
 ``TRITON_INTERPRET=1`` (set before this package is imported) runs the same kernels on CPU
@@ -24,7 +25,7 @@ def interpreting() -> bool:
 
 
 if _HAS_TRITON:
-    from shared.kernels.gpu import attention_triton, moe_triton, prefill_triton
+    from shared.kernels.gpu import attention_triton, fused_triton, moe_triton, prefill_triton
 
     if interpreting():
         from shared.kernels.gpu import interpreter_compat
@@ -54,3 +55,23 @@ def paged_prefill(q, k, v, k_cache, v_cache, block_table, context_start, scale) 
     return prefill_triton.paged_prefill_triton(
         q, k, v, k_cache, v_cache, block_table, context_start, scale
     )
+
+
+def add_rms_norm(x, residual, weight, eps):
+    """See shared.kernels.reference.add_rms_norm_torch."""
+    return fused_triton.add_rms_norm_triton(x, residual, weight, eps)
+
+
+def qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin):
+    """See shared.kernels.reference.qk_norm_rope_torch."""
+    return fused_triton.qk_norm_rope_triton(q, k, q_weight, k_weight, eps, cos, sin)
+
+
+def router_topk(logits, top_k, renormalize):
+    """See shared.kernels.reference.router_topk_torch."""
+    return fused_triton.router_topk_triton(logits, top_k, renormalize)
+
+
+def kv_store(k, v, k_cache, v_cache, slots):
+    """See shared.kernels.reference.kv_store_torch."""
+    return fused_triton.kv_store_triton(k, v, k_cache, v_cache, slots)

@@ -7,8 +7,11 @@
   through the single element.
 - ``tl.dot`` on bf16: the interpreter stores bf16 as raw uint16 bits and multiplies the bits.
   The fix widens bf16 operands to fp32 first (exact), as the GPU's fp32 accumulation sees them.
+- fp32 -> bf16 casts: the interpreter truncates (rounds toward zero) where the compiled cast
+  rounds to nearest even, so a kernel that rounds as torch rounds would differ from torch under
+  the interpreter only. The fix rounds to nearest even.
 
-``apply()`` installs both once; it only touches the interpreter's own objects.
+``apply()`` installs them once; it only touches the interpreter's own objects.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ def _needs_patch() -> bool:
 
 
 def apply() -> None:
-    """Install both fixes (each once; the index fix only where this NumPy needs it)."""
+    """Install the fixes (each once; the index fix only where this NumPy needs it)."""
     _apply_bf16_dot()
     _apply_index()
+    _apply_bf16_rounding()
 
 
 def _apply_index() -> None:
@@ -66,3 +70,32 @@ def _apply_bf16_dot() -> None:
 
     create_dot._splitvl_bf16_fix = True
     builder.create_dot = create_dot
+
+
+def _round_to_bf16(values: np.ndarray) -> np.ndarray:
+    """fp32 values -> bf16 bit patterns (uint16), rounded to nearest even; NaNs stay NaN."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if np.any(nan):
+        rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)  # a quiet NaN, same sign
+    return rounded.reshape(np.shape(values))
+
+
+def _apply_bf16_rounding() -> None:
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    original = interpreter._convert_float
+    if getattr(original, "_splitvl_rounding_fix", False):
+        return
+
+    def convert_float(data, input_dtype, output_dtype, rounding_mode):
+        nearest = rounding_mode in (None, ir.ROUNDING_MODE.RTNE)
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16 and nearest:
+            return _round_to_bf16(data)
+        return original(data, input_dtype, output_dtype, rounding_mode)
+
+    convert_float._splitvl_rounding_fix = True
+    interpreter._convert_float = convert_float
