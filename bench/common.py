@@ -115,6 +115,10 @@ def shape_configs(shape: str, layers: int | None = None) -> tuple[dict, dict, di
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
     }
+    # Deepstack feeds the first k decoder layers: a shallower model keeps as many as fit
+    vision["deepstack_visual_indexes"] = vision["deepstack_visual_indexes"][
+        : text["num_hidden_layers"]
+    ]
     return text, vision, special_ids(text["vocab_size"])
 
 

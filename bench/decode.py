@@ -8,6 +8,11 @@ our model freed first) and the ratio is printed per batch size.
 
     python -m bench.decode --shape 30b-a3b --device cuda --dtype bfloat16 --batches 1,16,64,128
     python -m bench.decode --shape tiny --device cpu --batches 1,4 --new 8 --hf   (smoke test)
+    python -m bench.decode --shape 30b-a3b --layers 2 --device cpu --count-launches
+
+`--count-launches` counts, on a CPU, the kernel launches one decoder layer makes in one decode
+step (bench.launches), for the CUDA kernel selection (the Triton kernels, run in Triton's
+interpreter) and for the CPU selection, and prints `launches per decoder layer: N` for each.
 """
 
 from __future__ import annotations
@@ -89,6 +94,48 @@ def engine_decode(args, config, batches: list[int], capture: dict) -> dict[int, 
     return results
 
 
+def _decode_step_launches(config, args) -> tuple[int, dict[str, int]]:
+    """(launches of decoder layer 1 in one decode step, by kernel) with the current selection."""
+    from bench.launches import LaunchCounter
+    from shared.kernels import select
+
+    select.implementation.cache_clear()
+    select._backend.cache_clear()
+    model = random_text_model(config, torch.bfloat16, "cpu")
+    engine_config = EngineConfig(
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        max_model_len=args.max_model_len,
+        device="cpu",
+        dtype="bfloat16",
+        kv_cache_memory=64 * 2**20,
+        pad_decodes=True,  # the shapes a CUDA graph replays: padded rows, full-width tables
+    )
+    core = core_for_model(model, config, random_tokenizer(config.text.vocab_size), engine_config)
+    sampling = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    core.add_request(GenerationRequest("count", tuple(range(100, 116)), (), sampling, 0.0))
+    core.step()  # the prefill (and its first token); the next step decodes one token
+    counter = LaunchCounter()
+    with counter.counting(model):
+        core.step()
+    layer = min(1, config.text.num_hidden_layers - 1)
+    return counter.per_layer[layer], dict(counter.names.get(layer, {}))
+
+
+def count_launches(config, args) -> dict[str, dict]:
+    """Launches per decoder layer in one decode step, for each kernel selection."""
+    import os
+
+    result = {}
+    for selection, kernels in (("cuda", "gpu"), ("cpu", "auto")):
+        os.environ["SPLITVL_KERNELS"] = kernels
+        total, names = _decode_step_launches(config, args)
+        result[selection] = {"per_layer": total, "kernels": names}
+        detail = ", ".join(f"{name} {n}" for name, n in sorted(names.items()))
+        print(f"{selection} selection: launches per decoder layer: {total}  ({detail})")
+    return result
+
+
 def hf_decode(args, batches: list[int]) -> dict[int, float]:
     """transformers generate at each batch size (greedy, min = max new tokens)."""
     from transformers import Qwen3VLMoeForConditionalGeneration
@@ -131,9 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--hf", action="store_true", help="also time transformers generate")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument(
+        "--count-launches",
+        action="store_true",
+        help="count one decode step's kernel launches per decoder layer on a CPU (CUDA and CPU "
+        "kernel selections) instead of timing",
+    )
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     config = model_config(args.shape, args.layers)
+    if args.count_launches:
+        save_result(args.out, count_launches(config, args))
+        return 0
     print(
         f"shape={args.shape} layers={config.text.num_hidden_layers} device={args.device} "
         f"dtype={args.dtype} prompt={args.prompt} new={args.new} torch={torch.__version__}"

@@ -48,13 +48,19 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        h: torch.Tensor,
+        h: torch.Tensor,  # [T, H] the previous layer's MLP output (the embeddings at first)
+        residual: torch.Tensor | None,  # [T, H] the residual stream before h is added
         cos: torch.Tensor,
         sin: torch.Tensor,
         attention: AttentionBackend | None,
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attention)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream): each residual add happens inside the
+        next norm, in transformers' order (h + attn, then + mlp, each rounded), so the full
+        hidden state of a layer is its two outputs' sum."""
+        normed, residual = self.input_layernorm(h, residual)
+        attn = self.self_attn(normed, cos, sin, attention)
+        normed, residual = self.post_attention_layernorm(attn, residual)
+        return self.mlp(normed), residual
 
 
 class Qwen3MoeModel(nn.Module):
@@ -88,16 +94,21 @@ class Qwen3MoeModel(nn.Module):
         return k
 
     def _process_layer_output(
-        self, layer_idx: int, h: torch.Tensor, input_deepstack_embeds: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Hook after decoder layer `layer_idx`: add deepstack slice i (zero on text rows)."""
+        self,
+        layer_idx: int,
+        h: torch.Tensor,
+        residual: torch.Tensor,
+        input_deepstack_embeds: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hook after decoder layer `layer_idx`: add deepstack slice i (zero on text rows) to the
+        layer's full hidden state, which then starts a fresh residual stream."""
         if input_deepstack_embeds is None:
-            return h
+            return h, residual
         hidden = self.config.hidden_size
         if layer_idx * hidden >= input_deepstack_embeds.shape[-1]:
-            return h
+            return h, residual
         ds = input_deepstack_embeds[:, layer_idx * hidden : (layer_idx + 1) * hidden]
-        return h + ds.to(h.dtype)
+        return (h + residual) + ds.to(h.dtype), None
 
     def forward(
         self,
@@ -124,10 +135,11 @@ class Qwen3MoeModel(nn.Module):
         if positions is None:
             positions = torch.arange(num_tokens, device=h.device)
         cos, sin = self.rotary_emb(positions, h.dtype)
+        residual = None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, attention)
-            h = self._process_layer_output(i, h, input_deepstack_embeds)
-        return self.norm(h)
+            h, residual = layer(h, residual, cos, sin, attention)
+            h, residual = self._process_layer_output(i, h, residual, input_deepstack_embeds)
+        return self.norm(h, residual)[0]
 
 
 class Qwen3MoeForCausalLM(nn.Module):

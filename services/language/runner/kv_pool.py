@@ -55,9 +55,3 @@ class KVCache:
         self.v = [
             torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
         ]
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store new keys/values ``[T, kv_heads, head_dim]`` at flat slot indices ``[T]``."""
-        heads, dim = self.spec.num_kv_heads, self.spec.head_dim
-        self.k[layer].view(-1, heads, dim).index_copy_(0, slots, k.to(self.spec.dtype))
-        self.v[layer].view(-1, heads, dim).index_copy_(0, slots, v.to(self.spec.dtype))

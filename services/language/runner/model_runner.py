@@ -156,8 +156,8 @@ class ModelRunner:
             offset, num_logits = self._fill_padding(num_decodes, num_rows), num_rows
         self.buffers.upload()
         graph = num_rows if padded and self.graphs is not None else None
-        if graph is not None:
-            width = self.buffers.limits.max_blocks_per_seq  # graphs read fixed-width tables
+        if padded:  # a graph's fixed shapes, replayed or not (so CPU runs mirror GPU steps)
+            width = self.buffers.limits.max_blocks_per_seq
         return StepBatch(
             offset, num_rows, width, tuple(prefills), num_logits, num_sampled, tuple(splices), graph
         )

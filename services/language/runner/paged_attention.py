@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from services.language.runner.kv_pool import KVCache
-from shared.kernels.select import paged_decode, paged_prefill
+from shared.kernels.select import kv_store, paged_decode, paged_prefill
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,8 @@ class PagedAttention:
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
         meta = self.metadata
-        self.kv_cache.write(layer_idx, k, v, meta.slot_mapping)
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
+        kv_store(k, v, k_cache, v_cache, meta.slot_mapping)
         num = meta.num_decode_tokens
         if not meta.prefills:  # decode-only steps: no copy of the output
             return paged_decode(

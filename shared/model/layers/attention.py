@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.kernels.select import qk_norm_rope
 from shared.model.layers.norm import RMSNorm
-from shared.model.layers.rotary import apply_rotary
 
 
 class AttentionBackend(Protocol):
@@ -108,11 +108,16 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self._project(x)
-        q = self.q_norm(q.reshape(num_tokens, -1, self.head_dim))
-        k = self.k_norm(k.reshape(num_tokens, -1, self.head_dim))
+        q, k = qk_norm_rope(  # per-head RMSNorm, then rotary: one kernel on a GPU
+            q.reshape(num_tokens, -1, self.head_dim),
+            k.reshape(num_tokens, -1, self.head_dim),
+            self.q_norm.weight,
+            self.k_norm.weight,
+            self.q_norm.eps,
+            cos,
+            sin,
+        )
         v = v.reshape(num_tokens, -1, self.head_dim)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
         if backend is None:
             out = causal_attention(q, k, v, self.scale)
         else:

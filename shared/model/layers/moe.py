@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.kernels.select import fused_moe
+from shared.kernels.select import fused_moe, router_topk
 
 
 class Router(nn.Module):
@@ -24,11 +24,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x, self.weight)  # [T, E] in the model dtype
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-        weights, experts = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(x.dtype), experts
+        return router_topk(logits, self.top_k, self.norm_topk_prob)
 
 
 class Experts(nn.Module):

@@ -1,23 +1,25 @@
-"""RMSNorm as Qwen3 computes it."""
+"""RMSNorm as Qwen3 computes it, with the residual add that precedes every norm folded in."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from shared.kernels.select import add_rms_norm
 
 
 class RMSNorm(nn.Module):
-    """Normalize in fp32, cast back to the input dtype, then scale (the order matters in bf16)."""
+    """Normalize in fp32, cast back to the input dtype, then scale (the order matters in bf16).
+
+    Called with the residual stream, it first adds `x` to it (as transformers adds each block's
+    output back before the next norm) and returns the new stream too: one kernel on a GPU where
+    the add, the norm and the scale were eight."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 == self.weight.dtype:
-            # The same arithmetic as below in one op instead of six (decode steps are short).
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual), x + residual); without a residual (RMSNorm(x), x)."""
+        return add_rms_norm(x, residual, self.weight, self.eps)

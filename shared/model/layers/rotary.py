@@ -14,11 +14,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; cos/sin [T, D] already in x's dtype."""
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
-
-
 def mrope_axis_of_slot(
     mrope_section: tuple[int, int, int], num_slots: int, interleaved: bool
 ) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 
 from services.language.engine.kv_blocks import BlockManager, update_block_hashes
 from services.language.runner.kv_pool import KVCache, KVCacheConfigError, KVCacheSpec
+from shared.kernels.select import kv_store
 from tests.language.conftest import fake_image, make_sequence
 from tests.tiny import IMAGE_TOKEN_ID
 
@@ -123,6 +124,12 @@ def test_pool_size_follows_the_memory_budget():
         spec.num_blocks_for(spec.bytes_per_block - 1)
     cache = KVCache(spec, 10, "cpu")
     assert cache.k[0].shape == (11, 4, 2, 8)  # one scratch block for padded slots
-    cache.write(1, torch.ones(2, 2, 8), torch.full((2, 2, 8), 2.0), torch.tensor([5, 9]))
+    kv_store(
+        torch.ones(2, 2, 8),
+        torch.full((2, 2, 8), 2.0),
+        cache.k[1],
+        cache.v[1],
+        torch.tensor([5, 9]),
+    )
     assert cache.k[1][1, 1].eq(1).all() and cache.v[1][2, 1].eq(2).all()
     assert cache.k[0].eq(0).all()
