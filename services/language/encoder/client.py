@@ -1,7 +1,9 @@
 """Async client of the encode replicas: balancing, retries, fail-over and the handshake.
 
 Each image of a request becomes its own Encode call, so a request's images are encoded in
-parallel across replicas. Calls go to the replica with the fewest outstanding calls; a replica
+parallel across replicas. An image goes to the replica its content hashes to (`placement`: every
+language replica picks the same one, so repeats hit its cache) unless that one is over its share
+of the calls in flight, then to the one with the fewest; a replica
 that is unavailable (down, draining, overloaded), too slow, or whose link broke is skipped and the
 image retried on another one, within the request's deadline. Embeddings arrive inline
 (`encode_inline`) or over a torch.distributed link per replica (`encode_link`). With an expected
@@ -28,9 +30,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.language.encoder import placement
 from services.language.encoder.inline import receive_inline
 from services.language.encoder.link import LinkReceiver
 from services.language.encoder.probe import ReplicaProbe
+from services.language.encoder.replicas import Replica, ReplicaStats
 from services.language.encoder.rpc import EncodeStub, ErrorKind, RemoteError
 from shared.wire.errors import IncompatibleEncoderError, LinkError, SecurityConfigError
 from shared.wire.images import EncodedImage, ImageRef
@@ -83,6 +87,9 @@ class EncodeClientConfig:
     # max_message_bytes), then used in place without any copy of the client's own.
     inline_chunk_bytes: int = 1024 * 1024
     expected: EncoderContract | None = None  # None: replicas are not checked
+    # An image to the replica its content hashes to (cache affinity across language replicas);
+    # False: always the least loaded
+    affinity: bool = True
     internal_token: str | None = field(default=None, repr=False)  # the encode service's
     # TLS to the replicas: the CA they are verified by (None: the system's roots) and, for mutual
     # TLS, this client's certificate and key. None: plaintext.
@@ -106,39 +113,6 @@ class EncodeClientConfig:
             raise ValueError(f"cooldown_s must be >= 0, got {self.cooldown_s}")
 
 
-@dataclass(frozen=True)
-class ReplicaStats:
-    """What the client knows of one replica (for logs, metrics and tests)."""
-
-    address: str
-    admitted: bool  # in rotation; False while cooling down or until a health probe passes
-    outstanding: int
-    attempts: int  # calls sent to it, all outcomes
-    failures: int  # of those, the ones that failed
-
-
-class _Replica:
-    """One replica's stub, load, rotation state, handshake state and (link transport) link."""
-
-    def __init__(self, stub: EncodeStub, link: LinkReceiver | None):
-        self.stub = stub
-        self.link = link
-        self.outstanding = 0
-        self.last_pick = 0
-        self.admitted = True
-        self.down_until = 0.0
-        self.probe: asyncio.Task | None = None
-        self.verified = False
-        self.incompatible: str | None = None
-        self.attempts = 0
-        self.failures = 0
-
-    def stats(self) -> ReplicaStats:
-        return ReplicaStats(
-            self.stub.address, self.admitted, self.outstanding, self.attempts, self.failures
-        )
-
-
 class EncodeClient:
     """Encodes images on a pool of encode replicas; create and use it inside one event loop."""
 
@@ -155,7 +129,7 @@ class EncodeClient:
             link = None
             if config.transport == "nccl":
                 link = LinkReceiver(stub, self.device, self._pool)
-            self._replicas.append(_Replica(stub, link))
+            self._replicas.append(Replica(stub, link))
         self._readiness = ReplicaProbe(
             config.endpoints, config.max_message_bytes, config.internal_token, config.tls
         )
@@ -236,13 +210,13 @@ class EncodeClient:
             await replica.stub.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _by_address(self, address: str) -> _Replica:
+    def _by_address(self, address: str) -> Replica:
         for replica in self._replicas:
             if replica.stub.address == address:
                 return replica
         raise KeyError(f"unknown endpoint {address}")
 
-    def _pick(self, tried: set[str]) -> _Replica:
+    def _pick(self, tried: set[str], key: bytes | None) -> Replica:
         now = time.monotonic()
         usable = [r for r in self._replicas if r.incompatible is None] or self._replicas
         for replica in usable:
@@ -253,11 +227,11 @@ class EncodeClient:
         # When every replica is out of rotation they are tried anyway: a down one fails fast.
         candidates = [r for r in usable if r.admitted] or usable
         fresh = [r for r in candidates if r.stub.address not in tried] or candidates
-        replica = min(fresh, key=lambda r: (r.outstanding, r.last_pick))
+        replica = placement.choose(key if self.config.affinity else None, fresh)
         replica.last_pick = next(self._picks)
         return replica
 
-    def _cool_down(self, replica: _Replica, reason: object) -> None:
+    def _cool_down(self, replica: Replica, reason: object) -> None:
         if replica.admitted:
             log.warning(
                 "encode replica %s out of rotation for %.1f s: %s",
@@ -268,7 +242,7 @@ class EncodeClient:
         replica.admitted = False
         replica.down_until = time.monotonic() + self.config.cooldown_s
 
-    async def _probe(self, replica: _Replica) -> None:
+    async def _probe(self, replica: Replica) -> None:
         """One health probe of a replica out of rotation: back in when SERVING."""
         try:
             serving = await replica.stub.serving(self.config.probe_timeout_s)
@@ -280,7 +254,7 @@ class EncodeClient:
         elif not serving:
             replica.down_until = time.monotonic() + self.config.probe_interval_s
 
-    async def _verify(self, replica: _Replica, timeout: float) -> EncoderInfo | None:
+    async def _verify(self, replica: Replica, timeout: float) -> EncoderInfo | None:
         """GetInfo and the contract check, unless already done since the replica was last
         unreachable; an incompatible replica is marked and IncompatibleEncoderError raised."""
         if self.config.expected is None or replica.verified:
@@ -301,6 +275,7 @@ class EncodeClient:
         tried: set[str] = set()
         last: Exception | None = None
         inline = False  # after a link failure the image is retried inline, over gRPC
+        key = await _affinity_key(ref)
         for attempt in range(self.config.max_attempts):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -308,7 +283,7 @@ class EncodeClient:
             if attempt:
                 self.retries += 1
                 log.info("retrying %s after: %s", request_id, last)
-            replica = self._pick(tried)
+            replica = self._pick(tried, key)
             tried.add(replica.stub.address)
             budget = min(self.config.attempt_timeout_s, remaining)
             replica.outstanding += 1
@@ -344,7 +319,7 @@ class EncodeClient:
             kind if last is not None else ErrorKind.DEADLINE,
         )
 
-    def _link_failed(self, replica: _Replica, exc: Exception) -> bool:
+    def _link_failed(self, replica: Replica, exc: Exception) -> bool:
         """Whether `exc` broke a link transfer (the image's next attempt then goes inline: the
         link's own peer or transport may be what failed; later requests set up a new link)."""
         failed = replica.link is not None and (
@@ -358,7 +333,7 @@ class EncodeClient:
         return failed
 
     async def _bounded_attempt(
-        self, replica: _Replica, ref: ImageRef, request_id: str, budget: float, inline: bool
+        self, replica: Replica, ref: ImageRef, request_id: str, budget: float, inline: bool
     ) -> EncodedImage:
         """Handshake (if due) and one attempt, together within `budget` seconds: the gRPC
         deadlines inside stop the replica's work, this bound stops everything else (link set-up
@@ -377,7 +352,7 @@ class EncodeClient:
             ) from None
 
     async def _attempt(
-        self, replica: _Replica, ref: ImageRef, request_id: str, timeout: float, inline: bool
+        self, replica: Replica, ref: ImageRef, request_id: str, timeout: float, inline: bool
     ) -> EncodedImage:
         expected = self.config.expected
         checkpoint = expected.checkpoint_id if expected is not None else None
@@ -386,3 +361,12 @@ class EncodeClient:
         chunk = self.config.inline_chunk_bytes or self.config.max_message_bytes - _FRAME_OVERHEAD
         pin = self.device.type == "cuda"
         return await receive_inline(replica.stub, ref, request_id, chunk, timeout, pin, checkpoint)
+
+
+_KEY_OFF_LOOP_BYTES = 1 << 20  # hashing a larger image takes milliseconds: off the event loop
+
+
+async def _affinity_key(ref: ImageRef) -> bytes:
+    if ref.data is not None and len(ref.data) > _KEY_OFF_LOOP_BYTES:
+        return await asyncio.to_thread(placement.affinity_key, ref)
+    return placement.affinity_key(ref)
