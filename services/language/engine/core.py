@@ -40,6 +40,10 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    num_waiting_tokens: int = 0  # prompt tokens of waiting requests not computed yet
+    num_generated_tokens: int = 0  # since start, for throughput
+    block_size: int = 16
+    max_num_seqs: int = 1
 
 
 @dataclass
@@ -70,6 +74,7 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.sampler = Sampler()
         self._tracked: dict[str, _Tracked] = {}
+        self.num_generated_tokens = 0
 
     # -- admission -------------------------------------------------------------------------
 
@@ -186,6 +191,7 @@ class EngineCore:
         outputs = []
         for seq, token_id, logprob in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
             outputs.append(self._append_token(seq, token_id, logprob))
+        self.num_generated_tokens += len(outputs)
         return outputs
 
     def _append_token(
@@ -252,4 +258,8 @@ class EngineCore:
             prefix_cache_queries=bm.prefix_cache_queries,
             prefix_cache_hits=bm.prefix_cache_hits,
             num_preemptions=self.scheduler.num_preemptions,
+            num_waiting_tokens=self.scheduler.num_waiting_tokens,
+            num_generated_tokens=self.num_generated_tokens,
+            block_size=bm.block_size,
+            max_num_seqs=self.scheduler.config.max_num_seqs,
         )

@@ -84,6 +84,11 @@ class Scheduler:
         return len(self.waiting)
 
     @property
+    def num_waiting_tokens(self) -> int:
+        """Prompt tokens of the waiting requests still to compute (a snapshot: plain reads)."""
+        return sum(seq.num_tokens - seq.num_computed_tokens for seq in tuple(self.waiting))
+
+    @property
     def num_running(self) -> int:
         return len(self.running)
 

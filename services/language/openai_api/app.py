@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from services.language.engine.request import GenerationRequest
 from services.language.engine.structured_output import Constraint
 from services.language.errors import BadRequestError, NotFoundError
+from services.language.frontend.loads import LoadReporter
 from services.language.frontend.metrics import CONTENT_TYPE
 from services.language.frontend.pipeline import ChatInput, LanguageFrontend
 from services.language.frontend.serving import RequestSlot
@@ -160,6 +161,13 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(frontend.metrics.render(), media_type=CONTENT_TYPE)
+
+    loads = LoadReporter(frontend.engine)
+
+    @app.get("/v1/loads")
+    async def load_report() -> dict:
+        """This replica's load, in the format the SGLang gateway's load-aware policies read."""
+        return loads.report()
 
     @app.get("/v1/models")
     async def list_models() -> dict:
