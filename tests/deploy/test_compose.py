@@ -1,8 +1,9 @@
 """docker-compose.yml, deploy/compose.gpu.yml and deploy/Dockerfile agree with the services.
 
-Every service command is parsed by that service's CLI parser; healthchecks point at a script the
-image contains; the image build context keeps what the Dockerfile copies. Building and starting
-the cluster is tests/deploy/test_compose_e2e.py's job.
+Every service command is parsed by that service's CLI parser; the router fronts every language
+replica; healthchecks point at a script the image contains; the image build context keeps what
+the Dockerfile copies. Building and starting the cluster is tests/deploy/test_compose_e2e.py's
+job (it runs the router for real).
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ def _services(path: Path) -> dict:
     return yaml.safe_load(path.read_text())["services"]
 
 
+def _splitvl(services: dict) -> dict:
+    """The services that run splitvl (every one but the router)."""
+    return {name: s for name, s in services.items() if name != "router"}
+
+
+def _router_argv() -> list[str]:
+    router = _services(COMPOSE)["router"]
+    assert router["entrypoint"] == ["sh", "-c"]
+    (script,) = router["command"]
+    return shlex.split(_defaults(script).replace("$$", "$"))
+
+
 def _parse(name: str, command: str) -> tuple[str, object]:
     argv = shlex.split(_defaults(command))
     assert argv[:2] == ["python", "-m"], name
@@ -42,7 +55,7 @@ def _parse(name: str, command: str) -> tuple[str, object]:
 
 def test_compose_commands_parse():
     seen = set()
-    for name, service in _services(COMPOSE).items():
+    for name, service in _splitvl(_services(COMPOSE)).items():
         module, _ = _parse(name, service["command"])
         seen.add(module)
     assert seen == set(PARSERS)
@@ -53,7 +66,7 @@ def test_gpu_override_names_existing_services():
 
 
 def test_gpu_override_commands_parse_and_use_cuda_and_nccl():
-    for name, service in _services(GPU).items():
+    for name, service in _splitvl(_services(GPU)).items():
         module, args = _parse(name, service["command"])
         assert args.device == "cuda", name
         if module == "services.language":
@@ -63,17 +76,44 @@ def test_gpu_override_commands_parse_and_use_cuda_and_nccl():
         assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia", name
 
 
-def test_language_waits_for_healthy_encoders_and_reaches_both():
+def test_language_replicas_wait_for_healthy_encoders_and_reach_both():
     services = _services(COMPOSE)
-    encoders = {n for n, s in services.items() if "services.encode" in s["command"]}
-    assert len(encoders) == 2
-    language = services["language"]
-    assert language["depends_on"] == {n: {"condition": "service_healthy"} for n in encoders}
-    _, args = _parse("language", language["command"])
-    assert set(args.encode.split(",")) == {f"{n}:50051" for n in encoders}
+    encoders = {n for n, s in services.items() if "services.encode" in s.get("command", "")}
+    languages = {n for n, s in services.items() if "services.language" in s.get("command", "")}
+    assert len(encoders) == 2 and languages == {"language-0", "language-1"}
+    for name in languages:
+        language = services[name]
+        assert language["depends_on"] == {n: {"condition": "service_healthy"} for n in encoders}
+        _, args = _parse(name, language["command"])
+        assert set(args.encode.split(",")) == {f"{n}:50051" for n in encoders}
+        assert args.port == 8000
     for name in encoders:  # each replica's link store is reachable under its service name
         _, enc = _parse(name, services[name]["command"])
         assert enc.advertise_host == name and enc.host == "0.0.0.0"
+
+
+def test_the_router_fronts_every_language_replica_with_their_readiness_and_loads():
+    argv = _router_argv()
+    assert argv[:4] == ["exec", "smg", "launch", "--host"]
+
+    def values(flag: str) -> list[str]:
+        start = argv.index(flag) + 1
+        end = next((i for i in range(start, len(argv)) if argv[i].startswith("--")), len(argv))
+        return argv[start:end]
+
+    languages = [
+        n for n, s in _services(COMPOSE).items() if "services.language" in s.get("command", "")
+    ]
+    assert sorted(values("--worker-urls")) == sorted(f"http://{n}:8000" for n in languages)
+    assert values("--health-check-endpoint") == ["/ready"]
+    assert values("--policy") == ["cache_aware"]
+    assert values("--prometheus-port") == ["29000"]
+    assert values("--control-plane-api-keys")[0] == "admin:admin:admin:$ROUTER_ADMIN_KEY"
+    router = _services(COMPOSE)["router"]
+    assert router["build"]["target"] == "router"
+    assert "ROUTER_ADMIN_KEY:?" in router["environment"]["ROUTER_ADMIN_KEY"]  # required
+    assert re.search(r"^FROM runtime AS router$", DOCKERFILE.read_text(), re.M)
+    assert "smg==1.13.0" in DOCKERFILE.read_text()
 
 
 def test_only_the_http_port_is_fixed_and_user_set():
@@ -91,7 +131,8 @@ def test_healthchecks_run_the_script_the_image_contains():
     for name, service in _services(COMPOSE).items():
         test = service["healthcheck"]["test"]
         assert test[:3] == ["CMD", "python", "/app/deploy/healthcheck.py"], name
-        assert test[3] == ("grpc" if "services.encode" in service["command"] else "http")
+        assert test[3] == ("grpc" if "services.encode" in str(service["command"]) else "http")
+    assert _services(COMPOSE)["router"]["healthcheck"]["test"][4].endswith("/readiness")
 
 
 def _dockerignore_allows(path: str, patterns: list[str]) -> bool:

@@ -83,14 +83,15 @@ def profile(request) -> tuple[str, list[dict]]:
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_object_validates(profile, version):
     _, objects = profile
-    assert {o["kind"] for o in objects} == {"ConfigMap", "Deployment", "Service"}
+    kinds = {"ConfigMap", "Deployment", "Service", "ServiceAccount", "Role", "RoleBinding"}
+    assert {o["kind"] for o in objects} == kinds
     for obj in objects:
         kubernetes_validate.validate(obj, version, strict=True)
 
 
 def test_services_select_their_deployments_ports(profile):
     _, objects = profile
-    for name in ("splitvl-encode", "splitvl-language"):
+    for name in ("splitvl-encode", "splitvl-language", "splitvl-router"):
         deployment = by_kind(objects, "Deployment", name)
         service = by_kind(objects, "Service", name)
         labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -127,8 +128,9 @@ def test_probes_use_grpc_health_and_http_health(profile):
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert encode[probe]["grpc"]["port"] == 50051
     (language,) = _containers(by_kind(objects, "Deployment", "splitvl-language"))
-    for probe in ("startupProbe", "readinessProbe"):
-        assert language[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert language["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    # Ready (and so routed to) only when loaded, not draining, with an encode replica serving
+    assert language["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert language["livenessProbe"]["grpc"]["port"] == 50052
 
 
@@ -152,3 +154,49 @@ def test_encode_scales_by_replicas_behind_one_service():
     assert by_kind(objects, "Deployment", "splitvl-encode")["spec"]["replicas"] == 2
     (language,) = _containers(by_kind(objects, "Deployment", "splitvl-language"))
     assert "--encode=splitvl-encode:50051" in language["args"]
+
+
+def _router(objects: list[dict]) -> dict:
+    (router,) = _containers(by_kind(objects, "Deployment", "splitvl-router"))
+    return router
+
+
+def _flag(args: list[str], name: str) -> str:
+    for i, arg in enumerate(args):
+        if arg == name:
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    raise AssertionError(f"{name} not in {args}")
+
+
+def test_the_router_discovers_the_language_pods_with_the_rbac_it_needs(profile):
+    _, objects = profile
+    router = _router(objects)
+    args = router["args"]
+    assert router["command"] == ["smg", "launch"] and "--service-discovery" in args
+    key, value = _flag(args, "--selector").split("=")
+    language = by_kind(objects, "Deployment", "splitvl-language")
+    assert language["spec"]["template"]["metadata"]["labels"][key] == value
+    assert _flag(args, "--service-discovery-port") == "8000"
+    assert _flag(args, "--health-check-endpoint") == "/ready"
+    assert _flag(args, "--control-plane-api-keys").endswith("$(ROUTER_ADMIN_KEY)")
+    env = {e["name"]: e["valueFrom"] for e in router["env"]}
+    assert env["POD_NAMESPACE"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["ROUTER_ADMIN_KEY"]["secretKeyRef"]["name"] == "splitvl-router-admin"
+    assert "$(POD_NAMESPACE)" in _flag(args, "--service-discovery-namespace")
+    deployment = by_kind(objects, "Deployment", "splitvl-router")
+    account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    binding = by_kind(objects, "RoleBinding", "splitvl-router")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account}]
+    role = by_kind(objects, "Role", binding["roleRef"]["name"])
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+    ]
+    assert router["readinessProbe"]["httpGet"]["path"] == "/readiness"
+    assert router["image"].startswith("splitvl-router:")
+
+
+def test_language_replicas_scale_behind_the_router():
+    objects = render(PROFILES["gpu"])
+    assert by_kind(objects, "Deployment", "splitvl-language")["spec"]["replicas"] == 2
