@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
+import secrets
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,9 +31,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from deploy.cluster_metrics import by_label, total  # noqa: E402 - after the path is set
+from deploy.e2e_http import CheckError, post_chat  # noqa: E402
 from scripts.shapes_vl.chat import chat_messages  # noqa: E402
 
-TIMEOUT_S = 120.0
 DOCUMENT = (
     "Shapes handbook, section {group}. A circle has no corners, a square has four equal sides "
     "and four right angles, a triangle has three sides. Colours in the pictures are red, green, "
@@ -43,31 +42,6 @@ DOCUMENT = (
     "{group} ends here; every answer stays short. "
 )
 QUESTIONS = ("How many corners?", "Which colour is first?", "Name a shape.", "Count to three.")
-
-
-class CheckError(RuntimeError):
-    """The cluster did not behave as the check expects."""
-
-
-def post_chat(base_url: str, messages: list[dict], max_tokens: int = 4) -> dict:
-    body = json.dumps(
-        {"model": _model(base_url), "messages": messages, "max_tokens": max_tokens}
-    ).encode()
-    request = urllib.request.Request(
-        f"{base_url}/v1/chat/completions", body, {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as reply:  # noqa: S310 (local URL)
-        return json.load(reply)
-
-
-_MODEL: dict[str, str] = {}
-
-
-def _model(base_url: str) -> str:
-    if base_url not in _MODEL:
-        with urllib.request.urlopen(f"{base_url}/v1/models", timeout=10) as reply:  # noqa: S310
-            _MODEL[base_url] = json.load(reply)["data"][0]["id"]
-    return _MODEL[base_url]
 
 
 def _language_sources(containers: list[str]) -> list[str]:
@@ -164,10 +138,12 @@ def run_rejoin(args: argparse.Namespace) -> None:
         before = by_label(f"{args.router}:29000", "smg_worker_requests_total", "worker").get(
             name, 0
         )
-        for index in range(8):  # new texts: the router places them on the emptier replica
+        for _ in range(8):
+            # Texts sharing no prefix with anything sent before (a shared one would pin them to
+            # the replica holding it): the router places them on the replica with less cached
             post_chat(
                 args.base_url,
-                [{"role": "user", "content": f"Fresh question {time.time()} {index}"}],
+                [{"role": "user", "content": f"{secrets.token_hex(16)} is a fresh question"}],
             )
         served = (
             by_label(f"{args.router}:29000", "smg_worker_requests_total", "worker").get(name, 0)

@@ -15,9 +15,9 @@
 #    answers; groups of requests sharing a prompt prefix must hit the language replicas' prefix
 #    caches (>= 60% of prompt tokens); images sent a second time must hit an encode replica's
 #    cache (>= 90%) whichever language replica serves them; a bounded load (bench.serve when
-#    present) while one encode replica is `docker kill`ed, then another while one language
-#    replica's process is SIGKILLed: no request may be lost, and the restarted replica gets
-#    requests again once healthy;
+#    present) while one encode replica is `docker kill`ed, then another (whole answers: a
+#    started stream cannot move) while one language replica's process is SIGKILLed: no request
+#    may be lost, and the restarted replica gets requests again once healthy;
 # 5. `compose down`, stops the dockerd it started (by pid) and removes what it made, on every
 #    exit path.
 #
@@ -389,9 +389,11 @@ main() {
         --encode "$encode0" "$encode1" || die "repeated images missed the encode caches"
 
     phase "load, one encode replica killed"
+    local scrape
+    scrape="http://$(compose port router 29000)/metrics"
     "$PY" deploy/e2e_client.py load --base-url "$base_url" --num-prompts "$PROMPTS" \
         --max-concurrency "$CONCURRENCY" --kill "$encode0" --kill-after $((PROMPTS / 4)) \
-        --metrics "$language0:8000" --metrics "$language1:8000" \
+        --metrics "$language0:8000" --metrics "$language1:8000" --scrape "$scrape" \
         --survivor "$encode1" || die "requests lost after the encode replica was killed"
     log "language replicas retried $(docker logs "$language0" 2>&1 | grep -c 'encoder.client retrying' \
         || true) + $(docker logs "$language1" 2>&1 | grep -c 'encoder.client retrying' || true)"\
@@ -401,14 +403,15 @@ main() {
     "$PY" deploy/e2e_client.py load --base-url "$base_url" --num-prompts "$PROMPTS" \
         --max-concurrency "$CONCURRENCY" --kill "$language0" --kill-how pid \
         --kill-after $((PROMPTS / 4)) --metrics "$language0:8000" --metrics "$language1:8000" \
-        --seed 1 || die "requests lost after the language replica crashed"
+        --seed 1 --no-stream || die "requests lost after the language replica crashed"
     "$PY" deploy/e2e_router.py rejoin --base-url "$base_url" --language "$language0" \
         --worker http://language-0:8000 --router "$router" \
         || die "the restarted language replica got no traffic"
     compose ps -a
 
     phase "compose down"
-    compose down -v --remove-orphans -t 20 >/dev/null 2>&1 || die "compose down"
+    compose down -v --remove-orphans -t 20 >"$WORK/down.log" 2>&1 \
+        || { tail -n 20 "$WORK/down.log"; die "compose down"; }
     COMPOSE_UP=""
     phase "stop dockerd"
     stop_dockerd

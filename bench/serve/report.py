@@ -109,6 +109,8 @@ def format_server_metrics(server: dict) -> str:
         _row("Prefix cache hit ratio:", "n/a" if prefix is None else f"{prefix:.3f}"),
         _row("Preemptions:", server.get("num_preemptions"), ".0f"),
     ]
+    for replica, count in (server.get("requests_per_replica") or {}).items():
+        lines.append(_row(f"Requests to {replica}:", count, ".0f"))
     for url, error in server.get("scrape_errors", {}).items():
         lines.append(f"  scrape of {url} failed: {error}")
     return "\n".join(lines)

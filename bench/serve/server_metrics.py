@@ -67,6 +67,10 @@ GAUGES = {
     ),
 }
 
+# Counters reported per label value: (key, metric, label). The router's requests per replica
+# (the SGLang gateway's `smg_worker_requests_total{worker=URL}`, retries included).
+LABELED_COUNTERS = {"requests_per_replica": ("smg_worker_requests_total", "worker")}
+
 COUNTERS = {
     "prefix_cache_queries": ("splitvl_language_prefix_cache_queries_total",),
     "prefix_cache_hits": ("splitvl_language_prefix_cache_hits_total",),
@@ -75,13 +79,19 @@ COUNTERS = {
 
 
 def parse_samples(text: str) -> dict[str, float]:
-    """Sample name -> value summed over label sets (bucket and _created samples dropped)."""
+    """Sample name -> value summed over label sets (bucket and _created samples dropped); the
+    counters of LABELED_COUNTERS also per label value, as `name{value}`."""
+    labeled = {metric: label for metric, label in LABELED_COUNTERS.values()}
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name.endswith(("_bucket", "_created")):
                 continue
             values[sample.name] = values.get(sample.name, 0.0) + float(sample.value)
+            label = labeled.get(sample.name)
+            if label is not None and label in sample.labels:
+                key = f"{sample.name}{{{sample.labels[label]}}}"
+                values[key] = values.get(key, 0.0) + float(sample.value)
     return values
 
 
@@ -165,6 +175,8 @@ class MetricsScraper:
             out[f"{key}_mean_ms"] = _histogram_mean_ms(by_url, names)
         for key, names in COUNTERS.items():
             out[key] = _delta(by_url, names)
+        for key, (metric, _) in LABELED_COUNTERS.items():
+            out[key] = _labeled_deltas(by_url, metric)
         queries, prefix_hits = out["prefix_cache_queries"], out["prefix_cache_hits"]
         out["prefix_cache_hit_ratio"] = prefix_hits / queries if queries else None
         times, series = self._gauge_series()
@@ -212,6 +224,17 @@ def _delta(by_url: dict[str, list[Scrape]], names: tuple[str, ...]) -> float | N
             total += values[-1] - values[0]
             found = True
     return total if found else None
+
+
+def _labeled_deltas(by_url: dict[str, list[Scrape]], metric: str) -> dict[str, float] | None:
+    """Per label value of a LABELED_COUNTERS metric, its last minus first value; None without."""
+    prefix = metric + "{"
+    keys = {
+        k for scrapes in by_url.values() for s in scrapes for k in s.values if k.startswith(prefix)
+    }
+    if not keys:
+        return None
+    return {key[len(prefix) : -1]: _delta(by_url, (key,)) or 0.0 for key in sorted(keys)}
 
 
 def _histogram_mean_ms(by_url: dict[str, list[Scrape]], names: tuple[str, ...]) -> float | None:

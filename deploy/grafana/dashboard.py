@@ -1,4 +1,5 @@
-"""Writes splitvl-dashboard.json, the Grafana dashboard over both services' Prometheus metrics.
+"""Writes splitvl-dashboard.json, the Grafana dashboard over both services' Prometheus metrics and
+the router's (smg's, whose names are pinned by its version: deploy/Dockerfile's SMG_SPEC).
 
     python deploy/grafana/dashboard.py          # rewrite deploy/grafana/splitvl-dashboard.json
 
@@ -288,6 +289,31 @@ def build() -> dict:
         description="Tensor bytes by transport (grpc inline, link); open links.",
     )
     g.panel("Cached images", [(f"{E}cache_entries", "{{instance}}")], "short")
+    g.row("Router (smg, in front of the language replicas)")
+    g.panel(
+        "Requests per language replica / s",
+        [(f"sum by (worker) (rate(smg_worker_requests_total[{RATE}]))", "{{worker}}")],
+        "reqps",
+        description="Requests the router sent to each replica (retries included).",
+    )
+    g.panel(
+        "Retries / s",
+        [
+            (f"sum by (endpoint) (rate(smg_worker_retries_total[{RATE}]))", "{{endpoint}}"),
+            (f"sum(rate(smg_worker_retries_exhausted_total[{RATE}]))", "exhausted"),
+        ],
+        "short",
+        description="Requests retried on another replica after a 5xx, 429 or a failure.",
+    )
+    g.panel(
+        "Circuit breakers",
+        [
+            ("max by (worker) (smg_worker_cb_state)", "{{worker}}"),
+            ("min by (worker) (smg_worker_health)", "healthy {{worker}}"),
+        ],
+        "short",
+        description="Per replica: breaker 0 closed, 1 open, 2 half-open; health 1 or 0.",
+    )
     return {
         "__inputs": [
             {

@@ -238,6 +238,29 @@ def test_server_metrics_report_run_deltas():
     assert summary["encode_request_latency_mean_ms"] == pytest.approx(200.0)
     assert summary["encode_queue_depth"] == {"max": 4.0, "mean": 4.0}  # idle scrapes left out
     assert summary["kv_cache_usage_ratio"] is None
+    assert summary["requests_per_replica"] is None  # no router scraped
+
+
+def test_requests_per_replica_come_from_the_routers_metrics():
+    from bench.serve.report import format_server_metrics
+    from bench.serve.server_metrics import MetricsScraper
+
+    def router(a: int, b: int) -> str:
+        return (
+            "# TYPE smg_worker_requests_total counter\n"
+            f'smg_worker_requests_total{{worker="http://language-0:8000",model="m"}} {a}\n'
+            f'smg_worker_requests_total{{worker="http://language-1:8000",model="m"}} {b}\n'
+        )
+
+    scraper = MetricsScraper(["r"], client=None)
+    scraper.scrapes.append(Scrape(1, 0.0, "r", parse_samples(router(5, 1)), during_run=False))
+    scraper.scrapes.append(Scrape(2, 1.0, "r", parse_samples(router(12, 9)), during_run=False))
+    summary = scraper.summary()
+    assert summary["requests_per_replica"] == {
+        "http://language-0:8000": 7.0,
+        "http://language-1:8000": 8.0,
+    }
+    assert "Requests to http://language-1:8000:" in format_server_metrics(summary)
 
 
 # --- command line --------------------------------------------------------------------------

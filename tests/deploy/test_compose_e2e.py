@@ -1,9 +1,11 @@
 """The docker-compose cluster, built and started for real: scripts/compose_e2e.sh.
 
 Runs where Docker can: Linux, root, and a running docker daemon or dockerd / apt-get to install
-and start one. The script installs what it needs, builds the image, starts two encode replicas
-and the language service, checks answers and a load with one encode replica killed, and cleans
-up (compose down, the dockerd it started) on every exit path. On a busy 2-core machine a cold
+and start one. The script installs what it needs, builds the images, starts two encode replicas,
+two language replicas and the router in front of them, checks answers through the router,
+prefix-cache and encode-cache hits, a load with one encode replica killed and one with a language
+replica crashed (then that replica's return to the rotation), and cleans up (compose down, the
+dockerd it started) on every exit path. On a busy 2-core machine a cold
 run (nothing installed or cached) took 5 to 9 minutes, a warm one about 2; deploy/README.md has
 the measured times.
 SPLITVL_SKIP_COMPOSE_E2E=1 skips it.
