@@ -14,6 +14,10 @@ peer runs ``PEER_PYTHON RECIPE/vllm_offline.py CKPT WORK DTYPE OUT.json`` in a s
 (``VLLM_CPU_OMP_THREADS_BIND`` set to the cores) and reports the same numbers. Rounds alternate
 (splitvl, peer, splitvl, peer, ...) because these machines are noisy.
 
+``--baseline DIR`` adds a third side, the engine of another checkout (an earlier commit, say),
+and prints the ratio of this checkout's speed to it; then both splitvl sides run in fresh
+processes (each checkout's own code, this interpreter), so neither inherits the other's state.
+
     python -m bench.peer --peer-python ~/peer/vllm-venv/bin/python \\
         --recipe ../shared/bench/peer-vllm-cpu --ckpt ~/peer/ckpt-medium --work ~/peer/work \\
         --dtype float32 --rounds 2
@@ -28,6 +32,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -92,15 +97,7 @@ def _engine_session(
     """
     from services.language.engine import AsyncEngine, EngineConfig
     from services.language.engine import request as api
-
-    if hasattr(api, "ImageInput"):  # the engine takes embeds and deepstack apart
-        from shared.model.qwen3_vl_moe import separate_deepstack_embeds
-
-        def image_input(packed, grid, digest):
-            k = engine.model_config.num_deepstack
-            return api.ImageInput(*separate_deepstack_embeds(packed, k), grid, digest)
-    else:  # the engine takes the packed tensor as it is
-        from shared.wire.images import EncodedImage as image_input
+    from shared.wire.images import EncodedImage
 
     config = EngineConfig(
         max_num_seqs=MAX_NUM_SEQS,
@@ -124,7 +121,7 @@ def _engine_session(
                 api.GenerationRequest(
                     f"{name}-{i}",
                     tuple(p.ids),
-                    tuple(image_input(*image) for image in p.images),
+                    tuple(EncodedImage(*image) for image in p.images),
                     api.SamplingParams(temperature=0.0, max_tokens=p.max_tokens, ignore_eos=True),
                     time.time(),
                 )
@@ -237,6 +234,42 @@ def run_splitvl(
     )
 
 
+# run_splitvl in a fresh process of another checkout: argv ckpt work dtype threads cores out
+_CHECKOUT_RUN = (
+    "import dataclasses, json, sys\n"
+    "from bench.peer import run_splitvl\n"
+    "ckpt, work, dtype, threads, cores, out = sys.argv[1:]\n"
+    "result = run_splitvl(ckpt, work, dtype, int(threads), cores)\n"
+    "open(out, 'w').write(json.dumps(dataclasses.asdict(result)))\n"
+)
+
+
+def run_checkout(
+    repo: str | Path,
+    side: str,
+    ckpt_dir: str | Path,
+    work_dir: str | Path,
+    dtype: str,
+    threads: int,
+    cores: str,
+) -> Result:
+    """``run_splitvl`` of the checkout at ``repo`` in a subprocess, reported as ``side``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        args = [str(ckpt_dir), str(work_dir), dtype, str(threads), cores, str(out)]
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHECKOUT_RUN, *args],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0 or not out.is_file():
+            tail = (proc.stdout + proc.stderr)[-4000:]
+            raise RuntimeError(f"splitvl run in {repo} failed (exit {proc.returncode}):\n{tail}")
+        fields = json.loads(out.read_text())
+    return Result(**{**fields, "side": side})
+
+
 def run_peer(
     peer_python: str | Path,
     recipe_dir: str | Path,
@@ -298,15 +331,23 @@ def side_by_side(
     rounds: int = 2,
     threads: int = 2,
     cores: str | None = None,
+    baseline: str | Path | None = None,
 ) -> tuple[list[Result], list[Result]]:
-    """Alternate splitvl and the peer for ``rounds`` rounds; print per-round and summary lines."""
+    """Alternate splitvl (and a baseline checkout) and the peer; print rounds and medians."""
     cores = cores or f"0-{threads - 1}"
     os.sched_setaffinity(0, parse_cores(cores))
-    ours, peers = [], []
+    here = Path(__file__).resolve().parents[1]
+    ours, peers, base = [], [], []
     for r in range(1, rounds + 1):
-        ours.append(run_splitvl(ckpt_dir, work_dir, dtype, threads, cores))
+        if baseline is None:
+            ours.append(run_splitvl(ckpt_dir, work_dir, dtype, threads, cores))
+        else:
+            ours.append(run_checkout(here, "splitvl", ckpt_dir, work_dir, dtype, threads, cores))
+            base.append(
+                run_checkout(baseline, "baseline", ckpt_dir, work_dir, dtype, threads, cores)
+            )
         peers.append(run_peer(peer_python, recipe_dir, ckpt_dir, work_dir, dtype, cores))
-        for res in (ours[-1], peers[-1]):
+        for res in (ours[-1], *base[-1:], peers[-1]):
             print(
                 f"round {r} {res.side:8s} {dtype}: {res.tok_s:7.1f} output tok/s "
                 f"({res.output_tokens} tokens in {res.time_s:.2f} s; run {res.wall_s:.1f} s)",
@@ -319,6 +360,13 @@ def side_by_side(
         f"median {dtype}: splitvl {ours_tps:.1f} tok/s, vllm {peer_tps:.1f} tok/s, "
         f"ratio splitvl/vllm {ours_tps / peer_tps:.2f}x"
     )
+    if base:
+        base_tps = statistics.median(x.tok_s for x in base)
+        print(
+            f"median {dtype}: baseline {base_tps:.1f} tok/s ({baseline}), ratio "
+            f"splitvl/baseline {ours_tps / base_tps:.2f}x; greedy tokens identical "
+            f"{identical(a.tokens, base[-1].tokens)}/{len(a.tokens)}"
+        )
     print(
         f"greedy tokens identical: {identical(a.tokens, b.tokens)}/{len(a.tokens)} requests "
         f"(prefix agreement {prefix_agreement(a.tokens, b.tokens):.3f}); prompt lengths "
@@ -332,9 +380,9 @@ def side_by_side(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peer-python", required=True, help="the peer venv's python")
-    parser.add_argument("--recipe", required=True, help="folder holding vllm_offline.py")
-    parser.add_argument("--ckpt", required=True, help="checkpoint both sides load")
-    parser.add_argument("--work", required=True, help="folder holding work.json")
+    parser.add_argument("--recipe", dest="recipe_dir", required=True, help="the recipe folder")
+    parser.add_argument("--ckpt", dest="ckpt_dir", required=True, help="checkpoint both sides load")
+    parser.add_argument("--work", dest="work_dir", required=True, help="folder holding work.json")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="splitvl's torch threads")
@@ -343,17 +391,8 @@ def main() -> None:
         default=None,
         help="cores for both sides, VLLM_CPU_OMP_THREADS_BIND syntax (default 0-<threads-1>)",
     )
-    args = parser.parse_args()
-    side_by_side(
-        args.peer_python,
-        args.recipe,
-        args.ckpt,
-        args.work,
-        args.dtype,
-        args.rounds,
-        args.threads,
-        args.cores,
-    )
+    parser.add_argument("--baseline", help="another splitvl checkout, run as a third side")
+    side_by_side(**vars(parser.parse_args()))
 
 
 if __name__ == "__main__":
