@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import math
 
 import pytest  # noqa: E402
 import torch
@@ -235,6 +236,71 @@ def test_paged_decode_matches_reference(batch, block_size, splits):
     v_bad, _ = _poison_outside(v_cache, tables, context_lens)
     out = attn_mod.paged_decode_triton(q, k_bad, v_bad, tables_bad, context_lens, 0.3, splits)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+# Rows of 1 to 3 partitions of MIN_PARTITION tokens and a row of one token.
+LONG_CONTEXTS = [300, 1, 130, 257]
+
+
+def _expected_splits(context: int, bound: int, block_n: int) -> tuple[int, int]:
+    """(splits, tokens per split) of a row: the specification the kernel implements."""
+    wanted = min(math.ceil(context / attn_mod.MIN_PARTITION), bound)
+    partition = math.ceil(math.ceil(context / wanted) / block_n) * block_n
+    return math.ceil(context / partition), partition
+
+
+@pytest.mark.parametrize(
+    "splits,table_dtype,dtype",
+    [
+        (None, torch.int32, torch.float32),
+        (2, torch.int64, torch.float32),
+        (8, torch.int32, torch.bfloat16),
+        (None, torch.int64, torch.bfloat16),
+    ],
+)
+def test_paged_decode_splits_long_rows_by_their_own_context(splits, table_dtype, dtype):
+    """Rows split by their own context length (read on the device) under one static bound;
+    the merge loops over each row's own split count; int32 and int64 tables alike."""
+    batch, kv_heads, heads, head_dim, block_size = 4, 2, 4, 32, 16
+    k_cache, v_cache, tables = _paged_cache(
+        batch, 320, block_size, kv_heads, head_dim, seed=41, dtype=dtype
+    )
+    context_lens = torch.tensor(LONG_CONTEXTS, device=DEVICE)
+    q = _randn(batch, heads, head_dim, seed=42, dtype=dtype)
+    up = [t.float() for t in (q, k_cache, v_cache)]
+    ref = paged_decode_torch(*up, tables, context_lens, 0.2)
+    k_bad, tables_bad = _poison_outside(k_cache, tables, context_lens)
+    v_bad, _ = _poison_outside(v_cache, tables, context_lens)
+    tables_bad = tables_bad.to(table_dtype)
+    out = attn_mod.paged_decode_triton(q, k_bad, v_bad, tables_bad, context_lens, 0.2, splits)
+    assert out.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+def test_paged_decode_programs_cover_real_shares(monkeypatch):
+    """Each row uses cdiv(context, MIN_PARTITION) splits (at most the bound) of equal, tile-
+    rounded length: exactly those write a partial result; a one-split row writes none."""
+    seen, allocate = {}, attn_mod.split_buffers
+
+    def poisoned(*args):
+        part, lse = allocate(*args)
+        seen.update(part=part.fill_(float("nan")), lse=lse.fill_(float("nan")))
+        return part, lse
+
+    monkeypatch.setattr(attn_mod, "split_buffers", poisoned)
+    bound, head_dim = 8, 32
+    k_cache, v_cache, tables = _paged_cache(4, 320, 16, 2, head_dim, seed=43)
+    context_lens = torch.tensor(LONG_CONTEXTS, device=DEVICE)
+    q = _randn(4, 4, head_dim, seed=44)
+    attn_mod.paged_decode_triton(q, k_cache, v_cache, tables, context_lens, 0.2, bound)
+    written = ~torch.isnan(seen["lse"]).cpu()  # [B, Hq, bound]
+    block_n = attn_mod.tile_n(head_dim, q.dtype)
+    for row, context in enumerate(LONG_CONTEXTS):
+        used, partition = _expected_splits(context, bound, block_n)
+        assert (used - 1) * partition < context  # the last split holds tokens too
+        want = torch.arange(bound) < used if used > 1 else torch.zeros(bound, dtype=torch.bool)
+        assert torch.equal(written[row], want.expand(4, bound)), (row, context)
 
 
 def test_paged_decode_public_entry_and_bf16():
