@@ -124,7 +124,8 @@ def _moe_inputs(
 
 @pytest.mark.parametrize(
     "num_tokens,num_experts,top_k,block_m",
-    [(1, 4, 1, 16), (5, 8, 2, 16), (33, 8, 2, 16), (33, 4, 2, 32)],
+    # 1100 x 2 rows: several 1024-row chunks per program; 6 experts: a padded histogram.
+    [(1, 4, 1, 16), (5, 8, 2, 16), (33, 8, 2, 16), (33, 4, 2, 32), (1100, 6, 2, 16)],
 )
 def test_align_groups_rows_by_expert(num_tokens, num_experts, top_k, block_m):
     _, ids = _routing(num_tokens, num_experts, top_k, seed=num_tokens)
@@ -132,6 +133,7 @@ def test_align_groups_rows_by_expert(num_tokens, num_experts, top_k, block_m):
     flat, num_rows = ids.reshape(-1).cpu(), ids.numel()
     counts = torch.bincount(flat, minlength=num_experts)
     assert int(num_blocks) == int(((counts + block_m - 1) // block_m).sum())
+    assert bool(((block_expert >= 0) & (block_expert < num_experts)).all())  # unused ones too
     blocks = sorted_rows[: int(num_blocks) * block_m].view(-1, block_m).cpu()
     seen = []
     for rows, expert in zip(blocks, block_expert[: int(num_blocks)].cpu(), strict=True):

@@ -2,9 +2,11 @@
 
 Row ``r = t * k + j`` is token t's j-th expert choice. The align kernel lays the rows out grouped
 by expert, each expert's run padded to a multiple of BLOCK_M, so every BLOCK_M-row block of the
-layout belongs to one expert; padding slots hold the sentinel ``T * k``. Both GEMMs launch a grid
-sized from shapes alone (an upper bound on the number of blocks) and let programs past the real
-block count exit, so nothing is read back on the host and the whole op can be graph-captured.
+layout belongs to one expert; padding slots hold the sentinel ``T * k``. It runs one program per
+expert and is deterministic (integer counts, rows in flat order within each expert). Both GEMMs
+launch a grid sized from shapes alone (an upper bound on the number of blocks) and let programs
+past the real block count exit, so nothing is read back on the host and the whole op can be
+graph-captured.
 
 - GEMM 1 gathers x rows inside the kernel, reads gate and up tiles of ``gate_up [E, H, 2I]`` in
   place and writes ``silu(gate) * up`` to row r of ``[T * k, I]``.
@@ -21,7 +23,7 @@ import triton.language as tl
 from shared.kernels.gpu import tiles
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "max_blocks"])
 def _align_kernel(
     ids_ptr,  # [num_rows] expert id of each row
     sorted_ptr,  # [max_blocks * BLOCK_M] int32, out: row ids grouped by expert
@@ -33,52 +35,56 @@ def _align_kernel(
     BLOCK_M: tl.constexpr,
     E_PAD: tl.constexpr,
     CHUNK: tl.constexpr,
-    PAD_CHUNK: tl.constexpr,
 ):
-    """One program: counts per expert, padded offsets, then a stable scatter of the rows."""
-    experts = tl.arange(0, E_PAD)
+    """Program e lays out expert e's run: every program counts all rows (a histogram, linear
+    in the rows) to find where the run starts, then writes only its own rows, padding and
+    block ids, so no program waits for another."""
+    expert = tl.program_id(0)
     counts = tl.zeros([E_PAD], dtype=tl.int32)
     for start in range(0, num_rows, CHUNK):
         rows = start + tl.arange(0, CHUNK)
-        ids = tl.load(ids_ptr + rows, mask=rows < num_rows, other=E_PAD).to(tl.int32)
-        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        ids = tl.load(ids_ptr + rows, mask=rows < num_rows, other=0).to(tl.int32)
+        counts += tl.histogram(ids, E_PAD, mask=(rows < num_rows) & (ids < num_experts))
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, axis=0)
-    starts = ends - padded
-    tl.store(num_blocks_ptr, tl.sum(padded, axis=0) // BLOCK_M)
+    experts = tl.arange(0, E_PAD)
+    first = tl.sum(tl.where(experts < expert, padded, 0), axis=0)  # the run's first slot
+    count = tl.sum(tl.where(experts == expert, counts, 0), axis=0)
+    end = first + (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    num_blocks = tl.sum(padded, axis=0) // BLOCK_M
+    if expert == 0:
+        tl.store(num_blocks_ptr, num_blocks)
 
     # The sentinel goes only where no row will be written, so no ordering between the two
-    # stores is needed: slots [starts[e] + counts[e], ends[e]) of each expert.
-    # In [E_PAD, PAD_CHUNK] pieces: a whole [E_PAD, BLOCK_M] tile spills registers at 64.
-    pad = tl.arange(0, PAD_CHUNK)
-    for offset in tl.static_range(0, BLOCK_M, PAD_CHUNK):
-        slots = (starts + counts)[:, None] + offset + pad[None, :]
+    # stores is needed: slots [first + count, end).
+    pad = first + count + tl.arange(0, BLOCK_M)
+    tl.store(sorted_ptr + pad, tl.full([BLOCK_M], 0, tl.int32) + num_rows, mask=pad < end)
+    for b0 in range(first // BLOCK_M, end // BLOCK_M, CHUNK):
+        blocks = b0 + tl.arange(0, CHUNK)
         tl.store(
-            sorted_ptr + slots,
-            tl.full([E_PAD, PAD_CHUNK], 0, tl.int32) + num_rows,
-            mask=slots < ends[:, None],
+            block_expert_ptr + blocks,
+            tl.full([CHUNK], 0, tl.int32) + expert,
+            mask=blocks * BLOCK_M < end,
         )
+    # Blocks past the last are never computed; keep their expert in range anyway.
+    if expert == num_experts - 1:
+        for b0 in range(num_blocks, max_blocks, CHUNK):
+            blocks = b0 + tl.arange(0, CHUNK)
+            tl.store(
+                block_expert_ptr + blocks,
+                tl.full([CHUNK], 0, tl.int32) + expert,
+                mask=blocks < max_blocks,
+            )
 
-    # Block b starts at row b * BLOCK_M; its expert is the number of experts ending at or
-    # before it. Blocks past the last are never computed; keep their id in range anyway.
-    for start in range(0, max_blocks, CHUNK):
-        blocks = start + tl.arange(0, CHUNK)
-        first = blocks * BLOCK_M
-        owner = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)
-        tl.store(
-            block_expert_ptr + blocks, tl.minimum(owner, num_experts - 1), mask=blocks < max_blocks
-        )
-
-    # Stable: rows of one expert keep their flat order (rank within the chunk + running count).
-    running = starts
-    for start in range(0, num_rows, CHUNK):
-        rows = start + tl.arange(0, CHUNK)
-        ids = tl.load(ids_ptr + rows, mask=rows < num_rows, other=E_PAD).to(tl.int32)
-        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, E_PAD]
-        rank = tl.cumsum(onehot, axis=0) - onehot
-        dest = tl.sum(onehot * (running[None, :] + rank), axis=1)
-        tl.store(sorted_ptr + dest, rows, mask=rows < num_rows)
-        running += tl.sum(onehot, axis=0)
+    # Stable: the expert's rows keep their flat order (rank within the chunk + running count).
+    if count > 0:
+        running = first
+        for start in range(0, num_rows, CHUNK):
+            rows = start + tl.arange(0, CHUNK)
+            mine = tl.load(ids_ptr + rows, mask=rows < num_rows, other=num_experts) == expert
+            hit = mine.to(tl.int32)
+            rank = tl.cumsum(hit, axis=0) - hit
+            tl.store(sorted_ptr + running + rank, rows, mask=mine)
+            running += tl.sum(hit, axis=0)
 
 
 @triton.jit
@@ -258,9 +264,7 @@ def align_block_size(
     sorted_rows = torch.empty(blocks * block_m, dtype=torch.int32, device=ids.device)
     block_expert = torch.empty(blocks, dtype=torch.int32, device=ids.device)
     num_blocks = torch.empty(1, dtype=torch.int32, device=ids.device)
-    e_pad = triton.next_power_of_2(num_experts)
-    chunk = max(16, min(128, 8192 // e_pad))
-    _align_kernel[(1,)](
+    _align_kernel[(num_experts,)](
         flat,
         sorted_rows,
         block_expert,
@@ -269,9 +273,8 @@ def align_block_size(
         num_experts,
         blocks,
         BLOCK_M=block_m,
-        E_PAD=e_pad,
-        CHUNK=chunk,
-        PAD_CHUNK=min(block_m, 16),
+        E_PAD=triton.next_power_of_2(num_experts),
+        CHUNK=1024,
         num_warps=4,
     )
     return sorted_rows, block_expert, num_blocks
