@@ -29,6 +29,7 @@ from shared.kernels.reference import (  # noqa: E402
 )
 
 moe_mod = importlib.import_module("shared.kernels.gpu.moe_triton")
+align_mod = importlib.import_module("shared.kernels.gpu.moe_align")
 attn_mod = importlib.import_module("shared.kernels.gpu.attention_triton")
 if DEVICE.type == "cpu":
     interpreter_compat.apply()
@@ -129,7 +130,7 @@ def _moe_inputs(
 )
 def test_align_groups_rows_by_expert(num_tokens, num_experts, top_k, block_m):
     _, ids = _routing(num_tokens, num_experts, top_k, seed=num_tokens)
-    sorted_rows, block_expert, num_blocks = moe_mod.align_block_size(ids, num_experts, block_m)
+    sorted_rows, block_expert, num_blocks = align_mod.align_block_size(ids, num_experts, block_m)
     flat, num_rows = ids.reshape(-1).cpu(), ids.numel()
     counts = torch.bincount(flat, minlength=num_experts)
     assert int(num_blocks) == int(((counts + block_m - 1) // block_m).sum())
@@ -152,6 +153,30 @@ def test_fused_moe_matches_reference(num_tokens, num_experts, top_k):
     args = _moe_inputs(num_tokens, num_experts, top_k, seed=num_tokens * 10 + num_experts)
     out = triton_kernels.fused_moe(*args)
     torch.testing.assert_close(out, fused_moe_torch(*args), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_fused_moe_rows_of_no_expert_add_nothing(top_k):
+    """Id E routes a row to no expert: it is left out of the layout, its token gets only its
+    other rows' terms, and a token with no routed row comes out zero (not garbage)."""
+    num_experts = 8
+    x, gate_up, down, weights, ids = _moe_inputs(7, num_experts, top_k, seed=13)
+    ids[4:] = num_experts  # padding tokens
+    ids[1, -1] = num_experts  # one row of a real token
+    weights[ids == num_experts] = 0
+    out = triton_kernels.fused_moe(x, gate_up, down, weights, ids)
+    ref = fused_moe_torch(x, gate_up, down, weights, ids)
+    assert torch.equal(out[4:], torch.zeros_like(out[4:])) and torch.equal(ref[4:], out[4:])
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    real = ids[:4].clone()
+    real[1, -1] = 0  # the same token with that row routed anywhere at weight 0
+    plain = fused_moe_torch(x[:4], gate_up, down, weights[:4], real)
+    torch.testing.assert_close(out[:4], plain, atol=1e-4, rtol=1e-4)
+    sorted_rows, block_expert, num_blocks = align_mod.align_block_size(ids, num_experts, 16)
+    laid_out = sorted_rows[: int(num_blocks) * 16]
+    assert set(laid_out[laid_out < ids.numel()].tolist()) == set(
+        torch.nonzero(ids.reshape(-1) < num_experts).flatten().tolist()
+    )
 
 
 def test_fused_moe_tiles_with_groups_and_k_loop(monkeypatch):

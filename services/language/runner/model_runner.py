@@ -74,6 +74,7 @@ class StepBatch:
     num_sampled: int  # real sampling rows, the first of them
     splices: tuple[ImageSplice, ...]
     graph_size: int | None  # replay the graph of this decode size
+    padded: bool  # a decode step padded to a capture size (its padding rows route nowhere)
 
 
 class ModelRunner:
@@ -152,6 +153,8 @@ class ModelRunner:
                 num_logits += 1
             offset += n
         num_sampled = num_logits
+        if padded:
+            host["num_valid_tokens"][0] = num_decodes
         if num_rows > num_decodes:
             offset, num_logits = self._fill_padding(num_decodes, num_rows), num_rows
         self.buffers.upload()
@@ -159,7 +162,15 @@ class ModelRunner:
         if padded:  # a graph's fixed shapes, replayed or not (so CPU runs mirror GPU steps)
             width = self.buffers.limits.max_blocks_per_seq
         return StepBatch(
-            offset, num_rows, width, tuple(prefills), num_logits, num_sampled, tuple(splices), graph
+            offset,
+            num_rows,
+            width,
+            tuple(prefills),
+            num_logits,
+            num_sampled,
+            tuple(splices),
+            graph,
+            padded,
         )
 
     def _fill_decode(self, req: RunnerRequest, row: int, start: int, num_blocks: int) -> None:
@@ -208,11 +219,12 @@ class ModelRunner:
     def _padded_batch(self, size: int) -> StepBatch:
         """A decode step of `size` padding rows (what a graph of that size is captured on)."""
         width = self.buffers.limits.max_blocks_per_seq
-        return StepBatch(size, size, width, (), size, size, (), None)
+        return StepBatch(size, size, width, (), size, size, (), None, True)
 
     def _prepare_padded(self, size: int) -> None:
         self.buffers.begin_step(size, 0)
         self._fill_padding(0, size)
+        self.buffers.host["num_valid_tokens"][0] = 0
         self.buffers.upload()
 
     def _forward_padded(self, size: int) -> torch.Tensor:
@@ -267,6 +279,8 @@ class ModelRunner:
             input_deepstack_embeds=deepstack,
             attention=self.attention,
             logits_indices=dev["logits_indices"][: batch.num_logits],
+            # Read on the device: a replayed graph routes each step's own padding nowhere.
+            num_valid_tokens=dev["num_valid_tokens"] if batch.padded else None,
         )
 
     def _image_inputs(

@@ -2,9 +2,9 @@
 
 The runner owns one host staging buffer (pinned on CUDA) and one device buffer of the same
 layout: token ids, M-RoPE positions, cache slots, logits rows, decode block tables and context
-lengths, prefill query offsets and block tables. A step fills the host side with numpy and moves
-it with ONE non-blocking copy; the forward reads device views at fixed addresses, which is what
-lets a captured CUDA graph replay on new data. Block tables have the fixed width
+lengths, the real rows of a padded step, prefill block tables. A step fills the host side with
+numpy and moves it with ONE non-blocking copy; the forward reads device views at fixed addresses,
+which is what lets a captured CUDA graph replay on new data. Block tables have the fixed width
 ``max_model_len / block_size``; unused entries point at the scratch block.
 
 The copy is asynchronous: it may still be reading the staging buffer when the host starts the
@@ -41,6 +41,7 @@ def _regions(limits: BufferLimits) -> list[tuple[str, tuple[int, ...]]]:
         ("logits_indices", (s,)),
         ("decode_block_tables", (s, b)),
         ("decode_context_lens", (s,)),
+        ("num_valid_tokens", (1,)),  # rows of a padded step that are real tokens
         ("prefill_block_tables", (s, b)),
     ]
 

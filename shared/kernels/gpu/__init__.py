@@ -67,9 +67,9 @@ def qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin):
     return fused_triton.qk_norm_rope_triton(q, k, q_weight, k_weight, eps, cos, sin)
 
 
-def router_topk(logits, top_k, renormalize):
+def router_topk(logits, top_k, renormalize, num_valid_tokens=None):
     """See shared.kernels.reference.router_topk_torch."""
-    return fused_triton.router_topk_triton(logits, top_k, renormalize)
+    return fused_triton.router_topk_triton(logits, top_k, renormalize, num_valid_tokens)
 
 
 def kv_store(k, v, k_cache, v_cache, slots):

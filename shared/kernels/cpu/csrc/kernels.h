@@ -11,7 +11,8 @@ using bf16 = uint16_t;  // raw bf16 bits
 // out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j], summed
 // in j order. gate_up [E, H, 2I] (gate = first I columns), down [E, I, H]. T (x, weights,
 // out) and W (the expert weights) are float or bf16 (raw uint16 bits): <float, float>,
-// <bf16, bf16> and <float, bf16>. Returns the index of the first id outside [0, E), or -1.
+// <bf16, bf16> and <float, bf16>. Id E routes a row to no expert (a zero term). Returns the
+// index of the first id outside [0, E], or -1.
 template <typename T, typename W>
 int64_t fused_moe(const T* x, const W* gate_up, const W* down, const T* weights,
                   const int64_t* ids, T* out, int64_t num_tokens, int64_t hidden,

@@ -54,7 +54,7 @@ at::Tensor fused_moe_op(const at::Tensor& x, const at::Tensor& gate_up, const at
   }
   const int64_t bad_id = bad < 0 ? 0 : ic.const_data_ptr<int64_t>()[bad];
   TORCH_CHECK_INDEX(bad < 0, "fused_moe: expert id ", bad_id, " at flat index ", bad,
-                    " is outside [0, ", num_experts, ")");
+                    " is outside [0, ", num_experts, "] (", num_experts, ": no expert)");
   return out;
 }
 
