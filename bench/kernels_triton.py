@@ -130,7 +130,7 @@ def bench_decode(batch: int, context: int, rounds: int, kernels, references) -> 
     shape = (batch * width + 1, block, kv_heads, dim)
     k_cache = [torch.randn(shape, device=dev, dtype=dt) for _ in range(layers)]
     v_cache = [torch.randn(shape, device=dev, dtype=dt) for _ in range(layers)]
-    tables = torch.randperm(batch * width, device=dev).view(batch, width) + 1
+    tables = (torch.randperm(batch * width, device=dev).view(batch, width) + 1).int()  # as served
     lens = torch.full((batch,), context, device=dev, dtype=torch.long)
     q = torch.randn(batch, heads, dim, device=dev, dtype=dt)
     scale = dim**-0.5
@@ -213,12 +213,12 @@ def _compile_launches(kernels, dt, tokens, batches, contexts) -> None:
                 torch.empty(b, heads, dim, dtype=dt),
                 cache,
                 cache,
-                torch.zeros(b, width, dtype=torch.long),
+                torch.zeros(b, width, dtype=torch.int32),  # the runner's tables
                 torch.ones(b, dtype=torch.long),
                 scale,
             )
     cache = torch.empty(128, block, kv_heads, dim, dtype=dt)
-    table = torch.zeros(128, dtype=torch.long)
+    table = torch.zeros(128, dtype=torch.int32)
     for start, n in [(0, 1066), (1000, 66), (0, 16)]:
         kv = torch.empty(n, kv_heads, dim, dtype=dt)
         kernels.paged_prefill(

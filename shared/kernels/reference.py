@@ -26,7 +26,7 @@ def paged_decode_torch(
     q: torch.Tensor,  # [B, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # [B, W] int64; entries past a context point anywhere valid
+    block_tables: torch.Tensor,  # [B, W] int32 or int64; entries past a context: any valid id
     context_lens: torch.Tensor,  # [B] int64, >= 1
     scale: float,
 ) -> torch.Tensor:  # [B, Hq, D]
@@ -52,7 +52,7 @@ def paged_prefill_torch(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_table: torch.Tensor,  # [num_blocks] int64 covering context_start + n
+    block_table: torch.Tensor,  # [num_blocks] int32 or int64 covering context_start + n
     context_start: int,
     scale: float,
 ) -> torch.Tensor:  # [n, Hq, D]

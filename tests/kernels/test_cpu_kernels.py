@@ -271,6 +271,19 @@ def test_paged_decode_matches_reference(kernels, case, dtype):
     _check_decode(kernels, nan_inputs, finite)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_paged_decode_reads_int32_tables(kernels, dtype):
+    """The runner's block tables are int32: the same result as through int64 tables."""
+    nan_inputs, finite = _decode_inputs([1, 17, 300], 8, 2, 64, 16, dtype, seed=11)
+    narrow = lambda inputs: (*inputs[:3], inputs[3].to(torch.int32), *inputs[4:])  # noqa: E731
+    _check_decode(kernels, narrow(nan_inputs), finite)
+    assert torch.equal(kernels.paged_decode(*narrow(nan_inputs)), kernels.paged_decode(*nan_inputs))
+    bad = narrow(nan_inputs)
+    bad[3][0, 0] = -1
+    with pytest.raises(IndexError, match="sequence 0"):
+        kernels.paged_decode(*bad)
+
+
 def test_paged_decode_fp32_queries_on_a_bf16_cache(kernels):
     nan_inputs, finite = _decode_inputs([40, 300], 8, 4, 64, 16, torch.bfloat16, seed=7)
     as_fp32 = lambda inputs: (inputs[0].float(), *inputs[1:])  # noqa: E731

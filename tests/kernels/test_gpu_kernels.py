@@ -388,6 +388,11 @@ def test_paged_prefill_matches_reference(context_start, num_tokens, block_size):
     v_bad = _poison_outside(v_cache, table[None], lens)[0]
     out = triton_kernels.paged_prefill(q, k, v, k_bad, v_bad, table, context_start, 0.25)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    narrow = table.to(torch.int32)  # the runner's tables
+    out = triton_kernels.paged_prefill(q, k, v, k_bad, v_bad, narrow, context_start, 0.25)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    ref32 = paged_prefill_torch(q, k, v, k_cache, v_cache, narrow, context_start, 0.25)
+    torch.testing.assert_close(ref32, ref, atol=0, rtol=0)
 
 
 def test_paged_prefill_long_chunk_and_bf16():

@@ -96,6 +96,11 @@ def test_a_decode_forward_reads_nothing_back(cases, tiny_vl_model_dir, monkeypat
     runner.state.update(scheduled.plan)
     batch = runner.prepare(scheduled.plan)  # host-side preparation may read host lists
     assert batch.num_decodes == 4 and batch.graph_size is None
+    tables = runner.metadata(batch).decode_block_tables  # a graph's: fixed width and address
+    assert (
+        tables.dtype == torch.int32 and tables.shape == runner.buffers.decode_block_tables[:4].shape
+    )
+    assert tables.data_ptr() == runner.buffers.decode_block_tables.data_ptr()
     with monkeypatch.context() as patch:
         _forbid_host_reads(patch)
         logits = runner.forward(batch)

@@ -24,11 +24,12 @@ struct CacheLayout {
 };
 
 // One query token per sequence over its first context_lens[b] cached tokens (block tables
-// [B, W]); q, out [B, Hq, D] contiguous fp32; C is the cache's element type (float or bf16).
-// Returns the first sequence whose context or table entries are out of range, or -1.
-template <typename C>
+// [B, W] of int32 or int64 I); q, out [B, Hq, D] contiguous fp32; C is the cache's element
+// type (float or bf16). Returns the first sequence whose context or table entries are out of
+// range, or -1.
+template <typename C, typename I>
 int64_t paged_decode(const float* q, const C* k_cache, const C* v_cache,
-                     const CacheLayout& layout, const int64_t* block_tables,
+                     const CacheLayout& layout, const I* block_tables,
                      int64_t table_width, const int64_t* context_lens, float* out,
                      int64_t batch, int64_t num_heads, float scale);
 
