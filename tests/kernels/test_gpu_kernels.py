@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import json
 import math
 
 import pytest  # noqa: E402
@@ -89,6 +90,21 @@ def test_tile_configs_load_and_fall_back():
     for table in (h200, default):
         for entry in table.values():
             assert entry["BLOCK_SIZE_M"] >= 16 and entry["BLOCK_SIZE_K"] >= 16
+
+
+def test_the_h100_table_is_the_h200_one_marked_as_derived(tmp_path):
+    name = tiles.config_file_name(128, 768, "NVIDIA_H100_80GB_HBM3")
+    raw = json.loads((tiles.CONFIG_DIR / name).read_text())
+    assert raw["_derived_from"] == tiles.config_file_name(128, 768, "NVIDIA_H200")
+    assert "_comment" in raw
+    assert tiles.table_for(128, 768, "NVIDIA_H100_80GB_HBM3") == tiles.table_for(
+        128, 768, "NVIDIA_H200"
+    )
+    # Notes are skipped; a malformed entry is still refused.
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"_comment": "x", "16": {"BLOCK_SIZE_M": 16}}))
+    with pytest.raises(tiles.TileConfigError, match="M=16 lacks"):
+        tiles._load(bad)
 
 
 # ----------------------------------------------------------------------------- fused MoE
