@@ -153,7 +153,7 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 def _compile_launches(kernels, dt, tokens, batches, contexts) -> None:
-    """Every launch the benchmark's shapes make, in one dtype."""
+    """Every launch the benchmark's shapes and the server's warm-up make, in one dtype."""
     hidden, experts, top_k, inter = (A3B[k] for k in ("hidden", "experts", "top_k", "inter"))
     gate_up = torch.empty(experts, hidden, 2 * inter, dtype=dt)
     down = torch.empty(experts, inter, hidden, dtype=dt)
@@ -186,6 +186,12 @@ def _compile_launches(kernels, dt, tokens, batches, contexts) -> None:
         kernels.paged_prefill(
             torch.empty(n, heads, dim, dtype=dt), kv, kv, cache, cache, table, start, scale
         )
+    # What the server's start-up warm-up compiles: the small fused ops too, every MoE bucket.
+    from shared.kernels.gpu.warmup import WarmupShapes, warm_up
+
+    most = max(contexts) // block
+    shapes = WarmupShapes(hidden, heads, kv_heads, dim, 1e-6, top_k, True, max(tokens), most)
+    warm_up(shapes, cache, cache, cache.shape[0] - 1, (gate_up, down), dt)
 
 
 def compile_only(

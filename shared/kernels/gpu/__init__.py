@@ -6,7 +6,8 @@ the ``shared.kernels.reference`` functions; ``shared.kernels.select`` picks them
 ``available()``. None reads a device value on the host, allocates a data-dependent size or
 launches a data-dependent grid, so decode steps built on them can be captured in CUDA graphs.
 ``TRITON_INTERPRET=1`` (set before this package is imported) runs the same kernels on CPU
-tensors through Triton's interpreter; that is how the CPU test suite checks them.
+tensors through Triton's interpreter; that is how the CPU test suite checks them. On a GPU,
+`warmup.warm_up` compiles every variant a server can launch when it starts.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ from shared.kernels.gpu.attention_triton import (
 )
 
 
-@triton.jit
+# The chunk's length and start vary with every step; specializing on them (a value of 1, a
+# multiple of 16) would compile several copies of the kernel.
+@triton.jit(do_not_specialize=["num_tokens", "context_start"])
 def _prefill_kernel(
     q_ptr,  # [n, Hq, D]
     k_ptr,  # [n, Hkv, D] the chunk's own keys
