@@ -3,8 +3,9 @@
 Per step the runner updates its own request state from the plan, fills the persistent step
 buffers on the host (token ids, positions, cache slots, block tables, logits rows) and uploads
 them with one copy, then runs the model on views of the device buffers. Decode-only steps may
-be padded to a capture size (padding rows write to the scratch block) and, on CUDA, replay a
-graph captured for that size; other steps run eagerly. An image split across prefill chunks is
+be padded to a capture size (padding rows write to the scratch block, and a count of the real
+rows on the device keeps them out of MoE routing) and, on CUDA, replay a graph captured for
+that size; other steps run eagerly. An image split across prefill chunks is
 computed as if whole: each chunk splices exactly the image rows it covers.
 """
 
