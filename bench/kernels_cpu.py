@@ -97,7 +97,7 @@ class DecodeCase:
         num_blocks = batch * width + 1
         self.q = torch.randn(batch, heads, dim, generator=gen).to(dtype)
         self.tables = torch.randperm(num_blocks - 1, generator=gen)[: batch * width]
-        self.tables = self.tables.view(batch, width)
+        self.tables = self.tables.view(batch, width).int()  # the runner's int32 tables
         self.lens = torch.full((batch,), context, dtype=torch.long)
         self.scale = dim**-0.5
         self.caches = [

@@ -17,19 +17,22 @@ benchmark's shapes with a stand-in driver for an sm_90 target, so every launch i
 exactly as the JIT would specialize it (and not run), then prints each kernel variant's
 registers, spills and shared memory from its cubin and fails on spills or on more shared
 memory than an H200 block can have.
+
+``--tune`` (a GPU) times candidate fused-MoE tile configurations per token bucket and writes the
+device's table under ``shared/kernels/gpu/configs`` (see `bench.moe_tune`).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
-from collections.abc import Callable
 
 import torch
 
 from bench.common import save_result
+from bench.gpu_timing import alternate
+from bench.moe_tune import MoeShape, run_tune
 
 A3B = {
     "hidden": 2048,
@@ -43,47 +46,6 @@ A3B = {
 }
 BYTES_PER_PASS = 512 * 2**20
 MAX_LAYERS = 128
-
-
-def _graph(fn: Callable[[], object]) -> Callable[[], None]:
-    """fn captured in a CUDA graph (after a warm-up that compiles every kernel)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def _ms(run: Callable[[], None]) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    run()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
-def _alternate(passes: dict[str, Callable[[], object]], rounds: int, layers: int):
-    """Per-layer median ms of each pass, captured in graphs, alternating within rounds. A pass
-    that cannot be captured runs eagerly (its time then includes launch overhead)."""
-    runs = {}
-    for name, fn in passes.items():
-        try:
-            runs[name] = _graph(fn)
-        except RuntimeError as exc:
-            print(f"  {name}: not capturable ({str(exc).splitlines()[0]}); timing it eagerly")
-            runs[name] = fn
-    for run in runs.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            times[name].append(_ms(run) / layers)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _layers(bytes_per_layer: float) -> int:
@@ -115,7 +77,7 @@ def bench_moe(num_tokens: int, rounds: int, kernels, references) -> dict[str, fl
     def run(fn):
         return lambda: [fn(x, gate_up[n], down[n], weights[n], ids[n]) for n in range(layers)]
 
-    ms = _alternate(
+    ms = alternate(
         {"triton": run(kernels.fused_moe), "torch": run(references["fused_moe"])}, rounds, layers
     )
     return {**ms, "gbps": {k: needed / layers / (v * 1e-3) / 1e9 for k, v in ms.items()}}
@@ -130,7 +92,7 @@ def bench_decode(batch: int, context: int, rounds: int, kernels, references) -> 
     shape = (batch * width + 1, block, kv_heads, dim)
     k_cache = [torch.randn(shape, device=dev, dtype=dt) for _ in range(layers)]
     v_cache = [torch.randn(shape, device=dev, dtype=dt) for _ in range(layers)]
-    tables = torch.randperm(batch * width, device=dev).view(batch, width) + 1
+    tables = (torch.randperm(batch * width, device=dev).view(batch, width) + 1).int()  # as served
     lens = torch.full((batch,), context, device=dev, dtype=torch.long)
     q = torch.randn(batch, heads, dim, device=dev, dtype=dt)
     scale = dim**-0.5
@@ -139,7 +101,7 @@ def bench_decode(batch: int, context: int, rounds: int, kernels, references) -> 
     def run(fn):
         return lambda: [fn(q, k_cache[n], v_cache[n], tables, lens, scale) for n in range(layers)]
 
-    ms = _alternate(
+    ms = alternate(
         {"triton": run(kernels.paged_decode), "torch": run(references["paged_decode"])},
         rounds,
         layers,
@@ -191,7 +153,7 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 def _compile_launches(kernels, dt, tokens, batches, contexts) -> None:
-    """Every launch the benchmark's shapes make, in one dtype."""
+    """Every launch the benchmark's shapes and the server's warm-up make, in one dtype."""
     hidden, experts, top_k, inter = (A3B[k] for k in ("hidden", "experts", "top_k", "inter"))
     gate_up = torch.empty(experts, hidden, 2 * inter, dtype=dt)
     down = torch.empty(experts, inter, hidden, dtype=dt)
@@ -213,17 +175,23 @@ def _compile_launches(kernels, dt, tokens, batches, contexts) -> None:
                 torch.empty(b, heads, dim, dtype=dt),
                 cache,
                 cache,
-                torch.zeros(b, width, dtype=torch.long),
+                torch.zeros(b, width, dtype=torch.int32),  # the runner's tables
                 torch.ones(b, dtype=torch.long),
                 scale,
             )
     cache = torch.empty(128, block, kv_heads, dim, dtype=dt)
-    table = torch.zeros(128, dtype=torch.long)
+    table = torch.zeros(128, dtype=torch.int32)
     for start, n in [(0, 1066), (1000, 66), (0, 16)]:
         kv = torch.empty(n, kv_heads, dim, dtype=dt)
         kernels.paged_prefill(
             torch.empty(n, heads, dim, dtype=dt), kv, kv, cache, cache, table, start, scale
         )
+    # What the server's start-up warm-up compiles: the small fused ops too, every MoE bucket.
+    from shared.kernels.gpu.warmup import WarmupShapes, warm_up
+
+    most = max(contexts) // block
+    shapes = WarmupShapes(hidden, heads, kv_heads, dim, 1e-6, top_k, True, max(tokens), most)
+    warm_up(shapes, cache, cache, cache.shape[0] - 1, (gate_up, down), dt)
 
 
 def compile_only(
@@ -278,7 +246,13 @@ def compile_only(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 128, 1024])
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=None,
+        help="fused-MoE token counts (default: 1 16 64 128 1024; with --tune, every bucket)",
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -288,7 +262,18 @@ def main(argv: list[str] | None = None) -> int:
         help="compile every launch for sm_90 on the CPU and report registers, "
         "spills and shared memory (no GPU needed)",
     )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="time candidate MoE tile configs per token bucket and write the device's "
+        "configs/E=...,N=...,device_name=....json (bench.moe_tune)",
+    )
+    parser.add_argument("--tune-dir", default=None, help="write the tuned table here instead")
     args = parser.parse_args(argv)
+    if args.tune:
+        shape = MoeShape(A3B["experts"], A3B["hidden"], A3B["inter"], A3B["top_k"])
+        return run_tune(shape, args.tokens, args.rounds, args.tune_dir)
+    args.tokens = args.tokens or [1, 16, 64, 128, 1024]
     if args.compile_only:
         return compile_only(args.tokens, args.batches, args.contexts)
     if not torch.cuda.is_available():

@@ -10,7 +10,9 @@ for the chunk itself is already written). GQA: query head h uses kv head
 Routed experts: out[t] = sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j].
 Weights stay in the fused hub layout: ``gate_up [E, H, 2I]`` (gate is the first I columns) and
 ``down [E, I, H]``. The sum over a token's experts runs in top-k order, so every
-implementation adds the same terms in the same order.
+implementation adds the same terms in the same order. The id ``E`` routes a row to no expert:
+its term is zero and no expert's weights are read for it. The router gives it to the padding
+rows of a step (rows at or past a count of real tokens, kept on the device).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def paged_decode_torch(
     q: torch.Tensor,  # [B, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # [B, W] int64; entries past a context point anywhere valid
+    block_tables: torch.Tensor,  # [B, W] int32 or int64; entries past a context: any valid id
     context_lens: torch.Tensor,  # [B] int64, >= 1
     scale: float,
 ) -> torch.Tensor:  # [B, Hq, D]
@@ -50,7 +52,7 @@ def paged_prefill_torch(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_table: torch.Tensor,  # [num_blocks] int64 covering context_start + n
+    block_table: torch.Tensor,  # [num_blocks] int32 or int64 covering context_start + n
     context_start: int,
     scale: float,
 ) -> torch.Tensor:  # [n, Hq, D]
@@ -93,11 +95,12 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def expert_offsets(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Cumulative row counts per expert, int32 ``[E]``, computed on the device (no host sync:
-    ``bincount`` would read the maximum back to size its output)."""
+    ``bincount`` would read the maximum back to size its output). Rows of id E (no expert)
+    fall in a last bin, left out."""
     flat = ids.reshape(-1)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
     counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    return counts.cumsum(0, dtype=torch.int32)
+    return counts[:num_experts].cumsum(0, dtype=torch.int32)
 
 
 def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -119,9 +122,11 @@ def fused_moe_torch(
     gate_up: torch.Tensor,  # [E, H, 2I]
     down: torch.Tensor,  # [E, I, H]
     weights: torch.Tensor,  # [T, k] routing weights, x.dtype
-    ids: torch.Tensor,  # [T, k] int64 expert ids
+    ids: torch.Tensor,  # [T, k] int64 expert ids, E: no expert
 ) -> torch.Tensor:  # [T, H]
-    """The reference: rows sorted by expert, grouped matmuls, then un-sorted and summed.
+    """The reference: rows sorted by expert, grouped matmuls, then un-sorted and summed. Rows
+    of id E sort last, past every expert's rows, where the grouped matmuls leave them
+    undefined: their terms are replaced by zeros.
 
     Expert weights of another dtype than x (bf16 weights kept for fp32 compute on CPUs without
     bf16 arithmetic) are widened to x's dtype first."""
@@ -134,6 +139,7 @@ def fused_moe_torch(
     h = _grouped((F.silu(gate) * up).contiguous(), down, offs)  # [T*k, H]
     unsorted = torch.empty_like(h).index_copy_(0, order, h)  # row j of token t at t*k + j
     terms = unsorted.view(num_tokens, top_k, -1) * weights.unsqueeze(-1)
+    terms = torch.where((ids < gate_up.shape[0]).unsqueeze(-1), terms, 0)
     out = terms[:, 0]
     for j in range(1, top_k):  # top-k order, explicitly
         out = out + terms[:, j]
@@ -188,13 +194,20 @@ def router_topk_torch(
     logits: torch.Tensor,  # [T, E] in the model dtype
     top_k: int,
     renormalize: bool,
+    num_valid_tokens: torch.Tensor | None = None,  # [1] int64 on logits' device
 ) -> tuple[torch.Tensor, torch.Tensor]:  # weights [T, k] in logits' dtype, ids [T, k] int64
-    """Softmax in fp32, the top k, optionally renormalized over them, cast back."""
+    """Softmax in fp32, the top k, optionally renormalized over them, cast back. Rows at or
+    past ``num_valid_tokens`` (padding) get id E (no expert) and weight 0."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(logits.dtype), ids
+    weights = weights.to(logits.dtype)
+    if num_valid_tokens is not None:
+        padding = (torch.arange(logits.shape[0], device=logits.device) >= num_valid_tokens)[:, None]
+        weights = weights.masked_fill(padding, 0)
+        ids = ids.masked_fill(padding, logits.shape[1])
+    return weights, ids
 
 
 def kv_store_torch(

@@ -104,9 +104,12 @@ def qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin) -> tuple[torch.Tensor,
     return implementation("qk_norm_rope", q.device.type)(q, k, q_weight, k_weight, eps, cos, sin)
 
 
-def router_topk(logits, top_k, renormalize) -> tuple[torch.Tensor, torch.Tensor]:
+def router_topk(
+    logits, top_k, renormalize, num_valid_tokens=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """See shared.kernels.reference.router_topk_torch."""
-    return implementation("router_topk", logits.device.type)(logits, top_k, renormalize)
+    fn = implementation("router_topk", logits.device.type)
+    return fn(logits, top_k, renormalize, num_valid_tokens)
 
 
 def kv_store(k, v, k_cache, v_cache, slots) -> None:

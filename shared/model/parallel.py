@@ -165,14 +165,15 @@ def _all_reduce_output(group):
 
 
 def _local_experts(start: int, count: int):
-    """Pre-hook of an expert-parallel Experts: global expert ids -> local ones; tokens routed to
-    other ranks' experts keep a valid id but weight 0 (their rows add nothing here)."""
+    """Pre-hook of an expert-parallel Experts: global expert ids -> local ones; rows routed to
+    other ranks' experts (or to none) get the local "no expert" id and weight 0, so they read
+    no expert's weights here and add nothing."""
 
     def hook(_module, args):
         x, weights, ids = args
         local = ids - start
         mine = (local >= 0) & (local < count)
-        return x, torch.where(mine, weights, 0), torch.where(mine, local, 0)
+        return x, torch.where(mine, weights, 0), torch.where(mine, local, count)
 
     return hook
 

@@ -53,6 +53,7 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attention: AttentionBackend | None,
+        num_valid_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's MLP output, the residual stream): each residual add happens inside the
         next norm, in transformers' order (h + attn, then + mlp, each rounded), so the full
@@ -60,7 +61,7 @@ class DecoderLayer(nn.Module):
         normed, residual = self.input_layernorm(h, residual)
         attn = self.self_attn(normed, cos, sin, attention)
         normed, residual = self.post_attention_layernorm(attn, residual)
-        return self.mlp(normed), residual
+        return self.mlp(normed, num_valid_tokens), residual
 
 
 class Qwen3MoeModel(nn.Module):
@@ -117,7 +118,11 @@ class Qwen3MoeModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,  # [T, H]
         input_deepstack_embeds: torch.Tensor | None = None,  # [T, k*H]
         attention: AttentionBackend | None = None,
+        num_valid_tokens: torch.Tensor | None = None,  # [1] on the device
     ) -> torch.Tensor:  # [T, H]
+        """``num_valid_tokens``: rows at or past it are padding (a batch padded to a fixed
+        shape), routed to no expert; counted on the device, so a captured graph reads each
+        replay's count. Without it every row is a token."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -137,7 +142,7 @@ class Qwen3MoeModel(nn.Module):
         cos, sin = self.rotary_emb(positions, h.dtype)
         residual = None
         for i, layer in enumerate(self.layers):
-            h, residual = layer(h, residual, cos, sin, attention)
+            h, residual = layer(h, residual, cos, sin, attention, num_valid_tokens)
             h, residual = self._process_layer_output(i, h, residual, input_deepstack_embeds)
         return self.norm(h, residual)[0]
 
@@ -178,6 +183,7 @@ class Qwen3MoeForCausalLM(nn.Module):
         input_deepstack_embeds: torch.Tensor | None = None,
         attention: AttentionBackend | None = None,
         logits_indices: torch.Tensor | None = None,  # [n]: rows whose logits are wanted
+        num_valid_tokens: torch.Tensor | None = None,  # see Qwen3MoeModel.forward
     ) -> torch.Tensor:  # [T or n, V]
         hidden = self.model(
             input_ids=input_ids,
@@ -185,6 +191,7 @@ class Qwen3MoeForCausalLM(nn.Module):
             inputs_embeds=inputs_embeds,
             input_deepstack_embeds=input_deepstack_embeds,
             attention=attention,
+            num_valid_tokens=num_valid_tokens,
         )
         if logits_indices is not None:
             hidden = hidden[logits_indices]

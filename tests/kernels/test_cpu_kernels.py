@@ -170,9 +170,23 @@ def test_fused_moe_same_for_any_thread_count(kernels, threads, dtype, num_tokens
 
 def test_fused_moe_bad_expert_id(kernels):
     x, gate_up, down, weights, ids = _moe_inputs(4, 16, 8, 4, 2, torch.float32, 5)
-    ids[2, 1] = 4
-    with pytest.raises(IndexError, match="expert id 4"):
+    ids[2, 1] = 5  # 4 (= E) is the "no expert" id
+    with pytest.raises(IndexError, match="expert id 5"):
         torch.ops.splitvl.fused_moe(x, gate_up, down, weights, ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_moe_rows_of_no_expert_add_nothing(kernels, dtype):
+    """Id E: the row reads no expert and adds nothing; a token with no routed row gets zeros
+    (the padding rows of a padded step), as in the reference."""
+    inputs = _moe_inputs(6, 16, 8, 4, 2, dtype, 7)
+    ids, weights = inputs[4], inputs[3]
+    ids[3:] = 4
+    ids[0, 1] = 4
+    weights[ids == 4] = 0
+    _check_moe(kernels, inputs, dtype)
+    out = torch.ops.splitvl.fused_moe(*inputs)
+    assert torch.equal(out[3:], torch.zeros_like(out[3:]))
 
 
 def test_fused_moe_other_dtypes_and_autograd_use_the_reference(kernels):
@@ -255,6 +269,19 @@ def test_paged_decode_matches_reference(kernels, case, dtype):
     lens, heads, kv, dim, block = case
     nan_inputs, finite = _decode_inputs(lens, heads, kv, dim, block, dtype, seed=len(lens) + dim)
     _check_decode(kernels, nan_inputs, finite)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_paged_decode_reads_int32_tables(kernels, dtype):
+    """The runner's block tables are int32: the same result as through int64 tables."""
+    nan_inputs, finite = _decode_inputs([1, 17, 300], 8, 2, 64, 16, dtype, seed=11)
+    narrow = lambda inputs: (*inputs[:3], inputs[3].to(torch.int32), *inputs[4:])  # noqa: E731
+    _check_decode(kernels, narrow(nan_inputs), finite)
+    assert torch.equal(kernels.paged_decode(*narrow(nan_inputs)), kernels.paged_decode(*nan_inputs))
+    bad = narrow(nan_inputs)
+    bad[3][0, 0] = -1
+    with pytest.raises(IndexError, match="sequence 0"):
+        kernels.paged_decode(*bad)
 
 
 def test_paged_decode_fp32_queries_on_a_bf16_cache(kernels):

@@ -112,6 +112,22 @@ def test_router_ties_go_to_the_lower_expert_id():
     assert ids.tolist() == [[5, 0, 1], [5, 0, 1]]
 
 
+@pytest.mark.parametrize("count", [0, 4, 9])
+def test_router_routes_rows_past_the_count_to_no_expert(count):
+    """Padding rows (at or past a count read on the device) get id E and weight 0; the real
+    rows are routed as without a count."""
+    logits = _randn(9, 24, seed=12, scale=2.0, dtype=torch.bfloat16)
+    num_valid = torch.tensor([count], device=DEVICE)
+    got_w, got_ids = triton_kernels.router_topk(logits, 4, True, num_valid)
+    want_w, want_ids = router_topk_torch(logits, 4, True, num_valid)
+    assert torch.equal(got_ids, want_ids)
+    _close_in_bf16(got_w, want_w, max_off_by_one=0.1)
+    plain_w, plain_ids = router_topk_torch(logits, 4, True)
+    assert torch.equal(want_ids[:count], plain_ids[:count])
+    assert torch.equal(want_w[:count], plain_w[:count])
+    assert (want_ids[count:] == 24).all() and (want_w[count:] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_store(dtype):
     blocks, block_size, kv_heads, dim = 6, 4, 2, 16

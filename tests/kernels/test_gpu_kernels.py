@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import json
+import math
 
 import pytest  # noqa: E402
 import torch
@@ -28,6 +30,7 @@ from shared.kernels.reference import (  # noqa: E402
 )
 
 moe_mod = importlib.import_module("shared.kernels.gpu.moe_triton")
+align_mod = importlib.import_module("shared.kernels.gpu.moe_align")
 attn_mod = importlib.import_module("shared.kernels.gpu.attention_triton")
 if DEVICE.type == "cpu":
     interpreter_compat.apply()
@@ -89,6 +92,21 @@ def test_tile_configs_load_and_fall_back():
             assert entry["BLOCK_SIZE_M"] >= 16 and entry["BLOCK_SIZE_K"] >= 16
 
 
+def test_the_h100_table_is_the_h200_one_marked_as_derived(tmp_path):
+    name = tiles.config_file_name(128, 768, "NVIDIA_H100_80GB_HBM3")
+    raw = json.loads((tiles.CONFIG_DIR / name).read_text())
+    assert raw["_derived_from"] == tiles.config_file_name(128, 768, "NVIDIA_H200")
+    assert "_comment" in raw
+    assert tiles.table_for(128, 768, "NVIDIA_H100_80GB_HBM3") == tiles.table_for(
+        128, 768, "NVIDIA_H200"
+    )
+    # Notes are skipped; a malformed entry is still refused.
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"_comment": "x", "16": {"BLOCK_SIZE_M": 16}}))
+    with pytest.raises(tiles.TileConfigError, match="M=16 lacks"):
+        tiles._load(bad)
+
+
 # ----------------------------------------------------------------------------- fused MoE
 
 
@@ -123,14 +141,16 @@ def _moe_inputs(
 
 @pytest.mark.parametrize(
     "num_tokens,num_experts,top_k,block_m",
-    [(1, 4, 1, 16), (5, 8, 2, 16), (33, 8, 2, 16), (33, 4, 2, 32)],
+    # 1100 x 2 rows: several 1024-row chunks per program; 6 experts: a padded histogram.
+    [(1, 4, 1, 16), (5, 8, 2, 16), (33, 8, 2, 16), (33, 4, 2, 32), (1100, 6, 2, 16)],
 )
 def test_align_groups_rows_by_expert(num_tokens, num_experts, top_k, block_m):
     _, ids = _routing(num_tokens, num_experts, top_k, seed=num_tokens)
-    sorted_rows, block_expert, num_blocks = moe_mod.align_block_size(ids, num_experts, block_m)
+    sorted_rows, block_expert, num_blocks = align_mod.align_block_size(ids, num_experts, block_m)
     flat, num_rows = ids.reshape(-1).cpu(), ids.numel()
     counts = torch.bincount(flat, minlength=num_experts)
     assert int(num_blocks) == int(((counts + block_m - 1) // block_m).sum())
+    assert bool(((block_expert >= 0) & (block_expert < num_experts)).all())  # unused ones too
     blocks = sorted_rows[: int(num_blocks) * block_m].view(-1, block_m).cpu()
     seen = []
     for rows, expert in zip(blocks, block_expert[: int(num_blocks)].cpu(), strict=True):
@@ -149,6 +169,30 @@ def test_fused_moe_matches_reference(num_tokens, num_experts, top_k):
     args = _moe_inputs(num_tokens, num_experts, top_k, seed=num_tokens * 10 + num_experts)
     out = triton_kernels.fused_moe(*args)
     torch.testing.assert_close(out, fused_moe_torch(*args), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_fused_moe_rows_of_no_expert_add_nothing(top_k):
+    """Id E routes a row to no expert: it is left out of the layout, its token gets only its
+    other rows' terms, and a token with no routed row comes out zero (not garbage)."""
+    num_experts = 8
+    x, gate_up, down, weights, ids = _moe_inputs(7, num_experts, top_k, seed=13)
+    ids[4:] = num_experts  # padding tokens
+    ids[1, -1] = num_experts  # one row of a real token
+    weights[ids == num_experts] = 0
+    out = triton_kernels.fused_moe(x, gate_up, down, weights, ids)
+    ref = fused_moe_torch(x, gate_up, down, weights, ids)
+    assert torch.equal(out[4:], torch.zeros_like(out[4:])) and torch.equal(ref[4:], out[4:])
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    real = ids[:4].clone()
+    real[1, -1] = 0  # the same token with that row routed anywhere at weight 0
+    plain = fused_moe_torch(x[:4], gate_up, down, weights[:4], real)
+    torch.testing.assert_close(out[:4], plain, atol=1e-4, rtol=1e-4)
+    sorted_rows, block_expert, num_blocks = align_mod.align_block_size(ids, num_experts, 16)
+    laid_out = sorted_rows[: int(num_blocks) * 16]
+    assert set(laid_out[laid_out < ids.numel()].tolist()) == set(
+        torch.nonzero(ids.reshape(-1) < num_experts).flatten().tolist()
+    )
 
 
 def test_fused_moe_tiles_with_groups_and_k_loop(monkeypatch):
@@ -237,6 +281,71 @@ def test_paged_decode_matches_reference(batch, block_size, splits):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+# Rows of 1 to 3 partitions of MIN_PARTITION tokens and a row of one token.
+LONG_CONTEXTS = [300, 1, 130, 257]
+
+
+def _expected_splits(context: int, bound: int, block_n: int) -> tuple[int, int]:
+    """(splits, tokens per split) of a row: the specification the kernel implements."""
+    wanted = min(math.ceil(context / attn_mod.MIN_PARTITION), bound)
+    partition = math.ceil(math.ceil(context / wanted) / block_n) * block_n
+    return math.ceil(context / partition), partition
+
+
+@pytest.mark.parametrize(
+    "splits,table_dtype,dtype",
+    [
+        (None, torch.int32, torch.float32),
+        (2, torch.int64, torch.float32),
+        (8, torch.int32, torch.bfloat16),
+        (None, torch.int64, torch.bfloat16),
+    ],
+)
+def test_paged_decode_splits_long_rows_by_their_own_context(splits, table_dtype, dtype):
+    """Rows split by their own context length (read on the device) under one static bound;
+    the merge loops over each row's own split count; int32 and int64 tables alike."""
+    batch, kv_heads, heads, head_dim, block_size = 4, 2, 4, 32, 16
+    k_cache, v_cache, tables = _paged_cache(
+        batch, 320, block_size, kv_heads, head_dim, seed=41, dtype=dtype
+    )
+    context_lens = torch.tensor(LONG_CONTEXTS, device=DEVICE)
+    q = _randn(batch, heads, head_dim, seed=42, dtype=dtype)
+    up = [t.float() for t in (q, k_cache, v_cache)]
+    ref = paged_decode_torch(*up, tables, context_lens, 0.2)
+    k_bad, tables_bad = _poison_outside(k_cache, tables, context_lens)
+    v_bad, _ = _poison_outside(v_cache, tables, context_lens)
+    tables_bad = tables_bad.to(table_dtype)
+    out = attn_mod.paged_decode_triton(q, k_bad, v_bad, tables_bad, context_lens, 0.2, splits)
+    assert out.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+def test_paged_decode_programs_cover_real_shares(monkeypatch):
+    """Each row uses cdiv(context, MIN_PARTITION) splits (at most the bound) of equal, tile-
+    rounded length: exactly those write a partial result; a one-split row writes none."""
+    seen, allocate = {}, attn_mod.split_buffers
+
+    def poisoned(*args):
+        part, lse = allocate(*args)
+        seen.update(part=part.fill_(float("nan")), lse=lse.fill_(float("nan")))
+        return part, lse
+
+    monkeypatch.setattr(attn_mod, "split_buffers", poisoned)
+    bound, head_dim = 8, 32
+    k_cache, v_cache, tables = _paged_cache(4, 320, 16, 2, head_dim, seed=43)
+    context_lens = torch.tensor(LONG_CONTEXTS, device=DEVICE)
+    q = _randn(4, 4, head_dim, seed=44)
+    attn_mod.paged_decode_triton(q, k_cache, v_cache, tables, context_lens, 0.2, bound)
+    written = ~torch.isnan(seen["lse"]).cpu()  # [B, Hq, bound]
+    block_n = attn_mod.tile_n(head_dim, q.dtype)
+    for row, context in enumerate(LONG_CONTEXTS):
+        used, partition = _expected_splits(context, bound, block_n)
+        assert (used - 1) * partition < context  # the last split holds tokens too
+        want = torch.arange(bound) < used if used > 1 else torch.zeros(bound, dtype=torch.bool)
+        assert torch.equal(written[row], want.expand(4, bound)), (row, context)
+
+
 def test_paged_decode_public_entry_and_bf16():
     k_cache, v_cache, tables = _paged_cache(2, 40, 16, 2, 32, seed=9, dtype=torch.bfloat16)
     context_lens = torch.tensor([40, 17], device=DEVICE)
@@ -295,6 +404,11 @@ def test_paged_prefill_matches_reference(context_start, num_tokens, block_size):
     v_bad = _poison_outside(v_cache, table[None], lens)[0]
     out = triton_kernels.paged_prefill(q, k, v, k_bad, v_bad, table, context_start, 0.25)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    narrow = table.to(torch.int32)  # the runner's tables
+    out = triton_kernels.paged_prefill(q, k, v, k_bad, v_bad, narrow, context_start, 0.25)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    ref32 = paged_prefill_torch(q, k, v, k_cache, v_cache, narrow, context_start, 0.25)
+    torch.testing.assert_close(ref32, ref, atol=0, rtol=0)
 
 
 def test_paged_prefill_long_chunk_and_bf16():

@@ -3,8 +3,9 @@
 Per step the runner updates its own request state from the plan, fills the persistent step
 buffers on the host (token ids, positions, cache slots, block tables, logits rows) and uploads
 them with one copy, then runs the model on views of the device buffers. Decode-only steps may
-be padded to a capture size (padding rows write to the scratch block) and, on CUDA, replay a
-graph captured for that size; other steps run eagerly. An image split across prefill chunks is
+be padded to a capture size (padding rows write to the scratch block, and a count of the real
+rows on the device keeps them out of MoE routing) and, on CUDA, replay a graph captured for
+that size; other steps run eagerly. An image split across prefill chunks is
 computed as if whole: each chunk splices exactly the image rows it covers.
 """
 
@@ -68,12 +69,13 @@ class StepBatch:
 
     num_tokens: int  # flattened rows, padding included
     num_decodes: int  # one-token rows at the front, padding included
-    decode_width: int  # block-table columns the decodes read
+    decode_width: int  # block-table columns the decodes read (the full width when padded)
     prefills: tuple[PrefillSpan, ...]
     num_logits: int  # rows whose logits are computed (padding included)
     num_sampled: int  # real sampling rows, the first of them
     splices: tuple[ImageSplice, ...]
     graph_size: int | None  # replay the graph of this decode size
+    padded: bool  # a decode step padded to a capture size (its padding rows route nowhere)
 
 
 class ModelRunner:
@@ -130,21 +132,22 @@ class ModelRunner:
         decode_only = num_decodes == len(chunks) and all(c.samples for c in chunks)
         padded = decode_only and self.config.pad_decodes and num_decodes <= self.config.max_num_seqs
         num_rows = self.config.padded(num_decodes) if padded else num_decodes
-        self.buffers.begin_step(num_rows, len(chunks) - num_decodes)
-        offset, width, num_logits = 0, 1, 0
+        # The decode tables are as wide as the longest decode row needs: only that is uploaded.
+        computed = [self.state[c.request_id].num_computed_tokens for c in chunks[:num_decodes]]
+        width = self._num_blocks(max(computed, default=0) + 1)
+        self.buffers.begin_step(num_rows, width)
+        offset, num_logits = 0, 0
         prefills, splices = [], []
         for index, chunk in enumerate(chunks):
             req = self.state[chunk.request_id]
             start, n = req.num_computed_tokens, chunk.num_tokens
-            num_blocks = -(-(start + n) // self.block_size)
+            num_blocks = self._num_blocks(start + n)
             if n == 1:
                 self._fill_decode(req, index, start, num_blocks)
-                width = max(width, num_blocks)
             else:
                 self._fill_tokens(req, offset, start, n)
-                row = index - num_decodes
-                host["prefill_block_tables"][row, :num_blocks] = req.block_array()[:num_blocks]
-                prefills.append(PrefillSpan(offset, n, start, row, num_blocks))
+                table = self.buffers.add_prefill_table(req.block_array()[:num_blocks])
+                prefills.append(PrefillSpan(offset, n, start, table, num_blocks))
             if start < req.num_prompt_tokens and req.images:
                 splices += self._splices(req, offset, start, n)
             if chunk.samples:
@@ -152,15 +155,29 @@ class ModelRunner:
                 num_logits += 1
             offset += n
         num_sampled = num_logits
+        if padded:
+            host["num_valid_tokens"][0] = num_decodes
         if num_rows > num_decodes:
             offset, num_logits = self._fill_padding(num_decodes, num_rows), num_rows
         self.buffers.upload()
         graph = num_rows if padded and self.graphs is not None else None
         if padded:  # a graph's fixed shapes, replayed or not (so CPU runs mirror GPU steps)
+            self.buffers.scatter_decode_tables(num_rows, width)
             width = self.buffers.limits.max_blocks_per_seq
         return StepBatch(
-            offset, num_rows, width, tuple(prefills), num_logits, num_sampled, tuple(splices), graph
+            offset,
+            num_rows,
+            width,
+            tuple(prefills),
+            num_logits,
+            num_sampled,
+            tuple(splices),
+            graph,
+            padded,
         )
+
+    def _num_blocks(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
 
     def _fill_decode(self, req: RunnerRequest, row: int, start: int, num_blocks: int) -> None:
         """One token at position `start` in row `row`: scalar writes, the common case of a
@@ -175,7 +192,7 @@ class ModelRunner:
             host["positions"][:, row] = req.mrope[:, start]
         else:
             host["positions"][:, row] = start
-        host["decode_block_tables"][row, :num_blocks] = blocks[:num_blocks]
+        self.buffers.decode_tables[row, :num_blocks] = blocks[:num_blocks]
         host["decode_context_lens"][row] = start + 1
 
     def _fill_tokens(self, req: RunnerRequest, offset: int, start: int, n: int) -> None:
@@ -208,12 +225,14 @@ class ModelRunner:
     def _padded_batch(self, size: int) -> StepBatch:
         """A decode step of `size` padding rows (what a graph of that size is captured on)."""
         width = self.buffers.limits.max_blocks_per_seq
-        return StepBatch(size, size, width, (), size, size, (), None)
+        return StepBatch(size, size, width, (), size, size, (), None, True)
 
     def _prepare_padded(self, size: int) -> None:
-        self.buffers.begin_step(size, 0)
+        self.buffers.begin_step(size, 1)
         self._fill_padding(0, size)
+        self.buffers.host["num_valid_tokens"][0] = 0
         self.buffers.upload()
+        self.buffers.scatter_decode_tables(size, 1)
 
     def _forward_padded(self, size: int) -> torch.Tensor:
         return self.forward(self._padded_batch(size))
@@ -237,14 +256,17 @@ class ModelRunner:
 
     def metadata(self, batch: StepBatch) -> AttentionMetadata:
         """Attention metadata as views of the device buffers."""
-        dev = self.buffers.dev
-        b = batch.num_decodes
+        buffers, b = self.buffers, batch.num_decodes
+        if batch.padded:  # the fixed-width table a graph reads (scattered by `prepare`)
+            tables = buffers.decode_block_tables[:b]
+        else:
+            tables = buffers.device_decode_tables(b, batch.decode_width)
         return AttentionMetadata(
-            slot_mapping=dev["slot_mapping"][: batch.num_tokens],
+            slot_mapping=buffers.dev["slot_mapping"][: batch.num_tokens],
             num_decode_tokens=b,
-            decode_block_tables=dev["decode_block_tables"][:b, : batch.decode_width],
-            decode_context_lens=dev["decode_context_lens"][:b],
-            prefill_block_tables=dev["prefill_block_tables"],
+            decode_block_tables=tables,
+            decode_context_lens=buffers.dev["decode_context_lens"][:b],
+            prefill_block_tables=buffers.dev_tables,
             prefills=batch.prefills,
         )
 
@@ -267,6 +289,8 @@ class ModelRunner:
             input_deepstack_embeds=deepstack,
             attention=self.attention,
             logits_indices=dev["logits_indices"][: batch.num_logits],
+            # Read on the device: a replayed graph routes each step's own padding nowhere.
+            num_valid_tokens=dev["num_valid_tokens"] if batch.padded else None,
         )
 
     def _image_inputs(

@@ -24,7 +24,7 @@ class PrefillSpan:
     token_start: int
     num_tokens: int
     context_start: int  # tokens of this sequence already in the cache before the chunk
-    table_row: int  # its row of the prefill block tables
+    table_start: int  # where its block table starts in the step's table area
     num_blocks: int  # blocks covering context_start + num_tokens
 
 
@@ -37,9 +37,9 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] long, flat cache slot of every new token
     num_decode_tokens: int
-    decode_block_tables: torch.Tensor  # [num_decodes, width] long, padded with scratch
+    decode_block_tables: torch.Tensor  # [num_decodes, width] int32, padded with scratch
     decode_context_lens: torch.Tensor  # [num_decodes] long, including the new token
-    prefill_block_tables: torch.Tensor  # [max_num_seqs, max_blocks] long
+    prefill_block_tables: torch.Tensor  # [capacity] int32: the chunks' tables, one after another
     prefills: tuple[PrefillSpan, ...]
 
 
@@ -75,7 +75,7 @@ class PagedAttention:
             )
         for span in meta.prefills:
             rows = slice(span.token_start, span.token_start + span.num_tokens)
-            table = meta.prefill_block_tables[span.table_row, : span.num_blocks]
+            table = meta.prefill_block_tables[span.table_start : span.table_start + span.num_blocks]
             out[rows] = paged_prefill(
                 q[rows], k[rows], v[rows], k_cache, v_cache, table, span.context_start, scale
             )

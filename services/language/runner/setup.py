@@ -14,7 +14,9 @@ from torch import nn
 
 from services.language.runner.kv_pool import KVCache, KVCacheSpec
 from services.language.runner.model_runner import ModelRunner, RunnerConfig
+from shared.kernels import select
 from shared.model.config import ModelConfig
+from shared.model.layers.moe import SparseMoeBlock
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ def build_runner(
     model.fuse_projections()
     kv_cache = KVCache(kv_spec(model, config, setup.runner.block_size), num_blocks, device)
     runner = ModelRunner(model, config, kv_cache, setup.runner)
+    if compiles_triton(device):
+        warm_up_kernels(model, config, runner)
     if runner.graphs is not None:
         runner.graphs.capture()
     fitted = " (the longest the pool holds)" if setup is not given else ""
@@ -96,3 +100,35 @@ def build_runner(
         fitted,
     )
     return runner
+
+
+def compiles_triton(device: torch.device) -> bool:
+    """Whether this rank's kernels are Triton's, compiled for a GPU (the interpreter that runs
+    them on a CPU under SPLITVL_KERNELS=gpu compiles nothing)."""
+    return device.type == "cuda" and select.accelerated("cuda")
+
+
+def warm_up_kernels(model: nn.Module, config: ModelConfig, runner: ModelRunner) -> float:
+    """Compile every Triton kernel variant this rank can launch (logged with the time it took),
+    so no request waits for a compilation; returns the seconds."""
+    from shared.kernels.gpu.warmup import WarmupShapes, warm_up
+
+    attn = model.model.layers[0].self_attn
+    moe = next(
+        (layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoeBlock)), None
+    )
+    limits = runner.buffers.limits
+    shapes = WarmupShapes(
+        hidden_size=config.text.hidden_size,
+        num_heads=attn.num_heads,
+        num_kv_heads=attn.num_kv_heads,
+        head_dim=attn.head_dim,
+        rms_norm_eps=config.text.rms_norm_eps,
+        top_k=moe.gate.top_k if moe is not None else 0,
+        renormalize=moe.gate.norm_topk_prob if moe is not None else False,
+        max_num_tokens=limits.max_num_tokens,
+        max_blocks_per_seq=limits.max_blocks_per_seq,
+    )
+    kv = runner.kv_cache
+    experts = (moe.experts.gate_up_proj, moe.experts.down_proj) if moe is not None else None
+    return warm_up(shapes, kv.k[0], kv.v[0], kv.scratch_block, experts, runner.dtype)

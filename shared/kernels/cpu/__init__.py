@@ -93,7 +93,7 @@ def paged_decode(
     q: torch.Tensor,  # [B, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # [B, W] int64
+    block_tables: torch.Tensor,  # [B, W] int32 or int64
     context_lens: torch.Tensor,  # [B] int64
     scale: float,
 ) -> torch.Tensor:  # [B, Hq, D]

@@ -6,7 +6,8 @@ the ``shared.kernels.reference`` functions; ``shared.kernels.select`` picks them
 ``available()``. None reads a device value on the host, allocates a data-dependent size or
 launches a data-dependent grid, so decode steps built on them can be captured in CUDA graphs.
 ``TRITON_INTERPRET=1`` (set before this package is imported) runs the same kernels on CPU
-tensors through Triton's interpreter; that is how the CPU test suite checks them.
+tensors through Triton's interpreter; that is how the CPU test suite checks them. On a GPU,
+`warmup.warm_up` compiles every variant a server can launch when it starts.
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ def qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin):
     return fused_triton.qk_norm_rope_triton(q, k, q_weight, k_weight, eps, cos, sin)
 
 
-def router_topk(logits, top_k, renormalize):
+def router_topk(logits, top_k, renormalize, num_valid_tokens=None):
     """See shared.kernels.reference.router_topk_torch."""
-    return fused_triton.router_topk_triton(logits, top_k, renormalize)
+    return fused_triton.router_topk_triton(logits, top_k, renormalize, num_valid_tokens)
 
 
 def kv_store(k, v, k_cache, v_cache, slots):

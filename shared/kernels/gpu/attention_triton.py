@@ -8,10 +8,14 @@ table entries there (pointing at the scratch block) are never dereferenced. Soft
 fp32, in base 2 (``exp2`` with the scale folded into ``log2(e) * scale``).
 
 Decode (flash-decoding): one program per (sequence, kv head, split) holds all the q heads of
-that kv head, so each K/V tile is read once for the whole group. The number of splits is
-fixed by the shapes (the block-table width bounds the context), so a captured graph replays the
-same grid; splits past a sequence's context exit at once and a second kernel merges the
-per-split results by their log-sum-exp.
+that kv head, so each K/V tile is read once for the whole group. The grid's split count is a
+bound from static shapes (the block-table width bounds the context), so a captured graph
+replays the same grid; each program sizes its share from its own row's context length, read on
+the device: a row uses as many splits as it has MIN_PARTITION-token pieces (at most the bound),
+all of about equal length, and the programs past them exit at once. A row with one split writes
+its output directly; a second kernel merges the others' per-split results by their
+log-sum-exp, looping over the row's own split count. The split count is a runtime argument, so
+every grid shares one compiled kernel.
 """
 
 from __future__ import annotations
@@ -39,17 +43,35 @@ def attend(q, kt, v, visible, m, denom, acc, qk_scale, PRECISION: tl.constexpr):
     return m_new, denom, acc
 
 
+# Each split covers at least this many tokens: below it, a split's fixed cost (loading q,
+# the merge) outweighs the parallelism it adds.
+MIN_PARTITION = 128
+
+
 @triton.jit
+def _partition(ctx, max_splits, MIN_PART: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tokens per split of a row of `ctx` tokens: one split per MIN_PART tokens (at most
+    `max_splits`), of equal length rounded up to whole tiles. The row then uses
+    ``cdiv(ctx, partition)`` splits, each with at least one token."""
+    wanted = tl.minimum(tl.cdiv(ctx, MIN_PART), max_splits)
+    return tl.cdiv(tl.cdiv(ctx, wanted), BLOCK_N) * BLOCK_N
+
+
+# The split bound and the table's row stride (the step's table width in eager steps) vary
+# between calls; specializing on them (a value of 1, a multiple of 16) would compile several
+# copies of one kernel.
+@triton.jit(do_not_specialize=["max_splits", "stride_tb"])
 def _decode_kernel(
     q_ptr,  # [B, Hq, D]
     k_ptr,  # [num_blocks, block_size, Hkv, D]
     v_ptr,
-    table_ptr,  # [B, W]
+    table_ptr,  # [B, W] int32 or int64
     ctx_ptr,  # [B]
-    out_ptr,  # [B, Hq, D] when NUM_SPLITS == 1, else [B, Hq, NUM_SPLITS, D] fp32
-    lse_ptr,  # [B, Hq, NUM_SPLITS] fp32 (unused when NUM_SPLITS == 1)
+    out_ptr,  # [B, Hq, D]: rows that use one split
+    part_ptr,  # [B, Hq, max_splits, D] fp32: the others' per-split outputs
+    lse_ptr,  # [B, Hq, max_splits] fp32, base 2
     qk_scale,  # scale * log2(e)
-    partition,  # tokens per split, a multiple of BLOCK_N
+    max_splits,  # the grid's third dimension
     stride_qb,
     stride_qh,
     stride_kb,
@@ -61,20 +83,20 @@ def _decode_kernel(
     stride_tb,
     stride_ob,
     stride_oh,
-    stride_os,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    MIN_PART: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + seq).to(tl.int32)
+    partition = _partition(ctx, max_splits, MIN_PART, BLOCK_N)
     start = split * partition
     if start >= ctx:
         return
@@ -96,6 +118,7 @@ def _decode_kernel(
         pos = n0 + tl.arange(0, BLOCK_N)
         live = pos < end
         block = tl.load(table_ptr + seq * stride_tb + pos // BLOCK_SIZE, mask=live, other=0)
+        block = block.to(tl.int64)  # from an int32 table, block * stride could pass 2**31
         slot = pos % BLOCK_SIZE
         k_off = block * stride_kb + slot * stride_kt + kv_head * stride_kh
         v_off = block * stride_vb + slot * stride_vt + kv_head * stride_vh
@@ -109,38 +132,41 @@ def _decode_kernel(
 
     out = acc / denom[:, None]
     store_ok = head_ok[:, None] & dim_ok[None, :]
-    if NUM_SPLITS == 1:
+    if partition >= ctx:  # the row's only split: its result is the output
         tl.store(
             out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
             out.to(out_ptr.dtype.element_ty),
             mask=store_ok,
         )
     else:
-        base = seq * stride_ob + heads * stride_oh + split * stride_os
-        tl.store(out_ptr + base[:, None] + dims[None, :], out, mask=store_ok)
-        lse_base = (seq * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
-        tl.store(lse_ptr + lse_base, m + tl.log2(denom), mask=head_ok)
+        slot = (seq * (tl.num_programs(1) * GROUP) + heads) * max_splits + split
+        tl.store(part_ptr + slot[:, None] * HEAD_DIM + dims[None, :], out, mask=store_ok)
+        tl.store(lse_ptr + slot, m + tl.log2(denom), mask=head_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_splits"])
 def _decode_merge_kernel(
-    part_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
-    lse_ptr,  # [B, Hq, NUM_SPLITS] fp32, base 2
+    part_ptr,  # [B, Hq, max_splits, D] fp32
+    lse_ptr,  # [B, Hq, max_splits] fp32, base 2
     ctx_ptr,
     out_ptr,  # [B, Hq, D]
-    partition,
+    max_splits,
     num_heads,
     stride_ob,
     stride_oh,
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MIN_PART: tl.constexpr,
 ):
-    """Log-sum-exp weighted sum of the splits that saw tokens, in split order."""
+    """Log-sum-exp weighted sum of the row's splits, in split order (rows of one split were
+    written by the decode kernel)."""
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     ctx = tl.load(ctx_ptr + seq).to(tl.int32)
-    used = tl.cdiv(ctx, partition)
+    used = tl.cdiv(ctx, _partition(ctx, max_splits, MIN_PART, BLOCK_N))
+    if used == 1:
+        return
     dims = tl.arange(0, DIM_PAD)
     dim_ok = dims < HEAD_DIM
     row = seq * num_heads + head
@@ -148,8 +174,8 @@ def _decode_merge_kernel(
     total = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([DIM_PAD], dtype=tl.float32)
     for split in range(0, used):
-        lse = tl.load(lse_ptr + row * NUM_SPLITS + split + tl.arange(0, 1))
-        part = tl.load(part_ptr + (row * NUM_SPLITS + split) * HEAD_DIM + dims, mask=dim_ok)
+        lse = tl.load(lse_ptr + row * max_splits + split + tl.arange(0, 1))
+        part = tl.load(part_ptr + (row * max_splits + split) * HEAD_DIM + dims, mask=dim_ok)
         m_new = tl.maximum(m, lse)
         alpha = tl.exp2(m - m_new)
         w = tl.exp2(lse - m_new)
@@ -179,9 +205,6 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: few programs keep tests fast
 
 
-# Each split covers at least this many tokens: below it, a split's fixed cost (loading q,
-# the merge) outweighs the parallelism it adds.
-MIN_PARTITION = 128
 # Aim for this many programs per SM when contexts are full, so the last wave is short.
 PROGRAMS_PER_SM = 4
 MAX_SPLITS = 128
@@ -220,17 +243,28 @@ def check_cache(q, k_cache, v_cache) -> tuple[int, int]:
     return num_heads, kv_heads
 
 
+def split_buffers(
+    batch: int, num_heads: int, splits: int, head_dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-split outputs ``[B, Hq, splits, D]`` and log-sum-exps ``[B, Hq, splits]``, fp32.
+    With one split at most every row writes its output directly: one-element stand-ins keep
+    the kernel's signature, hence its compiled variant, the same."""
+    shape = (batch, num_heads, splits) if splits > 1 else (1,)
+    part = torch.empty(*shape, head_dim, dtype=torch.float32, device=device)
+    return part, torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def paged_decode_triton(
     q: torch.Tensor,  # [B, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # [B, W]
+    block_tables: torch.Tensor,  # [B, W] int32 or int64
     context_lens: torch.Tensor,  # [B], >= 1
     scale: float,
     splits: int | None = None,
 ) -> torch.Tensor:  # [B, Hq, D]
     """Same contract as ``shared.kernels.reference.paged_decode_torch``; ``splits`` overrides
-    the split count (tests)."""
+    the bound on splits per row (tests)."""
     num_heads, kv_heads = check_cache(q, k_cache, v_cache)
     batch, _, head_dim = q.shape
     block_size = k_cache.shape[1]
@@ -238,42 +272,36 @@ def paged_decode_triton(
     if batch == 0:
         return out
     group = num_heads // kv_heads
-    max_context = block_tables.shape[1] * block_size
     if splits is None:
-        splits = num_splits(batch, kv_heads, max_context, q.device)
+        splits = num_splits(batch, kv_heads, block_tables.shape[1] * block_size, q.device)
     block_n = tile_n(head_dim, q.dtype)
-    partition = triton.cdiv(triton.cdiv(max_context, splits), block_n) * block_n
     dim_pad = triton.next_power_of_2(head_dim)
-    if splits == 1:
-        part, lse = out, out  # the kernel writes the output itself; lse unused
-        part_strides = (out.stride(0), out.stride(1), 0)
-    else:
-        part = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
-        part_strides = part.stride()[:3]
+    part, lse = split_buffers(batch, num_heads, splits, head_dim, q.device)
     _decode_kernel[(batch, kv_heads, splits)](
         q,
         k_cache,
         v_cache,
         block_tables,
         context_lens,
+        out,
         part,
         lse,
         scale * LOG2E,
-        partition,
+        splits,
         q.stride(0),
         q.stride(1),
         *k_cache.stride()[:3],
         *v_cache.stride()[:3],
         block_tables.stride(0),
-        *part_strides,
+        out.stride(0),
+        out.stride(1),
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         DIM_PAD=dim_pad,
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
-        NUM_SPLITS=splits,
+        MIN_PART=MIN_PARTITION,
         PRECISION=precision_of(q.dtype),
         num_warps=4,
         num_stages=2,
@@ -284,13 +312,14 @@ def paged_decode_triton(
             lse,
             context_lens,
             out,
-            partition,
+            splits,
             num_heads,
             out.stride(0),
             out.stride(1),
             HEAD_DIM=head_dim,
             DIM_PAD=dim_pad,
-            NUM_SPLITS=splits,
+            BLOCK_N=block_n,
+            MIN_PART=MIN_PARTITION,
             num_warps=1,
         )
     return out

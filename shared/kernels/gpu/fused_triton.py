@@ -2,7 +2,8 @@
 
 - residual add + RMSNorm: one program per token row;
 - q/k RMSNorm + rotary: one program per (token, head), q and k heads in one grid;
-- router softmax + top-k + renormalize: one program per token row;
+- router softmax + top-k + renormalize: one program per token row (padding rows past a count
+  read on the device get no expert);
 - K/V store into the paged cache: one program per (token, kv head).
 
 Each rounds where transformers' eager ops round (the residual sum, the normalized value, the
@@ -185,20 +186,33 @@ def _router_topk_kernel(
     logits_ptr,
     weights_ptr,
     ids_ptr,
+    count_ptr,  # [1] real rows, when HAS_COUNT: the rest are padding
     num_experts,
     stride_l,
     TOP_K: tl.constexpr,
     K_PAD: tl.constexpr,
     RENORMALIZE: tl.constexpr,
     E_PAD: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
 ):
     row = tl.program_id(0)
+    slot = tl.arange(0, K_PAD)
+    if HAS_COUNT:
+        if row >= tl.load(count_ptr):  # padding: no expert (id E), weight 0
+            tl.store(
+                weights_ptr + row * TOP_K + slot, tl.zeros([K_PAD], tl.float32), mask=slot < TOP_K
+            )
+            tl.store(
+                ids_ptr + row * TOP_K + slot,
+                tl.zeros([K_PAD], tl.int64) + num_experts,
+                mask=slot < TOP_K,
+            )
+            return
     e = tl.arange(0, E_PAD)
     logits = tl.load(logits_ptr + row * stride_l + e, mask=e < num_experts, other=-float("inf"))
     logits = logits.to(tl.float32)
     exps = tl.exp(logits - tl.max(logits, axis=0))
     probs = exps / tl.sum(exps, axis=0)
-    slot = tl.arange(0, K_PAD)
     top_weights = tl.zeros([K_PAD], dtype=tl.float32)
     top_ids = tl.zeros([K_PAD], dtype=tl.int64)
     for j in tl.static_range(TOP_K):  # the largest first, the lowest id among equals
@@ -213,7 +227,7 @@ def _router_topk_kernel(
     tl.store(ids_ptr + row * TOP_K + slot, top_ids, mask=slot < TOP_K)
 
 
-def router_topk_triton(logits, top_k, renormalize):
+def router_topk_triton(logits, top_k, renormalize, num_valid_tokens=None):
     """Same contract as ``shared.kernels.reference.router_topk_torch``."""
     num_tokens, num_experts = logits.shape
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
@@ -223,12 +237,14 @@ def router_topk_triton(logits, top_k, renormalize):
             logits,
             weights,
             ids,
+            ids if num_valid_tokens is None else num_valid_tokens,  # unread without a count
             num_experts,
             logits.stride(0),
             TOP_K=top_k,
             K_PAD=triton.next_power_of_2(top_k),
             RENORMALIZE=renormalize,
             E_PAD=triton.next_power_of_2(num_experts),
+            HAS_COUNT=num_valid_tokens is not None,
             num_warps=1 if num_experts <= 256 else 4,
         )
     return weights.to(logits.dtype), ids

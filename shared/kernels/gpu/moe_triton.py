@@ -1,10 +1,11 @@
 """Routed experts in Triton: align rows per expert, two grouped GEMMs, a top-k-ordered sum.
 
-Row ``r = t * k + j`` is token t's j-th expert choice. The align kernel lays the rows out grouped
-by expert, each expert's run padded to a multiple of BLOCK_M, so every BLOCK_M-row block of the
-layout belongs to one expert; padding slots hold the sentinel ``T * k``. Both GEMMs launch a grid
-sized from shapes alone (an upper bound on the number of blocks) and let programs past the real
-block count exit, so nothing is read back on the host and the whole op can be graph-captured.
+Row ``r = t * k + j`` is token t's j-th expert choice. The align step (`moe_align`) lays the rows
+out grouped by expert in BLOCK_M-row blocks of one expert each. Rows of id E (routed to no
+expert: a step's padding tokens) are left out of it, so no expert's weights are read for them,
+and the sum gives their tokens zeros. Both GEMMs launch a grid sized from shapes alone (an upper
+bound on the number of blocks) and let programs past the real block count exit, so nothing is
+read back on the host and the whole op can be graph-captured.
 
 - GEMM 1 gathers x rows inside the kernel, reads gate and up tiles of ``gate_up [E, H, 2I]`` in
   place and writes ``silu(gate) * up`` to row r of ``[T * k, I]``.
@@ -19,66 +20,7 @@ import triton
 import triton.language as tl
 
 from shared.kernels.gpu import tiles
-
-
-@triton.jit
-def _align_kernel(
-    ids_ptr,  # [num_rows] expert id of each row
-    sorted_ptr,  # [max_blocks * BLOCK_M] int32, out: row ids grouped by expert
-    block_expert_ptr,  # [max_blocks] int32, out: the expert of each block
-    num_blocks_ptr,  # [1] int32, out: blocks in use
-    num_rows,
-    num_experts,
-    max_blocks,
-    BLOCK_M: tl.constexpr,
-    E_PAD: tl.constexpr,
-    CHUNK: tl.constexpr,
-    PAD_CHUNK: tl.constexpr,
-):
-    """One program: counts per expert, padded offsets, then a stable scatter of the rows."""
-    experts = tl.arange(0, E_PAD)
-    counts = tl.zeros([E_PAD], dtype=tl.int32)
-    for start in range(0, num_rows, CHUNK):
-        rows = start + tl.arange(0, CHUNK)
-        ids = tl.load(ids_ptr + rows, mask=rows < num_rows, other=E_PAD).to(tl.int32)
-        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, axis=0)
-    starts = ends - padded
-    tl.store(num_blocks_ptr, tl.sum(padded, axis=0) // BLOCK_M)
-
-    # The sentinel goes only where no row will be written, so no ordering between the two
-    # stores is needed: slots [starts[e] + counts[e], ends[e]) of each expert.
-    # In [E_PAD, PAD_CHUNK] pieces: a whole [E_PAD, BLOCK_M] tile spills registers at 64.
-    pad = tl.arange(0, PAD_CHUNK)
-    for offset in tl.static_range(0, BLOCK_M, PAD_CHUNK):
-        slots = (starts + counts)[:, None] + offset + pad[None, :]
-        tl.store(
-            sorted_ptr + slots,
-            tl.full([E_PAD, PAD_CHUNK], 0, tl.int32) + num_rows,
-            mask=slots < ends[:, None],
-        )
-
-    # Block b starts at row b * BLOCK_M; its expert is the number of experts ending at or
-    # before it. Blocks past the last are never computed; keep their id in range anyway.
-    for start in range(0, max_blocks, CHUNK):
-        blocks = start + tl.arange(0, CHUNK)
-        first = blocks * BLOCK_M
-        owner = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)
-        tl.store(
-            block_expert_ptr + blocks, tl.minimum(owner, num_experts - 1), mask=blocks < max_blocks
-        )
-
-    # Stable: rows of one expert keep their flat order (rank within the chunk + running count).
-    running = starts
-    for start in range(0, num_rows, CHUNK):
-        rows = start + tl.arange(0, CHUNK)
-        ids = tl.load(ids_ptr + rows, mask=rows < num_rows, other=E_PAD).to(tl.int32)
-        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, E_PAD]
-        rank = tl.cumsum(onehot, axis=0) - onehot
-        dest = tl.sum(onehot * (running[None, :] + rank), axis=1)
-        tl.store(sorted_ptr + dest, rows, mask=rows < num_rows)
-        running += tl.sum(onehot, axis=0)
+from shared.kernels.gpu.moe_align import align_block_size
 
 
 @triton.jit
@@ -92,7 +34,9 @@ def _block_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+# The sizes vary with the step; specializing on them (a value of 1, a multiple of 16) would
+# compile several copies of each kernel per tile configuration.
+@triton.jit(do_not_specialize=["num_rows", "max_blocks"])
 def _gate_up_kernel(
     x_ptr,  # [T, H]
     w_ptr,  # [E, H, 2I]
@@ -155,7 +99,7 @@ def _gate_up_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "max_blocks"])
 def _down_kernel(
     a_ptr,  # [num_rows, I]
     w_ptr,  # [E, I, H]
@@ -212,11 +156,13 @@ def _down_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _topk_sum_kernel(
     terms_ptr,  # [T * k, H]
+    ids_ptr,  # [T * k]: rows of id num_experts have no term (never written)
     out_ptr,  # [T, H]
     num_tokens,
+    num_experts,
     hidden,
     TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -225,56 +171,23 @@ def _topk_sum_kernel(
     """out[t] = terms[t*k] + terms[t*k + 1] + ... in that order, in fp32."""
     tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = (tokens < num_tokens)[:, None] & (cols < hidden)[None, :]
+    token_ok = tokens < num_tokens
+    mask = token_ok[:, None] & (cols < hidden)[None, :]
     acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         rows = tokens * TOP_K + j
-        acc += tl.load(terms_ptr + rows[:, None] * hidden + cols[None, :], mask=mask).to(tl.float32)
+        routed = tl.load(ids_ptr + rows, mask=token_ok, other=num_experts) < num_experts
+        term = tl.load(
+            terms_ptr + rows[:, None] * hidden + cols[None, :],
+            mask=mask & routed[:, None],
+            other=0.0,
+        )
+        acc += term.to(tl.float32)
     tl.store(
         out_ptr + tokens[:, None] * hidden + cols[None, :],
         acc.to(out_ptr.dtype.element_ty),
         mask=mask,
     )
-
-
-def max_blocks(num_rows: int, num_experts: int, block_m: int) -> int:
-    """Static bound on the blocks the align step can fill: each of at most min(E, rows) used
-    experts pads by under BLOCK_M rows, and no layout has more blocks than rows."""
-    used = min(num_experts, num_rows)
-    return min(triton.cdiv(num_rows + used * (block_m - 1), block_m), num_rows)
-
-
-def align_block_size(
-    ids: torch.Tensor, num_experts: int, block_m: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows grouped by expert, padded per expert to ``block_m`` (sentinel ``ids.numel()``).
-
-    Returns (sorted rows ``[max_blocks * block_m]`` int32, expert per block ``[max_blocks]``
-    int32, blocks in use ``[1]`` int32); only the first ``num_blocks`` blocks are defined.
-    """
-    flat = ids.reshape(-1)
-    num_rows = flat.numel()
-    blocks = max_blocks(num_rows, num_experts, block_m)
-    sorted_rows = torch.empty(blocks * block_m, dtype=torch.int32, device=ids.device)
-    block_expert = torch.empty(blocks, dtype=torch.int32, device=ids.device)
-    num_blocks = torch.empty(1, dtype=torch.int32, device=ids.device)
-    e_pad = triton.next_power_of_2(num_experts)
-    chunk = max(16, min(128, 8192 // e_pad))
-    _align_kernel[(1,)](
-        flat,
-        sorted_rows,
-        block_expert,
-        num_blocks,
-        num_rows,
-        num_experts,
-        blocks,
-        BLOCK_M=block_m,
-        E_PAD=e_pad,
-        CHUNK=chunk,
-        PAD_CHUNK=min(block_m, 16),
-        num_warps=4,
-    )
-    return sorted_rows, block_expert, num_blocks
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -305,9 +218,11 @@ def fused_moe_triton(
     gate_up: torch.Tensor,  # [E, H, 2I]
     down: torch.Tensor,  # [E, I, H]
     weights: torch.Tensor,  # [T, k]
-    ids: torch.Tensor,  # [T, k]
+    ids: torch.Tensor,  # [T, k], E: no expert
+    config: dict[str, int] | None = None,
 ) -> torch.Tensor:  # [T, H]
-    """Same contract as ``shared.kernels.reference.fused_moe_torch``."""
+    """Same contract as ``shared.kernels.reference.fused_moe_torch``; ``config`` overrides the
+    tile configuration (the tuner, the start-up warm-up)."""
     _check(x, gate_up, down, weights, ids)
     num_tokens, hidden = x.shape
     num_experts, inter = gate_up.shape[0], gate_up.shape[2] // 2
@@ -316,7 +231,8 @@ def fused_moe_triton(
     out = x.new_empty(num_tokens, hidden)
     if num_tokens == 0:
         return out
-    cfg = tiles.moe_config(num_experts, inter, num_tokens, x.device, x.dtype)
+    ids = ids.contiguous()
+    cfg = config or tiles.moe_config(num_experts, inter, num_tokens, x.device, x.dtype)
     block_m, block_n, block_k = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     sorted_rows, block_expert, num_blocks = align_block_size(ids, num_experts, block_m)
@@ -351,8 +267,8 @@ def fused_moe_triton(
         **launch,
     )
 
-    # With k = 1, row r is token r: GEMM 2 writes the output itself.
-    terms = out if top_k == 1 else x.new_empty(num_rows, hidden)  # [T*k, H]
+    # Even with k = 1 the sum kernel writes the output: rows routed to no expert get zeros.
+    terms = x.new_empty(num_rows, hidden)  # [T*k, H]
     _down_kernel[(blocks * triton.cdiv(hidden, block_n),)](
         h,
         down,
@@ -378,17 +294,18 @@ def fused_moe_triton(
         PRECISION=precision,
         **launch,
     )
-    if top_k > 1:
-        block_h = min(1024, triton.next_power_of_2(hidden))
-        block_t = min(4096 // block_h, triton.next_power_of_2(num_tokens))
-        _topk_sum_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))](
-            terms,
-            out,
-            num_tokens,
-            hidden,
-            TOP_K=top_k,
-            BLOCK_T=block_t,
-            BLOCK_H=block_h,
-            num_warps=4,
-        )
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    block_t = max(1, 4096 // block_h)  # from the hidden size alone: one variant for every T
+    _topk_sum_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))](
+        terms,
+        ids,
+        out,
+        num_tokens,
+        num_experts,
+        hidden,
+        TOP_K=top_k,
+        BLOCK_T=block_t,
+        BLOCK_H=block_h,
+        num_warps=4,
+    )
     return out

@@ -18,14 +18,16 @@ from shared.kernels.gpu.attention_triton import (
 )
 
 
-@triton.jit
+# The chunk's length and start vary with every step; specializing on them (a value of 1, a
+# multiple of 16) would compile several copies of the kernel.
+@triton.jit(do_not_specialize=["num_tokens", "context_start"])
 def _prefill_kernel(
     q_ptr,  # [n, Hq, D]
     k_ptr,  # [n, Hkv, D] the chunk's own keys
     v_ptr,
     kc_ptr,  # [num_blocks, block_size, Hkv, D]
     vc_ptr,
-    table_ptr,  # [num_blocks_of_seq]
+    table_ptr,  # [num_blocks_of_seq] int32 or int64
     out_ptr,  # [n, Hq, D]
     num_tokens,
     context_start,
@@ -72,7 +74,7 @@ def _prefill_kernel(
     for n0 in range(0, context_start, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         live = pos < context_start
-        block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=live, other=0)
+        block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
         slot = pos % BLOCK_SIZE
         kt = tl.load(
             kc_ptr
@@ -123,7 +125,7 @@ def paged_prefill_triton(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_table: torch.Tensor,  # [num_blocks] covering context_start + n
+    block_table: torch.Tensor,  # [num_blocks] int32 or int64 covering context_start + n
     context_start: int,
     scale: float,
 ) -> torch.Tensor:  # [n, Hq, D]

@@ -2,7 +2,9 @@
 
 One JSON file per (number of experts E, intermediate size N, device name):
 ``E=128,N=768,device_name=NVIDIA_H200.json``. Each maps a token count M to the launch
-parameters of both GEMMs; a call takes the entry whose M is nearest to its own. Without a file
+parameters of both GEMMs; a call takes the entry whose M is nearest to its own. Keys that are
+not numbers (``_comment``, ``_derived_from``: where a table came from) are notes, not entries.
+``python -m bench.kernels_triton --tune`` writes these files on a GPU. Without a file
 for the shape and device, ``default.json`` applies, and where the JSON files were not installed
 at all, the same default kept here. The lookup runs on the host from shapes alone, so a
 captured graph always replays the tiles it was captured with.
@@ -60,6 +62,8 @@ def _load(path: Path) -> dict[int, dict[str, int]]:
     raw = json.loads(path.read_text())
     table: dict[int, dict[str, int]] = {}
     for m, entry in raw.items():
+        if not m.isdigit():  # a note about the table
+            continue
         missing = [key for key in KEYS if key not in entry]
         if missing:
             raise TileConfigError(f"{path.name}: entry M={m} lacks {', '.join(missing)}")

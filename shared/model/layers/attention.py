@@ -77,6 +77,12 @@ class Attention(nn.Module):
         self._qkv_sizes: tuple[int, int, int] = ()
 
     @property
+    def num_heads(self) -> int:
+        """q heads of this module's weights (fewer on a tensor-parallel rank)."""
+        rows = self._qkv_sizes[0] if self.qkv_proj is not None else self.q_proj.weight.shape[0]
+        return rows // self.head_dim
+
+    @property
     def num_kv_heads(self) -> int:
         """kv heads of this module's weights (fewer on a tensor-parallel rank)."""
         rows = self._qkv_sizes[1] if self.qkv_proj is not None else self.k_proj.weight.shape[0]

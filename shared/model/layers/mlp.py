@@ -24,7 +24,11 @@ class DenseMLP(nn.Module):
         self.gate_up_proj.weight = nn.Parameter(fused, requires_grad=False)
         del self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, num_valid_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``num_valid_tokens`` is the MoE block's argument, accepted for one call shape: a
+        dense MLP has no routing for padding rows to disturb."""
         if self.gate_up_proj is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:

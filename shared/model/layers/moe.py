@@ -22,9 +22,13 @@ class Router(nn.Module):
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, num_valid_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, ids) ``[T, k]``; rows at or past ``num_valid_tokens`` (a device tensor)
+        are padding, routed to no expert (id E, weight 0)."""
         logits = F.linear(x, self.weight)  # [T, E] in the model dtype
-        return router_topk(logits, self.top_k, self.norm_topk_prob)
+        return router_topk(logits, self.top_k, self.norm_topk_prob, num_valid_tokens)
 
 
 class Experts(nn.Module):
@@ -61,6 +65,9 @@ class SparseMoeBlock(nn.Module):
         self.gate = Router(hidden_size, num_experts, top_k, norm_topk_prob)
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, experts = self.gate(x)
+    def forward(
+        self, x: torch.Tensor, num_valid_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows at or past ``num_valid_tokens`` (padding) read no expert and come out zero."""
+        weights, experts = self.gate(x, num_valid_tokens)
         return self.experts(x, weights, experts)

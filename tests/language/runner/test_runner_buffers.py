@@ -96,10 +96,48 @@ def test_a_decode_forward_reads_nothing_back(cases, tiny_vl_model_dir, monkeypat
     runner.state.update(scheduled.plan)
     batch = runner.prepare(scheduled.plan)  # host-side preparation may read host lists
     assert batch.num_decodes == 4 and batch.graph_size is None
+    tables = runner.metadata(batch).decode_block_tables  # a graph's: fixed width and address
+    assert (
+        tables.dtype == torch.int32 and tables.shape == runner.buffers.decode_block_tables[:4].shape
+    )
+    assert tables.data_ptr() == runner.buffers.decode_block_tables.data_ptr()
     with monkeypatch.context() as patch:
         _forbid_host_reads(patch)
         logits = runner.forward(batch)
     assert logits.shape[0] == 4
+
+
+def test_padding_rows_of_a_padded_step_route_to_no_expert(cases, tiny_vl_model_dir):
+    """3 decodes padded to 4: the padding row is counted out on the device, so the router gives
+    it no expert and every MoE layer's output for it is zero; the real rows are routed."""
+    config = EngineConfig(kv_cache_memory=1 << 22, max_model_len=512, pad_decodes=True)
+    core = build_engine_core(tiny_vl_model_dir, config)
+    for i, case in enumerate(cases[:3]):
+        core.add_request(greedy_request(f"r{i}", case, 8))
+    while (
+        any(s.num_output_tokens == 0 for s in core.scheduler.running) or core.scheduler.num_waiting
+    ):
+        core.step()
+    model = core.executor.runner.model
+    seen = []
+    hooks = []
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        if hasattr(mlp, "gate"):
+            hooks.append(mlp.gate.register_forward_hook(lambda m, a, out: seen.append(out)))
+            hooks.append(mlp.register_forward_hook(lambda m, a, out: seen.append(out)))
+    try:
+        core.step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen, "the tiny model has MoE layers"
+    num_experts = model.config.num_experts
+    for (weights, ids), moe_out in zip(seen[::2], seen[1::2], strict=True):
+        assert ids.shape[0] == 4
+        assert (ids[:3] < num_experts).all() and (ids[3] == num_experts).all()
+        assert (weights[3] == 0).all()
+        assert torch.equal(moe_out[3], torch.zeros_like(moe_out[3]))
 
 
 def test_the_reference_kernels_read_nothing_back(monkeypatch):

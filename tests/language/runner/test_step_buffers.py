@@ -3,6 +3,7 @@ upload records an event, and the next step's first write waits on it."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from services.language.runner.step_buffers import BufferLimits, StepBuffers
@@ -52,3 +53,31 @@ def test_on_a_cpu_the_staging_buffer_is_the_device_buffer_and_nothing_waits():
     buffers.upload()
     buffers.begin_step(1, 0)
     assert log == [] and buffers.dev["input_ids"][0] == 3
+
+
+def test_tables_are_int32_compact_and_only_what_a_step_uses_is_uploaded():
+    """Decode rows at the step's own width, then each prefill table at a 16-entry boundary;
+    the upload copies the fixed part and those tables only, never the whole table area."""
+    limits = BufferLimits(max_num_tokens=8, max_num_seqs=4, max_blocks_per_seq=40)
+    buffers = StepBuffers(
+        limits, torch.device("cpu"), 99, staged=True, new_event=lambda: _Event([])
+    )
+    buffers.begin_step(2, 3)
+    assert buffers.decode_tables.shape == (2, 3) and (buffers.decode_tables == 99).all()
+    buffers.decode_tables[0, :2] = [5, 6]
+    buffers.decode_tables[1, :3] = [7, 8, 9]
+    first = buffers.add_prefill_table(np.arange(10, 30))
+    second = buffers.add_prefill_table(np.array([1, 2]))
+    assert (first, second) == (16, 48)  # aligned: one compiled kernel variant for every start
+    buffers.dev_tables.fill_(-1)
+    buffers.upload()
+    assert buffers.dev_tables.dtype == torch.int32
+    decode = buffers.device_decode_tables(2, 3)
+    assert decode.tolist() == [[5, 6, 99], [7, 8, 9]]
+    assert buffers.dev_tables[first : first + 20].tolist() == list(range(10, 30))
+    assert buffers.dev_tables[second : second + 2].tolist() == [1, 2]
+    assert (buffers.dev_tables[64:] == -1).all()  # past the used tables: not copied
+    # A graph step: the rows land in the fixed-width table at fixed addresses.
+    fixed = buffers.scatter_decode_tables(2, 3)
+    assert fixed.shape == (2, 40) and fixed.data_ptr() == buffers.decode_block_tables.data_ptr()
+    assert fixed[:, :3].tolist() == [[5, 6, 99], [7, 8, 9]]

@@ -120,20 +120,20 @@ inline void head_group(const float* q, const C* const* krow, const C* const* vro
   accumulate<GB>(acc, dim, vrow, count, s, pf_count);
 }
 
-template <typename C>
+template <typename C, typename I>
 struct Decode {
   const float* q;
   const C* kc;
   const C* vc;
   CacheLayout lay;
-  const int64_t* tables;
+  const I* tables;
   int64_t width, num_heads;
   float scale;
 
-  void offsets(const int64_t* table, int64_t p, int count, int64_t* ofs) const {
+  void offsets(const I* table, int64_t p, int count, int64_t* ofs) const {
     for (int n = 0; n < count; ++n) {
       const int64_t pos = p + n;
-      ofs[n] = table[pos / lay.block_size] * lay.block_stride +
+      ofs[n] = static_cast<int64_t>(table[pos / lay.block_size]) * lay.block_stride +
                (pos % lay.block_size) * lay.row_stride;
     }
   }
@@ -147,7 +147,7 @@ struct Decode {
     std::fill(m, m + num_heads, -std::numeric_limits<float>::infinity());
     std::fill(l, l + num_heads, 0.f);
     std::fill(acc, acc + num_heads * dim, 0.f);
-    const int64_t* table = tables + b * width;
+    const I* table = tables + b * width;
     // Row pointers of this tile followed by the next one's, so prefetches run ahead by kAhead
     // positions across the tile boundary.
     const C* krow[2 * kTile];
@@ -226,9 +226,9 @@ void combine(const float* partial, int64_t s0, int64_t s1, int64_t num_heads, in
 
 }  // namespace
 
-template <typename C>
+template <typename C, typename I>
 int64_t paged_decode(const float* q, const C* k_cache, const C* v_cache,
-                     const CacheLayout& layout, const int64_t* block_tables,
+                     const CacheLayout& layout, const I* block_tables,
                      int64_t table_width, const int64_t* context_lens, float* out,
                      int64_t batch, int64_t num_heads, float scale) {
   const int64_t bs = layout.block_size, dim = layout.head_dim;
@@ -261,7 +261,7 @@ int64_t paged_decode(const float* q, const C* k_cache, const C* v_cache,
   std::vector<float> partial(slots * rec);
   std::vector<std::atomic<int64_t>> pending(batch);
   for (int64_t b = 0; b < batch; ++b) pending[b] = first_slot[b + 1] - first_slot[b];
-  const Decode<C> dec{q, k_cache, v_cache, layout, block_tables, table_width, num_heads, scale};
+  const Decode<C, I> dec{q, k_cache, v_cache, layout, block_tables, table_width, num_heads, scale};
   const std::vector<int64_t> order = by_cost(cost);
   parallel_items(static_cast<int64_t>(parts.size()), [&](int64_t i) {
     const Part& pt = parts[order[i]];
@@ -290,11 +290,15 @@ int64_t paged_decode(const float* q, const C* k_cache, const C* v_cache,
   return -1;
 }
 
-template int64_t paged_decode<float>(const float*, const float*, const float*,
-                                     const CacheLayout&, const int64_t*, int64_t,
-                                     const int64_t*, float*, int64_t, int64_t, float);
-template int64_t paged_decode<bf16>(const float*, const bf16*, const bf16*, const CacheLayout&,
-                                    const int64_t*, int64_t, const int64_t*, float*, int64_t,
-                                    int64_t, float);
+// Block tables of either index type: the runner's are int32, the references' callers' int64.
+#define SPLITVL_DECODE(C, I)                                                                 \
+  template int64_t paged_decode<C, I>(const float*, const C*, const C*, const CacheLayout&,  \
+                                      const I*, int64_t, const int64_t*, float*, int64_t,    \
+                                      int64_t, float);
+SPLITVL_DECODE(float, int32_t)
+SPLITVL_DECODE(float, int64_t)
+SPLITVL_DECODE(bf16, int32_t)
+SPLITVL_DECODE(bf16, int64_t)
+#undef SPLITVL_DECODE
 
 }  // namespace splitvl

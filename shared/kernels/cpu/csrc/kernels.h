@@ -11,7 +11,8 @@ using bf16 = uint16_t;  // raw bf16 bits
 // out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j], summed
 // in j order. gate_up [E, H, 2I] (gate = first I columns), down [E, I, H]. T (x, weights,
 // out) and W (the expert weights) are float or bf16 (raw uint16 bits): <float, float>,
-// <bf16, bf16> and <float, bf16>. Returns the index of the first id outside [0, E), or -1.
+// <bf16, bf16> and <float, bf16>. Id E routes a row to no expert (a zero term). Returns the
+// index of the first id outside [0, E], or -1.
 template <typename T, typename W>
 int64_t fused_moe(const T* x, const W* gate_up, const W* down, const T* weights,
                   const int64_t* ids, T* out, int64_t num_tokens, int64_t hidden,
@@ -23,11 +24,12 @@ struct CacheLayout {
 };
 
 // One query token per sequence over its first context_lens[b] cached tokens (block tables
-// [B, W]); q, out [B, Hq, D] contiguous fp32; C is the cache's element type (float or bf16).
-// Returns the first sequence whose context or table entries are out of range, or -1.
-template <typename C>
+// [B, W] of int32 or int64 I); q, out [B, Hq, D] contiguous fp32; C is the cache's element
+// type (float or bf16). Returns the first sequence whose context or table entries are out of
+// range, or -1.
+template <typename C, typename I>
 int64_t paged_decode(const float* q, const C* k_cache, const C* v_cache,
-                     const CacheLayout& layout, const int64_t* block_tables,
+                     const CacheLayout& layout, const I* block_tables,
                      int64_t table_width, const int64_t* context_lens, float* out,
                      int64_t batch, int64_t num_heads, float scale);
 

@@ -215,20 +215,21 @@ void run_tiles(const float* const* a, int64_t rows, int64_t K, const W* b0, cons
 }
 
 struct Buckets {
-  std::vector<int64_t> offs;  // [E + 1] start of each expert's rows
+  std::vector<int64_t> offs;  // [E + 2] start of each expert's rows; the last run: id E
   std::vector<int64_t> row;   // [N] sorted position -> flat (t * k + j)
   std::vector<int64_t> slot;  // [N] flat (t * k + j) -> sorted position
 };
 
-// Stable counting sort of the flat (t, j) pairs by expert; -1 or the first bad index.
+// Stable counting sort of the flat (t, j) pairs by expert, the rows of id E (no expert) last;
+// -1 or the first bad index.
 int64_t bucket(const int64_t* ids, int64_t n, int64_t num_experts, Buckets& b) {
-  b.offs.assign(num_experts + 1, 0);
+  b.offs.assign(num_experts + 2, 0);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t e = ids[i];
-    if (e < 0 || e >= num_experts) return i;
+    if (e < 0 || e > num_experts) return i;
     ++b.offs[e + 1];
   }
-  for (int64_t e = 0; e < num_experts; ++e) b.offs[e + 1] += b.offs[e];
+  for (int64_t e = 0; e <= num_experts; ++e) b.offs[e + 1] += b.offs[e];
   std::vector<int64_t> fill(b.offs.begin(), b.offs.end() - 1);
   b.row.resize(n);
   b.slot.resize(n);
@@ -367,16 +368,21 @@ void moe_chunk(const T* x, const W* gate_up, const W* down, const T* weights, co
                row_weight + it.p0, yrows, acc.data());
   });
   const int64_t used = (inter + width - 1) / width;  // slices that got columns
+  const int64_t routed = bk.offs[num_experts];       // sorted rows past it have no expert
   auto combine = [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       T* dst = out + t * hidden;
       for (int64_t h = 0; h < hidden; ++h) {
         float sum = 0.f;
+        bool first = true;
         for (int64_t j = 0; j < top_k; ++j) {
-          const float* r = y + bk.slot[t * top_k + j] * hidden + h;
+          const int64_t p = bk.slot[t * top_k + j];
+          if (p >= routed) continue;  // a zero term, never computed
+          const float* r = y + p * hidden + h;
           float term = r[0];
           for (int64_t s = 1; s < used; ++s) term += r[s * n * hidden];
-          sum = j == 0 ? term : sum + term;
+          sum = first ? term : sum + term;
+          first = false;
         }
         dst[h] = from_float<T>(sum);
       }

@@ -54,7 +54,7 @@ at::Tensor fused_moe_op(const at::Tensor& x, const at::Tensor& gate_up, const at
   }
   const int64_t bad_id = bad < 0 ? 0 : ic.const_data_ptr<int64_t>()[bad];
   TORCH_CHECK_INDEX(bad < 0, "fused_moe: expert id ", bad_id, " at flat index ", bad,
-                    " is outside [0, ", num_experts, ")");
+                    " is outside [0, ", num_experts, "] (", num_experts, ": no expert)");
   return out;
 }
 
@@ -75,9 +75,10 @@ at::Tensor paged_decode_op(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK_TYPE(supported(q.scalar_type()) && supported(k_cache.scalar_type()) &&
                        v_cache.scalar_type() == k_cache.scalar_type(),
                    "paged_decode: q and the caches must be float32 or bfloat16");
-  TORCH_CHECK_TYPE(block_tables.scalar_type() == at::kLong &&
+  TORCH_CHECK_TYPE((block_tables.scalar_type() == at::kInt ||
+                    block_tables.scalar_type() == at::kLong) &&
                        context_lens.scalar_type() == at::kLong,
-                   "paged_decode: block_tables and context_lens must be int64");
+                   "paged_decode: block_tables must be int32 or int64, context_lens int64");
   // The kernel reads and writes fp32 queries (a few kilobytes); the cache stays as it is.
   const at::Tensor qf = q.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({batch, num_heads, dim}, qf.options());
@@ -89,18 +90,20 @@ at::Tensor paged_decode_op(const at::Tensor& q, const at::Tensor& k_cache,
   }
   const CacheLayout lay{k.stride(0), k.stride(1), k.stride(2), k.size(0), k.size(1), num_kv, dim};
   const at::Tensor tc = block_tables.contiguous(), lc = context_lens.contiguous();
-  const int64_t* tables = tc.const_data_ptr<int64_t>();
   const int64_t* lens = lc.const_data_ptr<int64_t>();
   const float* qp = qf.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  const int64_t bad =
-      k.scalar_type() == at::kFloat
-          ? paged_decode<float>(qp, k.const_data_ptr<float>(), v.const_data_ptr<float>(), lay,
-                                tables, tc.size(1), lens, op, batch, num_heads, sc)
-          : paged_decode<bf16>(qp, reinterpret_cast<const bf16*>(k.const_data_ptr()),
-                               reinterpret_cast<const bf16*>(v.const_data_ptr()), lay, tables,
-                               tc.size(1), lens, op, batch, num_heads, sc);
+  const bool fp32 = k.scalar_type() == at::kFloat;
+  const auto* kb = reinterpret_cast<const bf16*>(k.const_data_ptr());
+  const auto* vb = reinterpret_cast<const bf16*>(v.const_data_ptr());
+  auto run = [&](const auto* tables) {
+    return fp32 ? paged_decode(qp, k.const_data_ptr<float>(), v.const_data_ptr<float>(), lay,
+                               tables, tc.size(1), lens, op, batch, num_heads, sc)
+                : paged_decode(qp, kb, vb, lay, tables, tc.size(1), lens, op, batch, num_heads, sc);
+  };
+  const int64_t bad = tc.scalar_type() == at::kInt ? run(tc.const_data_ptr<int32_t>())
+                                                   : run(tc.const_data_ptr<int64_t>());
   TORCH_CHECK_INDEX(bad < 0, "paged_decode: sequence ", bad, " has a context length outside [1, ",
                     block_tables.size(1) * k.size(1), "] or a block id outside [0, ", k.size(0),
                     ")");
