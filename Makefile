@@ -2,6 +2,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# transformers' video processor (the tests' oracle) needs torchvision, whose PyPI wheel is a CUDA
+# build that cannot load beside the CPU torch: it goes, without dependencies, into a folder off
+# the environment's path that only scripts/testkit/video_oracle.py reads.
+ORACLE := $(VENV)/oracle/.installed
 
 .PHONY: setup test lint format demo serve proto clean
 
@@ -13,9 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(ORACLE): $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/oracle torchvision==0.28.0
+	touch $(ORACLE)
 
-test: $(STAMP)
+setup: $(STAMP) $(ORACLE)
+
+test: $(STAMP) $(ORACLE)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

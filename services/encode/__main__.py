@@ -65,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="ceiling for a request's max_pixels (default: preprocessor_config.json)",
     )
     p.add_argument("--max-queue-images", type=int, default=512)
+    p.add_argument("--max-video-bytes", type=byte_size, default="256MiB")
+    p.add_argument(
+        "--max-video-seconds", type=float, default=1200.0, help="longest clip accepted (20 min)"
+    )
+    p.add_argument(
+        "--max-video-frames", type=int, default=768, help="most frames sampled from one clip"
+    )
+    p.add_argument(
+        "--video-decode-timeout", type=float, default=60.0, help="seconds to decode one clip"
+    )
     p.add_argument(
         "--allow-url-fetch",
         action="store_true",
@@ -139,6 +149,10 @@ def config_from_args(args: argparse.Namespace) -> EncodeServiceConfig:
         max_images_per_request=args.max_images_per_request,
         max_queue_images=args.max_queue_images,
         max_pixels=args.max_pixels,
+        max_video_bytes=args.max_video_bytes,
+        max_video_seconds=args.max_video_seconds,
+        max_video_frames=args.max_video_frames,
+        video_decode_timeout_s=args.video_decode_timeout,
         allow_url_fetch=args.allow_url_fetch,
         allowed_fetch_networks=tuple(
             n.strip() for n in args.allowed_fetch_networks.split(",") if n.strip()

@@ -18,6 +18,7 @@ class CacheKey:
     content_hash: str
     min_pixels: int
     max_pixels: int
+    video: str = ""  # a video's sampling options (VideoSampling.key()); empty for an image
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class CacheEntry:
 
     packed: torch.Tensor
     grid_thw: tuple[int, int, int]
+    timestamps: tuple[float, ...] = ()  # a video's group times
 
     @property
     def nbytes(self) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from services.common.errors import ConfigError
+from shared.model.video_decode import VideoLimits
 from shared.wire.fetch import FetchPolicy
 from shared.wire.security import TLSFiles
 from shared.wire.units import GIB, KIB, MIB
@@ -29,6 +30,11 @@ class EncodeLimits:
     url_fetch_timeout_s: float = 10.0
     # CIDRs exempt from the public-address rule of URL fetches (an image store on a private net)
     allowed_fetch_networks: tuple[str, ...] = ()
+    # Videos: file size, length, frames sampled from one clip, and decoding time, each bounded
+    max_video_bytes: int = 256 * MIB
+    max_video_seconds: float = 20 * 60.0
+    max_video_frames: int = 768
+    video_decode_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -36,6 +42,10 @@ class EncodeLimits:
             "max_decoded_pixels",
             "max_images_per_request",
             "max_queue_images",
+            "max_video_bytes",
+            "max_video_seconds",
+            "max_video_frames",
+            "video_decode_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -52,10 +62,21 @@ class EncodeLimits:
             allowed_networks=self.allowed_fetch_networks,
         )
 
+    def video_limits(self) -> VideoLimits:
+        """The bounds of decoding one clip."""
+        return VideoLimits(
+            max_bytes=self.max_video_bytes,
+            max_duration_s=self.max_video_seconds,
+            max_frame_pixels=min(VideoLimits().max_frame_pixels, self.max_decoded_pixels),
+            decode_timeout_s=self.video_decode_timeout_s,
+        )
+
     @property
     def max_request_bytes(self) -> int:
-        """The gRPC receive limit: every image at its byte limit, plus room for the envelope."""
-        return self.max_images_per_request * (self.max_image_bytes + 4 * KIB) + MIB
+        """The gRPC receive limit: every image at its byte limit or one video at its limit,
+        plus room for the envelope."""
+        images = self.max_images_per_request * (self.max_image_bytes + 4 * KIB)
+        return max(images, self.max_video_bytes) + MIB
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Per image: bytes (inline or from a URL) -> sha256 -> cache lookup -> decode + preprocess on a thread
 pool -> the batcher's shared vision forward -> cache. Concurrent requests for the same image share
-one computation.
+one computation. A video takes the same path (`videos.py`), keyed also by its sampling options.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from services.encode.cache import CacheEntry, CacheKey, EmbeddingCache
 from services.encode.config import EncodeLimits
 from services.encode.metrics import EncodeMetrics
 from services.encode.sources import ImageSourceError, ImageSources
+from services.encode.videos import VideoInputs, encode_groups
 from shared.model.processing import (
     ImageError,
     ImageProcessorConfig,
     decode_image,
     preprocess_image,
 )
+from shared.model.video import VideoError, VideoProcessorConfig
 from shared.wire.errors import ImageRefError
 from shared.wire.images import EncodedImage, ImageRef, content_hash, normalize_hash
 
@@ -53,8 +55,10 @@ class VisionEncoder:
         cache: EmbeddingCache,
         metrics: EncodeMetrics,
         preprocess_workers: int = 2,
+        video_processor: VideoProcessorConfig | None = None,
     ):
         self.processor = processor
+        self.videos = VideoInputs(video_processor or VideoProcessorConfig(), limits)
         self.limits = limits
         self._sources = ImageSources(limits.fetch_policy(), limits.allow_url_fetch)
         self.max_pixels = limits.max_pixels or processor.max_pixels
@@ -77,8 +81,14 @@ class VisionEncoder:
                 f"{self.limits.max_images_per_request}: split the request"
             )
         for i, spec in enumerate(images):
-            if spec.data is None and not spec.url and not spec.content_hash:
+            if spec.data is None and not spec.url and not spec.frames and not spec.content_hash:
                 raise InvalidImageError(f"image {i} has no data, url or content_hash")
+            if spec.video is not None:
+                try:
+                    self.videos.check(spec)
+                except VideoError as exc:
+                    raise InvalidImageError(f"video {i}: {exc}") from exc
+                continue
             if spec.data is not None and len(spec.data) > self.limits.max_image_bytes:
                 raise InvalidImageError(
                     f"image {i} is {len(spec.data)} bytes; the limit is "
@@ -125,23 +135,32 @@ class VisionEncoder:
         self, index: int, spec: ImageRef, deadline: float | None
     ) -> tuple[int, EncodedImage]:
         try:
-            min_pixels, max_pixels = self._pixel_bounds(index, spec)
-            data = await self._image_bytes(spec)
-            digest = await self._hash(data, spec.content_hash)
-        except (ImageSourceError, ImageRefError) as exc:
-            raise InvalidImageError(f"image {index}: {exc}") from exc
-        key = CacheKey(digest, min_pixels, max_pixels)
+            if spec.video is None:
+                min_pixels, max_pixels = self._pixel_bounds(index, spec)
+                data = await self._image_bytes(spec)
+            else:
+                min_pixels, max_pixels = self.videos.bounds(spec)
+                data = await self.videos.source(spec)
+            if isinstance(data, tuple):
+                digest = self.videos.digest(data)
+            else:
+                digest = await self._hash(data, spec.content_hash)
+        except (ImageSourceError, ImageRefError, VideoError) as exc:
+            kind = "image" if spec.video is None else "video"
+            raise InvalidImageError(f"{kind} {index}: {exc}") from exc
+        video = "" if spec.video is None else spec.video.key()
+        key = CacheKey(digest, min_pixels, max_pixels, video)
         entry = self.cache.get(key)
         if entry is not None:
             self.metrics.cache_hits.inc()
-            return index, EncodedImage(entry.packed, entry.grid_thw, digest, cache_hit=True)
+            return index, _encoded(entry, digest, cache_hit=True)
         if data is None and key not in self._inflight:
             raise NotCachedError(
                 f"image {index}: content_hash {digest} is not cached on this replica; "
                 "send the bytes"
             )
-        entry = await self._shared_compute(index, key, data, deadline)
-        return index, EncodedImage(entry.packed, entry.grid_thw, digest, cache_hit=False)
+        entry = await self._shared_compute(index, key, (data, spec), deadline)
+        return index, _encoded(entry, digest, cache_hit=False)
 
     async def _image_bytes(self, spec: ImageRef) -> bytes | None:
         if spec.data is not None:
@@ -167,20 +186,21 @@ class VisionEncoder:
         return digest
 
     async def _shared_compute(
-        self, index: int, key: CacheKey, data: bytes | None, deadline: float | None
+        self, index: int, key: CacheKey, source: tuple, deadline: float | None
     ) -> CacheEntry:
         """Join the computation of this key, or start it; a waiter outliving the starter's deadline
-        starts a fresh one instead of inheriting its DeadlineExpiredError."""
+        starts a fresh one instead of inheriting its DeadlineExpiredError. `source` is (bytes,
+        frames or None, the ImageRef)."""
         for _attempt in range(2):
             task = self._inflight.get(key)
             owned = task is None
             if owned:
-                if data is None:
+                if source[0] is None:
                     raise NotCachedError(
                         f"image {index}: content_hash {key.content_hash} is not "
                         "cached on this replica; send the bytes"
                     )
-                task = asyncio.ensure_future(self._compute(index, key, data, deadline))
+                task = asyncio.ensure_future(self._compute(index, key, source, deadline))
                 self._inflight[key] = task
                 task.add_done_callback(lambda t, k=key: self._forget(k, t))
             try:
@@ -197,21 +217,41 @@ class VisionEncoder:
         if not task.cancelled():
             task.exception()  # retrieved here so an unwaited failure is not logged as lost
 
-    async def _compute(
-        self, index: int, key: CacheKey, data: bytes, deadline: float | None
-    ) -> CacheEntry:
-        cfg = self.processor.with_pixel_limits(key.min_pixels, key.max_pixels)
+    async def _compute(self, index: int, key: CacheKey, source, deadline) -> CacheEntry:
+        data, spec = source
         loop = asyncio.get_running_loop()
-        pixel_values, grid = await loop.run_in_executor(
-            self._pool, _decode_and_preprocess, index, data, cfg, self.limits.max_decoded_pixels
-        )
-        self.metrics.cache_misses.inc()
-        packed = await self.batcher.submit(pixel_values, grid, deadline)
-        entry = CacheEntry(packed, grid)
+        if spec.video is not None:
+            bounds = (key.min_pixels, key.max_pixels)
+            load = self._load_video
+            clip = await loop.run_in_executor(self._pool, load, index, data, spec, bounds)
+            self.metrics.cache_misses.inc()
+            packed = await encode_groups(self.batcher, clip, deadline)
+            entry = CacheEntry(packed, clip.grid_thw, clip.timestamps)
+        else:
+            cfg = self.processor.with_pixel_limits(key.min_pixels, key.max_pixels)
+            max_decoded = self.limits.max_decoded_pixels
+            pixel_values, grid = await loop.run_in_executor(
+                self._pool, _decode_and_preprocess, index, data, cfg, max_decoded
+            )
+            self.metrics.cache_misses.inc()
+            packed = await self.batcher.submit(pixel_values, grid, deadline)
+            entry = CacheEntry(packed, grid)
         self.cache.put(key, entry)
         self.metrics.cache_bytes.set(self.cache.nbytes)
         self.metrics.cache_entries.set(len(self.cache))
         return entry
+
+    def _load_video(self, index: int, data, spec: ImageRef, bounds):
+        try:
+            return self.videos.load(data, spec, bounds)
+        except VideoError as exc:
+            raise InvalidImageError(f"video {index}: {exc}") from exc
+
+
+def _encoded(entry: CacheEntry, digest: str, cache_hit: bool) -> EncodedImage:
+    return EncodedImage(
+        entry.packed, entry.grid_thw, digest, cache_hit=cache_hit, timestamps=entry.timestamps
+    )
 
 
 def _decode_and_preprocess(

@@ -38,6 +38,7 @@ def load_runtime(config: EncodeServiceConfig, metrics: EncodeMetrics) -> Runtime
     from shared.model.fingerprint import vision_fingerprint
     from shared.model.loader import load_vision_model
     from shared.model.processing import load_image_processor_config
+    from shared.model.video import load_video_processor_config
 
     model_config = load_config(config.model_dir)
     if model_config.vision is None:
@@ -93,6 +94,7 @@ def load_runtime(config: EncodeServiceConfig, metrics: EncodeMetrics) -> Runtime
         EmbeddingCache(config.cache_bytes),
         metrics,
         config.preprocess_workers,
+        load_video_processor_config(config.model_dir),
     )
     links = LinkManager(
         advertise_host(config),

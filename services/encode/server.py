@@ -24,7 +24,7 @@ from services.encode.metrics import EncodeMetrics
 from services.encode.runtime import Runtime
 from shared.wire.codec import iter_chunk_frames, tensor_bytes
 from shared.wire.errors import ImageRefError, LinkError, WireFormatError
-from shared.wire.images import EncodedImage, ImageRef
+from shared.wire.images import EncodedImage, ImageRef, VideoSampling
 from shared.wire.info import EncoderInfo
 from shared.wire.units import dtype_name
 
@@ -67,14 +67,29 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+_CAP = {pb.CAP_PIXELS_DEFAULT: None, pb.CAP_PIXELS_OFF: False, pb.CAP_PIXELS_ON: True}
+
+
 def _image_ref(image: pb.ImageInput) -> ImageRef:
     source = image.WhichOneof("source")
+    video = frames = None
+    if image.HasField("video"):
+        options = image.video
+        video = VideoSampling(
+            fps=options.fps or None,
+            num_frames=options.num_frames or None,
+            cap_pixels_per_frame=_CAP.get(options.cap_pixels_per_frame),
+            frames_fps=options.frames_fps or None,
+        )
+        frames = tuple(options.frames)
     return ImageRef(
         data=image.data if source == "data" else None,
         url=image.url if source == "url" else None,
         content_hash=image.content_hash or None,
         min_pixels=image.min_pixels or None,
         max_pixels=image.max_pixels or None,
+        video=video,
+        frames=frames or (),
     )
 
 
@@ -94,6 +109,7 @@ def _header(
             num_bytes=packed.numel() * packed.element_size(),
             ticket=ticket,
             checkpoint_id=checkpoint_id,
+            timestamps=list(img.timestamps),
         )
     )
 

@@ -8,18 +8,18 @@ what depends on the loaded checkpoint is checked by `server`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.argtypes import byte_size, dtype_choice
+from services.common.argtypes import byte_size, dtype_choice, mm_limit_arg
 from services.common.errors import ConfigError
 from services.language.encoder.client import TRANSPORTS, EncodeClientConfig
 from services.language.engine import EngineConfig
 from services.language.frontend.image_policy import ImagePolicy
 from services.language.frontend.images import ImageFetchConfig
 from services.language.frontend.pipeline import FrontendOptions
+from services.language.frontend.video_policy import VideoPolicy
 from services.language.openai_api.app import APIConfig
 from services.language.parsers.reasoning import REASONING_PARSERS
 from services.language.parsers.tool_calls import TOOL_CALL_PARSERS, ToolConfig
@@ -165,7 +165,10 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
         type=mm_limit_arg,
         default=None,
         metavar="JSON",
-        help="most images per prompt, e.g. '{\"image\": 4}'",
+        help='most images and videos per prompt, e.g. \'{"image": 4, "video": 1}\'',
+    )
+    images.add_argument(
+        "--max-video-bytes", type=byte_size, default="128MiB", help="largest video file accepted"
     )
 
 
@@ -270,26 +273,6 @@ def _steps_arg(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"step numbers like 3,7; got {text!r}") from None
 
 
-def mm_limit_arg(text: str) -> int:
-    """'{"image": 4}' (vLLM's form) or 'image=4' -> 4."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        key, sep, number = text.partition("=")
-        value = {key.strip(): number.strip()} if sep else None
-    if not isinstance(value, dict) or "image" not in value or set(value) - {"image", "video"}:
-        raise argparse.ArgumentTypeError(f'expected {{"image": N}}, got {text!r}')
-    if value.get("video") not in (None, 0, "0"):
-        raise argparse.ArgumentTypeError('videos are not supported; leave out "video"')
-    try:
-        limit = int(value["image"])
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"the image limit must be an integer: {text!r}") from None
-    if limit < 0:
-        raise argparse.ArgumentTypeError(f'expected {{"image": N}} with N >= 0, got {text!r}')
-    return limit
-
-
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from the command line."""
     return EngineConfig(
@@ -323,6 +306,7 @@ def image_fetch_config(args: argparse.Namespace) -> ImageFetchConfig:
             fetch_timeout_s=args.image_fetch_timeout,
             allowed_networks=networks,
             allowed_local_media_path=args.allowed_local_media_path,
+            max_video_bytes=args.max_video_bytes,
         )
     except ValueError as exc:
         raise ConfigError(f"image flags: {exc}") from None
@@ -334,8 +318,10 @@ def frontend_options(args: argparse.Namespace) -> FrontendOptions:
         tools = ToolConfig(args.tool_call_parser, args.enable_auto_tool_choice)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    images = ImagePolicy(None, args.limit_mm_per_prompt)
-    return FrontendOptions(args.reasoning_parser, tools, images)
+    limits = args.limit_mm_per_prompt or {}
+    images = ImagePolicy(None, limits.get("image"))
+    videos = VideoPolicy(None, limits.get("video"))
+    return FrontendOptions(args.reasoning_parser, tools, images, videos)
 
 
 def chat_template_source(value: str | None) -> str | None:

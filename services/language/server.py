@@ -28,6 +28,7 @@ from services.language.encoder.client import EncodeClient
 from services.language.engine import AsyncEngine, EngineConfigError
 from services.language.frontend.images import ImageFetchConfig, ImageLoader
 from services.language.frontend.metrics import LanguageMetrics
+from services.language.frontend.pads import VideoMarkers
 from services.language.frontend.pipeline import FrontendOptions, LanguageFrontend
 from services.language.frontend.ports import ImageEncoder
 from services.language.frontend.prompt import ChatTemplate, ContextWindow, PromptBuilder
@@ -36,6 +37,7 @@ from services.language.runner.kv_pool import KVCacheConfigError
 from shared.model.config import ModelConfigError
 from shared.model.loader import CheckpointError
 from shared.model.processing import ImageProcessorConfig, load_image_processor_config
+from shared.model.video import load_video_processor_config
 from shared.wire import units
 from shared.wire.errors import IncompatibleEncoderError, SecurityConfigError
 from shared.wire.info import EncoderContract
@@ -68,6 +70,16 @@ def _image_processor(model_dir: Path, engine: AsyncEngine) -> ImageProcessorConf
     return ImageProcessorConfig(merge_size=vision.spatial_merge_size)
 
 
+def _video_markers(engine: AsyncEngine) -> VideoMarkers | None:
+    """The texts of the video placeholder's tokens, when the model and tokenizer have them."""
+    cfg = engine.model_config
+    ids = (cfg.vision_start_token_id, cfg.video_token_id, cfg.vision_end_token_id)
+    if not cfg.is_vl or None in ids:
+        return None
+    texts = [engine.tokenizer.tokenizer.id_to_token(t) for t in ids]
+    return None if None in texts else VideoMarkers(*texts)
+
+
 def build_frontend(
     model_dir: Path,
     engine: AsyncEngine,
@@ -80,11 +92,19 @@ def build_frontend(
     `chat_template` (the source text) replaces the checkpoint's."""
     model_config = engine.model_config
     image_token_id = model_config.image_token_id if model_config.is_vl else None
+    markers = _video_markers(engine)
+    video_token_id = model_config.video_token_id if markers is not None else None
     template = ChatTemplate.from_model_dir(model_dir, chat_template)
-    prompt_builder = PromptBuilder(template, engine.tokenizer.encode, image_token_id)
+    prompt_builder = PromptBuilder(
+        template, engine.tokenizer.encode, image_token_id, video_token_id, markers
+    )
     options = options or FrontendOptions()
     processor = _image_processor(model_dir, engine)
     policy = dataclasses.replace(options.images, processor=processor)
+    videos = options.videos
+    if markers is not None:
+        videos = dataclasses.replace(videos, processor=load_video_processor_config(model_dir))
+    options = dataclasses.replace(options, videos=videos)
     return LanguageFrontend(
         engine,
         prompt_builder,

@@ -116,6 +116,14 @@ class ModelConfig:
         return 0 if self.vision is None else self.vision.num_deepstack
 
     @property
+    def vision_pad_ids(self) -> frozenset[int]:
+        """The token ids whose rows are vision embeddings: image and video pads (none for a
+        text-only model). A video's temporal groups are pictures of their own to the model."""
+        if not self.is_vl:
+            return frozenset()
+        return frozenset(t for t in (self.image_token_id, self.video_token_id) if t is not None)
+
+    @property
     def written_by_v5(self) -> bool:
         """Written by transformers >= 5, whose save_pretrained transposes fused experts."""
         major = (self.transformers_version or "4").split(".")[0]

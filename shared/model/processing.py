@@ -10,6 +10,7 @@ import io
 import json
 import math
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,23 +168,28 @@ def num_image_tokens(grid_thw: tuple[int, int, int], merge_size: int) -> int:
     return t * h * w // (merge_size * merge_size)
 
 
+def pad_positions(token_ids, pad_ids: int | Collection[int]) -> list[int]:
+    """Positions of the vision pad tokens (one id, or several: image and video pads)."""
+    ids = {pad_ids} if isinstance(pad_ids, int) else set(pad_ids)
+    return [i for i, t in enumerate(token_ids) if t in ids]
+
+
 def mrope_positions(
     input_ids: list[int] | torch.Tensor,
     grid_thws: list[tuple[int, int, int]],
-    image_token_id: int,
+    pad_ids: int | Collection[int],
     merge_size: int,
 ) -> tuple[torch.Tensor, int]:
     """M-RoPE position ids [3, T] (t, h, w) and the rope delta for decoding.
 
-    Text tokens at running position p get (p, p, p). The i-th run of image pad tokens starts at s
-    and gets
-    (s + frame, s + row, s + col) over its merged grid in raster order; the running position then
-    continues
-    at s + max(t, gh/m, gw/m). rope_delta = max position + 1 - T.
+    Text tokens at running position p get (p, p, p). The i-th run of pad tokens (an image, or
+    one temporal group of a video as a (1, h, w) grid) starts at s and gets (s + frame, s + row,
+    s + col) over its merged grid in raster order; the running position then continues at
+    s + max(t, gh/m, gw/m). rope_delta = max position + 1 - T.
     """
     ids = torch.as_tensor(input_ids, dtype=torch.long).view(-1)
     num_tokens = ids.numel()
-    pad_idx = (ids == image_token_id).nonzero().view(-1).tolist()
+    pad_idx = pad_positions(ids.tolist(), pad_ids)
     expected = sum(num_image_tokens(g, merge_size) for g in grid_thws)
     if len(pad_idx) != expected:
         raise ValueError(
@@ -210,3 +216,30 @@ def mrope_positions(
     positions[:, cursor:] = torch.arange(pos, pos + num_tokens - cursor)
     rope_delta = int(positions.max()) + 1 - num_tokens if num_tokens else 0
     return positions, rope_delta
+
+
+def grids_in_prompt_order(
+    input_ids,
+    image_grids: list[tuple[int, int, int]],
+    video_grids: list[tuple[int, int, int]],
+    image_token_id: int,
+    video_token_id: int,
+    merge_size: int,
+) -> list[tuple[int, int, int]]:
+    """The grids of a prompt's pad runs in order: each image's, and each temporal group of each
+    video as a (1, h, w) grid (what `mrope_positions` takes)."""
+    images = iter(image_grids)
+    groups = iter([(1, h, w) for t, h, w in video_grids for _ in range(t)])
+    ids = [int(t) for t in input_ids]
+    grids, i = [], 0
+    while i < len(ids):
+        source = {image_token_id: images, video_token_id: groups}.get(ids[i])
+        if source is None:
+            i += 1
+            continue
+        grid = next(source, None)
+        if grid is None:
+            raise ValueError("the prompt has more image or video pad runs than grids")
+        grids.append(grid)
+        i += num_image_tokens(grid, merge_size)
+    return grids

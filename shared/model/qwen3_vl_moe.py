@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from shared.model.config import ModelConfig
-from shared.model.processing import mrope_positions
+from shared.model.processing import grids_in_prompt_order, mrope_positions
 from shared.model.qwen3_moe import Qwen3MoeModel
 from shared.model.vision import Qwen3VLVisionModel
 from shared.wire.packed import separate_deepstack_embeds
@@ -60,25 +60,35 @@ class Qwen3VLMoeForConditionalGeneration(nn.Module):
         input_ids: torch.Tensor,  # [T]
         pixel_values: torch.Tensor | None = None,  # [N, patch_dim]
         image_grid_thw: torch.Tensor | None = None,  # [num_images, 3]
+        pixel_values_videos: torch.Tensor | None = None,  # [M, patch_dim]
+        video_grid_thw: torch.Tensor | None = None,  # [num_videos, 3]
     ) -> torch.Tensor:  # [T, V]
-        """Whole-sequence forward (no KV cache) of one prompt with any number of images."""
+        """Whole-sequence forward (no KV cache) of one prompt with any images and videos."""
+        cfg = self.config
         embeds = self.model.embed_tokens(input_ids)
         deepstack = None
-        grids: list[tuple[int, int, int]] = []
-        if pixel_values is not None:
-            if image_grid_thw is None:
-                raise ValueError("pixel_values given without image_grid_thw")
-            packed = self.visual(pixel_values, image_grid_thw)
-            image_embeds, image_deepstack = self.separate_deepstack_embeds(packed)
-            embeds, deepstack = splice_image_embeds(
-                input_ids, embeds, image_embeds, image_deepstack, self.config.image_token_id
-            )
-            grids = [tuple(g) for g in image_grid_thw.tolist()]
+        media = (
+            (pixel_values, image_grid_thw, cfg.image_token_id),
+            (pixel_values_videos, video_grid_thw, cfg.video_token_id),
+        )
+        for pixels, grid_thw, pad_id in media:
+            if pixels is None:
+                continue
+            if grid_thw is None:
+                raise ValueError("pixel values given without their grid_thw")
+            rows, rows_deepstack = self.separate_deepstack_embeds(self.visual(pixels, grid_thw))
+            embeds, spliced = splice_image_embeds(input_ids, embeds, rows, rows_deepstack, pad_id)
+            deepstack = spliced if deepstack is None else deepstack + spliced
+        grids = grids_in_prompt_order(
+            input_ids.tolist(),
+            [] if image_grid_thw is None else [tuple(g) for g in image_grid_thw.tolist()],
+            [] if video_grid_thw is None else [tuple(g) for g in video_grid_thw.tolist()],
+            cfg.image_token_id,
+            cfg.video_token_id,
+            cfg.vision.spatial_merge_size,
+        )
         positions, _ = mrope_positions(
-            input_ids.cpu(),
-            grids,
-            self.config.image_token_id,
-            self.config.vision.spatial_merge_size,
+            input_ids.cpu(), grids, cfg.vision_pad_ids, cfg.vision.spatial_merge_size
         )
         hidden = self.model(
             inputs_embeds=embeds,

@@ -46,26 +46,35 @@ def decode_base64_payload(payload: str, max_bytes: int) -> bytes:
     # base64 expands 3 bytes to 4 characters: refuse before allocating the decoded image
     if len(payload) // 4 * 3 > max_bytes + 2:
         raise DataURLTooLargeError(
-            f"image is about {len(payload) // 4 * 3} bytes, above the limit of {max_bytes} bytes"
+            f"the data is about {len(payload) // 4 * 3} bytes, above the limit of {max_bytes} bytes"
         )
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise DataURLError(f"data URL is not valid base64: {exc}") from exc
     if len(data) > max_bytes:  # padding lets the estimate above run two bytes short
-        raise DataURLTooLargeError(f"image is {len(data)} bytes, above the limit of {max_bytes}")
+        raise DataURLTooLargeError(f"the data is {len(data)} bytes, above the limit of {max_bytes}")
     return data
 
 
-def decode_data_url(url: str, max_bytes: int, media_prefix: str = "image/") -> bytes:
+IMAGE_TYPES = ("image/",)
+VIDEO_TYPES = ("video/", "image/gif", "image/apng", "image/webp")  # animated images play as clips
+
+
+def decode_data_url(url: str, max_bytes: int, media_types: tuple[str, ...] = IMAGE_TYPES) -> bytes:
     """The bytes of a data:[<mime>][;base64],<data> URL, base64 or percent-encoded (RFC 2397),
     refused before decoding when it cannot fit `max_bytes`; a media type given must start with
-    `media_prefix`."""
+    one of `media_types`."""
     parsed = split_data_url(url)
-    if parsed.mime and not parsed.mime.startswith(media_prefix):
+    if parsed.mime and not parsed.mime.startswith(media_types):
+        example = (
+            "data:video/mp4;base64,..."
+            if media_types is VIDEO_TYPES
+            else ("data:image/png;base64,...")
+        )
         raise DataURLError(
-            f"data URL media type {parsed.mime!r} is not {media_prefix}* "
-            f"('data:{media_prefix}png;base64,...')"
+            f"data URL media type {parsed.mime!r} is not one of {', '.join(media_types)} "
+            f"({example!r})"
         )
     if parsed.is_base64:
         return decode_base64_payload(parsed.payload, max_bytes)
@@ -74,5 +83,5 @@ def decode_data_url(url: str, max_bytes: int, media_prefix: str = "image/") -> b
         raise DataURLTooLargeError(f"data URL is over the limit of {max_bytes} bytes")
     data = unquote_to_bytes(parsed.payload)
     if len(data) > max_bytes:
-        raise DataURLTooLargeError(f"image is {len(data)} bytes, above the limit of {max_bytes}")
+        raise DataURLTooLargeError(f"the data is {len(data)} bytes, above the limit of {max_bytes}")
     return data

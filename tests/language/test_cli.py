@@ -124,7 +124,9 @@ def test_chat_flags_parse_into_options(tmp_path):
     assert options.reasoning_parser == "qwen3"
     assert options.images.max_images_per_prompt == 2
     assert image_fetch_config(args).allowed_local_media_path == str(tmp_path)
-    assert parse("--limit-mm-per-prompt", "image=3").limit_mm_per_prompt == 3
+    assert parse("--limit-mm-per-prompt", "image=3").limit_mm_per_prompt == {"image": 3}
+    both = parse("--limit-mm-per-prompt", '{"image": 2, "video": 1}')
+    assert frontend_options(both).videos.max_videos_per_prompt == 1
     defaults = frontend_options(parse())
     assert defaults.reasoning_parser is None and defaults.tools.parser is None
     assert defaults.images.max_images_per_prompt is None
@@ -133,7 +135,8 @@ def test_chat_flags_parse_into_options(tmp_path):
 @pytest.mark.parametrize(
     "bad",
     [
-        ["--limit-mm-per-prompt", '{"video": 1}'],
+        ["--limit-mm-per-prompt", '{"audio": 1}'],
+        ["--limit-mm-per-prompt", '{"video": "many"}'],
         ["--limit-mm-per-prompt", '{"image": -1}'],
         ["--limit-mm-per-prompt", "lots"],
         ["--tool-call-parser", "mistral"],

@@ -46,5 +46,10 @@ async def receive_inline(
         raise WireFormatError(f"{stub.address} returned no image")
     packed: torch.Tensor = assembler.result()
     return EncodedImage(
-        packed, header.grid_thw, header.content_hash, header.cache_hit, stub.address
+        packed,
+        header.grid_thw,
+        header.content_hash,
+        header.cache_hit,
+        stub.address,
+        timestamps=header.timestamps,
     )

@@ -72,7 +72,12 @@ class LinkReceiver:
         transfer.add_done_callback(_consume_exception)
         packed = await asyncio.shield(transfer)
         return EncodedImage(
-            packed, header.grid_thw, header.content_hash, header.cache_hit, self.stub.address
+            packed,
+            header.grid_thw,
+            header.content_hash,
+            header.cache_hit,
+            self.stub.address,
+            timestamps=header.timestamps,
         )
 
     async def _receive(self, link: P2PLink, header: ImageHeader, deadline: float) -> torch.Tensor:

@@ -96,6 +96,7 @@ class ImageHeader:
     cache_hit: bool
     ticket: int
     checkpoint_id: str
+    timestamps: tuple[float, ...] = ()  # a video's group times
 
 
 def check_checkpoint(header: ImageHeader, expected: str | None, endpoint: str) -> None:
@@ -119,7 +120,11 @@ def _header(message: pb.ImageHeader) -> ImageHeader:
         message.cache_hit,
         message.ticket,
         message.checkpoint_id,
+        tuple(message.timestamps),
     )
+
+
+_CAP = {None: pb.CAP_PIXELS_DEFAULT, False: pb.CAP_PIXELS_OFF, True: pb.CAP_PIXELS_ON}
 
 
 def _image_message(ref: ImageRef) -> pb.ImageInput:
@@ -132,6 +137,16 @@ def _image_message(ref: ImageRef) -> pb.ImageInput:
         msg.data = ref.data
     elif ref.url is not None:
         msg.url = ref.url
+    if ref.video is not None:
+        msg.video.CopyFrom(
+            pb.VideoOptions(
+                fps=ref.video.fps or 0.0,
+                num_frames=ref.video.num_frames or 0,
+                cap_pixels_per_frame=_CAP[ref.video.cap_pixels_per_frame],
+                frames=list(ref.frames),
+                frames_fps=ref.video.frames_fps or 0.0,
+            )
+        )
     return msg
 
 

@@ -23,7 +23,7 @@ from services.language.engine.scheduler import Scheduler
 from services.language.engine.tokenizer import IncrementalDetokenizer, LanguageTokenizer
 from services.language.runner.executor import Executor
 from shared.model.config import ModelConfig
-from shared.model.processing import mrope_positions
+from shared.model.processing import mrope_positions, pad_positions
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class EngineCore:
         cfg = self.model_config
         if not request.images:
             return
-        if not cfg.is_vl or cfg.image_token_id is None:
+        if not cfg.vision_pad_ids:
             raise InvalidRequestError("this model is text-only: remove the images")
         width = (1 + cfg.num_deepstack) * cfg.text.hidden_size
         for i, image in enumerate(request.images):
@@ -121,12 +121,12 @@ class EngineCore:
                     f"model needs (1 + {cfg.num_deepstack}) x {cfg.text.hidden_size} = {width}; "
                     "the encode service serves another model"
                 )
-        num_pads = sum(1 for t in request.prompt_token_ids if t == cfg.image_token_id)
+        num_pads = len(pad_positions(request.prompt_token_ids, cfg.vision_pad_ids))
         num_rows = sum(image.num_tokens for image in request.images)
         if num_pads != num_rows:
             raise InvalidRequestError(
-                f"the prompt has {num_pads} image pad tokens but the images have {num_rows} "
-                "embedding rows; expand each <|image_pad|> to its image's token count"
+                f"the prompt has {num_pads} image and video pad tokens but the images have "
+                f"{num_rows} embedding rows; expand each pad to its image's token count"
             )
 
     def add_request(self, request: GenerationRequest) -> None:
@@ -141,7 +141,7 @@ class EngineCore:
 
     def _make_sequence(self, request: GenerationRequest) -> RequestState:
         cfg = self.model_config
-        seq = RequestState.of(request, cfg.image_token_id if cfg.is_vl else None)
+        seq = RequestState.of(request, cfg.vision_pad_ids)
         if request.sampling.seed is not None:
             device = self.executor.device
             seq.generator = torch.Generator(device=device).manual_seed(request.sampling.seed)
@@ -152,7 +152,7 @@ class EngineCore:
                 positions, delta = mrope_positions(
                     list(request.prompt_token_ids),
                     [tuple(im.grid_thw) for im in request.images],
-                    cfg.image_token_id,
+                    cfg.vision_pad_ids,
                     cfg.vision.spatial_merge_size,
                 )
             except ValueError as exc:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import enum
 import math
 from bisect import bisect_left
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from shared.model.processing import pad_positions
 from shared.wire.images import EncodedImage
 
 
@@ -213,11 +215,11 @@ class RequestState:
     grammar: Any = None
 
     @classmethod
-    def of(cls, request: GenerationRequest, image_token_id: int | None) -> RequestState:
-        """A fresh state; image pad positions found by ``image_token_id``."""
+    def of(cls, request: GenerationRequest, pad_ids: int | Collection[int] = ()) -> RequestState:
+        """A fresh state; image pad positions found by ``pad_ids`` (image and video pads)."""
         positions = []
-        if request.images and image_token_id is not None:
-            positions = [i for i, t in enumerate(request.prompt_token_ids) if t == image_token_id]
+        if request.images:
+            positions = pad_positions(request.prompt_token_ids, pad_ids)
         return cls(
             request=request, token_ids=list(request.prompt_token_ids), image_positions=positions
         )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.language.errors import BadRequestError, ImageInputError
+from services.language.frontend.video_policy import VIDEO_KWARGS
 from shared.model.processing import ImageError, ImageProcessorConfig, smart_resize
 
 PIXEL_KWARGS = ("min_pixels", "max_pixels")
@@ -52,10 +53,11 @@ class ImagePolicy:
         """Validate `mm_processor_kwargs` against this server's limits."""
         if not kwargs:
             return PixelLimits()
-        unknown = sorted(set(kwargs) - set(PIXEL_KWARGS))
+        known = (*PIXEL_KWARGS, *VIDEO_KWARGS)  # the video ones are VideoPolicy's
+        unknown = sorted(set(kwargs) - set(known))
         if unknown:
             raise BadRequestError(
-                f"mm_processor_kwargs {unknown} are not supported; only {list(PIXEL_KWARGS)} are",
+                f"mm_processor_kwargs {unknown} are not supported; only {list(known)} are",
                 param="mm_processor_kwargs",
             )
         values = {}

@@ -1,5 +1,5 @@
-"""Loading the bytes of image parts: `data:` URLs, http(s) URLs when the operator enables them, and
-`file://` URLs under one directory the operator names.
+"""Loading the bytes of image and video parts: `data:` URLs, http(s) URLs when the operator
+enables them, and `file://` URLs under one directory the operator names.
 
 http(s) URLs go through the public-address fetcher both services share (`shared.wire.fetch`:
 every hop resolved and vetted, the connection pinned to the vetted address, byte and time
@@ -19,7 +19,13 @@ from urllib.parse import unquote, urlsplit
 from PIL import Image, UnidentifiedImageError
 
 from services.language.errors import ImageInputError, ImageTooLargeError
-from shared.wire.dataurl import DataURLError, DataURLTooLargeError, decode_data_url
+from shared.wire.dataurl import (
+    IMAGE_TYPES,
+    VIDEO_TYPES,
+    DataURLError,
+    DataURLTooLargeError,
+    decode_data_url,
+)
 from shared.wire.fetch import (
     FetchError,
     FetchPolicy,
@@ -48,25 +54,30 @@ class ImageFetchConfig:
     max_redirects: int = 3
     allowed_networks: tuple[str, ...] = ()
     allowed_local_media_path: str | None = None  # file:// URLs are served from here only
+    max_video_bytes: int = 128 * 2**20
 
     def __post_init__(self) -> None:
-        if self.max_image_bytes <= 0 or self.max_image_pixels <= 0:
-            raise ValueError("max_image_bytes and max_image_pixels must be positive")
+        if min(self.max_image_bytes, self.max_image_pixels, self.max_video_bytes) <= 0:
+            raise ValueError("max_image_bytes, max_image_pixels, max_video_bytes must be positive")
         if self.fetch_timeout_s <= 0:
             raise ValueError(f"fetch_timeout_s must be positive, got {self.fetch_timeout_s}")
         self.fetch_policy()  # checks the redirect limit and the CIDRs
 
-    def fetch_policy(self) -> FetchPolicy:
-        """The limits and address policy of http(s) image fetches."""
+    def fetch_policy(self, max_bytes: int | None = None) -> FetchPolicy:
+        """The limits and address policy of http(s) image (or video: `max_bytes`) fetches."""
         return FetchPolicy(
-            self.max_image_bytes, self.fetch_timeout_s, self.max_redirects, self.allowed_networks
+            max_bytes or self.max_image_bytes,
+            self.fetch_timeout_s,
+            self.max_redirects,
+            self.allowed_networks,
         )
 
 
-def decode_image_data_url(url: str, max_bytes: int) -> bytes:
-    """The bytes of a `data:image/...` URL (base64 or percent-encoded), size checked first."""
+def decode_image_data_url(url: str, max_bytes: int, media_types=IMAGE_TYPES) -> bytes:
+    """The bytes of a `data:image/...` URL (base64 or percent-encoded; `data:video/...` with
+    `VIDEO_TYPES`), size checked first."""
     try:
-        return decode_data_url(url, max_bytes)
+        return decode_data_url(url, max_bytes, media_types)
     except DataURLTooLargeError as exc:
         raise ImageTooLargeError(str(exc)) from exc
     except DataURLError as exc:
@@ -101,7 +112,10 @@ class ImageLoader:
 
     def __init__(self, config: ImageFetchConfig, resolver: Resolver = system_resolver) -> None:
         self.config = config
-        self._fetcher = SafeFetcher(config.fetch_policy(), resolver)
+        self._fetchers = {
+            "image": SafeFetcher(config.fetch_policy(), resolver),
+            "video": SafeFetcher(config.fetch_policy(config.max_video_bytes), resolver),
+        }
         self._media_root: Path | None = None
         if config.allowed_local_media_path is not None:
             root = Path(config.allowed_local_media_path).resolve()
@@ -114,56 +128,66 @@ class ImageLoader:
 
     async def load(self, url: str) -> bytes:
         """Return the image bytes behind `url`; raises ImageInputError or ImageTooLargeError."""
+        return self.check(await self._load(url, "image", self.config.max_image_bytes))
+
+    async def load_video(self, url: str) -> bytes:
+        """The video file behind `url` (size checked; the encode service decodes it)."""
+        return self.check_video(await self._load(url, "video", self.config.max_video_bytes))
+
+    def check_video(self, data: bytes) -> bytes:
+        limit = self.config.max_video_bytes
+        if not data:
+            raise ImageInputError("video data is empty")
+        if len(data) > limit:
+            raise ImageTooLargeError(f"video is {len(data)} bytes, above the limit of {limit}")
+        return data
+
+    async def _load(self, url: str, kind: str, limit: int) -> bytes:
         if not isinstance(url, str) or not url:
-            raise ImageInputError("image_url.url must be a non-empty string")
+            raise ImageInputError(f"{kind}_url.url must be a non-empty string")
         scheme = url.split(":", 1)[0].lower()
         if scheme == "data":
+            types = IMAGE_TYPES if kind == "image" else VIDEO_TYPES
             if len(url) > _INLINE_DECODE_CHARS:  # megabytes of base64: off the event loop
-                data = await asyncio.to_thread(
-                    decode_image_data_url, url, self.config.max_image_bytes
-                )
-            else:
-                data = decode_image_data_url(url, self.config.max_image_bytes)
-        elif scheme in ("http", "https"):
+                return await asyncio.to_thread(decode_image_data_url, url, limit, types)
+            return decode_image_data_url(url, limit, types)
+        if scheme in ("http", "https"):
             if not self.config.allow_http:
                 raise ImageInputError(
-                    "http(s) image URLs are disabled on this server; send the image as a "
-                    "base64 data URL ('data:image/png;base64,...')"
+                    f"http(s) {kind} URLs are disabled on this server; send the {kind} as a "
+                    f"base64 data URL ('data:{kind}/...;base64,...')"
                 )
-            data = await self._fetch(url)
-        elif scheme == "file":
-            data = await asyncio.to_thread(self._read_local, url)
-        else:
-            raise ImageInputError(
-                f"unsupported image URL scheme {scheme!r} in {short_url(url)!r}; use a data: URL"
-                + (" or http(s)" if self.config.allow_http else "")
-            )
-        return self.check(data)
+            return await self._fetch(url, kind)
+        if scheme == "file":
+            return await asyncio.to_thread(self._read_local, url, kind, limit)
+        raise ImageInputError(
+            f"unsupported {kind} URL scheme {scheme!r} in {short_url(url)!r}; use a data: URL"
+            + (" or http(s)" if self.config.allow_http else "")
+        )
 
-    def _read_local(self, url: str) -> bytes:
+    def _read_local(self, url: str, kind: str, limit: int) -> bytes:
         root = self._media_root
         if root is None:
             raise ImageInputError(
-                "file:// image URLs are disabled on this server (it was started without "
-                "--allowed-local-media-path); send the image as a base64 data URL"
+                f"file:// {kind} URLs are disabled on this server (it was started without "
+                f"--allowed-local-media-path); send the {kind} as a base64 data URL"
             )
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise ImageInputError(
-                f"{short_url(url)!r} is not an absolute local file URL (file:///path/to/image.png)"
+                f"{short_url(url)!r} is not an absolute local file URL (file:///path/to/file)"
             )
         path = Path(unquote(parts.path)).resolve()
         if not path.is_relative_to(root):
             raise ImageInputError(
-                f"image file {short_url(url)!r} is outside the allowed directory {root}"
+                f"{kind} file {short_url(url)!r} is outside the allowed directory {root}"
             )
         if not path.is_file():
-            raise ImageInputError(f"image file {short_url(url)!r} does not exist")
-        limit = self.config.max_image_bytes
+            raise ImageInputError(f"{kind} file {short_url(url)!r} does not exist")
         with path.open("rb") as handle:
             data = handle.read(limit + 1)
         if len(data) > limit:
-            raise ImageTooLargeError(f"image file is over the limit of {limit} bytes")
+            raise ImageTooLargeError(f"{kind} file is over the limit of {limit} bytes")
         return data
 
     def check(self, data: bytes) -> bytes:
@@ -174,10 +198,10 @@ class ImageLoader:
         check_image_bytes(data, self.config.max_image_pixels)
         return data
 
-    async def _fetch(self, url: str) -> bytes:
+    async def _fetch(self, url: str, kind: str) -> bytes:
         try:
-            return await self._fetcher.fetch(url)
+            return await self._fetchers[kind].fetch(url)
         except FetchTooLargeError as exc:
-            raise ImageTooLargeError(f"image: {exc}") from exc
+            raise ImageTooLargeError(f"{kind}: {exc}") from exc
         except FetchError as exc:
-            raise ImageInputError(f"image URL: {exc}") from exc
+            raise ImageInputError(f"{kind} URL: {exc}") from exc

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-from services.language.encoder.client import EncodeError
 from services.language.engine.request import (
     GenerationRequest,
     RequestOutput,
@@ -31,26 +30,26 @@ from services.language.engine.structured_output import (
     GrammarError,
 )
 from services.language.errors import BadRequestError, ServiceUnavailableError
-from services.language.frontend.failures import encode_failure, engine_failure
+from services.language.frontend.failures import engine_failure
 from services.language.frontend.image_policy import ImagePolicy, PixelLimits
-from services.language.frontend.images import ImageLoader, check_image_bytes
+from services.language.frontend.images import ImageLoader
+from services.language.frontend.media import MediaInputs, MediaOptions
 from services.language.frontend.metrics import LanguageMetrics, RequestTimer
-from services.language.frontend.pads import expand_pads, image_token_counts
+from services.language.frontend.pads import expand_pads, image_token_counts, media_images
 from services.language.frontend.ports import EngineClient, ImageEncoder
 from services.language.frontend.prompt import (
     ChatMessage,
     ContextWindow,
-    ImagePart,
     PreparedPrompt,
     PromptBuilder,
     RenderOptions,
-    collect_images,
+    collect_media,
 )
 from services.language.frontend.serving import RequestSlot, ServingState
+from services.language.frontend.video_policy import VideoPolicy, VideoRequest
 from services.language.parsers.chat_output import ChatOutputConfig
 from services.language.parsers.reasoning import prompt_opens_reasoning, reasoning_format
 from services.language.parsers.tool_calls import ToolConfig, ToolPlan
-from shared.wire.images import EncodedImage, ImageRef
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +61,11 @@ class ChatInput:
     render: RenderOptions = field(default_factory=RenderOptions)
     pixels: PixelLimits = field(default_factory=PixelLimits)
     constraint: Constraint | None = None
+    video: VideoRequest = field(default_factory=VideoRequest)
+
+    @property
+    def media(self) -> MediaOptions:
+        return MediaOptions(self.pixels, self.video)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class FrontendOptions:
     reasoning_parser: str | None = None  # "qwen3"
     tools: ToolConfig = field(default_factory=ToolConfig)
     images: ImagePolicy = field(default_factory=ImagePolicy)
+    videos: VideoPolicy = field(default_factory=VideoPolicy)
 
 
 class LanguageFrontend:
@@ -98,6 +103,9 @@ class LanguageFrontend:
         self.retry_after_s = retry_after_s
         self.options = options or FrontendOptions()
         self.grammars = GrammarCompiler(engine.tokenizer, engine.model_config.text.vocab_size)
+        self.media = MediaInputs(
+            image_loader, encoder, self.options.images, self.options.videos, metrics, retry_after_s
+        )
         self.serving = ServingState(engine.admission, retry_after_s)
 
     # -- lifecycle: admission, in-flight requests, drain, readiness ---------------------------
@@ -133,21 +141,40 @@ class LanguageFrontend:
     async def prepare_chat(
         self, messages: Sequence[ChatMessage], request_id: str, chat: ChatInput | None = None
     ) -> PreparedPrompt:
-        """Render, tokenize, compile the grammar, load and encode images, expand pads."""
+        """Render, tokenize, compile the grammar, load and encode images and videos, expand
+        their pads."""
         chat = chat or ChatInput()
-        image_parts = collect_images(messages)
-        self.options.images.check_count(len(image_parts))  # before any image is loaded
+        media = collect_media(messages)
+        self.media.check_counts(media)  # before anything is loaded
         text, token_ids = await self._render(messages, chat.render)
         # Each image adds at least one token: refuse hopeless prompts before encoding anything
         self.window.check_prompt(len(token_ids))
         opens = self.options.reasoning_parser is not None and prompt_opens_reasoning(text)
         grammar = await self.compile(chat.constraint, opens)
-        if not image_parts:
+        if not media:
             return PreparedPrompt(tuple(token_ids), grammar=grammar, reasoning_open=opens)
-        images = await self._encode_images(image_parts, request_id, chat.pixels)
+        encoded = await self.media.encode(media, chat.media)
+        videos = [item.timestamps for item in encoded if item.is_video]
+        if videos:  # each video's placeholder becomes its groups, with their times
+            token_ids = await self._tokenize_videos(messages, text, videos)
+        images = media_images(encoded)
         counts = image_token_counts(images, self.merge_size)
-        expanded = expand_pads(token_ids, self.prompt_builder.image_token_id, counts)
+        expanded = expand_pads(token_ids, self.pad_ids, counts)
         return PreparedPrompt(expanded, tuple(images), grammar, opens)
+
+    @property
+    def pad_ids(self) -> tuple[int, ...]:
+        builder = self.prompt_builder
+        return tuple(t for t in (builder.image_token_id, builder.video_token_id) if t is not None)
+
+    async def _tokenize_videos(
+        self, messages: Sequence[ChatMessage], text: str, videos: list[tuple[float, ...]]
+    ) -> list[int]:
+        markers = self.prompt_builder.video_markers
+        if markers is None:
+            raise BadRequestError("this model takes no video input; remove the video parts")
+        text = markers.render(text, videos)
+        return await asyncio.to_thread(self.prompt_builder.encode, text)
 
     async def _render(
         self, messages: Sequence[ChatMessage], options: RenderOptions
@@ -187,20 +214,25 @@ class LanguageFrontend:
         )
 
     async def count_chat(self, messages: Sequence[ChatMessage], chat: ChatInput) -> list[int]:
-        """The prompt token ids a chat request would have, image pads expanded to each image's
-        token count computed from its size (the images are loaded, not encoded)."""
-        image_parts = collect_images(messages)
-        self.options.images.check_count(len(image_parts))
-        _, token_ids = await self._render(messages, chat.render)
-        if not image_parts:
+        """The prompt token ids a chat request would have, pads expanded to each image's and
+        video's token count computed from its size (loaded and read, not encoded)."""
+        media = collect_media(messages)
+        self.media.check_counts(media)
+        text, token_ids = await self._render(messages, chat.render)
+        if not media:
             return token_ids
-        if self.options.images.processor is None:
-            raise BadRequestError("this server has no image processor; images are not accepted")
-        datas = await asyncio.gather(*(self._image_bytes(part) for part in image_parts))
-        max_pixels = self.image_loader.config.max_image_pixels
-        sizes = [check_image_bytes(data, max_pixels) for data in datas]
-        counts = [self.options.images.num_tokens(w, h, chat.pixels) for w, h in sizes]
-        return list(expand_pads(token_ids, self.prompt_builder.image_token_id, counts))
+        plans = await self.media.plans(media, chat.media)
+        videos = [plan[1] for plan in plans if isinstance(plan, tuple)]
+        if videos:
+            token_ids = await self._tokenize_videos(messages, text, videos)
+        counts = []
+        for plan in plans:
+            if isinstance(plan, tuple):  # a video: per temporal group, h * w / merge**2
+                (t, h, w), _ = plan
+                counts += [h * w // self.merge_size**2] * t
+            else:
+                counts.append(plan)
+        return list(expand_pads(token_ids, self.pad_ids, counts))
 
     def prepare_text(self, prompt: str | Sequence[int]) -> PreparedPrompt:
         """A plain completion prompt (text, or token ids that must not contain image pads)."""
@@ -211,37 +243,13 @@ class LanguageFrontend:
             vocab = self.engine.model_config.text.vocab_size
             if any(not 0 <= t < vocab for t in token_ids):
                 raise BadRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        if self.prompt_builder.image_token_id in token_ids:
+        if any(t in self.pad_ids for t in token_ids):
             raise BadRequestError(
-                "plain completions cannot carry images; use /v1/chat/completions", param="prompt"
+                "plain completions cannot carry images or videos; use /v1/chat/completions",
+                param="prompt",
             )
         self.window.check_prompt(len(token_ids))
         return PreparedPrompt(tuple(token_ids))
-
-    async def _encode_images(
-        self, parts: list[ImagePart], request_id: str, pixels: PixelLimits
-    ) -> list[EncodedImage]:
-        """Images -> packed embeddings through the encode client (`EncodeClient` or the same
-        shape), handed to the engine as they arrived: no unpacking here."""
-        if self.encoder is None:
-            raise BadRequestError("this server has no encode service; images are not accepted")
-        start = time.monotonic()
-        datas = await asyncio.gather(*(self._image_bytes(part) for part in parts))
-        refs = [
-            ImageRef(data=data, min_pixels=pixels.min_pixels, max_pixels=pixels.max_pixels)
-            for data in datas
-        ]
-        try:
-            encoded = await self.encoder.encode(refs)
-        except EncodeError as exc:
-            raise encode_failure(exc, self.retry_after_s) from exc
-        self.metrics.encode_latency.observe(time.monotonic() - start)
-        return list(encoded)
-
-    async def _image_bytes(self, part: ImagePart) -> bytes:
-        if part.data is not None:
-            return self.image_loader.check(part.data)
-        return await self.image_loader.load(part.url)
 
     def make_requests(
         self,

@@ -22,6 +22,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from services.language.errors import BadRequestError
+from services.language.frontend.pads import VideoMarkers
 from shared.wire.images import EncodedImage
 
 # Variables transformers passes to every template from the tokenizer (its `special_tokens_map`)
@@ -62,7 +63,25 @@ class ImagePart:
             raise ValueError("an image part needs exactly one of url or data")
 
 
-ContentPart = TextPart | ImagePart
+@dataclass(frozen=True)
+class VideoPart:
+    """A video content part: a URL to load, the raw file bytes, or its frames (image files, in
+    order, at `frames_fps` frames per second)."""
+
+    url: str | None = None
+    data: bytes | None = None
+    frames: tuple[bytes, ...] = ()
+    frames_fps: float | None = None
+
+    def __post_init__(self) -> None:
+        if sum((self.url is not None, self.data is not None, bool(self.frames))) != 1:
+            raise ValueError("a video part needs exactly one of url, data or frames")
+        if self.frames and not (self.frames_fps and self.frames_fps > 0):
+            raise ValueError("a video given as frames needs a positive frames_fps")
+
+
+ContentPart = TextPart | ImagePart | VideoPart
+MediaPart = ImagePart | VideoPart
 
 
 @dataclass(frozen=True)
@@ -77,10 +96,10 @@ class ChatMessage:
     name: str | None = None
     reasoning_content: str | None = None  # an assistant turn's earlier thinking
 
-    def image_parts(self) -> list[ImagePart]:
-        """The message's image parts, in order."""
+    def media_parts(self) -> list[MediaPart]:
+        """The message's image and video parts, in order."""
         if isinstance(self.content, tuple):
-            return [part for part in self.content if isinstance(part, ImagePart)]
+            return [part for part in self.content if isinstance(part, ImagePart | VideoPart)]
         return []
 
 
@@ -235,8 +254,8 @@ def message_to_template_dict(message: ChatMessage) -> dict[str, Any]:
             if isinstance(part, TextPart):
                 parts.append({"type": "text", "text": part.text})
             else:
-                # Templates only test that an image key is present; they never read the URL
-                parts.append({"type": "image"})
+                # Templates only test that an image or video key is present, never the URL
+                parts.append({"type": "image" if isinstance(part, ImagePart) else "video"})
         item["content"] = parts
     extras = {
         "tool_calls": list(message.tool_calls) if message.tool_calls else None,
@@ -248,19 +267,25 @@ def message_to_template_dict(message: ChatMessage) -> dict[str, Any]:
     return item
 
 
-def collect_images(messages: Iterable[ChatMessage]) -> list[ImagePart]:
-    """All image parts in prompt order; refuses images where the template would drop them."""
-    images: list[ImagePart] = []
+def collect_media(messages: Iterable[ChatMessage]) -> list[MediaPart]:
+    """All image and video parts in prompt order; refuses them where the template would drop
+    them."""
+    media: list[MediaPart] = []
     for index, message in enumerate(messages):
-        found = message.image_parts()
+        found = message.media_parts()
         if found and _ROLE_ALIASES.get(message.role, message.role) not in _IMAGE_ROLES:
             raise BadRequestError(
-                f"messages[{index}] ({message.role}) has an image; images are accepted only "
-                "in user and tool messages",
+                f"messages[{index}] ({message.role}) has an image or video; they are accepted "
+                "only in user and tool messages",
                 param=f"messages[{index}].content",
             )
-        images.extend(found)
-    return images
+        media.extend(found)
+    return media
+
+
+def collect_images(messages: Iterable[ChatMessage]) -> list[ImagePart]:
+    """The image parts in prompt order (see collect_media)."""
+    return [part for part in collect_media(messages) if isinstance(part, ImagePart)]
 
 
 class PromptBuilder:
@@ -271,10 +296,18 @@ class PromptBuilder:
         template: ChatTemplate,
         encode: Callable[[str], Sequence[int]],
         image_token_id: int | None,
+        video_token_id: int | None = None,
+        video_markers: VideoMarkers | None = None,
     ) -> None:
         self.template = template
         self._encode = encode
         self.image_token_id = image_token_id
+        self.video_token_id = video_token_id
+        self.video_markers = video_markers  # None: the model takes no video
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt text."""
+        return list(self._encode(text))
 
     def render(self, messages: Sequence[ChatMessage], options: RenderOptions | None = None) -> str:
         """The prompt text, ending with the assistant header (unless options say otherwise)."""
@@ -293,18 +326,25 @@ class PromptBuilder:
         return self.tokenize_rendered(messages, self.render(messages, options))
 
     def tokenize_rendered(self, messages: Sequence[ChatMessage], text: str) -> list[int]:
-        """Token ids of `text`, the messages' rendering; checks one pad per image part."""
-        num_images = len(collect_images(messages))
-        if num_images and self.image_token_id is None:
-            raise BadRequestError("this model is text-only; remove the image parts")
+        """Token ids of `text`, the messages' rendering; checks one pad per image or video."""
+        media = collect_media(messages)
+        num_videos = sum(isinstance(part, VideoPart) for part in media)
+        counts = (
+            ("image", self.image_token_id, len(media) - num_videos),
+            ("video", self.video_token_id, num_videos),
+        )
         token_ids = list(self._encode(text))
-        num_pads = token_ids.count(self.image_token_id) if self.image_token_id is not None else 0
-        if num_pads != num_images:
-            # Literal special-token text in a message would otherwise be taken as an image slot
-            raise BadRequestError(
-                f"the prompt has {num_pads} image placeholder tokens but {num_images} image "
-                "parts; message text must not contain the image placeholder token"
-            )
+        for kind, pad, expected in counts:
+            if expected and pad is None:
+                what = "is text-only" if kind == "image" else "takes no video input"
+                raise BadRequestError(f"this model {what}; remove the {kind} parts")
+            found = token_ids.count(pad) if pad is not None else 0
+            if found != expected:
+                # Literal special-token text in a message would otherwise be taken as a slot
+                raise BadRequestError(
+                    f"the prompt has {found} {kind} placeholder tokens but {expected} {kind} "
+                    f"parts; message text must not contain the {kind} placeholder token"
+                )
         return token_ids
 
 

@@ -27,8 +27,8 @@ from services.language.errors import (
     PayloadTooLargeError,
     ServiceUnavailableError,
 )
-from services.language.frontend.pipeline import LanguageFrontend
-from services.language.frontend.prompt import ChatMessage, ImagePart, TextPart
+from services.language.frontend.pipeline import ChatInput, LanguageFrontend
+from services.language.frontend.prompt import ChatMessage, ImagePart, TextPart, VideoPart
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,32 @@ def messages_from_proto(messages) -> list[ChatMessage]:
                 parts.append(ImagePart(data=part.image))
             elif kind == "image_url":
                 parts.append(ImagePart(url=part.image_url))
+            elif kind == "video":
+                parts.append(_video_part(index, part.video))
             else:
                 raise BadRequestError(f"messages[{index}] has an empty content part")
         out.append(ChatMessage(message.role, tuple(parts)))
     return out
+
+
+def _video_part(index: int, video: pb.Video) -> VideoPart:
+    source = video.WhichOneof("source")
+    try:
+        if source == "data":
+            return VideoPart(data=video.data)
+        if source == "url":
+            return VideoPart(url=video.url)
+        if source == "frames":
+            return VideoPart(frames=tuple(video.frames.images), frames_fps=video.frames.fps)
+    except ValueError as exc:
+        raise BadRequestError(f"messages[{index}]: {exc}") from exc
+    raise BadRequestError(f"messages[{index}] has a video part with no data, url or frames")
+
+
+def video_options_from_proto(options: pb.VideoOptions) -> dict:
+    """The VideoOptions fields that are set, as mm_processor_kwargs' videos_kwargs."""
+    names = ("fps", "num_frames", "cap_pixels_per_frame", "min_pixels", "max_pixels")
+    return {name: getattr(options, name) for name in names if options.HasField(name)}
 
 
 def sampling_from_proto(sampling: pb.SamplingParams) -> tuple[SamplingParams, int | None]:
@@ -165,7 +187,9 @@ class LanguageServicer(pb_grpc.LanguageServiceServicer):
         sampling, requested = sampling_from_proto(request.sampling)
         messages = messages_from_proto(request.messages)
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
-        prompt = await self.frontend.prepare_chat(messages, request_id)
+        videos = video_options_from_proto(request.video_options)
+        video = self.frontend.options.videos.options({"videos_kwargs": videos})
+        prompt = await self.frontend.prepare_chat(messages, request_id, ChatInput(video=video))
         requests = self.frontend.make_requests(request_id, prompt, sampling, requested, 1, arrival)
         # Leaving this generator (the client cancelled) closes the stream: the request aborts
         stream = self.frontend.generate(requests, prompt.num_image_tokens, slot)

@@ -95,7 +95,8 @@ def _chat_input(body: ChatCompletionRequest, frontend: LanguageFrontend):
             )
         constraint = Constraint(plan.forced_format, "tools")
     pixels = frontend.options.images.pixel_limits(body.mm_processor_kwargs)
-    return ChatInput(render, pixels, constraint), plan
+    video = frontend.options.videos.options(body.mm_processor_kwargs)
+    return ChatInput(render, pixels, constraint, video), plan
 
 
 def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> FastAPI:

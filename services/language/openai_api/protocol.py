@@ -29,6 +29,7 @@ from services.language.frontend.prompt import (
     ImagePart,
     RenderOptions,
     TextPart,
+    VideoPart,
 )
 from services.language.openai_api.constraints import (
     Constraint,
@@ -77,7 +78,23 @@ class ImageURLContentPart(_Model):
     image_url: ImageURL
 
 
-ContentPartParam = Annotated[TextContentPart | ImageURLContentPart, Field(discriminator="type")]
+class VideoURL(_Model):
+    """The `video_url` object of a video part."""
+
+    url: str
+
+
+class VideoURLContentPart(_Model):
+    """`{"type": "video_url", "video_url": {"url": ...}}` (vLLM's form): a data:video/...
+    URL, an http(s) URL where the server allows them, or a file:// URL under its media path."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPartParam = Annotated[
+    TextContentPart | ImageURLContentPart | VideoURLContentPart, Field(discriminator="type")
+]
 
 
 class ChatMessageParam(_Model):
@@ -283,11 +300,15 @@ def _to_chat_message(index: int, message: ChatMessageParam) -> ChatMessage:
         return ChatMessage(message.role, None, **extra)
     if isinstance(message.content, str):
         return ChatMessage(message.role, message.content, **extra)
-    parts = tuple(
-        TextPart(p.text) if isinstance(p, TextContentPart) else ImagePart(url=p.image_url.url)
-        for p in message.content
-    )
-    return ChatMessage(message.role, parts, **extra)
+    return ChatMessage(message.role, tuple(map(_part, message.content)), **extra)
+
+
+def _part(part: ContentPartParam) -> TextPart | ImagePart | VideoPart:
+    if isinstance(part, TextContentPart):
+        return TextPart(part.text)
+    if isinstance(part, ImageURLContentPart):
+        return ImagePart(url=part.image_url.url)
+    return VideoPart(url=part.video_url.url)
 
 
 class CompletionRequest(_SamplingFields):

@@ -50,8 +50,10 @@ def add_tokenize_routes(
         warn_unknown(body.unknown_fields())
         check_model(body.model)
         if isinstance(body, TokenizeChatRequest):
-            pixels = frontend.options.images.pixel_limits(body.mm_processor_kwargs)
-            chat = ChatInput(body.render_options(), pixels)
+            kwargs = body.mm_processor_kwargs
+            pixels = frontend.options.images.pixel_limits(kwargs)
+            video = frontend.options.videos.options(kwargs)
+            chat = ChatInput(body.render_options(), pixels, video=video)
             tokens = await frontend.count_chat(chat_messages(body.messages), chat)
         else:
             tokens = await asyncio.to_thread(tokenizer.encode, body.prompt, body.add_special_tokens)

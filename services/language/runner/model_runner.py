@@ -93,8 +93,7 @@ class ModelRunner:
         self.hidden_size = text.hidden_size
         self.num_deepstack = model_config.num_deepstack
         self.use_mrope = text.mrope_section is not None
-        image_token_id = model_config.image_token_id if model_config.is_vl else None
-        self.state = RunnerState(self.device, self.dtype, image_token_id)
+        self.state = RunnerState(self.device, self.dtype, model_config.vision_pad_ids)
         self.block_size = config.block_size
         max_blocks = -(-config.max_model_len // config.block_size)
         limits = BufferLimits(

@@ -8,12 +8,14 @@ moved to the runner's device here, once per request: the one host-to-device copy
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from services.language.runner.step_plan import NewRequest, RequestDiff, StepPlan
+from shared.model.processing import pad_positions
 
 
 class RunnerStateError(RuntimeError):
@@ -49,10 +51,10 @@ class RunnerRequest:
 class RunnerState:
     """request id -> RunnerRequest, updated in plan order: forget, add, apply diffs."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, image_token_id: int | None):
+    def __init__(self, device: torch.device, dtype: torch.dtype, pad_ids: Collection[int] = ()):
         self.device = device
         self.dtype = dtype
-        self.image_token_id = image_token_id
+        self.pad_ids = pad_ids  # image and video pads
         self.requests: dict[str, RunnerRequest] = {}
 
     def __len__(self) -> int:
@@ -76,7 +78,7 @@ class RunnerState:
         image_positions: list[int] = []
         if new.images:
             prompt = new.token_ids[: new.num_prompt_tokens]
-            image_positions = [i for i, t in enumerate(prompt) if t == self.image_token_id]
+            image_positions = pad_positions(prompt, self.pad_ids)
         images, starts, row = [], [], 0
         for image in new.images:
             # Non-blocking from pinned host memory on CUDA; a no-op for a tensor that arrived

@@ -50,7 +50,7 @@ def test_data_url_with_line_breaks_in_base64_is_accepted():
     ("url", "fragment"),
     [
         ("data:image/png;base64,not*base64!", "not valid base64"),
-        ("data:text/plain;base64,aGVsbG8=", "is not image/"),
+        ("data:text/plain;base64,aGVsbG8=", "is not one of image/"),
         ("data:image/png,rawdata", "not a recognized image"),
         ("data:image/png;base64", "no ','"),
         (data_url(b"hello, not an image"), "not a recognized image"),

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(proto/splitvl/language/v1/language.proto\x12\x13splitvl.language.v1\"K\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x13\n\timage_url\x18\x03 \x01(\tH\x00\x42\x06\n\x04part\"J\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x31\n\x07\x63ontent\x18\x02 \x03(\x0b\x32 .splitvl.language.v1.ContentPart\"\xd8\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x17\n\nmax_tokens\x18\t \x01(\x05H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\t\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"\x9b\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12.\n\x08messages\x18\x03 \x03(\x0b\x32\x1c.splitvl.language.v1.Message\x12\x35\n\x08sampling\x18\x04 \x01(\x0b\x32#.splitvl.language.v1.SamplingParams\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"_\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12,\n\x03top\x18\x03 \x03(\x0b\x32\x1f.splitvl.language.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xd0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.splitvl.language.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12)\n\x05usage\x18\x07 \x01(\x0b\x32\x1a.splitvl.language.v1.Usage2l\n\x0fLanguageService\x12Y\n\x08Generate\x12$.splitvl.language.v1.GenerateRequest\x1a%.splitvl.language.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(proto/splitvl/language/v1/language.proto\x12\x13splitvl.language.v1\"x\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x13\n\timage_url\x18\x03 \x01(\tH\x00\x12+\n\x05video\x18\x04 \x01(\x0b\x32\x1a.splitvl.language.v1.VideoH\x00\x42\x06\n\x04part\"_\n\x05Video\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12-\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x1b.splitvl.language.v1.FramesH\x00\x42\x08\n\x06source\"%\n\x06\x46rames\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x01\"\xdc\x01\n\x0cVideoOptions\x12\x10\n\x03\x66ps\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nnum_frames\x18\x02 \x01(\rH\x01\x88\x01\x01\x12!\n\x14\x63\x61p_pixels_per_frame\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x17\n\nmin_pixels\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x17\n\nmax_pixels\x18\x05 \x01(\x04H\x04\x88\x01\x01\x42\x06\n\x04_fpsB\r\n\x0b_num_framesB\x17\n\x15_cap_pixels_per_frameB\r\n\x0b_min_pixelsB\r\n\x0b_max_pixels\"J\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x31\n\x07\x63ontent\x18\x02 \x03(\x0b\x32 .splitvl.language.v1.ContentPart\"\xd8\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x17\n\nmax_tokens\x18\t \x01(\x05H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\t\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"\xd5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12.\n\x08messages\x18\x03 \x03(\x0b\x32\x1c.splitvl.language.v1.Message\x12\x35\n\x08sampling\x18\x04 \x01(\x0b\x32#.splitvl.language.v1.SamplingParams\x12\x38\n\rvideo_options\x18\x05 \x01(\x0b\x32!.splitvl.language.v1.VideoOptions\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"_\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12,\n\x03top\x18\x03 \x03(\x0b\x32\x1f.splitvl.language.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xd0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.splitvl.language.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12)\n\x05usage\x18\x07 \x01(\x0b\x32\x1a.splitvl.language.v1.Usage2l\n\x0fLanguageService\x12Y\n\x08Generate\x12$.splitvl.language.v1.GenerateRequest\x1a%.splitvl.language.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.splitvl.language.v1.l
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CONTENTPART']._serialized_start=65
-  _globals['_CONTENTPART']._serialized_end=140
-  _globals['_MESSAGE']._serialized_start=142
-  _globals['_MESSAGE']._serialized_end=216
-  _globals['_SAMPLINGPARAMS']._serialized_start=219
-  _globals['_SAMPLINGPARAMS']._serialized_end=691
-  _globals['_GENERATEREQUEST']._serialized_start=694
-  _globals['_GENERATEREQUEST']._serialized_end=849
-  _globals['_TOPLOGPROB']._serialized_start=851
-  _globals['_TOPLOGPROB']._serialized_end=898
-  _globals['_TOKENLOGPROB']._serialized_start=900
-  _globals['_TOKENLOGPROB']._serialized_end=995
-  _globals['_USAGE']._serialized_start=997
-  _globals['_USAGE']._serialized_end=1077
-  _globals['_GENERATERESPONSE']._serialized_start=1080
-  _globals['_GENERATERESPONSE']._serialized_end=1288
-  _globals['_LANGUAGESERVICE']._serialized_start=1290
-  _globals['_LANGUAGESERVICE']._serialized_end=1398
+  _globals['_CONTENTPART']._serialized_end=185
+  _globals['_VIDEO']._serialized_start=187
+  _globals['_VIDEO']._serialized_end=282
+  _globals['_FRAMES']._serialized_start=284
+  _globals['_FRAMES']._serialized_end=321
+  _globals['_VIDEOOPTIONS']._serialized_start=324
+  _globals['_VIDEOOPTIONS']._serialized_end=544
+  _globals['_MESSAGE']._serialized_start=546
+  _globals['_MESSAGE']._serialized_end=620
+  _globals['_SAMPLINGPARAMS']._serialized_start=623
+  _globals['_SAMPLINGPARAMS']._serialized_end=1095
+  _globals['_GENERATEREQUEST']._serialized_start=1098
+  _globals['_GENERATEREQUEST']._serialized_end=1311
+  _globals['_TOPLOGPROB']._serialized_start=1313
+  _globals['_TOPLOGPROB']._serialized_end=1360
+  _globals['_TOKENLOGPROB']._serialized_start=1362
+  _globals['_TOKENLOGPROB']._serialized_end=1457
+  _globals['_USAGE']._serialized_start=1459
+  _globals['_USAGE']._serialized_end=1539
+  _globals['_GENERATERESPONSE']._serialized_start=1542
+  _globals['_GENERATERESPONSE']._serialized_end=1750
+  _globals['_LANGUAGESERVICE']._serialized_start=1752
+  _globals['_LANGUAGESERVICE']._serialized_end=1860
 # @@protoc_insertion_point(module_scope)
