@@ -8,10 +8,12 @@ import math
 import os
 from dataclasses import dataclass
 
-from bench.serve.datasets import DatasetError, ImageBuckets, parse_buckets, parse_count_range
+from bench.serve.datasets import DatasetError, parse_buckets, parse_count_range
 from bench.serve.metrics import parse_goodput
+from bench.serve.videos import parse_video_size
 
-DATASETS = ("random", "random-mm", "jsonl", "custom")  # custom: vLLM's name for a JSONL file
+# custom: vLLM's name for a JSONL file; random-video: one generated clip per request
+DATASETS = ("random", "random-mm", "random-video", "jsonl", "custom")
 
 
 def _positive_int(text: str) -> int:
@@ -55,18 +57,22 @@ def _ratio(text: str) -> float:
     return value
 
 
-def _buckets(text: str) -> ImageBuckets:
-    try:
-        return parse_buckets(text)
-    except DatasetError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _dataset_arg(parse):
+    """A parser of the dataset module as an argparse type (its errors become usage errors)."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except DatasetError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__  # argparse names the type in its messages
+    return convert
 
 
-def _count_range(text: str) -> tuple[int, int]:
-    try:
-        return parse_count_range(text)
-    except DatasetError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_buckets = _dataset_arg(parse_buckets)
+_count_range = _dataset_arg(parse_count_range)
+_video_size = _dataset_arg(parse_video_size)
 
 
 def _percentiles(text: str) -> tuple[float, ...]:
@@ -190,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="image sizes WxH:weight,... (default 256x256:0.5,1280x720:0.5)",
     )
     data.add_argument(
+        "--random-video-size", type=_video_size, default=(320, 240), help="WxH (default 320x240)"
+    )
+    data.add_argument("--random-video-seconds", type=_positive_float, default=4.0)
+    data.add_argument("--random-video-fps", type=_positive_float, default=8.0)
+    data.add_argument(
+        "--random-video-codec",
+        choices=("libx264", "libvpx-vp9", "gif"),
+        default="libx264",
+        help="mp4 (h264), webm (vp9) or gif",
+    )
+    data.add_argument(
         "--image-repeat-ratio",
         type=_ratio,
         default=0.0,
@@ -257,8 +274,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Che
     chat = endpoint.endswith("/chat/completions")
     if not chat and not endpoint.endswith("/completions"):
         parser.error(f"--endpoint must end in /chat/completions or /completions, got {endpoint}")
-    if args.dataset_name == "random-mm" and not chat:
-        parser.error("--dataset-name random-mm sends images; use --endpoint /v1/chat/completions")
+    if args.dataset_name in ("random-mm", "random-video") and not chat:
+        parser.error(
+            f"--dataset-name {args.dataset_name} sends images or videos; use --endpoint "
+            "/v1/chat/completions"
+        )
     if args.dataset_name in ("jsonl", "custom") and not args.dataset_path:
         parser.error(f"--dataset-name {args.dataset_name} needs --dataset-path FILE")
     if args.dataset_path and args.dataset_name not in ("jsonl", "custom"):

@@ -33,6 +33,7 @@ from bench.serve.report import (
     save_result,
 )
 from bench.serve.runner import RunConfig, RunOutcome, run_benchmark
+from bench.serve.videos import VideoSpec
 
 WARMUP_SEED_OFFSET = 1_000_003  # warm-ups get images of their own, never the run's
 
@@ -59,8 +60,16 @@ def build_requests(
         image_repeat_ratio=args.image_repeat_ratio if mm else 0.0,
         chat=chat,
         tokenizer=args.tokenizer,
+        video=_video_spec(args) if args.dataset_name == "random-video" else None,
     )
     return random_requests(spec, seed)
+
+
+def _video_spec(args: argparse.Namespace) -> VideoSpec:
+    width, height = args.random_video_size
+    return VideoSpec(
+        width, height, args.random_video_seconds, args.random_video_fps, args.random_video_codec
+    )
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:

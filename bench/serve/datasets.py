@@ -43,7 +43,7 @@ class BenchRequest:
     max_tokens: int | None
     messages: list[dict] | None = None
     prompt: str | None = None
-    num_images: int = 0
+    num_images: int = 0  # images, or video clips
     prompt_len_estimate: int = 0  # words, or tokens with --tokenizer; the server's count wins
     image_keys: tuple[int, ...] = field(default=())  # which distinct images it carries
 
@@ -156,11 +156,15 @@ class RandomSpec:
     image_repeat_ratio: float = 0.0
     chat: bool = True
     tokenizer: str | None = None
+    video: object | None = None  # videos.VideoSpec: one generated clip per request
 
 
 def random_requests(spec: RandomSpec, seed: int) -> list[BenchRequest]:
-    """Random word prompts, each with 0..k noise images when `spec.buckets` is set."""
+    """Random word prompts, each with 0..k noise images when `spec.buckets` is set, or one
+    generated clip with `spec.video`."""
     rng = np.random.default_rng(seed)
+    if spec.video is not None:
+        return _video_requests(spec, rng)
     text = TextMaker(rng, spec.tokenizer)
     input_lens = sample_lens(rng, spec.input_len, spec.range_ratio, spec.num_requests)
     output_lens = sample_lens(rng, spec.output_len, spec.range_ratio, spec.num_requests)
@@ -190,6 +194,21 @@ def random_requests(spec: RandomSpec, seed: int) -> list[BenchRequest]:
         else:
             request = BenchRequest(output_lens[i], prompt=prompt, prompt_len_estimate=input_lens[i])
         requests.append(request)
+    return requests
+
+
+def _video_requests(spec: RandomSpec, rng: np.random.Generator) -> list[BenchRequest]:
+    from bench.serve.videos import random_clip, video_part
+
+    text = TextMaker(rng, spec.tokenizer)
+    input_lens = sample_lens(rng, spec.input_len, spec.range_ratio, spec.num_requests)
+    output_lens = sample_lens(rng, spec.output_len, spec.range_ratio, spec.num_requests)
+    requests = []
+    for i in range(spec.num_requests):
+        parts = [video_part(random_clip(rng, spec.video))]
+        parts.append({"type": "text", "text": text.make(input_lens[i])})
+        messages = [{"role": "user", "content": parts}]
+        requests.append(BenchRequest(output_lens[i], messages, None, 1, input_lens[i], (i,)))
     return requests
 
 

@@ -209,6 +209,63 @@ def test_random_mm_images_sizes_and_repeats():
     assert num_reusing == 5
 
 
+def test_random_video_clips_are_real_distinct_videos():
+    import base64
+
+    from bench.serve.videos import VideoSpec, parse_video_size
+    from shared.model.video_decode import probe
+
+    spec = RandomSpec(3, input_len=6, output_len=4, video=VideoSpec(64, 48, 2.0, 6.0))
+    requests = random_requests(spec, seed=2)
+    assert requests == random_requests(spec, seed=2)
+    urls = [r.messages[0]["content"][0]["video_url"]["url"] for r in requests]
+    assert len(set(urls)) == 3 and all(u.startswith("data:video/mp4;base64,") for u in urls)
+    meta = probe(base64.b64decode(urls[0].split(",", 1)[1]))
+    assert (meta.width, meta.height, meta.num_frames, meta.fps) == (64, 48, 12, 6.0)
+    assert parse_video_size("320x240") == (320, 240)
+    for bad in ("320", "1x1", "ax2"):
+        with pytest.raises(DatasetError):
+            parse_video_size(bad)
+    with pytest.raises(DatasetError, match="even"):
+        VideoSpec(65, 48)
+
+
+def test_video_load_run_against_splitvl(bench_cluster, tmp_path, capsys):
+    rc = main(
+        [
+            "--base-url",
+            bench_cluster.base_url,
+            "--api-key",
+            bench_cluster.api_key,
+            "--dataset-name",
+            "random-video",
+            "--num-prompts",
+            "6",
+            "--max-concurrency",
+            "3",
+            "--random-input-len",
+            "8",
+            "--random-output-len",
+            "6",
+            "--random-video-size",
+            "96x64",
+            "--random-video-seconds",
+            "2",
+            "--ignore-eos",
+            "--disable-tqdm",
+            "--save-result",
+            "--result-dir",
+            str(tmp_path),
+            "--result-filename",
+            "video.json",
+        ]
+    )
+    assert rc == 0, capsys.readouterr()
+    result = json.loads((tmp_path / "video.json").read_text())
+    assert (result["completed"], result["failed"]) == (6, 0)
+    assert all(r["prompt_tokens"] > 20 for r in result["requests"])  # the clips' tokens
+
+
 # --- server metrics ------------------------------------------------------------------------
 
 
