@@ -28,7 +28,13 @@ from shared.model.processing import (
 )
 from shared.model.video import VideoError, VideoProcessorConfig
 from shared.wire.errors import ImageRefError
-from shared.wire.images import EncodedImage, ImageRef, content_hash, normalize_hash
+from shared.wire.images import (
+    EncodedImage,
+    ImageRef,
+    content_hash,
+    frames_hash,
+    normalize_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +148,7 @@ class VisionEncoder:
                 min_pixels, max_pixels = self.videos.bounds(spec)
                 data = await self.videos.source(spec)
             if isinstance(data, tuple):
-                digest = self.videos.digest(data)
+                digest = frames_hash(data)
             else:
                 digest = await self._hash(data, spec.content_hash)
         except (ImageSourceError, ImageRefError, VideoError) as exc:

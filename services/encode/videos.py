@@ -20,7 +20,7 @@ from services.encode.sources import ImageSources
 from shared.model.video import VideoError, VideoProcessorConfig, apply_sampling
 from shared.model.video_decode import SampledClip, load_video
 from shared.wire.dataurl import VIDEO_TYPES
-from shared.wire.images import ImageRef, content_hash
+from shared.wire.images import ImageRef
 
 
 class VideoInputs:
@@ -67,11 +67,6 @@ class VideoInputs:
         if spec.url:
             return await self._sources.load(spec.url)
         return None
-
-    @staticmethod
-    def digest(frames: tuple[bytes, ...]) -> str:
-        """A clip given as frames: the hash of its frames' hashes, in order."""
-        return content_hash("".join(content_hash(frame) for frame in frames).encode())
 
     def load(self, data: bytes | tuple[bytes, ...], spec: ImageRef, bounds) -> SampledClip:
         """Decode, sample and preprocess (on the preprocessing pool); raises VideoError."""

@@ -147,9 +147,35 @@ class EncodedImage:
             EncodedImage(
                 self.packed[g * rows : (g + 1) * rows],
                 (1, h, w),
-                content_hash(f"{self.content_hash}|{self.grid_thw}|{g}|{time!r}".encode()),
+                group_hash(self.content_hash, self.grid_thw, g, time),
                 self.cache_hit,
                 self.source,
             )
             for g, time in enumerate(self.timestamps)
         )
+
+
+def group_hash(video_hash: str, grid_thw: tuple[int, int, int], group: int, time: float) -> str:
+    """The content hash of one temporal group of a video, as a picture of its own."""
+    return content_hash(f"{video_hash}|{tuple(grid_thw)}|{group}|{time!r}".encode())
+
+
+def frames_hash(frames: tuple[bytes, ...]) -> str:
+    """The content hash of a video sent as image files: the hash of its frames' hashes."""
+    return content_hash("".join(content_hash(frame) for frame in frames).encode())
+
+
+@dataclass(frozen=True)
+class PendingImage:
+    """An image (or one temporal group of a video) whose embeddings are still on their way: its
+    grid and row count (its pads are in the prompt already) and its content hash (so prefix-cache
+    keys are known). The engine computes the prompt up to its first pad until it arrives."""
+
+    grid_thw: tuple[int, int, int]
+    num_tokens: int
+    content_hash: str
+
+    def accepts(self, image: EncodedImage) -> bool:
+        """Whether `image` is the one this placeholder stands for."""
+        same_grid = tuple(image.grid_thw) == tuple(self.grid_thw)
+        return same_grid and image.num_tokens == self.num_tokens

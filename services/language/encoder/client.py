@@ -24,7 +24,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -190,6 +190,25 @@ class EncodeClient:
         ]
         try:
             return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def encode_each(
+        self, images: Sequence[ImageRef], timeout_s: float | None = None
+    ) -> AsyncIterator[tuple[int, EncodedImage]]:
+        """(index, image) as each image is encoded, in the order they finish; the first failure
+        raises EncodeError and cancels the rest."""
+        deadline = time.monotonic() + (timeout_s or self.config.timeout_s)
+        request_id = uuid.uuid4().hex[:12]
+
+        async def one(index: int, ref: ImageRef) -> tuple[int, EncodedImage]:
+            return index, await self._encode_image(ref, deadline, f"{request_id}/{index}")
+
+        tasks = [asyncio.ensure_future(one(i, ref)) for i, ref in enumerate(images)]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                yield await next_done
         finally:
             for task in tasks:
                 task.cancel()

@@ -236,6 +236,17 @@ class AsyncEngine:
         if not finished:
             self._send(("abort", request_id, None))
 
+    def provide_images(self, request_id: str, items: list[tuple[int, object]]) -> None:
+        """Hand over images a request was submitted without (PendingImage placeholders), as
+        (index, EncodedImage); one that does not match its placeholder fails the request."""
+        if self._serving_thread():
+            self._send(("images", (request_id, items), None))
+
+    def fail_request(self, request_id: str, error: Exception) -> None:
+        """End one request now with `error` (its images could not be encoded)."""
+        if self._serving_thread():
+            self._send(("fail_one", (request_id, error), None))
+
     async def abort(self, request_id: str) -> None:
         """Abort ``request_id`` and wait until its KV blocks are free (no-op if unknown)."""
         if not self._serving_thread():
@@ -309,6 +320,10 @@ class AsyncEngine:
                 return
             if kind == "add":
                 self._add(payload)
+            elif kind == "images":
+                self._provide(*payload)
+            elif kind == "fail_one":
+                self._fail_one(*payload)
             elif kind == "fail":
                 self._fail_all(payload)
                 self._loop.call_soon_threadsafe(_resolve, done)
@@ -326,6 +341,16 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self._deliver_error, request.request_id, exc)
         finally:
             self._loop.call_soon_threadsafe(self._submitted)
+
+    def _provide(self, request_id: str, items) -> None:
+        try:
+            self._core.provide_images(request_id, items)
+        except InvalidRequestError as exc:
+            self._fail_one(request_id, exc)
+
+    def _fail_one(self, request_id: str, error: Exception) -> None:
+        if self._core.abort_request(request_id) is not None:
+            self._loop.call_soon_threadsafe(self._deliver_error, request_id, error)
 
     def _submitted(self) -> None:
         self._num_submitted -= 1

@@ -24,6 +24,7 @@ from services.language.engine.tokenizer import IncrementalDetokenizer, LanguageT
 from services.language.runner.executor import Executor
 from shared.model.config import ModelConfig
 from shared.model.processing import mrope_positions, pad_positions
+from shared.wire.images import EncodedImage, PendingImage
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +114,9 @@ class EngineCore:
             return
         if not cfg.vision_pad_ids:
             raise InvalidRequestError("this model is text-only: remove the images")
-        width = (1 + cfg.num_deepstack) * cfg.text.hidden_size
         for i, image in enumerate(request.images):
-            if image.packed.shape[1] != width:
-                raise InvalidRequestError(
-                    f"image {i}: packed embeddings have width {image.packed.shape[1]}, this "
-                    f"model needs (1 + {cfg.num_deepstack}) x {cfg.text.hidden_size} = {width}; "
-                    "the encode service serves another model"
-                )
+            if not isinstance(image, PendingImage):
+                self._check_width(i, image)
         num_pads = len(pad_positions(request.prompt_token_ids, cfg.vision_pad_ids))
         num_rows = sum(image.num_tokens for image in request.images)
         if num_pads != num_rows:
@@ -128,6 +124,38 @@ class EngineCore:
                 f"the prompt has {num_pads} image and video pad tokens but the images have "
                 f"{num_rows} embedding rows; expand each pad to its image's token count"
             )
+
+    def _check_width(self, index: int, image: EncodedImage) -> None:
+        cfg = self.model_config
+        width = (1 + cfg.num_deepstack) * cfg.text.hidden_size
+        if image.packed.shape[1] != width:
+            raise InvalidRequestError(
+                f"image {index}: packed embeddings have width {image.packed.shape[1]}, this "
+                f"model needs (1 + {cfg.num_deepstack}) x {cfg.text.hidden_size} = {width}; "
+                "the encode service serves another model"
+            )
+
+    def provide_images(self, request_id: str, items: list[tuple[int, EncodedImage]]) -> None:
+        """Images of a request that were pending; InvalidRequestError (and nothing changed)
+        when one is not the image its placeholder laid the prompt out for. A request that
+        ended meanwhile takes nothing."""
+        tracked = self._tracked.get(request_id)
+        if tracked is None:
+            return
+        seq = tracked.seq
+        for index, image in items:
+            pending = seq.images[index] if 0 <= index < len(seq.images) else None
+            if not isinstance(pending, PendingImage):
+                raise InvalidRequestError(f"image {index} of {request_id} is not pending")
+            if not pending.accepts(image):
+                raise InvalidRequestError(
+                    f"image {index}: encoded as grid {tuple(image.grid_thw)} ({image.num_tokens} "
+                    f"rows), but the prompt was laid out for {tuple(pending.grid_thw)} "
+                    f"({pending.num_tokens} rows): the encode service resized it differently"
+                )
+            self._check_width(index, image)
+        for index, image in items:
+            seq.provide(index, image)
 
     def add_request(self, request: GenerationRequest) -> None:
         """Validate ``request`` and queue it."""

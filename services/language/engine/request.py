@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from shared.model.processing import pad_positions
-from shared.wire.images import EncodedImage
+from shared.wire.images import EncodedImage, PendingImage
 
 
 class InvalidRequestError(ValueError):
@@ -147,7 +147,9 @@ class GenerationRequest:
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
-    images: tuple[EncodedImage, ...]  # packed [n, (1+k)*H] each, in prompt order
+    # packed [n, (1+k)*H] each, in prompt order; a PendingImage stands for one still being
+    # encoded (`AsyncEngine.provide_images` hands it over later)
+    images: tuple[EncodedImage | PendingImage, ...]
     sampling: SamplingParams
     arrival_time: float
     # A compiled grammar (structured_output.CompiledGrammar) the output must follow; shared by
@@ -213,16 +215,48 @@ class RequestState:
     rope_delta: int = 0
     # xgrammar GrammarMatcher of a structured request, advanced by every sampled token
     grammar: Any = None
+    # The request's images as they arrive: a PendingImage is replaced by its EncodedImage
+    images: list[EncodedImage | PendingImage] = field(default_factory=list)
+    unsent_images: list[int] = field(default_factory=list)  # arrived since the runner's copy
+    image_starts: list[int] = field(default_factory=list)  # first image row of each image
 
     @classmethod
     def of(cls, request: GenerationRequest, pad_ids: int | Collection[int] = ()) -> RequestState:
         """A fresh state; image pad positions found by ``pad_ids`` (image and video pads)."""
-        positions = []
+        positions, starts, row = [], [], 0
         if request.images:
             positions = pad_positions(request.prompt_token_ids, pad_ids)
+        for image in request.images:
+            starts.append(row)
+            row += image.num_tokens
         return cls(
-            request=request, token_ids=list(request.prompt_token_ids), image_positions=positions
+            request=request,
+            token_ids=list(request.prompt_token_ids),
+            image_positions=positions,
+            images=list(request.images),
+            image_starts=starts,
         )
+
+    @property
+    def num_pending_images(self) -> int:
+        return sum(isinstance(image, PendingImage) for image in self.images)
+
+    def computable_end(self, computed: int | None = None) -> int:
+        """How far the K/V can be computed now (from `computed` tokens, by default the ones
+        computed): to the end, or to the first pad of the first image still pending that is
+        not already computed (from the prefix cache)."""
+        computed = self.num_computed_tokens if computed is None else computed
+        for index, image in enumerate(self.images):
+            if isinstance(image, PendingImage):
+                first = self.image_positions[self.image_starts[index]]
+                if first + image.num_tokens > computed:
+                    return max(first, computed)
+        return self.num_tokens
+
+    def provide(self, index: int, image: EncodedImage) -> None:
+        """Image `index` arrived (the caller checked it against its placeholder)."""
+        self.images[index] = image
+        self.unsent_images.append(index)
 
     @property
     def request_id(self) -> str:

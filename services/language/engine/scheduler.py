@@ -5,7 +5,9 @@ admits waiting requests in arrival order, chunking a prefill to whatever budget 
 KV pool runs out, the most recently admitted running request is preempted: its blocks are freed
 and it goes back to the front of the queue to be recomputed later (its prefix blocks usually
 survive in the prefix cache). Admission is strictly first come first served: a request that does
-not fit blocks the ones behind it, so none can starve.
+not fit blocks the ones behind it, so none can starve. A request whose images are still being
+encoded is computed up to the first pad of the first one missing and waits there (holding its
+blocks); one that cannot start before an image arrives lets the requests behind it go first.
 """
 
 from __future__ import annotations
@@ -140,12 +142,13 @@ class Scheduler:
         for work in chunks:
             seq = work.seq
             if seq.num_sent_tokens == 0:
+                seq.unsent_images.clear()
                 new.append(
                     NewRequest(
                         seq.request_id,
                         tuple(seq.token_ids),
                         seq.num_prompt_tokens,
-                        seq.request.images,
+                        tuple(seq.images),
                         tuple(seq.block_ids),
                         work.start,
                         seq.mrope_positions,
@@ -153,12 +156,15 @@ class Scheduler:
                     )
                 )
             else:
+                arrived = tuple((i, seq.images[i]) for i in seq.unsent_images)
+                seq.unsent_images.clear()
                 diffs.append(
                     RequestDiff(
                         seq.request_id,
                         tuple(seq.token_ids[seq.num_sent_tokens :]),
                         tuple(seq.block_ids[seq.num_sent_blocks :]),
                         work.start,
+                        arrived,
                     )
                 )
             seq.num_sent_tokens, seq.num_sent_blocks = seq.num_tokens, len(seq.block_ids)
@@ -176,7 +182,9 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this step
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.computable_end() - seq.num_computed_tokens, budget)
+            if num_new <= 0:
+                continue  # waiting for an image
             while not self.block_manager.allocate(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -191,11 +199,15 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, chunks: list[Work]) -> None:
         bm = self.block_manager
+        unready: list[RequestState] = []  # waiting for an image before their first token
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             cached = bm.lookup_prefix(seq)
             num_cached = len(cached) * bm.block_size
-            num_new = min(seq.num_tokens - num_cached, budget)
+            num_new = min(seq.computable_end(num_cached) - num_cached, budget)
+            if num_new <= 0:
+                unready.append(self.waiting.popleft())
+                continue
             if not bm.allocate(seq, num_new, cached):
                 break
             bm.record_lookup(seq.num_tokens, num_cached)
@@ -206,6 +218,7 @@ class Scheduler:
             insort(self.running, seq, key=lambda s: s.arrival_index)
             chunks.append(Work.of(seq, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(unready))  # back in front, in arrival order
 
     def _preempt(self, seq: RequestState) -> None:
         self.block_manager.free(seq)

@@ -46,6 +46,14 @@ class EngineClient(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
+    def provide_images(self, request_id: str, items: list[tuple[int, EncodedImage]]) -> None:
+        """Images a request was submitted without (PendingImage placeholders) arrived."""
+        ...
+
+    def fail_request(self, request_id: str, error: Exception) -> None:
+        """End one request with `error`."""
+        ...
+
     def close(self, reason: str) -> None:
         """Refuse new requests with `reason`."""
         ...
@@ -59,6 +67,10 @@ class ImageEncoder(Protocol):
     """What the front end asks of the encode side: packed embeddings for images, in order."""
 
     async def encode(self, images: Sequence[ImageRef]) -> list[EncodedImage]: ...
+
+    def encode_each(self, images: Sequence[ImageRef]) -> AsyncIterator[tuple[int, EncodedImage]]:
+        """(index, image) as each is encoded, in the order they finish."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -22,7 +22,7 @@ from torch import nn
 from services.language.runner.cuda_graphs import DecodeGraphs
 from services.language.runner.kv_pool import KVCache
 from services.language.runner.paged_attention import AttentionMetadata, PagedAttention, PrefillSpan
-from services.language.runner.runner_state import RunnerRequest, RunnerState
+from services.language.runner.runner_state import RunnerRequest, RunnerState, RunnerStateError
 from services.language.runner.step_buffers import BufferLimits, StepBuffers
 from services.language.runner.step_plan import StepPlan
 from shared.model.config import ModelConfig
@@ -241,8 +241,13 @@ class ModelRunner:
         lo, hi = req.image_rows(start, start + n)
         splices = []
         for i, image in enumerate(req.images):
-            first, last = max(lo, req.image_starts[i]), min(hi, req.image_starts[i] + len(image))
+            first, last = (
+                max(lo, req.image_starts[i]),
+                min(hi, req.image_starts[i] + req.image_sizes[i]),
+            )
             if first < last:
+                if image is None:
+                    raise RunnerStateError(f"image {i} is scheduled before it arrived")
                 dest = req.image_positions[first] - start + offset
                 splices.append(
                     ImageSplice(

@@ -16,6 +16,7 @@ import torch
 
 from services.language.runner.step_plan import NewRequest, RequestDiff, StepPlan
 from shared.model.processing import pad_positions
+from shared.wire.images import EncodedImage, PendingImage
 
 
 class RunnerStateError(RuntimeError):
@@ -33,8 +34,10 @@ class RunnerRequest:
     mrope: np.ndarray | None  # [3, num_prompt_tokens] int64; None: text, (p, p, p)
     rope_delta: int
     image_positions: list[int]  # prompt indices of image pads, ascending
-    images: list[torch.Tensor] = field(default_factory=list)  # packed, on the runner's device
+    # packed, on the runner's device; None for an image still being encoded
+    images: list[torch.Tensor | None] = field(default_factory=list)
     image_starts: list[int] = field(default_factory=list)  # first image row of each image
+    image_sizes: list[int] = field(default_factory=list)  # rows of each image
     _blocks: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     def image_rows(self, start: int, end: int) -> tuple[int, int]:
@@ -81,9 +84,7 @@ class RunnerState:
             image_positions = pad_positions(prompt, self.pad_ids)
         images, starts, row = [], [], 0
         for image in new.images:
-            # Non-blocking from pinned host memory on CUDA; a no-op for a tensor that arrived
-            # on this device (link transport).
-            images.append(image.packed.to(self.device, self.dtype, non_blocking=True))
+            images.append(None if isinstance(image, PendingImage) else self._upload(image))
             starts.append(row)
             row += image.num_tokens
         return RunnerRequest(
@@ -96,10 +97,18 @@ class RunnerState:
             image_positions=image_positions,
             images=images,
             image_starts=starts,
+            image_sizes=[image.num_tokens for image in new.images],
         )
+
+    def _upload(self, image: EncodedImage) -> torch.Tensor:
+        # Non-blocking from pinned host memory on CUDA; a no-op for a tensor that arrived on
+        # this device (link transport).
+        return image.packed.to(self.device, self.dtype, non_blocking=True)
 
     def _apply(self, diff: RequestDiff) -> None:
         req = self[diff.request_id]
+        for index, image in diff.new_images:
+            req.images[index] = self._upload(image)
         req.token_ids.extend(diff.new_token_ids)
         req.block_ids.extend(diff.new_block_ids)
         req.num_computed_tokens = diff.num_computed_tokens

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.wire.images import EncodedImage
+from shared.wire.images import EncodedImage, PendingImage
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class NewRequest:
     request_id: str
     token_ids: tuple[int, ...]  # prompt, then any tokens generated before a preemption
     num_prompt_tokens: int
-    images: tuple[EncodedImage, ...]  # packed embeddings of the prompt's images, in order
+    # packed embeddings of the prompt's images, in order; a PendingImage for one still coming
+    images: tuple[EncodedImage | PendingImage, ...]
     block_ids: tuple[int, ...]
     num_computed_tokens: int  # prefix-cache hits count as computed
     mrope_positions: np.ndarray | None = None  # [3, num_prompt_tokens] int64 when images
@@ -38,6 +39,7 @@ class RequestDiff:
     new_token_ids: tuple[int, ...]  # tokens appended since the last plan that sent it
     new_block_ids: tuple[int, ...]
     num_computed_tokens: int
+    new_images: tuple[tuple[int, EncodedImage], ...] = ()  # (index, image) arrived since
 
 
 @dataclass(frozen=True)
