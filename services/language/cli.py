@@ -168,6 +168,12 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
         help='most images and videos per prompt, e.g. \'{"image": 4, "video": 1}\'',
     )
     images.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="encode every image of a request before it enters the engine (by default it enters "
+        "at once, laid out from the files' headers, and computes its text while they encode)",
+    )
+    images.add_argument(
         "--max-video-bytes", type=byte_size, default="128MiB", help="largest video file accepted"
     )
 
@@ -321,7 +327,7 @@ def frontend_options(args: argparse.Namespace) -> FrontendOptions:
     limits = args.limit_mm_per_prompt or {}
     images = ImagePolicy(None, limits.get("image"))
     videos = VideoPolicy(None, limits.get("video"))
-    return FrontendOptions(args.reasoning_parser, tools, images, videos)
+    return FrontendOptions(args.reasoning_parser, tools, images, videos, not args.no_overlap)
 
 
 def chat_template_source(value: str | None) -> str | None:

@@ -87,6 +87,11 @@ class InProcessEncoder:
         self.num_calls += 1
         return await asyncio.to_thread(lambda: [self.encode_sync(i.data) for i in images])
 
+    async def encode_each(self, images: Sequence[ImageRef]):
+        """EncodeClient.encode_each's interface: (index, image) pairs, here all at the end."""
+        for index, image in enumerate(await self.encode(images)):
+            yield index, image
+
     async def ready(self) -> bool:
         """Always: the tower is in this process."""
         return True

@@ -126,7 +126,10 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
-        self._num_submitted = 0  # added but not yet seen by the engine thread
+        # Requests sent to the engine thread, and those it took (each counter has one writer);
+        # the difference is what is on its way to the waiting queue
+        self._num_sent = 0
+        self._num_taken = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -219,7 +222,7 @@ class AsyncEngine:
         self._core.validate(request)
         if request.request_id in self._streams:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
-        waiting = self._core.scheduler.num_waiting + self._num_submitted
+        waiting = self._core.scheduler.num_waiting + self._num_sent - self._num_taken
         if waiting >= self.config.max_queue_len:
             raise QueueFullError(
                 f"{waiting} requests are already waiting (max_queue_len "
@@ -227,7 +230,7 @@ class AsyncEngine:
             )
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request.request_id] = stream
-        self._num_submitted += 1
+        self._num_sent += 1
         self._send(("add", request, None))
         return OutputStream(request.request_id, stream, self._release)
 
@@ -335,12 +338,13 @@ class AsyncEngine:
                     self._loop.call_soon_threadsafe(_resolve, done)
 
     def _add(self, request: GenerationRequest) -> None:
+        # Counted before the queue holds it: a reader may miss one request, never count one
+        # twice (a burst of submissions would otherwise fill the bound with phantoms)
+        self._num_taken += 1
         try:
             self._core.add_request(request)
         except Exception as exc:  # noqa: BLE001 - reported to the request's stream
             self._loop.call_soon_threadsafe(self._deliver_error, request.request_id, exc)
-        finally:
-            self._loop.call_soon_threadsafe(self._submitted)
 
     def _provide(self, request_id: str, items) -> None:
         try:
@@ -351,9 +355,6 @@ class AsyncEngine:
     def _fail_one(self, request_id: str, error: Exception) -> None:
         if self._core.abort_request(request_id) is not None:
             self._loop.call_soon_threadsafe(self._deliver_error, request_id, error)
-
-    def _submitted(self) -> None:
-        self._num_submitted -= 1
 
     def _check_fatal(self, exc: Exception | None) -> bool:
         """After a failed step (or an idle check): if the executor is gone, fail everything and

@@ -134,7 +134,8 @@ class BlockManager:
             self._ref_counts[block] += 1
         seq.block_ids.extend(cached_blocks)
         seq.num_computed_tokens = num_computed
-        seq.num_registered_blocks = len(seq.block_ids)
+        if cached_blocks:  # they are in the cache already; blocks held before are not all full
+            seq.num_registered_blocks = len(seq.block_ids)
         for _ in range(num_new_blocks):
             seq.block_ids.append(self._take_free_block())
         return True

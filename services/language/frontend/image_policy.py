@@ -96,12 +96,17 @@ class ImagePolicy:
         low = limits.min_pixels or min(cfg.min_pixels, high)
         return low, high
 
-    def num_tokens(self, width: int, height: int, limits: PixelLimits) -> int:
-        """Language tokens of a width x height image: (h' / factor) * (w' / factor)."""
+    def grid(self, width: int, height: int, limits: PixelLimits) -> tuple[int, int, int]:
+        """The patch grid (1, h' / patch, w' / patch) the encode service will give the image."""
         cfg = self.processor
         low, high = self.bounds(limits)
         try:
             h, w = smart_resize(height, width, cfg.factor, low, high)
         except ImageError as exc:
             raise ImageInputError(str(exc)) from exc
-        return (h // cfg.factor) * (w // cfg.factor)
+        return 1, h // cfg.patch_size, w // cfg.patch_size
+
+    def num_tokens(self, width: int, height: int, limits: PixelLimits) -> int:
+        """Language tokens of a width x height image: (h' / factor) * (w' / factor)."""
+        _, gh, gw = self.grid(width, height, limits)
+        return gh * gw // self.processor.merge_size**2

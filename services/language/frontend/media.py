@@ -17,7 +17,14 @@ from services.language.frontend.metrics import LanguageMetrics
 from services.language.frontend.ports import ImageEncoder
 from services.language.frontend.prompt import ImagePart, MediaPart, VideoPart
 from services.language.frontend.video_policy import VideoPolicy, VideoRequest
-from shared.wire.images import EncodedImage, ImageRef, VideoSampling
+from shared.wire.images import (
+    EncodedImage,
+    ImageRef,
+    PendingImage,
+    VideoSampling,
+    content_hash,
+    group_hash,
+)
 
 
 @dataclass(frozen=True)
@@ -98,19 +105,74 @@ class MediaInputs:
             return self.loader.check_video(part.data)
         return await self.loader.load_video(part.url)
 
-    async def plans(self, parts: Sequence[MediaPart], options: MediaOptions) -> list:
-        """Per part, what its encoding will be: an image's token count, or a video's (grid,
-        group timestamps); the files are loaded and their headers read, nothing is encoded."""
+    async def plan(self, parts: Sequence[MediaPart], options: MediaOptions) -> MediaPlan:
+        """What each part's encoding will be (grid, group times, content hash), from the files'
+        headers: loaded and read, nothing encoded. The prompt can be laid out from it and sent
+        to the engine before the first image is encoded."""
         if self.images.processor is None:
             raise BadRequestError("this server has no image processor; images are not accepted")
-        return list(await asyncio.gather(*(self._plan(part, options) for part in parts)))
+        planned = await asyncio.gather(*(self._plan(part, options) for part in parts))
+        return MediaPlan(tuple(planned), self.images.processor.merge_size)
 
-    async def _plan(self, part: MediaPart, options: MediaOptions):
+    async def _plan(self, part: MediaPart, options: MediaOptions) -> PlannedPart:
+        ref = await self._ref(part, options)
         if isinstance(part, ImagePart):
-            data = await self.image_bytes(part)
-            w, h = check_image_bytes(data, self.loader.config.max_image_pixels)
-            return self.images.num_tokens(w, h, options.pixels)
+            w, h = check_image_bytes(ref.data, self.loader.config.max_image_pixels)
+            grid = self.images.grid(w, h, options.pixels)
+            return PlannedPart(ref, grid, await _hash(ref.data))
         if part.frames:
-            raise BadRequestError("counting the tokens of a video sent as frames is not supported")
-        data = await self.video_bytes(part)
-        return await asyncio.to_thread(self.videos.plan, data, options.video)
+            raise BadRequestError("a video sent as frames cannot be counted before encoding")
+        grid, timestamps = await asyncio.to_thread(self.videos.plan, ref.data, options.video)
+        return PlannedPart(ref, grid, await _hash(ref.data), timestamps)
+
+
+async def _hash(data: bytes) -> str:
+    # sha256 of megabytes: off the event loop (hashlib releases the GIL)
+    return (
+        await asyncio.to_thread(content_hash, data) if len(data) > 1 << 18 else content_hash(data)
+    )
+
+
+@dataclass(frozen=True)
+class PlannedPart:
+    """An image or video as the encode service will return it, known before it is encoded."""
+
+    ref: ImageRef
+    grid_thw: tuple[int, int, int]
+    content_hash: str
+    timestamps: tuple[float, ...] = ()  # a video's group times
+
+    def placeholders(self, merge_size: int) -> list[PendingImage]:
+        """What stands for it in the engine's request until it arrives (one per video group)."""
+        t, h, w = self.grid_thw
+        rows = h * w // merge_size**2
+        if not self.timestamps:
+            return [PendingImage(self.grid_thw, t * rows, self.content_hash)]
+        return [
+            PendingImage((1, h, w), rows, group_hash(self.content_hash, self.grid_thw, g, time))
+            for g, time in enumerate(self.timestamps)
+        ]
+
+
+@dataclass(frozen=True)
+class MediaPlan:
+    """A prompt's planned images and videos, in prompt order."""
+
+    parts: tuple[PlannedPart, ...]
+    merge_size: int
+
+    @property
+    def videos(self) -> list[tuple[float, ...]]:
+        return [part.timestamps for part in self.parts if part.timestamps]
+
+    def placeholders(self) -> list[PendingImage]:
+        return [p for part in self.parts for p in part.placeholders(self.merge_size)]
+
+    def slots(self) -> list[list[int]]:
+        """The engine image indices of each part (a video's groups are consecutive)."""
+        slots, start = [], 0
+        for part in self.parts:
+            count = len(part.timestamps) or 1
+            slots.append(list(range(start, start + count)))
+            start += count
+        return slots

@@ -31,9 +31,10 @@ from services.language.engine.structured_output import (
 )
 from services.language.errors import BadRequestError, ServiceUnavailableError
 from services.language.frontend.failures import engine_failure
+from services.language.frontend.feed import MediaFeed
 from services.language.frontend.image_policy import ImagePolicy, PixelLimits
 from services.language.frontend.images import ImageLoader
-from services.language.frontend.media import MediaInputs, MediaOptions
+from services.language.frontend.media import MediaInputs, MediaOptions, MediaPlan
 from services.language.frontend.metrics import LanguageMetrics, RequestTimer
 from services.language.frontend.pads import expand_pads, image_token_counts, media_images
 from services.language.frontend.ports import EngineClient, ImageEncoder
@@ -76,6 +77,9 @@ class FrontendOptions:
     tools: ToolConfig = field(default_factory=ToolConfig)
     images: ImagePolicy = field(default_factory=ImagePolicy)
     videos: VideoPolicy = field(default_factory=VideoPolicy)
+    # Submit a request before its images are encoded and compute its text meanwhile (False:
+    # encode every image first, the reference behaviour; --no-overlap)
+    overlap: bool = True
 
 
 class LanguageFrontend:
@@ -153,14 +157,25 @@ class LanguageFrontend:
         grammar = await self.compile(chat.constraint, opens)
         if not media:
             return PreparedPrompt(tuple(token_ids), grammar=grammar, reasoning_open=opens)
+        frames = any(getattr(part, "frames", ()) for part in media)  # no headers to plan from
+        if self.options.overlap and self.encoder is not None and not frames:
+            plan = await self.media.plan(media, chat.media)
+            pending = plan.placeholders()
+            expanded = await self._expand(messages, text, token_ids, plan.videos, pending)
+            return PreparedPrompt(expanded, tuple(pending), grammar, opens, plan)
         encoded = await self.media.encode(media, chat.media)
         videos = [item.timestamps for item in encoded if item.is_video]
-        if videos:  # each video's placeholder becomes its groups, with their times
-            token_ids = await self._tokenize_videos(messages, text, videos)
         images = media_images(encoded)
-        counts = image_token_counts(images, self.merge_size)
-        expanded = expand_pads(token_ids, self.pad_ids, counts)
+        expanded = await self._expand(messages, text, token_ids, videos, images)
         return PreparedPrompt(expanded, tuple(images), grammar, opens)
+
+    async def _expand(self, messages, text, token_ids, videos, images) -> tuple[int, ...]:
+        """Token ids with each video's placeholder replaced by its groups (with their times)
+        and every pad expanded to its image's rows."""
+        if videos:
+            token_ids = await self._tokenize_videos(messages, text, videos)
+        counts = image_token_counts(images, self.merge_size)
+        return expand_pads(token_ids, self.pad_ids, counts)
 
     @property
     def pad_ids(self) -> tuple[int, ...]:
@@ -221,18 +236,9 @@ class LanguageFrontend:
         text, token_ids = await self._render(messages, chat.render)
         if not media:
             return token_ids
-        plans = await self.media.plans(media, chat.media)
-        videos = [plan[1] for plan in plans if isinstance(plan, tuple)]
-        if videos:
-            token_ids = await self._tokenize_videos(messages, text, videos)
-        counts = []
-        for plan in plans:
-            if isinstance(plan, tuple):  # a video: per temporal group, h * w / merge**2
-                (t, h, w), _ = plan
-                counts += [h * w // self.merge_size**2] * t
-            else:
-                counts.append(plan)
-        return list(expand_pads(token_ids, self.pad_ids, counts))
+        plan = await self.media.plan(media, chat.media)
+        expanded = await self._expand(messages, text, token_ids, plan.videos, plan.placeholders())
+        return list(expanded)
 
     def prepare_text(self, prompt: str | Sequence[int]) -> PreparedPrompt:
         """A plain completion prompt (text, or token ids that must not contain image pads)."""
@@ -279,14 +285,20 @@ class LanguageFrontend:
         requests: Sequence[GenerationRequest],
         num_image_tokens: int = 0,
         slot: RequestSlot | None = None,
+        media: MediaPlan | None = None,
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output) pairs; the first output of every choice is awaited first.
 
         Errors the engine raises on submission (queue full, prompt too long) therefore surface
         before a response starts. Closing the iterator early aborts every choice. `slot` (from
-        `open_request`) learns of the first token, for admission control.
+        `open_request`) learns of the first token, for admission control. With `media` (the
+        prompt's plan) the images are encoded now and handed over as each arrives.
         """
         iterators = await self._submit(requests)
+        feed = None
+        if media is not None:
+            feed = MediaFeed(media, self.encoder, self.engine, self.metrics, self.retry_after_s)
+            feed.start([r.request_id for r in requests])
         timers = [RequestTimer(self.metrics, r.arrival_time) for r in requests]
         queue: asyncio.Queue = asyncio.Queue()
         pumps = [asyncio.create_task(_pump(index, it, queue)) for index, it in enumerate(iterators)]
@@ -314,9 +326,13 @@ class LanguageFrontend:
                 self.metrics.requests_finished.labels(finish_reason="abort").inc()
             # Shielded: a cancelled caller (client gone) may be cancelled again at every await
             aborted = [requests[index].request_id for index in unfinished]
-            await asyncio.shield(asyncio.ensure_future(self._settle(pumps, aborted)))
+            await asyncio.shield(asyncio.ensure_future(self._settle(pumps, aborted, feed)))
 
-    async def _settle(self, pumps: list[asyncio.Task], aborted: list[str]) -> None:
+    async def _settle(
+        self, pumps: list[asyncio.Task], aborted: list[str], feed: MediaFeed | None
+    ) -> None:
+        if feed is not None:
+            await feed.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
         # Covers a stream cancelled before it ever ran (its own cleanup never started)
         for request_id in aborted:

@@ -23,7 +23,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from services.language.errors import BadRequestError
 from services.language.frontend.pads import VideoMarkers
-from shared.wire.images import EncodedImage
+from shared.wire.images import EncodedImage, PendingImage
 
 # Variables transformers passes to every template from the tokenizer (its `special_tokens_map`)
 _SPECIAL_TOKEN_KEYS = (
@@ -350,12 +350,14 @@ class PromptBuilder:
 
 @dataclass(frozen=True)
 class PreparedPrompt:
-    """A prompt ready for the engine: expanded token ids and the images' embeddings."""
+    """A prompt ready for the engine: expanded token ids and the images' embeddings, or their
+    placeholders and the plan that encodes them once the request is in the engine."""
 
     token_ids: tuple[int, ...]
-    images: tuple[EncodedImage, ...] = ()
+    images: tuple[EncodedImage | PendingImage, ...] = ()
     grammar: Any = None  # structured_output.CompiledGrammar the answer must follow
     reasoning_open: bool = False  # the rendered prompt leaves <think> open
+    media: Any = None  # media.MediaPlan of the placeholders, encoded after submission
 
     @property
     def num_image_tokens(self) -> int:

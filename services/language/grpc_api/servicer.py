@@ -192,7 +192,7 @@ class LanguageServicer(pb_grpc.LanguageServiceServicer):
         prompt = await self.frontend.prepare_chat(messages, request_id, ChatInput(video=video))
         requests = self.frontend.make_requests(request_id, prompt, sampling, requested, 1, arrival)
         # Leaving this generator (the client cancelled) closes the stream: the request aborts
-        stream = self.frontend.generate(requests, prompt.num_image_tokens, slot)
+        stream = self.frontend.generate(requests, prompt.num_image_tokens, slot, prompt.media)
         try:
             async for _, output in stream:
                 if output.finished and output.finish_reason == "abort":

@@ -20,6 +20,7 @@ from services.language.errors import BadRequestError, NotFoundError
 from services.language.frontend.loads import LoadReporter
 from services.language.frontend.metrics import CONTENT_TYPE
 from services.language.frontend.pipeline import ChatInput, LanguageFrontend
+from services.language.frontend.prompt import PreparedPrompt
 from services.language.frontend.serving import RequestSlot
 from services.language.openai_api.gate import RequestGate
 from services.language.openai_api.http_errors import install_error_handlers
@@ -194,13 +195,13 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
         options = body.response_options(logprobs)
         builder = ResponseBuilder("chat", config.model_name, options, frontend.token_text)
 
-        async def prepare() -> tuple[list[GenerationRequest], int]:
+        async def prepare() -> tuple[list[GenerationRequest], PreparedPrompt]:
             prompt = await frontend.prepare_chat(messages, builder.id, chat)
             builder.configure_output(frontend.output_config(plan, prompt))
             requests = frontend.make_requests(
                 builder.id, prompt, sampling, requested, body.n, arrival
             )
-            return requests, prompt.num_image_tokens
+            return requests, prompt
 
         return await _run(request, body.stream, builder, prepare)
 
@@ -218,14 +219,14 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
         options = body.response_options(logprobs)
         builder = ResponseBuilder("text", config.model_name, options, frontend.token_text)
 
-        async def prepare() -> tuple[list[GenerationRequest], int]:
+        async def prepare() -> tuple[list[GenerationRequest], PreparedPrompt]:
             prompt = await asyncio.to_thread(frontend.prepare_text, prompt_input)
             grammar = await frontend.compile(constraint)
             prompt = dataclasses.replace(prompt, grammar=grammar)
             requests = frontend.make_requests(
                 builder.id, prompt, sampling, requested, body.n, arrival
             )
-            return requests, 0
+            return requests, prompt
 
         return await _run(request, body.stream, builder, prepare)
 
@@ -236,9 +237,9 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
         slot: RequestSlot | None = frontend.open_request()
 
         async def start():
-            requests, num_image_tokens = await prepare()
+            requests, prompt = await prepare()
             builder.prompt_token_ids = requests[0].prompt_token_ids
-            stream = frontend.generate(requests, num_image_tokens, slot)
+            stream = frontend.generate(requests, prompt.num_image_tokens, slot, prompt.media)
             try:
                 first = await anext(stream)
             except BaseException:

@@ -35,6 +35,7 @@ from services.language.runner.setup import RunnerSetup, build_runner, num_kv_blo
 from services.language.runner.step_plan import StepPlan
 from shared.model.config import load_config
 from shared.model.parallel import ParallelLayout, load_parallel_text_model
+from shared.wire.images import PendingImage
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +151,25 @@ def receive_plan(control: dist.ProcessGroup) -> StepPlan | None:
 
 def _host_images(plan: StepPlan | None) -> StepPlan | None:
     """Images that arrived on rank 0's GPU (link transport) travel as host tensors: a pickled
-    CUDA tensor would land on the wrong device in the worker."""
-    if plan is None or not any(im.packed.is_cuda for r in plan.new_requests for im in r.images):
+    CUDA tensor would land on the wrong device in the worker. Placeholders travel as they are."""
+    if plan is None:
         return plan
-    new = tuple(
-        replace(r, images=tuple(replace(im, packed=im.packed.cpu()) for im in r.images))
-        for r in plan.new_requests
+    images = [im for r in plan.new_requests for im in r.images]
+    images += [im for d in plan.diffs for _, im in d.new_images]
+    if not any(getattr(im, "packed", None) is not None and im.packed.is_cuda for im in images):
+        return plan
+    new = tuple(replace(r, images=tuple(map(_on_host, r.images))) for r in plan.new_requests)
+    diffs = tuple(
+        replace(d, new_images=tuple((i, _on_host(im)) for i, im in d.new_images))
+        for d in plan.diffs
     )
-    return replace(plan, new_requests=new)
+    return replace(plan, new_requests=new, diffs=diffs)
+
+
+def _on_host(image):
+    if isinstance(image, PendingImage):
+        return image
+    return replace(image, packed=image.packed.cpu())
 
 
 class MultiprocExecutor:

@@ -88,7 +88,7 @@ def test_full_queue_and_invalid_requests_raise_at_once(tiny_vl_model_dir):
         with pytest.raises(InvalidRequestError, match="600 tokens.*max_model_len is 512"):
             engine.generate(_request("long", num_prompt=600))
         image = EncodedImage(torch.zeros(3, 192), (1, 2, 6), "h")
-        with pytest.raises(InvalidRequestError, match="2 image and video pad tokens.*3 embedding rows"):
+        with pytest.raises(InvalidRequestError, match="2 image and video pad tokens.*3 embedding"):
             engine.generate(
                 GenerationRequest(
                     "pads",

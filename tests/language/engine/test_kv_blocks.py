@@ -81,6 +81,26 @@ def test_image_hash_depends_on_row_offset_within_image():
     assert a.block_hashes[1] != b.block_hashes[1]
 
 
+def test_a_block_filled_over_several_steps_is_cached_once_full():
+    """A chunk that ends mid-block (the prompt waits there for an image, or decoding adds one
+    token a step) still caches the block when a later step fills it."""
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    first = make_sequence(list(range(10)))
+    assert bm.allocate(first, 2)  # a chunk of 2 tokens: half of block 0
+    first.num_computed_tokens = 2
+    bm.register_computed_blocks(first)
+    assert bm.allocate(first, 8)  # the rest; block 0 fills now
+    first.num_computed_tokens = 10
+    bm.register_computed_blocks(first)
+    for token in (10, 11):  # decoding fills block 2
+        first.token_ids.append(token)
+        assert bm.allocate(first, 1)
+        first.num_computed_tokens += 1
+        bm.register_computed_blocks(first)
+    again = make_sequence(list(range(12)) + [99], request_id="again")
+    assert len(bm.lookup_prefix(again)) == 3
+
+
 def test_unreferenced_cached_blocks_are_evicted_least_recently_used():
     bm = BlockManager(num_blocks=5, block_size=BS)
     old = make_sequence([1] * 8 + [0])
