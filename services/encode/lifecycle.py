@@ -123,6 +123,7 @@ class EncodeServer:
         # Read live at each scrape, from the event loop's objects (plain int reads).
         self.metrics.queue_depth.set_function(lambda: runtime.batcher.queue_depth)
         self.metrics.links.set_function(lambda: runtime.links.num_links)
+        self.metrics.shm_pools.set_function(lambda: len(self.servicer.shm))
         self.servicer.runtime = runtime
         if self.servicer.draining:
             return

@@ -81,6 +81,9 @@ class EncodeMetrics:
             registry=r,
         )
         self.links = Gauge("splitvl_encode_links", "Open torch.distributed links", registry=r)
+        self.shm_pools = Gauge(
+            "splitvl_encode_shm_pools", "Shared-memory pools of clients mapped", registry=r
+        )
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()

@@ -22,10 +22,12 @@ from services.encode.encoder import InvalidImageError, NotCachedError
 from services.encode.links import LinkLimitError, TicketError, UnknownLinkError
 from services.encode.metrics import EncodeMetrics
 from services.encode.runtime import Runtime
+from services.encode.shm import ShmPools, UnknownPoolError
 from shared.wire.codec import iter_chunk_frames, tensor_bytes
 from shared.wire.errors import ImageRefError, LinkError, WireFormatError
 from shared.wire.images import EncodedImage, ImageRef, VideoSampling
 from shared.wire.info import EncoderInfo
+from shared.wire.shm import ShmError
 from shared.wire.units import dtype_name
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ _STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (UnknownLinkError, grpc.StatusCode.FAILED_PRECONDITION),
     (VisionQueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (LinkLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnknownPoolError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ShmError, grpc.StatusCode.FAILED_PRECONDITION),
     (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (LinkError, grpc.StatusCode.ABORTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
@@ -128,6 +132,7 @@ class EncodeServicer:
         self.draining = False
         self.active_calls = 0
         self.metrics_port = 0
+        self.shm = ShmPools(config.max_links)
 
     @contextlib.contextmanager
     def _active(self):
@@ -161,6 +166,7 @@ class EncodeServicer:
             with self._active():
                 rt = self._ready()
                 link = request.transport == pb.TRANSPORT_LINK
+                ticketed = link or request.transport == pb.TRANSPORT_SHM
                 if link and not rt.links.is_open(request.link_id):
                     raise UnknownLinkError(f"no open link {request.link_id!r}; call OpenLink first")
                 refs = [_image_ref(image) for image in request.images]
@@ -172,7 +178,7 @@ class EncodeServicer:
                 hits = 0
                 async with contextlib.aclosing(rt.encoder.encode(refs, deadline)) as results:
                     async for index, img in results:
-                        async for message in self._emit(rt, index, img, link, chunk_bytes):
+                        async for message in self._emit(rt, index, img, ticketed, chunk_bytes):
                             yield message
                         self.metrics.images.inc()
                         hits += img.cache_hit
@@ -181,7 +187,7 @@ class EncodeServicer:
                     request.request_id or "-",
                     len(refs),
                     hits,
-                    "link" if link else "inline",
+                    pb.Transport.Name(request.transport or pb.TRANSPORT_INLINE)[10:].lower(),
                     (time.perf_counter() - start) * 1e3,
                 )
         except asyncio.CancelledError:
@@ -201,9 +207,12 @@ class EncodeServicer:
         # Frames carry a few dozen bytes besides the data.
         return max(MIN_CHUNK_BYTES, min(requested, MAX_SEND_MESSAGE_BYTES - 1024))
 
-    async def _emit(self, rt: Runtime, index: int, img: EncodedImage, link: bool, chunk_bytes: int):
-        if link:
-            # No copy: the ticket holds the cached tensor itself until the link send reads it.
+    async def _emit(
+        self, rt: Runtime, index: int, img: EncodedImage, ticketed: bool, chunk_bytes: int
+    ):
+        if ticketed:
+            # No copy: the ticket holds the cached tensor itself until Transfer or CopyToShm
+            # reads it.
             ticket = rt.links.issue(img.packed)
             yield _header(index, img, rt.info.contract.checkpoint_id, ticket)
             return
@@ -255,6 +264,35 @@ class EncodeServicer:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no open link {request.link_id!r}")
         return pb.CloseLinkResponse()
 
+    async def OpenShm(self, request: pb.OpenShmRequest, context):  # noqa: N802
+        try:
+            self._ready()
+            pool_id = self.shm.open(request.path, request.size)
+        except Exception as exc:
+            await self._abort(context, exc, "OpenShm")
+            return
+        try:
+            yield pb.OpenShmResponse(pool_id=pool_id)
+            await asyncio.Event().wait()  # until the client ends the stream (or dies)
+        finally:
+            self.shm.close(pool_id)
+
+    async def CopyToShm(self, request: pb.CopyToShmRequest, context):  # noqa: N802
+        try:
+            with self._active():
+                rt = self._ready(accepting_new_work=False)
+                (tensor,) = rt.links.take([request.ticket])
+                nbytes = tensor.numel() * tensor.element_size()
+                if nbytes > request.capacity:
+                    raise ShmError(f"the tensor is {nbytes} bytes, the region {request.capacity}")
+                loop = asyncio.get_running_loop()
+                write = self.shm.write
+                await loop.run_in_executor(None, write, request.pool_id, request.offset, tensor)
+                self.metrics.transfer_bytes.labels("shm").inc(nbytes)
+        except Exception as exc:
+            await self._abort(context, exc, "CopyToShm")
+        return pb.CopyToShmResponse(num_bytes=nbytes)
+
     async def GetInfo(self, request: pb.GetInfoRequest, context):  # noqa: N802
         try:
             info = self._ready(accepting_new_work=False).info
@@ -271,11 +309,13 @@ class EncodeServicer:
         handlers = {
             "Encode": unary_stream(self.Encode, pb.EncodeRequest),
             "Transfer": unary_stream(self.Transfer, pb.TransferRequest),
+            "OpenShm": unary_stream(self.OpenShm, pb.OpenShmRequest),
         }
         for name, request_type in (
             ("GetInfo", pb.GetInfoRequest),
             ("OpenLink", pb.OpenLinkRequest),
             ("CloseLink", pb.CloseLinkRequest),
+            ("CopyToShm", pb.CopyToShmRequest),
             ("GetMetrics", pb.GetMetricsRequest),
         ):
             handlers[name] = unary(getattr(self, name), request_type)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from services.common.argtypes import byte_size, dtype_choice, mm_limit_arg
 from services.common.errors import ConfigError
-from services.language.encoder.client import TRANSPORTS, EncodeClientConfig
+from services.language.encoder.config import TRANSPORTS, EncodeClientConfig
 from services.language.engine import EngineConfig
 from services.language.frontend.image_policy import ImagePolicy
 from services.language.frontend.images import ImageFetchConfig
@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--transport",
         choices=TRANSPORTS,
         default="grpc",
-        help="how image embeddings travel: inline in gRPC, or over a torch.distributed link",
+        help="how image embeddings travel: inline in gRPC (grpc), over a torch.distributed "
+        "link (nccl), through shared memory with a replica on this host (ipc), or ipc where "
+        "the device is a CPU and grpc elsewhere (auto)",
     )
     _add_encode_client_args(p)
     p.add_argument("--host", default="127.0.0.1")
@@ -105,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_encode_client_args(p: argparse.ArgumentParser) -> None:
     """Fail-over and security of the calls to the encode replicas."""
     group = p.add_argument_group("encode replicas")
+    group.add_argument(
+        "--ipc-pool-memory",
+        type=byte_size,
+        default="256MiB",
+        help="the shared-memory pool per encode replica of --transport ipc",
+    )
     group.add_argument(
         "--encode-attempt-timeout",
         type=float,
@@ -356,6 +364,7 @@ def encode_client_config(args: argparse.Namespace) -> EncodeClientConfig | None:
         args.transport,
         args.device,
         attempt_timeout_s=args.encode_attempt_timeout,
+        ipc_pool_bytes=args.ipc_pool_memory,
         internal_token=resolve_token(args.internal_token, args.internal_token_file),
         tls=tls,
     )

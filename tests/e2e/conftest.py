@@ -156,3 +156,8 @@ def grpc_cluster(e2e_model, tmp_path_factory) -> Iterator[Cluster]:
 @pytest.fixture(scope="session")
 def nccl_cluster(e2e_model, tmp_path_factory) -> Iterator[Cluster]:
     yield from run_cluster(e2e_model, tmp_path_factory.mktemp("nccl_cluster"), "nccl")
+
+
+@pytest.fixture(scope="session")
+def ipc_cluster(e2e_model, tmp_path_factory) -> Iterator[Cluster]:
+    yield from run_cluster(e2e_model, tmp_path_factory.mktemp("ipc_cluster"), "ipc")

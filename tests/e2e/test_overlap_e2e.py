@@ -1,7 +1,7 @@
 """Requests that enter the engine before their images (the default) answer exactly as with
 --no-overlap, the reference: text, one-image and four-image requests at once, twice (the second
-time from the prefix cache), over the gRPC and link transports. An image the encode service
-refuses after the prompt went in fails only that request and frees its blocks."""
+time from the prefix cache), over the gRPC, link and shared-memory transports. An image the
+encode service refuses after the prompt went in fails only that request and frees its blocks."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def reference(grpc_cluster, e2e_model, tmp_path_factory):
         language.stop()
 
 
-@pytest.mark.parametrize("transport", ["grpc", "nccl"])
+@pytest.mark.parametrize("transport", ["grpc", "nccl", "ipc"])
 def test_overlap_answers_equal_no_overlap(request, e2e_model, reference, transport):
     cluster = request.getfixturevalue(f"{transport}_cluster")
     requests = _requests(e2e_model)

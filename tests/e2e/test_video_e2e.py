@@ -87,7 +87,7 @@ def _im_end(model_dir) -> int:
     return Tokenizer.from_file(str(model_dir / "tokenizer.json")).token_to_id("<|im_end|>")
 
 
-@pytest.mark.parametrize("transport", ["grpc", "nccl"])
+@pytest.mark.parametrize("transport", ["grpc", "nccl", "ipc"])
 def test_video_answers_equal_the_in_process_path(request, e2e_model, transport):
     cluster = request.getfixturevalue(f"{transport}_cluster")
     prompt_ids, token_ids = _ask(cluster, e2e_model)

@@ -26,36 +26,34 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
 from services.language.encoder import placement
+from services.language.encoder.config import _FRAME_OVERHEAD, EncodeClientConfig
 from services.language.encoder.inline import receive_inline
 from services.language.encoder.link import LinkReceiver
 from services.language.encoder.probe import ReplicaProbe
 from services.language.encoder.replicas import Replica, ReplicaStats
 from services.language.encoder.rpc import EncodeStub, ErrorKind, RemoteError
+from services.language.encoder.shm import ShmReceiver
 from shared.wire.errors import IncompatibleEncoderError, LinkError, SecurityConfigError
 from shared.wire.images import EncodedImage, ImageRef
 from shared.wire.info import (
-    EncoderContract,
     EncoderInfo,
     check_compatible,
     check_link_placement,
     device_uuid,
 )
-from shared.wire.security import TLSFiles
+from shared.wire.shm import sweep_stale
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("grpc", "nccl")
 _RETRYABLE = frozenset(
     {ErrorKind.UNAVAILABLE, ErrorKind.OVERLOADED, ErrorKind.LINK_BROKEN, ErrorKind.DEADLINE}
 )
 # Failures that say the replica itself is gone or stuck, not just this call.
 _COOL_DOWN = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE})
-_FRAME_OVERHEAD = 1024  # a chunk message's bytes besides its data, with room to spare
 
 
 class EncodeError(RuntimeError):
@@ -67,58 +65,16 @@ class EncodeError(RuntimeError):
         self.endpoint = endpoint
 
 
-@dataclass(frozen=True)
-class EncodeClientConfig:
-    """Endpoints (host:port) and behaviour of an EncodeClient."""
-
-    endpoints: tuple[str, ...]
-    transport: str = "grpc"  # "grpc" (inline bytes) or "nccl" (a link; gloo on CPU devices)
-    device: str = "cpu"  # where link transfers land (inline tensors stay on the host)
-    timeout_s: float = 60.0  # per request, all attempts included
-    # Per attempt (never more than what is left of the request's timeout_s).
-    attempt_timeout_s: float = 15.0
-    max_attempts: int = 3  # per image
-    cooldown_s: float = 2.0  # a replica that was unavailable or too slow is avoided this long
-    probe_interval_s: float = 0.5  # after the cool-down, health probes this often until SERVING
-    probe_timeout_s: float = 1.0
-    max_message_bytes: int = 256 * 1024 * 1024  # gRPC receive limit
-    # Inline tensors arrive in chunks of this size, reassembled as they come (bench/transfer.py:
-    # the pipelining beats the copy it costs). 0 asks for each tensor in one message (up to
-    # max_message_bytes), then used in place without any copy of the client's own.
-    inline_chunk_bytes: int = 1024 * 1024
-    expected: EncoderContract | None = None  # None: replicas are not checked
-    # An image to the replica its content hashes to (cache affinity across language replicas);
-    # False: always the least loaded
-    affinity: bool = True
-    internal_token: str | None = field(default=None, repr=False)  # the encode service's
-    # TLS to the replicas: the CA they are verified by (None: the system's roots) and, for mutual
-    # TLS, this client's certificate and key. None: plaintext.
-    tls: TLSFiles | None = None
-
-    def __post_init__(self) -> None:
-        if not self.endpoints:
-            raise ValueError("EncodeClientConfig needs at least one endpoint")
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
-        if self.max_message_bytes < 4 * 1024 * 1024:
-            raise ValueError("max_message_bytes must be at least gRPC's default 4 MiB")
-        if not 0 <= self.inline_chunk_bytes <= self.max_message_bytes - _FRAME_OVERHEAD:
-            raise ValueError("inline_chunk_bytes must be 0 or fit in max_message_bytes")
-        if self.max_attempts < 1 or self.timeout_s <= 0:
-            raise ValueError("max_attempts must be >= 1 and timeout_s > 0")
-        for name in ("attempt_timeout_s", "probe_interval_s", "probe_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.cooldown_s < 0:
-            raise ValueError(f"cooldown_s must be >= 0, got {self.cooldown_s}")
-
-
 class EncodeClient:
     """Encodes images on a pool of encode replicas; create and use it inside one event loop."""
 
     def __init__(self, config: EncodeClientConfig):
         self.config = config
         self.device = torch.device(config.device)
+        self.transport = config.transport
+        if self.transport == "auto":  # shared memory hands a CPU tensor over without a copy
+            self.transport = "ipc" if self.device.type == "cpu" else "grpc"
+        sweep_stale()  # pools of processes killed while setting one up
         self._device_uuid = device_uuid(config.device)  # "" on a CPU
         self._pool = ThreadPoolExecutor(
             max(2, 2 * len(config.endpoints)), thread_name_prefix="encode-link"
@@ -126,10 +82,12 @@ class EncodeClient:
         self._replicas = []
         for address in config.endpoints:
             stub = EncodeStub(address, config.max_message_bytes, config.internal_token, config.tls)
-            link = None
+            link = shm = None
             if config.transport == "nccl":
                 link = LinkReceiver(stub, self.device, self._pool)
-            self._replicas.append(Replica(stub, link))
+            if self.transport == "ipc":
+                shm = ShmReceiver(stub, config.ipc_pool_bytes, config.inline_chunk_bytes)
+            self._replicas.append(Replica(stub, link, shm))
         self._readiness = ReplicaProbe(
             config.endpoints, config.max_message_bytes, config.internal_token, config.tls
         )
@@ -226,6 +184,8 @@ class EncodeClient:
         for replica in self._replicas:
             if replica.link is not None:
                 await replica.link.close()
+            if replica.shm is not None:
+                replica.shm.close()
             await replica.stub.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -377,6 +337,8 @@ class EncodeClient:
         checkpoint = expected.checkpoint_id if expected is not None else None
         if replica.link is not None and not inline:
             return await replica.link.receive(ref, request_id, timeout, checkpoint)
+        if replica.shm is not None:
+            return await replica.shm.receive(ref, request_id, timeout, checkpoint)
         chunk = self.config.inline_chunk_bytes or self.config.max_message_bytes - _FRAME_OVERHEAD
         pin = self.device.type == "cuda"
         return await receive_inline(replica.stub, ref, request_id, chunk, timeout, pin, checkpoint)

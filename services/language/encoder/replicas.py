@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from services.language.encoder.link import LinkReceiver
 from services.language.encoder.rpc import EncodeStub
+from services.language.encoder.shm import ShmReceiver
 
 
 @dataclass(frozen=True)
@@ -24,10 +25,11 @@ class ReplicaStats:
 class Replica:
     """One replica's stub, load, rotation state, handshake state and (link transport) link."""
 
-    def __init__(self, stub: EncodeStub, link: LinkReceiver | None):
+    def __init__(self, stub: EncodeStub, link: LinkReceiver | None, shm: ShmReceiver | None = None):
         self.stub = stub
         self.address = stub.address
         self.link = link
+        self.shm = shm
         self.outstanding = 0
         self.last_pick = 0
         self.admitted = True

@@ -8,6 +8,7 @@ requests (`ImageRef`) into messages and responses into domain types (`ImageHeade
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -229,20 +230,46 @@ class EncodeStub:
             raise self._error(exc) from exc
 
     async def encode_for_link(
-        self, ref: ImageRef, request_id: str, link_id: str, timeout: float
+        self, ref: ImageRef, request_id: str, link_id: str | None, timeout: float
     ) -> list[ImageHeader]:
-        """Headers whose tickets the replica holds for a transfer over `link_id`."""
+        """Headers whose tickets the replica holds for a transfer over `link_id` (None: for
+        CopyToShm into a shared-memory pool)."""
         request = pb.EncodeRequest(
             request_id=request_id,
             images=[_image_message(ref)],
-            transport=pb.TRANSPORT_LINK,
-            link_id=link_id,
+            transport=pb.TRANSPORT_LINK if link_id is not None else pb.TRANSPORT_SHM,
+            link_id=link_id or "",
         )
         try:
             call = self._encode(request, **self._call_args(timeout))
             return [_header(m.header) async for m in call]
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
+
+    def open_shm(self, path: str, size: int):
+        """The OpenShm stream: its first message names the pool; cancel it to unmap the pool."""
+        return self._stub.OpenShm(pb.OpenShmRequest(path=path, size=size), metadata=self._metadata)
+
+    async def first_pool_id(self, call, timeout: float) -> str:
+        try:
+            reply = await asyncio.wait_for(call.read(), timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+        if reply is grpc.aio.EOF:
+            raise RemoteError(ErrorKind.INTERNAL, "OpenShm ended at once", self.address)
+        return reply.pool_id
+
+    async def copy_to_shm(
+        self, pool_id: str, ticket: int, offset: int, capacity: int, timeout: float
+    ) -> int:
+        request = pb.CopyToShmRequest(
+            pool_id=pool_id, ticket=ticket, offset=offset, capacity=capacity
+        )
+        try:
+            reply = await self._stub.CopyToShm(request, **self._call_args(timeout))
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+        return reply.num_bytes
 
     async def info(self, timeout: float) -> EncoderInfo:
         try:

@@ -59,6 +59,16 @@ class EncodeServiceStub:
                 request_serializer=proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.CloseLinkRequest.SerializeToString,
                 response_deserializer=proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.CloseLinkResponse.FromString,
                 _registered_method=True)
+        self.OpenShm = channel.unary_stream(
+                '/splitvl.encode.v1.EncodeService/OpenShm',
+                request_serializer=proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.OpenShmRequest.SerializeToString,
+                response_deserializer=proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.OpenShmResponse.FromString,
+                _registered_method=True)
+        self.CopyToShm = channel.unary_unary(
+                '/splitvl.encode.v1.EncodeService/CopyToShm',
+                request_serializer=proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.CopyToShmRequest.SerializeToString,
+                response_deserializer=proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.CopyToShmResponse.FromString,
+                _registered_method=True)
         self.GetMetrics = channel.unary_unary(
                 '/splitvl.encode.v1.EncodeService/GetMetrics',
                 request_serializer=proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.GetMetricsRequest.SerializeToString,
@@ -108,6 +118,22 @@ class EncodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenShm(self, request, context):
+        """Maps a caller's shared-memory pool (a file in /dev/shm the caller created; it unlinks the
+        name after the first response). The first response carries the pool's id; the stream then
+        stays open, and the pool is unmapped when the caller ends it (or dies).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CopyToShm(self, request, context):
+        """Writes a ticket's tensor (Encode with TRANSPORT_SHM) into the caller's pool at an offset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetMetrics(self, request, context):
         """Prometheus metrics in the text exposition format.
         """
@@ -142,6 +168,16 @@ def add_EncodeServiceServicer_to_server(servicer, server):
                     servicer.CloseLink,
                     request_deserializer=proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.CloseLinkRequest.FromString,
                     response_serializer=proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.CloseLinkResponse.SerializeToString,
+            ),
+            'OpenShm': grpc.unary_stream_rpc_method_handler(
+                    servicer.OpenShm,
+                    request_deserializer=proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.OpenShmRequest.FromString,
+                    response_serializer=proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.OpenShmResponse.SerializeToString,
+            ),
+            'CopyToShm': grpc.unary_unary_rpc_method_handler(
+                    servicer.CopyToShm,
+                    request_deserializer=proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.CopyToShmRequest.FromString,
+                    response_serializer=proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.CopyToShmResponse.SerializeToString,
             ),
             'GetMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.GetMetrics,
@@ -284,6 +320,60 @@ class EncodeService:
             '/splitvl.encode.v1.EncodeService/CloseLink',
             proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.CloseLinkRequest.SerializeToString,
             proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.CloseLinkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenShm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitvl.encode.v1.EncodeService/OpenShm',
+            proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.OpenShmRequest.SerializeToString,
+            proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.OpenShmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopyToShm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitvl.encode.v1.EncodeService/CopyToShm',
+            proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.CopyToShmRequest.SerializeToString,
+            proto_dot_splitvl_dot_encode_dot_v1_dot_encode__pb2.CopyToShmResponse.FromString,
             options,
             channel_credentials,
             insecure,
