@@ -1,4 +1,5 @@
-"""Delivering one image's packed embeddings: gRPC inline vs a gloo link vs an in-process copy.
+"""Delivering one image's packed embeddings: gRPC inline vs a gloo link vs shared memory vs an
+in-process copy.
 
 The payload is one 1024-token image at the Qwen3-VL-30B-A3B width: 8192 bf16 values per token
 (embeds + 3 deepstack x 2048), 16 MiB. A real encode service process (bf16, a random checkpoint with
@@ -11,8 +12,10 @@ floor for inline, a bare gRPC server streaming pre-built bytes in the same chunk
 copies of its own); "gRPC inline", the client's default: chunks of --chunk-bytes, each copied once
 into the message gRPC sends and once into the client's tensor, overlapped with the transfer;
 "gRPC inline, 1 msg": the tensor in one message, used in place (no client-side copy, no overlap);
-"gloo link": Encode for the ticket, then Transfer and a gloo send/recv; "in-process copy": one
-memcpy of the tensor.
+"gloo link": Encode for the ticket, then Transfer and a gloo send/recv; "shared memory": Encode
+for the ticket, then CopyToShm, the replica's one copy into the client's pool (the client gets a
+view: no copy of its own); "in-process copy": one memcpy of the tensor. The last line prints
+shared memory's time over gRPC inline's.
 
     python -m bench.transfer [--repeats 20] [--chunk-bytes 1MiB] [--keep DIR]
 """
@@ -160,6 +163,7 @@ async def measure(
             (address,), "grpc", timeout_s=120, inline_chunk_bytes=0
         ),
         "gloo link": EncodeClientConfig((address,), "nccl", timeout_s=120),
+        "shared memory": EncodeClientConfig((address,), "ipc", timeout_s=120),
     }
     clients = {name: EncodeClient(config) for name, config in configs.items()}
     results: dict[str, torch.Tensor] = {}
@@ -205,6 +209,9 @@ def report(rows: list[tuple[str, list[float]]], num_bytes: int) -> None:
             f"{name:<18}{med:>10.2f}{best:>9.2f}{num_bytes / med / 1e6:>8.2f}"
             f"{med / copy_ms:>9.1f}{med / raw_ms:>12.2f}"
         )
+    medians = {name: statistics.median(times) for name, times in rows}
+    ratio = medians["shared memory"] / medians["gRPC inline"]
+    print(f"shared memory / gRPC inline: {ratio:.2f}x")
 
 
 def run(args: argparse.Namespace, workdir: Path) -> None:

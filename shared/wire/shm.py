@@ -101,7 +101,7 @@ class RegionPool:
 
     def allocate(self, nbytes: int) -> int | None:
         """The offset of a region of at least `nbytes`, or None when none is free."""
-        need = max(PAGE, -(-nbytes // PAGE) * PAGE)
+        need = _pages(nbytes)
         with self._lock:
             for i, (offset, length) in enumerate(self._free):
                 if length >= need:
@@ -114,17 +114,26 @@ class RegionPool:
         return None
 
     def release(self, offset: int, nbytes: int) -> None:
-        need = max(PAGE, -(-nbytes // PAGE) * PAGE)
         with self._lock:
-            insort(self._free, (offset, need))
-            merged: list[tuple[int, int]] = []
-            for start, length in self._free:  # coalesce neighbours
-                if merged and merged[-1][0] + merged[-1][1] == start:
-                    merged[-1] = (merged[-1][0], merged[-1][1] + length)
-                else:
-                    merged.append((start, length))
-            self._free = merged
+            self._give_back(offset, _pages(nbytes))
             self.num_live -= 1
+
+    def shrink(self, offset: int, nbytes: int, used: int) -> None:
+        """Keep only the first `used` bytes of a region of `nbytes` (the rest goes back)."""
+        keep = _pages(used)
+        if keep < _pages(nbytes):
+            with self._lock:
+                self._give_back(offset + keep, _pages(nbytes) - keep)
+
+    def _give_back(self, offset: int, length: int) -> None:
+        insort(self._free, (offset, length))
+        merged: list[tuple[int, int]] = []
+        for start, size in self._free:  # coalesce neighbours
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + size)
+            else:
+                merged.append((start, size))
+        self._free = merged
 
     def view(self, offset: int, nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
         """A tensor over the region (no copy); the region is released when it and every view
@@ -132,6 +141,11 @@ class RegionPool:
         base = np.frombuffer(self.mapping, dtype=np.uint8, count=nbytes, offset=offset)
         weakref.finalize(base, self.release, offset, nbytes)
         return torch.from_numpy(base).view(dtype).view(*shape)
+
+
+def _pages(nbytes: int) -> int:
+    """`nbytes` rounded up to whole pages (at least one)."""
+    return max(PAGE, -(-nbytes // PAGE) * PAGE)
 
 
 def write_region(mapping: mmap.mmap, offset: int, tensor: torch.Tensor) -> int:

@@ -62,6 +62,15 @@ def test_regions_are_first_fit_and_coalesce(pool):
     assert regions.allocate(3 * PAGE) == 0  # a, b and c merged again
 
 
+def test_a_region_shrunk_to_what_was_written_gives_its_tail_back(pool):
+    regions, _ = pool
+    offset = regions.allocate(4 * PAGE)
+    regions.shrink(offset, 4 * PAGE, PAGE + 1)  # two pages used
+    assert regions.free_bytes == 6 * PAGE and regions.allocate(2 * PAGE) == 2 * PAGE
+    regions.release(offset, PAGE + 1)
+    assert regions.num_live == 1 and regions.free_bytes == 6 * PAGE
+
+
 def test_a_write_outside_the_pool_is_refused(pool):
     _, other = pool
     with pytest.raises(ShmError, match="outside"):

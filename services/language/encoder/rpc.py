@@ -230,16 +230,25 @@ class EncodeStub:
             raise self._error(exc) from exc
 
     async def encode_for_link(
-        self, ref: ImageRef, request_id: str, link_id: str | None, timeout: float
+        self,
+        ref: ImageRef,
+        request_id: str,
+        link_id: str | None,
+        timeout: float,
+        region: tuple[str, int, int] | None = None,
     ) -> list[ImageHeader]:
         """Headers whose tickets the replica holds for a transfer over `link_id` (None: for
-        CopyToShm into a shared-memory pool)."""
+        shared memory: written into `region` (pool id, offset, capacity) when it fits, ticket 0,
+        else a ticket for CopyToShm)."""
         request = pb.EncodeRequest(
             request_id=request_id,
             images=[_image_message(ref)],
             transport=pb.TRANSPORT_LINK if link_id is not None else pb.TRANSPORT_SHM,
             link_id=link_id or "",
         )
+        if region is not None:
+            pool_id, offset, capacity = region
+            request.shm.CopyFrom(pb.ShmRegion(pool_id=pool_id, offset=offset, capacity=capacity))
         try:
             call = self._encode(request, **self._call_args(timeout))
             return [_header(m.header) async for m in call]

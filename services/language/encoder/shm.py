@@ -2,10 +2,11 @@
 
 The language service owns one pool per replica (`shared.wire.shm`): set up on first use with
 OpenShm, a stream kept open for the pool's life (the replica unmaps it when the stream ends,
-whichever side ended it). Per image: Encode leaves the tensor under a ticket, the header gives
-its size, a region of the pool is allocated and CopyToShm has the replica write the tensor
-there: the embeddings handed to the engine are a view of the pool, copied by nobody on this
-side. The region returns to the pool when the engine drops its last view.
+whichever side ended it). Per image: Encode is sent with a region of the pool sized like the
+last image, and the replica writes the tensor there when it fits (one call); otherwise it holds
+the tensor under a ticket, and CopyToShm writes it into a region of the size its header gives.
+The embeddings handed to the engine are a view of the pool, copied by nobody on this side; the
+region returns to the pool when the engine drops its last view.
 
 A replica that cannot map the pool (another host, another /dev/shm namespace, a full pool
 table) is served inline over gRPC from then on; so is one image when the pool is full.
@@ -18,13 +19,15 @@ import logging
 import time
 
 from services.language.encoder.inline import receive_inline
-from services.language.encoder.rpc import EncodeStub, RemoteError, check_checkpoint
+from services.language.encoder.rpc import EncodeStub, ErrorKind, RemoteError, check_checkpoint
 from shared.wire.codec import wire_dtype
 from shared.wire.errors import WireFormatError
 from shared.wire.images import EncodedImage, ImageRef
 from shared.wire.shm import RegionPool, ShmError, map_file, new_pool_path
 
 log = logging.getLogger(__name__)
+
+_MIN_GUESS = 1 << 20
 
 
 class ShmReceiver:
@@ -40,6 +43,7 @@ class ShmReceiver:
         self._lease = None
         self._setup = asyncio.Lock()
         self.inline_fallbacks = 0
+        self._last_bytes = 0  # the last image's size, the next region's guess
 
     async def receive(
         self, ref: ImageRef, request_id: str, timeout: float, checkpoint_id: str | None = None
@@ -47,35 +51,70 @@ class ShmReceiver:
         deadline = time.monotonic() + timeout
         if self.unusable is None:
             await self._ensure_pool(deadline)
-        if self.pool is None:
+        pool = self.pool
+        if pool is None:
             return await self._inline(ref, request_id, deadline, checkpoint_id)
-        headers = await self.stub.encode_for_link(ref, request_id, None, _left(deadline))
+        # A region sized like the last image: the replica writes straight into it when the
+        # tensor fits (one call), else it holds a ticket for CopyToShm into one of the right size
+        guess = min(max(self._last_bytes, _MIN_GUESS), self.pool_bytes // 4)
+        offset = pool.allocate(guess)
+        region = None if offset is None else (self.pool_id, offset, guess)
+        try:
+            headers = await self.stub.encode_for_link(
+                ref, request_id, None, _left(deadline), region
+            )
+        except BaseException as exc:
+            if offset is not None:
+                pool.release(offset, guess)
+            if isinstance(exc, RemoteError) and exc.kind is ErrorKind.UNKNOWN_LINK:
+                self._forget_pool(exc)  # the replica restarted: a new pool next time
+                return await self._inline(ref, request_id, deadline, checkpoint_id)
+            raise
         if len(headers) != 1:
             raise WireFormatError(f"{self.stub.address} returned {len(headers)} headers, not 1")
         header = headers[0]
         check_checkpoint(header, checkpoint_id, self.stub.address)
-        offset = self.pool.allocate(header.num_bytes)
-        if offset is None:  # every region is in use: this image goes inline
-            self.inline_fallbacks += 1
-            return await self._inline(ref, request_id, deadline, checkpoint_id)
-        try:
-            await self.stub.copy_to_shm(
-                self.pool_id, header.ticket, offset, header.num_bytes, _left(deadline)
-            )
-            packed = self.pool.view(
-                offset, header.num_bytes, wire_dtype(header.dtype), header.shape
-            )
-        except BaseException:
-            self.pool.release(offset, header.num_bytes)
-            raise
+        self._last_bytes = header.num_bytes
+        if header.ticket == 0 and offset is not None:  # written into the region
+            pool.shrink(offset, guess, header.num_bytes)
+        else:
+            if offset is not None:
+                pool.release(offset, guess)
+            offset = await self._copy(pool, header, deadline)
+            if offset is None:  # every region is in use: this image goes inline
+                self.inline_fallbacks += 1
+                return await self._inline(ref, request_id, deadline, checkpoint_id)
+        dtype = wire_dtype(header.dtype)
         return EncodedImage(
-            packed,
+            pool.view(offset, header.num_bytes, dtype, header.shape),
             header.grid_thw,
             header.content_hash,
             header.cache_hit,
             self.stub.address,
             timestamps=header.timestamps,
         )
+
+    async def _copy(self, pool: RegionPool, header, deadline: float) -> int | None:
+        """CopyToShm of a ticket into a region of its size; its offset (None: no room)."""
+        offset = pool.allocate(header.num_bytes)
+        if offset is None:
+            return None
+        try:
+            await self.stub.copy_to_shm(
+                self.pool_id, header.ticket, offset, header.num_bytes, _left(deadline)
+            )
+        except BaseException:
+            pool.release(offset, header.num_bytes)
+            raise
+        return offset
+
+    def _forget_pool(self, reason: object) -> None:
+        log.warning(
+            "%s forgot its shared-memory pool (%s); setting up a new one", self.stub.address, reason
+        )
+        self.close()
+        self.pool = None
+        self.pool_id = None
 
     async def _inline(self, ref, request_id, deadline, checkpoint_id) -> EncodedImage:
         chunk = self.inline_chunk_bytes
