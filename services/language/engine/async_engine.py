@@ -290,12 +290,13 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
+            # Cleared before the commands are read: one sent after this wakes the waits below
+            self._wakeup.clear()
             self._drain_commands()
             if not self._core.has_work():
                 if self._core.executor.death() is not None and self._check_fatal(None):
                     return  # a worker died while idle: nothing can run any more
                 self._wakeup.wait(_IDLE_WAIT_S)
-                self._wakeup.clear()
                 continue
             try:
                 outputs = self._core.step()
@@ -314,6 +315,8 @@ class AsyncEngine:
                 continue
             if outputs:
                 self._publish(outputs)
+            elif self._core.stalled:  # every request waits for an image: sleep until one comes
+                self._wakeup.wait(_IDLE_WAIT_S)
 
     def _drain_commands(self) -> None:
         while True:

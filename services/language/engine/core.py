@@ -76,6 +76,7 @@ class EngineCore:
         self.sampler = Sampler()
         self._tracked: dict[str, _Tracked] = {}
         self.num_generated_tokens = 0
+        self.stalled = False  # the last step had nothing to run
 
     # -- admission -------------------------------------------------------------------------
 
@@ -207,7 +208,8 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, sample; returns one output per request that produced tokens."""
         scheduled = self.scheduler.schedule()
-        if scheduled.plan.is_empty:
+        self.stalled = scheduled.plan.is_empty  # everything waits (for images): nothing ran
+        if self.stalled:
             return []
         logits = self.executor.execute(scheduled.plan)
         self.scheduler.complete_step(scheduled)
