@@ -254,20 +254,22 @@ def run_checkout(
     cores: str,
 ) -> Result:
     """``run_splitvl`` of the checkout at ``repo`` in a subprocess, reported as ``side``."""
+    args = [sys.executable, "-c", _CHECKOUT_RUN, str(ckpt_dir), str(work_dir), dtype]
+    fields = _json_run([*args, str(threads), cores], f"splitvl run in {repo}", cwd=repo)
+    return Result(**{**fields, "side": side})
+
+
+def _json_run(command: list[str], what: str, cwd=None, env=None) -> dict:
+    """Run `command` with a JSON output file's path appended; that file's content."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        args = [str(ckpt_dir), str(work_dir), dtype, str(threads), cores, str(out)]
         proc = subprocess.run(
-            [sys.executable, "-c", _CHECKOUT_RUN, *args],
-            cwd=repo,
-            capture_output=True,
-            text=True,
+            [*command, str(out)], cwd=cwd or tmp, env=env, capture_output=True, text=True
         )
         if proc.returncode != 0 or not out.is_file():
             tail = (proc.stdout + proc.stderr)[-4000:]
-            raise RuntimeError(f"splitvl run in {repo} failed (exit {proc.returncode}):\n{tail}")
-        fields = json.loads(out.read_text())
-    return Result(**{**fields, "side": side})
+            raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(out.read_text())
 
 
 def run_peer(
@@ -284,19 +286,8 @@ def run_peer(
     if not script.is_file():
         raise FileNotFoundError(f"{script} not found: --recipe must be the peer recipe folder")
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=cores)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "peer.json"
-        proc = subprocess.run(
-            [str(peer_python), str(script), str(ckpt_dir), str(work_dir), dtype, str(out)],
-            env=env,
-            cwd=tmp,
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0 or not out.is_file():
-            tail = (proc.stdout + proc.stderr)[-4000:]
-            raise RuntimeError(f"peer run failed (exit {proc.returncode}):\n{tail}")
-        res = json.loads(out.read_text())
+    command = [str(peer_python), str(script), str(ckpt_dir), str(work_dir), dtype]
+    res = _json_run(command, "peer run", env=env)
     return Result(
         "vllm",
         dtype,

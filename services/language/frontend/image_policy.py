@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.language.errors import BadRequestError, ImageInputError
-from services.language.frontend.video_policy import VIDEO_KWARGS
+from services.language.frontend.video_policy import VIDEO_KWARGS, check_media_count
 from shared.model.processing import ImageError, ImageProcessorConfig, smart_resize
 
 PIXEL_KWARGS = ("min_pixels", "max_pixels")
@@ -41,13 +41,7 @@ class ImagePolicy:
 
     def check_count(self, num_images: int) -> None:
         """400 when a prompt holds more images than the server allows (before any is loaded)."""
-        limit = self.max_images_per_prompt
-        if limit is not None and num_images > limit:
-            raise BadRequestError(
-                f"the prompt has {num_images} images, but this server accepts at most {limit} "
-                "per prompt (--limit-mm-per-prompt); send fewer images",
-                param="messages",
-            )
+        check_media_count("images", num_images, self.max_images_per_prompt)
 
     def pixel_limits(self, kwargs: Mapping[str, Any] | None) -> PixelLimits:
         """Validate `mm_processor_kwargs` against this server's limits."""

@@ -26,6 +26,16 @@ VIDEO_KWARGS = (*SAMPLING_KWARGS, "videos_kwargs")
 _NESTED_KWARGS = (*SAMPLING_KWARGS, "min_pixels", "max_pixels")
 
 
+def check_media_count(kind: str, count: int, limit: int | None) -> None:
+    """400 when a prompt holds more images (videos) than --limit-mm-per-prompt allows."""
+    if limit is not None and count > limit:
+        raise BadRequestError(
+            f"the prompt has {count} {kind}, but this server accepts at most {limit} per "
+            f"prompt (--limit-mm-per-prompt); send fewer {kind}",
+            param="messages",
+        )
+
+
 @dataclass(frozen=True)
 class VideoRequest:
     """A request's video options; None leaves the processor's value."""
@@ -45,13 +55,7 @@ class VideoPolicy:
 
     def check_count(self, num_videos: int) -> None:
         """400 when a prompt holds more videos than the server allows (before any is loaded)."""
-        limit = self.max_videos_per_prompt
-        if limit is not None and num_videos > limit:
-            raise BadRequestError(
-                f"the prompt has {num_videos} videos, but this server accepts at most {limit} "
-                "per prompt (--limit-mm-per-prompt); send fewer videos",
-                param="messages",
-            )
+        check_media_count("videos", num_videos, self.max_videos_per_prompt)
 
     def options(self, kwargs: Mapping[str, Any] | None) -> VideoRequest:
         """The video options of `mm_processor_kwargs` (its other keys are the images')."""
