@@ -322,7 +322,7 @@ def fused_moe_fp8_torch(
                 continue
             rows = (ids[:, j] == e).nonzero().squeeze(1)
             gate, up = (a[rows] @ gu[e]).chunk(2, dim=-1)
-            h = fp8_act_quantize(F.silu(gate) * up)
+            h = fp8_act_quantize((F.silu(gate) * up).to(x.dtype))  # stored in x's dtype
             term[rows] = (h @ dn[e]) * weights[rows, j, None].float()
         out = out + term
     return out.to(x.dtype)
