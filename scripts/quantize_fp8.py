@@ -56,13 +56,13 @@ class QuantizeError(ValueError):
     """The source is not a float checkpoint this quantizer understands."""
 
 
-def _not_converted(keys: list[str]) -> list[str]:
-    """Module names kept in the model dtype: vision modules with a weight matrix, routers,
-    lm_head and embed_tokens."""
+def _not_converted(ranks: dict[str, int]) -> list[str]:
+    """Module names kept in the model dtype (from each written tensor's rank): vision modules
+    with a weight matrix, routers, lm_head and embed_tokens."""
     names = []
-    for key in keys:
+    for key, rank in ranks.items():
         module = key.removesuffix(".weight")
-        vision = key.startswith("model.visual.") and key.endswith(".weight")
+        vision = key.startswith("model.visual.") and key.endswith(".weight") and rank >= 2
         if vision or _ROUTER.search(key) or module == "lm_head" or module.endswith("embed_tokens"):
             names.append(module)
     return names
@@ -128,8 +128,9 @@ def quantized_tensors(
         reader.close()
 
 
-def _write_shards(parts: Iterator[dict], out_dir: Path, shard_bytes: int) -> list[str]:
-    """Save the tensors in shards under `shard_bytes`; returns every key written."""
+def _write_shards(parts: Iterator[dict], out_dir: Path, shard_bytes: int) -> dict[str, int]:
+    """Save the tensors in shards under `shard_bytes`; returns every key written, with its
+    tensor's rank."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for part in parts:
@@ -139,9 +140,10 @@ def _write_shards(parts: Iterator[dict], out_dir: Path, shard_bytes: int) -> lis
             size = 0
         shards[-1].update({k: t.contiguous() for k, t in part.items()})
         size += part_size
+    ranks = {k: t.dim() for shard in shards for k, t in shard.items()}
     if len(shards) == 1:
         save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
-        return list(shards[0])
+        return ranks
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -150,7 +152,7 @@ def _write_shards(parts: Iterator[dict], out_dir: Path, shard_bytes: int) -> lis
     total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return list(weight_map)
+    return ranks
 
 
 def quantize_checkpoint(
@@ -162,9 +164,9 @@ def quantize_checkpoint(
     """Write the FP8 copy of `model_dir` to `out_dir` (created); returns `out_dir`."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys = _write_shards(quantized_tensors(model_dir, scale_dtype), out_dir, shard_bytes)
+    ranks = _write_shards(quantized_tensors(model_dir, scale_dtype), out_dir, shard_bytes)
     raw = json.loads((model_dir / "config.json").read_text())
-    fp8 = Fp8Config(modules_to_not_convert=tuple(sorted(_not_converted(keys))))
+    fp8 = Fp8Config(modules_to_not_convert=tuple(sorted(_not_converted(ranks))))
     raw["quantization_config"] = fp8.as_dict()
     (out_dir / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     for name in _COPIED:
