@@ -48,6 +48,12 @@ if _HAS_TRITON:
 FP8_ACT_QUANT = True
 
 
+def fp8_act_quant(dtype: torch.dtype) -> bool:
+    """The FP8 variant for activations of `dtype`: fp32 ones always take w8a8, since an fp32
+    dot 128 deep (w8a16's) spills registers on sm_90."""
+    return FP8_ACT_QUANT or dtype == torch.float32
+
+
 def available() -> bool:
     """Triton imports and can run here: on a CUDA device, or in the interpreter."""
     return _HAS_TRITON and (interpreting() or torch.cuda.is_available())
@@ -62,13 +68,13 @@ def fused_moe_fp8(x, gate_up, down, gate_up_scale, down_scale, weights, ids) -> 
     """See shared.kernels.reference.fused_moe_fp8_torch."""
     scales = (gate_up_scale, down_scale)
     return moe_triton.fused_moe_triton(
-        x, gate_up, down, weights, ids, scales=scales, act_quant=FP8_ACT_QUANT
+        x, gate_up, down, weights, ids, scales=scales, act_quant=fp8_act_quant(x.dtype)
     )
 
 
 def fp8_linear(x, weight, scale) -> torch.Tensor:
     """See shared.kernels.reference.fp8_linear_torch."""
-    return fp8_triton.fp8_linear_triton(x, weight, scale, act_quant=FP8_ACT_QUANT)
+    return fp8_triton.fp8_linear_triton(x, weight, scale, act_quant=fp8_act_quant(x.dtype))
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:

@@ -104,13 +104,15 @@ class Fp8ShapeError(ValueError):
 
 
 def linear_config(num_rows: int, dtype: torch.dtype) -> dict[str, int]:
-    """Tile sizes from the row count's bucket alone (few variants, one per bucket). fp32
-    activations halve the row tiles: their [BLOCK_M, 128] tiles are twice the bytes."""
-    block_m = 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64 if num_rows <= 64 else 128
+    """Tile sizes from the row count's bucket alone (few variants, one per bucket). Row tiles
+    stop at 64 (32 for fp32 activations, whose [BLOCK_M, 128] tiles are twice the bytes) with a
+    warp per 2 KiB of activation-sized outputs: the quantized tile sits in fp32 registers, and
+    bigger tiles spill on sm_90 (`bench.kernels_triton --compile-only`)."""
+    block_m = 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
     if dtype.itemsize > 2:
         block_m = max(16, block_m // 2)
     block_n = 64 if num_rows <= 64 else 128
-    warps = 4 if block_m * block_n <= 64 * 64 else 8
+    warps = max(4, block_m * block_n * dtype.itemsize // 2048)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8, "num_warps": warps}
 
 

@@ -250,6 +250,20 @@ def _check(x, gate_up, down, weights, ids, scales) -> None:
         )
 
 
+def fp8_tiles(cfg: dict[str, int], dtype: torch.dtype) -> dict[str, int]:
+    """A bf16 table entry adapted to FP8 experts: a K step is one 128-deep scale block, and the
+    activation tile's quantization holds it in fp32 registers, so row tiles stop at 64 (32 for
+    fp32 activations, twice the bytes) and take a warp per KiB of activation-sized outputs:
+    else they spill on sm_90 (`bench.kernels_triton --compile-only`)."""
+    cfg = {**cfg, "BLOCK_SIZE_K": FP8_BLOCK_K}
+    if dtype.itemsize > 2:
+        cfg["BLOCK_SIZE_M"] = max(16, cfg["BLOCK_SIZE_M"] // 2)
+    cfg["BLOCK_SIZE_M"] = min(cfg["BLOCK_SIZE_M"], 64)
+    warps = cfg["BLOCK_SIZE_M"] * cfg["BLOCK_SIZE_N"] * dtype.itemsize // 1024
+    cfg["num_warps"] = min(16, max(cfg["num_warps"], warps))
+    return cfg
+
+
 def fused_moe_triton(
     x: torch.Tensor,  # [T, H]
     gate_up: torch.Tensor,  # [E, H, 2I]
@@ -274,8 +288,8 @@ def fused_moe_triton(
     ids = ids.contiguous()
     cfg = config or tiles.moe_config(num_experts, inter, num_tokens, x.device, x.dtype)
     fp8 = scales is not None
-    if fp8:  # a K step is one scale block
-        cfg = {**cfg, "BLOCK_SIZE_K": FP8_BLOCK_K}
+    if fp8 and config is None:
+        cfg = fp8_tiles(cfg, x.dtype)
     gate_up_scale, down_scale = scales if fp8 else (x, x)  # unread without FP8
     block_m, block_n, block_k = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
