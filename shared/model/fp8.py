@@ -13,8 +13,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
+from shared.kernels.reference import FP8_DTYPE
 from shared.model.layers.linear import Fp8Linear
 from shared.model.layers.moe import Experts
 
@@ -64,6 +66,17 @@ def quantize_fp8(model: nn.Module) -> int:
             model.set_submodule(name, Fp8Linear.quantized(module.weight))
         count += 1
     return count
+
+
+def resident_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the model's parameters, each tensor once: as they are, or (a model on the meta
+    device) with every float parameter but FP8 weights and their fp32 scales in `dtype`."""
+    total = 0
+    for name, p in model.named_parameters():
+        fixed = p.dtype == FP8_DTYPE or name.endswith("_scale_inv")
+        size = p.element_size() if dtype is None or fixed else dtype.itemsize
+        total += p.numel() * size
+    return total
 
 
 def is_fp8(model: nn.Module) -> bool:

@@ -35,7 +35,7 @@ from shared.model.checkpoint import (
     checkpoint_files,
 )
 from shared.model.config import ModelConfig, load_config
-from shared.model.fp8 import QUANTIZATIONS, quantize_fp8, use_fp8
+from shared.model.fp8 import QUANTIZATIONS, quantize_fp8, resident_bytes, use_fp8
 from shared.model.qwen3_moe import Qwen3MoeForCausalLM
 from shared.model.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 from shared.model.vision import Qwen3VLVisionModel
@@ -270,6 +270,7 @@ def finish_text_model(
         count = quantize_fp8(model)
         if count:
             log.info("quantized %d modules to FP8 at load (128x128 blocks of e4m3)", count)
+    log.info("language model weights: %.1f MiB resident", resident_bytes(model) / 2**20)
     return model
 
 

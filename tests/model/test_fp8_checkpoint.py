@@ -248,3 +248,21 @@ def test_reading_every_tensor_of_the_copy(fp8_dir):
         key = "model.language_model.layers.0.mlp.experts.3.down_proj.weight"
         assert f.get_slice(key).get_dtype() == "F8_E4M3"
         assert f.get_tensor(key).dtype == FP8_DTYPE
+
+
+def test_fp8_resident_weights_at_most_055_of_bf16_at_30b_a3b():
+    """On the meta device at Qwen3-VL-30B-A3B's shape: what the language service holds for its
+    FP8 checkpoint (e4m3 projections and experts, fp32 scales, bf16 embeddings, lm_head,
+    routers and norms) against the bf16 checkpoint's."""
+    from bench.common import model_config
+    from shared.model.fp8 import resident_bytes, use_fp8
+    from shared.model.qwen3_moe import Qwen3MoeForCausalLM
+
+    config = model_config("30b-a3b").text
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(config)
+    bf16 = resident_bytes(model, torch.bfloat16)
+    assert use_fp8(model, lambda name: True) == config.num_hidden_layers * 5
+    fp8 = resident_bytes(model, torch.bfloat16)
+    assert 60e9 < bf16 < 62e9
+    assert fp8 / bf16 <= 0.55, fp8 / bf16
