@@ -17,7 +17,6 @@ import threading
 import torch
 
 from shared.kernels.reference import (
-    fp8_block_dequantize,
     fp8_linear_torch,
     fused_moe_fp8_torch,
     fused_moe_torch,
@@ -30,9 +29,10 @@ _DTYPES = (torch.float32, torch.bfloat16)
 # Mean rows per expert from which the fp32 reference's GEMMs beat the kernel (measured on the
 # medium shape: even at 32-64 rows, 1.3x faster at 128 and more).
 GEMM_ROWS = 96
-# Rows of x from which an fp8 linear dequantizes its weight for oneDNN's GEMM (measured on the
-# medium shape: see bench.kernels_cpu).
-FP8_GEMM_ROWS = 64
+# Rows of x from which an fp8 linear dequantizes its weight (in C++) for oneDNN's GEMM: the
+# kernel's fp32 FMAs are faster below, the GEMM's bf16 dot products above (crossing at 24-32
+# rows at 1024 x 512 and 2048 x 4096, bf16, one thread, AVX512-BF16 + AMX).
+FP8_GEMM_ROWS = 32
 _lock = threading.Lock()
 _loaded: bool | None = None
 _error: str | None = None
@@ -127,15 +127,16 @@ def fp8_linear(
     scale: torch.Tensor,  # [ceil(N/128), ceil(K/128)] fp32
 ) -> torch.Tensor:  # [M, N]
     """See shared.kernels.reference.fp8_linear_torch: weight-only, x float32 or bfloat16. From
-    `FP8_GEMM_ROWS` rows (prefill) the weight is dequantized to x's dtype for oneDNN's GEMM,
-    whose packed panels beat the kernel's dot products there."""
+    `FP8_GEMM_ROWS` rows (prefill) the weight is dequantized (in C++) to x's dtype for oneDNN's
+    GEMM, whose packed panels (bf16 dot products, AMX) beat the kernel's fp32 FMAs there."""
     if x.dim() != 2:
         return fp8_linear(x.reshape(-1, x.shape[-1]), weight, scale).view(*x.shape[:-1], -1)
     ok = x.dtype in _DTYPES and scale.dtype == torch.float32
     if not ok or _reference_needed(x, weight, scale):
         return fp8_linear_torch(x, weight, scale)
     if x.shape[0] >= FP8_GEMM_ROWS:
-        return torch.nn.functional.linear(x, fp8_block_dequantize(weight, scale, x.dtype))
+        dense = torch.ops.splitvl.fp8_dequantize(weight, scale, x.dtype)
+        return torch.nn.functional.linear(x, dense)
     return torch.ops.splitvl.fp8_linear(x, weight, scale)
 
 

@@ -85,6 +85,11 @@ def _cpuinfo() -> tuple[str, list[str]]:
     return model, flags
 
 
+def cpu_model() -> str:
+    """This CPU's model name."""
+    return _cpuinfo()[0]
+
+
 def cpu_features() -> list[str]:
     """The SIMD features of this CPU that matter to the kernels."""
     flags = set(_cpuinfo()[1])

@@ -28,6 +28,10 @@ template <typename T>
 void fp8_linear(const T* x, const fp8* weight, const float* scale, T* out, int64_t rows,
                 int64_t out_features, int64_t in_features);
 
+// out [rows, cols] (float or bf16) = W times its block scales, W [rows, cols] e4m3.
+template <typename T>
+void fp8_dequantize(const fp8* weight, const float* scale, T* out, int64_t rows, int64_t cols);
+
 struct CacheLayout {
   int64_t block_stride, row_stride, head_stride;  // elements; head_dim is contiguous
   int64_t num_blocks, block_size, num_kv_heads, head_dim;

@@ -13,14 +13,15 @@ namespace splitvl {
 namespace {
 
 #if defined(__AVX512F__)
-constexpr int kMr = 4;  // 32 vector registers: 4 x 4 accumulators, 4 weights, 1 activation
+constexpr int kAccRegs = 16;  // of 32 vector registers: the rest hold weights and activations
 #else
-constexpr int kMr = 2;  // 16 registers: 2 x 4 accumulators, 4 weights, 1 activation
+constexpr int kAccRegs = 8;  // of 16
 #endif
-constexpr int kNr = 4;
+constexpr int kMr = kAccRegs / 2;  // most x rows per tile (with 2 weight rows)
 constexpr int64_t kRowGroup = 32;  // rows of x per item: its scaled copy stays in L2
 
-// out[m][j] for m < MR, j < NR: rows xs[m] (scaled fp32) against weight rows w[j].
+// out[m][j] for m < MR, j < NR: rows xs[m] (scaled fp32) against weight rows w[j]. The MR * NR
+// accumulators are independent chains, so the FMA latency hides behind them.
 template <int MR, int NR>
 inline void dot_tile(const float* const* xs, const fp8* const* w, int64_t K, float* out,
                      int64_t ldo) {
@@ -49,11 +50,42 @@ inline void dot_tile(const float* const* xs, const fp8* const* w, int64_t K, flo
     for (int j = 0; j < NR; ++j) out[m * ldo + j] = hsum(acc[m][j]);
 }
 
-// The tile for the rows and weight rows left at the edges (mr <= kMr, nr <= kNr).
-inline void dot_edge(int mr, int nr, const float* const* xs, const fp8* const* w, int64_t K,
-                     float* out, int64_t ldo) {
-  for (int m = 0; m < mr; ++m)
-    for (int j = 0; j < nr; ++j) dot_tile<1, 1>(xs + m, w + j, K, out + m * ldo + j, ldo);
+// MR x rows against the weight rows [n0, n1): 4 weight rows per tile while MR * 4 accumulators
+// fit in registers (decode: few rows, and 4 chains even for one), else 2; 1 at the edge.
+template <int MR>
+void dot_rows(const float* const* xs, const fp8* weight, int64_t K, int64_t n0, int64_t n1,
+              float* out, int64_t ldo) {
+  constexpr int NR = MR * 4 <= kAccRegs ? 4 : 2;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) {
+    const fp8* w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = weight + (n + j) * K;
+    dot_tile<MR, NR>(xs, w, K, out + (n - n0), ldo);
+  }
+  for (; n < n1; ++n) {
+    const fp8* w[1] = {weight + n * K};
+    dot_tile<MR, 1>(xs, w, K, out + (n - n0), ldo);
+  }
+}
+
+void dot_block(int mr, const float* const* xs, const fp8* weight, int64_t K, int64_t n0,
+               int64_t n1, float* out, int64_t ldo) {
+  switch (mr) {
+#define SPLITVL_DOT_CASE(R) \
+  case R:                   \
+    return dot_rows<R>(xs, weight, K, n0, n1, out, ldo);
+    SPLITVL_DOT_CASE(1)
+    SPLITVL_DOT_CASE(2)
+    SPLITVL_DOT_CASE(3)
+    SPLITVL_DOT_CASE(4)
+#if defined(__AVX512F__)
+    SPLITVL_DOT_CASE(5)
+    SPLITVL_DOT_CASE(6)
+    SPLITVL_DOT_CASE(7)
+    SPLITVL_DOT_CASE(8)
+#endif
+#undef SPLITVL_DOT_CASE
+  }
 }
 
 }  // namespace
@@ -82,21 +114,35 @@ void fp8_linear(const T* x, const fp8* weight, const float* scale, T* out, int64
       const int mr = static_cast<int>(std::min<int64_t>(kMr, mrows - m));
       const float* xs[kMr];
       for (int i = 0; i < mr; ++i) xs[i] = xs_buf.data() + (m + i) * K;
-      const int64_t ldo = kFp8Block;
-      for (int64_t n = n0; n < n1; n += kNr) {
-        const int nr = static_cast<int>(std::min<int64_t>(kNr, n1 - n));
-        const fp8* w[kNr];
-        for (int j = 0; j < nr; ++j) w[j] = weight + (n + j) * K;
-        float* o = out_buf.data() + (n - n0);
-        if (mr == kMr && nr == kNr) dot_tile<kMr, kNr>(xs, w, K, o, ldo);
-        else dot_edge(mr, nr, xs, w, K, o, ldo);
-      }
+      dot_block(mr, xs, weight, K, n0, n1, out_buf.data(), kFp8Block);
       for (int i = 0; i < mr; ++i)
         for (int64_t n = n0; n < n1; ++n)
-          out[(m0 + m + i) * N + n] = from_float<T>(out_buf[i * ldo + (n - n0)]);
+          out[(m0 + m + i) * N + n] = from_float<T>(out_buf[i * kFp8Block + (n - n0)]);
     }
   });
 }
+
+template <typename T>
+void fp8_dequantize(const fp8* weight, const float* scale, T* out, int64_t rows, int64_t cols) {
+  const int64_t nk = (cols + kFp8Block - 1) / kFp8Block;
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    float tmp[kLanes];
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* srow = scale + (r / kFp8Block) * nk;
+      for (int64_t c = 0; c < cols; c += kLanes) {
+        const int n = static_cast<int>(std::min<int64_t>(kLanes, cols - c));
+        const fp8* src = weight + r * cols + c;
+        const f8 v = (n == kLanes ? load8(src) : load_partial(src, n)) *
+                     splat(srow[c / kFp8Block] * kFp8Unit);
+        store8(tmp, v);
+        for (int i = 0; i < n; ++i) out[r * cols + c + i] = from_float<T>(tmp[i]);
+      }
+    }
+  });
+}
+
+template void fp8_dequantize<float>(const fp8*, const float*, float*, int64_t, int64_t);
+template void fp8_dequantize<bf16>(const fp8*, const float*, bf16*, int64_t, int64_t);
 
 template void fp8_linear<float>(const float*, const fp8*, const float*, float*, int64_t, int64_t,
                                 int64_t);

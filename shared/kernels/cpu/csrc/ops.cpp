@@ -145,6 +145,29 @@ at::Tensor fp8_linear_op(const at::Tensor& x, const at::Tensor& weight, const at
   return out;
 }
 
+at::Tensor fp8_dequantize_op(const at::Tensor& weight, const at::Tensor& scale,
+                             at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && scale.dim() == 2 &&
+                        scale.sizes() == at::IntArrayRef({blocks(weight.size(0)),
+                                                          blocks(weight.size(1))}),
+                    "fp8_dequantize: weight ", weight.sizes(), " and scale ", scale.sizes(),
+                    " are not a matrix and its 128-blocks");
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat8_e4m3fn && scale.scalar_type() == at::kFloat &&
+                       supported(dtype),
+                   "fp8_dequantize: weight float8_e4m3fn, scale float32, out float32 or bfloat16");
+  at::Tensor out = at::empty(weight.sizes(), weight.options().dtype(dtype));
+  const at::Tensor wc = weight.contiguous(), sc = scale.contiguous();
+  const float* sp = sc.const_data_ptr<float>();
+  if (dtype == at::kFloat) {
+    fp8_dequantize<float>(fp8_data(wc), sp, out.mutable_data_ptr<float>(), weight.size(0),
+                          weight.size(1));
+  } else {
+    fp8_dequantize<bf16>(fp8_data(wc), sp, reinterpret_cast<bf16*>(out.mutable_data_ptr()),
+                         weight.size(0), weight.size(1));
+  }
+  return out;
+}
+
 at::Tensor paged_decode_op(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& block_tables,
                            const at::Tensor& context_lens, double scale) {
@@ -206,6 +229,7 @@ TORCH_LIBRARY(splitvl, m) {
       "fused_moe_fp8(Tensor x, Tensor gate_up, Tensor down, Tensor gate_up_scale, "
       "Tensor down_scale, Tensor weights, Tensor ids) -> Tensor");
   m.def("fp8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  m.def("fp8_dequantize(Tensor weight, Tensor scale, ScalarType dtype) -> Tensor");
   m.def(
       "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor context_lens, float scale) -> Tensor");
@@ -215,5 +239,6 @@ TORCH_LIBRARY_IMPL(splitvl, CPU, m) {
   m.impl("fused_moe", &splitvl::fused_moe_op);
   m.impl("fused_moe_fp8", &splitvl::fused_moe_fp8_op);
   m.impl("fp8_linear", &splitvl::fp8_linear_op);
+  m.impl("fp8_dequantize", &splitvl::fp8_dequantize_op);
   m.impl("paged_decode", &splitvl::paged_decode_op);
 }
