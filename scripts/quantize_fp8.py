@@ -22,6 +22,7 @@ under ``--shard-bytes`` (an index file when there are several).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import shutil
@@ -50,6 +51,9 @@ _COPIED = (
     "vocab.json",
     "merges.txt",
 )
+
+
+STAMP = ".fp8-source"  # in a cached copy: what it was made from
 
 
 class QuantizeError(ValueError):
@@ -173,6 +177,29 @@ def quantize_checkpoint(
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, out_dir / name)
     return out_dir
+
+
+def _source_stamp(model_dir: Path) -> str:
+    """What the copy was made from: the config's text and every weight file's size and time."""
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for path in sorted(set(checkpoint_files(model_dir).values())):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
+
+
+def cached_copy(model_dir: str | Path, cache_root: str | Path) -> Path:
+    """The FP8 copy of `model_dir` under `cache_root/<name>`, written again whenever the source
+    changed since (the demo's copy of a model being retrained stays current)."""
+    model_dir = Path(model_dir).resolve()
+    out = Path(cache_root) / model_dir.name
+    stamp = _source_stamp(model_dir)
+    if (out / STAMP).is_file() and (out / STAMP).read_text() == stamp:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    quantize_checkpoint(model_dir, out)
+    (out / STAMP).write_text(stamp)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

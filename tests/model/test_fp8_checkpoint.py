@@ -266,3 +266,23 @@ def test_fp8_resident_weights_at_most_055_of_bf16_at_30b_a3b():
     fp8 = resident_bytes(model, torch.bfloat16)
     assert 60e9 < bf16 < 62e9
     assert fp8 / bf16 <= 0.55, fp8 / bf16
+
+
+def test_the_cached_copy_follows_its_source(source, tmp_path):
+    """The demo's FP8 copy (`make demo FP8=1`) is written once and again after the source
+    changes (the shipped model may be retrained under it)."""
+    import os
+    import shutil
+
+    from scripts.quantize_fp8 import cached_copy
+
+    model = shutil.copytree(source, tmp_path / "model")
+    copy = cached_copy(model, tmp_path / "cache")
+    first = (copy / "model.safetensors").stat().st_mtime_ns
+    assert cached_copy(model, tmp_path / "cache") == copy
+    assert (copy / "model.safetensors").stat().st_mtime_ns == first
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    cached_copy(model, tmp_path / "cache")
+    assert (copy / "model.safetensors").stat().st_mtime_ns != first
+    assert json.loads((copy / "config.json").read_text())["quantization_config"]
