@@ -43,14 +43,15 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 
 # Starts both services on free loopback ports, streams 8 held-out questions through the openai
-# client, prints answers, accuracy and time to first token, then stops the services.
+# client, prints answers, accuracy and time to first token, then stops the services. FP8=1 serves
+# a block FP8 copy of the model (written under .cache/fp8, rewritten when the model changes).
 demo: $(STAMP)
-	$(BIN)/python -m scripts.demo --model $(MODEL)
+	$(BIN)/python -m scripts.demo --model $(MODEL) $(if $(FP8),--fp8)
 
 # Both services in the foreground until Ctrl-C: encode gRPC on 127.0.0.1:50051, OpenAI HTTP on
 # 127.0.0.1:8000, language gRPC on 127.0.0.1:8001 (the defaults above).
 serve: $(STAMP)
-	$(BIN)/python -m scripts.demo serve --model $(MODEL) --host $(HOST) \
+	$(BIN)/python -m scripts.demo serve --model $(MODEL) $(if $(FP8),--fp8) --host $(HOST) \
 		--encode-port $(ENCODE_PORT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
 
 # Regenerates the committed gRPC modules from every .proto under proto/.

@@ -20,6 +20,9 @@ memory than an H200 block can have.
 
 ``--tune`` (a GPU) times candidate fused-MoE tile configurations per token bucket and writes the
 device's table under ``shared/kernels/gpu/configs`` (see `bench.moe_tune`).
+
+``--fp8`` (a GPU) times the block-FP8 kernels, w8a8 and w8a16, beside bf16 (`bench.fp8_triton`);
+``--compile-only`` compiles their launches too.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import sys
 import torch
 
 from bench.common import save_result
+from bench.fp8_triton import bench_fp8, compile_fp8_launches, print_fp8
 from bench.gpu_timing import alternate
 from bench.moe_tune import MoeShape, run_tune
 
@@ -223,6 +227,7 @@ def compile_only(
     try:
         for dt in dtypes:  # bf16 for bf16 checkpoints; fp32 serves fp32 ones (the shipped model)
             _compile_launches(kernels, dt, tokens, batches, contexts)
+            compile_fp8_launches(A3B, dt, tokens)
     finally:
         jit.JITFunction.run = run
         driver._active = previous
@@ -269,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         "configs/E=...,N=...,device_name=....json (bench.moe_tune)",
     )
     parser.add_argument("--tune-dir", default=None, help="write the tuned table here instead")
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="time the block-FP8 kernels (w8a8 and w8a16) beside bf16 instead",
+    )
     args = parser.parse_args(argv)
     if args.tune:
         shape = MoeShape(A3B["experts"], A3B["hidden"], A3B["inter"], A3B["top_k"])
@@ -290,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     if not kernels.available():
         print("bench.kernels_triton: triton is not installed", file=sys.stderr)
         return 2
+    if args.fp8:
+        results = bench_fp8(A3B, args.rounds)
+        print_fp8(results)
+        save_result(args.out, results)
+        return 0
     references = {"fused_moe": fused_moe_torch, "paged_decode": paged_decode_torch}
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, per-layer times")
     header = (

@@ -35,6 +35,7 @@ from scripts.testkit.launch import (
 )
 
 DEFAULT_MODEL = REPO / "models" / "shapes-vl"
+FP8_CACHE = REPO / ".cache" / "fp8"  # --fp8 copies (git-ignored), rewritten when the source changes
 START_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 120.0
 MODEL_FILES = ("config.json", "tokenizer.json", "preprocessor_config.json", "model.safetensors")
@@ -273,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs="?", choices=("demo", "serve"), default="demo")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="shapes-style checkpoint")
     p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="serve a block FP8 copy of --model (scripts.quantize_fp8 writes it under .cache/fp8)",
+    )
+    p.add_argument(
         "--transport",
         choices=("grpc", "nccl"),
         default="grpc",
@@ -307,6 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     # explicitly because a shell starting this in the background would have it ignored.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
+    if args.fp8:
+        from scripts.quantize_fp8 import cached_copy
+
+        check_model_dir(args.model)
+        args.model = cached_copy(args.model, FP8_CACHE)
+        print(f"block FP8 copy: {args.model}", flush=True)
     try:
         return run_serve(args) if args.command == "serve" else run_demo(args)
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ from services.language.frontend.video_policy import VideoPolicy
 from services.language.openai_api.app import APIConfig
 from services.language.parsers.reasoning import REASONING_PARSERS
 from services.language.parsers.tool_calls import TOOL_CALL_PARSERS, ToolConfig
+from shared.model.fp8 import QUANTIZATIONS
 from shared.wire.security import TOKEN_ENV, load_tls_files, resolve_token
 
 
@@ -223,6 +224,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto, float32, bfloat16 (bf16), float16",
     )
+    engine.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="fp8: quantize a bf16/fp32 checkpoint's attention projections and experts to "
+        "128x128-block FP8 at load (an FP8 checkpoint is served as stored without it)",
+    )
     engine.add_argument("--block-size", type=int, default=16)
     engine.add_argument("--kv-cache-memory", type=byte_size, default=None)
     engine.add_argument("--gpu-memory-fraction", type=float, default=0.9)
@@ -299,6 +307,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         max_queue_len=args.max_queue_len,
         dtype=args.dtype,
+        quantization=args.quantization,
         device=args.device,
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,

@@ -266,14 +266,19 @@ async def serve(config: cli.ServiceConfig) -> int:
     sock = _bind(listen.host, listen.port)  # a port in use fails now, not after loading
     engine = await asyncio.to_thread(AsyncEngine.from_model_dir, config.model_dir, config.engine)
     _check_kv_capacity(engine)
+    quantization = engine.config.weights_quantization(engine.model_config)
     encoder = build_encoder(config, engine)
     if encoder is not None:
         # Refuses to start against a replica of another model (IncompatibleEncoderError).
         await encoder.check_replicas(_HANDSHAKE_TIMEOUT_S)
+        # The vision fingerprint covers the tower only: an FP8 copy of a checkpoint (its tower
+        # unquantized, as published) shares its replicas with the original.
+        weights = quantization or units.dtype_name(engine.dtype)
+        log.info("encode replicas match; language weights in %s", weights)
     frontend = build_frontend(
         config.model_dir, engine, encoder, config.fetch, config.frontend, config.chat_template
     )
-    app = create_app(frontend, config.api)
+    app = create_app(frontend, dataclasses.replace(config.api, quantization=quantization))
     uvicorn_config = uvicorn.Config(
         app,
         log_level=config.log_level.lower(),

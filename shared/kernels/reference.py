@@ -220,3 +220,109 @@ def kv_store_torch(
     """Write each token's K/V at its flat slot of the paged cache."""
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+# -- block FP8 (transformers' fine-grained FP8: e4m3 weights, one scale per 128x128 block) ---
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+FP8_BLOCK = 128  # weight_block_size [128, 128]; the activation groups of w8a8 too
+
+
+def fp8_blocks(size: int) -> int:
+    """Scale entries along a dimension of `size`: the last block may be partial."""
+    return -(-size // FP8_BLOCK)
+
+
+def fp8_block_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [..., R, C]`` -> (e4m3 ``[..., R, C]``, fp32 ``weight_scale_inv [..., ceil(R/128),
+    ceil(C/128)]``): each 128x128 block (partial at the edges) divided by its absolute maximum
+    over 448. ``weight_scale_inv`` multiplies to dequantize (DeepSeek's and vLLM's name); an
+    all-zero block gets scale 1."""
+    *lead, rows, cols = w.shape
+    nr, nc = fp8_blocks(rows), fp8_blocks(cols)
+    padded = w.new_zeros(*lead, nr * FP8_BLOCK, nc * FP8_BLOCK, dtype=torch.float32)
+    padded[..., :rows, :cols] = w
+    blocks = padded.view(*lead, nr, FP8_BLOCK, nc, FP8_BLOCK)
+    amax = blocks.abs().amax(dim=(-3, -1))
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (blocks / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = q.view(*lead, nr * FP8_BLOCK, nc * FP8_BLOCK)[..., :rows, :cols].contiguous()
+    return q, scale
+
+
+def fp8_block_dequantize(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """e4m3 ``[..., R, C]`` times its block scales ``[..., ceil(R/128), ceil(C/128)]``."""
+    rows, cols = q.shape[-2:]
+    full = scale.float().repeat_interleave(FP8_BLOCK, -2).repeat_interleave(FP8_BLOCK, -1)
+    return (q.float() * full[..., :rows, :cols]).to(dtype)
+
+
+def fp8_gate_up_dequantize(
+    gate_up: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Fused ``gate_up [E, H, 2I]`` whose gate and up halves are blocked separately: scale
+    ``[E, ceil(H/128), 2 ceil(I/128)]``, gate's column blocks first."""
+    inter, half = gate_up.shape[-1] // 2, scale.shape[-1] // 2
+    gate = fp8_block_dequantize(gate_up[..., :inter], scale[..., :half], dtype)
+    up = fp8_block_dequantize(gate_up[..., inter:], scale[..., half:], dtype)
+    return torch.cat([gate, up], dim=-1)
+
+
+def fp8_act_quantize(x: torch.Tensor) -> torch.Tensor:
+    """w8a8's dynamic activation quantization, as the kernels do it, returned dequantized:
+    per token and group of 128 columns, e4m3 with scale max|x| / 448."""
+    rows, cols = x.shape
+    groups = fp8_blocks(cols)
+    padded = x.new_zeros(rows, groups * FP8_BLOCK, dtype=torch.float32)
+    padded[:, :cols] = x
+    blocks = padded.view(rows, groups, FP8_BLOCK)
+    scale = blocks.abs().amax(-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+    q = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return (q.float() * scale).view(rows, -1)[:, :cols]
+
+
+def fp8_linear_torch(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K] e4m3
+    scale: torch.Tensor,  # [ceil(N/128), ceil(K/128)]
+    act_quant: bool = False,
+) -> torch.Tensor:  # [M, N] in x's dtype
+    """The reference: dequantize the weight to fp32 (exact), fp32 matmul, cast to x's dtype.
+    ``act_quant``: quantize x per token and 128-column group first (w8a8)."""
+    a = fp8_act_quantize(x) if act_quant else x.float()
+    return F.linear(a, fp8_block_dequantize(weight, scale)).to(x.dtype)
+
+
+def fused_moe_fp8_torch(
+    x: torch.Tensor,  # [T, H]
+    gate_up: torch.Tensor,  # [E, H, 2I] e4m3
+    down: torch.Tensor,  # [E, I, H] e4m3
+    gate_up_scale: torch.Tensor,  # [E, ceil(H/128), 2 ceil(I/128)]
+    down_scale: torch.Tensor,  # [E, ceil(I/128), ceil(H/128)]
+    weights: torch.Tensor,  # [T, k]
+    ids: torch.Tensor,  # [T, k]
+    act_quant: bool = False,
+) -> torch.Tensor:  # [T, H]
+    """The reference: `fused_moe_torch` in fp32 on the dequantized experts (fp32 products of
+    e4m3 values and their scales are exact), cast to x's dtype. ``act_quant``: each GEMM's
+    input quantized per row and 128-column group first (w8a8)."""
+    gu = fp8_gate_up_dequantize(gate_up, gate_up_scale)
+    dn = fp8_block_dequantize(down, down_scale)
+    if not act_quant:
+        return fused_moe_torch(x.float(), gu, dn, weights.float(), ids).to(x.dtype)
+    a = fp8_act_quantize(x)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for j in range(ids.shape[1]):  # top-k order, as fused_moe_torch sums
+        term = torch.zeros_like(out)
+        for e in ids[:, j].unique().tolist():
+            if e >= gu.shape[0]:
+                continue
+            rows = (ids[:, j] == e).nonzero().squeeze(1)
+            gate, up = (a[rows] @ gu[e]).chunk(2, dim=-1)
+            h = fp8_act_quantize((F.silu(gate) * up).to(x.dtype))  # stored in x's dtype
+            term[rows] = (h @ dn[e]) * weights[rows, j, None].float()
+        out = out + term
+    return out.to(x.dtype)

@@ -1,13 +1,13 @@
 """Which implementation runs each kernel on each device.
 
 Backends are modules exposing the reference functions' signatures (`fused_moe`,
-`paged_decode`, `paged_prefill`, `add_rms_norm`, `qk_norm_rope`, `router_topk`, `kv_store`, each
-optional): `shared.kernels.cpu` on CPUs when its extension compiled on this machine,
-`shared.kernels.gpu` on CUDA when Triton imports. A missing backend or operation falls back to
-the PyTorch reference. ``SPLITVL_KERNELS=torch`` forces the references (the parity baseline);
-``SPLITVL_KERNELS=gpu`` the Triton kernels on every device (CPU tensors then run in Triton's
-interpreter, TRITON_INTERPRET=1: how the CUDA selection's launches are counted without a GPU).
-The choice is made once per device type.
+`fused_moe_fp8`, `fp8_linear`, `paged_decode`, `paged_prefill`, `add_rms_norm`,
+`qk_norm_rope`, `router_topk`, `kv_store`, each optional): `shared.kernels.cpu` on CPUs when
+its extension compiled on this machine, `shared.kernels.gpu` on CUDA when Triton imports. A
+missing backend or operation falls back to the PyTorch reference. ``SPLITVL_KERNELS=torch``
+forces the references (the parity baseline); ``SPLITVL_KERNELS=gpu`` the Triton kernels on
+every device (CPU tensors then run in Triton's interpreter, TRITON_INTERPRET=1: how the CUDA
+selection's launches are counted without a GPU). The choice is made once per device type.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import torch
 
 from shared.kernels.reference import (
     add_rms_norm_torch,
+    fp8_linear_torch,
+    fused_moe_fp8_torch,
     fused_moe_torch,
     kv_store_torch,
     paged_decode_torch,
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 
 _REFERENCES: dict[str, Callable] = {
     "fused_moe": fused_moe_torch,
+    "fused_moe_fp8": fused_moe_fp8_torch,
+    "fp8_linear": fp8_linear_torch,
     "paged_decode": paged_decode_torch,
     "paged_prefill": paged_prefill_torch,
     "add_rms_norm": add_rms_norm_torch,
@@ -80,6 +84,17 @@ def implementation(name: str, device_type: str) -> Callable:
 def fused_moe(x, gate_up, down, weights, ids) -> torch.Tensor:
     """See shared.kernels.reference.fused_moe_torch."""
     return implementation("fused_moe", x.device.type)(x, gate_up, down, weights, ids)
+
+
+def fused_moe_fp8(x, gate_up, down, gate_up_scale, down_scale, weights, ids) -> torch.Tensor:
+    """See shared.kernels.reference.fused_moe_fp8_torch (each backend picks w8a16 or w8a8)."""
+    fn = implementation("fused_moe_fp8", x.device.type)
+    return fn(x, gate_up, down, gate_up_scale, down_scale, weights, ids)
+
+
+def fp8_linear(x, weight, scale) -> torch.Tensor:
+    """See shared.kernels.reference.fp8_linear_torch (each backend picks w8a16 or w8a8)."""
+    return implementation("fp8_linear", x.device.type)(x, weight, scale)
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:

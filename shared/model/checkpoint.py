@@ -2,7 +2,8 @@
 
 A parameter is built from one or more checkpoint tensors by a *source*: a plain tensor (a
 Conv3d patch embedding reshaped to a Linear), fused experts in the hub layout `[E, H, 2I]` /
-`[E, I, H]` or transformers v5's transposes, or experts stored one by one. Every source can read
+`[E, I, H]` or transformers v5's transposes, or experts stored one by one (FP8 checkpoints:
+their per-block scales too, sharded with their weights). Every source can read
 a `Shard` (this rank's ranges along one dimension of the parameter) straight from the files with
 `safe_open(...).get_slice`, so a tensor-parallel rank never materializes the tensors it does not
 keep: a 30B-A3B rank reads its 1/N of the experts, not all of them.
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from shared.kernels.reference import FP8_BLOCK, fp8_blocks
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +154,48 @@ class FusedExpertSource:
         return tensor.transpose(1, 2).contiguous() if transposed else tensor
 
 
-class PerExpertGateUpSource:
-    """`experts.{e}.gate_proj.weight` / `up_proj.weight` ([I, H] each) -> `[E, H, 2I]`."""
+def block_ranges(ranges: Sequence[tuple[int, int]], full: int, what: str) -> list[tuple[int, int]]:
+    """Element ranges of a dimension of `full` elements -> the ranges of their FP8 scale
+    blocks. A range must start on a 128 block and end on one or at the end: a rank cannot
+    keep part of a block's rows with the whole block's scale."""
+    blocks = []
+    for a, b in ranges:
+        if a % FP8_BLOCK or (b % FP8_BLOCK and b != full):
+            raise CheckpointError(
+                f"{what}: this rank's part [{a}, {b}) of {full} does not fall on the 128-wide "
+                "blocks of the FP8 scales; use another --tensor-parallel-size, or "
+                "--enable-expert-parallel for the experts"
+            )
+        blocks.append((a // FP8_BLOCK, fp8_blocks(b)))
+    return blocks
 
-    def __init__(self, base: str, num_experts: int, intermediate: int):
+
+class BlockScaleSource:
+    """A linear's ``weight_scale_inv`` read for the weight's shard (given in weight rows or
+    columns, converted to blocks)."""
+
+    def __init__(self, key: str, weight_key: str):
+        self.keys = (key,)
+        self.weight_key = weight_key
+
+    def load(self, reader: Reader, shard: Shard | None) -> torch.Tensor:
+        key = self.keys[0]
+        if shard is None:
+            return reader.full(key)
+        full = reader.shape(self.weight_key)[shard.dim]
+        return reader.ranges(key, shard.dim, block_ranges(shard.ranges, full, self.weight_key))
+
+
+class PerExpertGateUpSource:
+    """`experts.{e}.gate_proj.weight` / `up_proj.weight` ([I, H] each) -> `[E, H, 2I]`; with
+    `scales`, their ``weight_scale_inv`` ([ceil(I/128), ceil(H/128)]) -> ``[E, ceil(H/128),
+    2 ceil(I/128)]`` for the same shard (given in weight columns)."""
+
+    def __init__(self, base: str, num_experts: int, intermediate: int, scales: bool = False):
         self.base, self.num_experts, self.intermediate = base, num_experts, intermediate
+        self.suffix = "weight_scale_inv" if scales else "weight"
         self.keys = tuple(
-            f"{base}.{e}.{p}_proj.weight" for e in range(num_experts) for p in ("gate", "up")
+            f"{base}.{e}.{p}_proj.{self.suffix}" for e in range(num_experts) for p in ("gate", "up")
         )
 
     def load(self, reader: Reader, shard: Shard | None) -> torch.Tensor:
@@ -167,29 +205,37 @@ class PerExpertGateUpSource:
         else:  # ranges of [0, 2I): below I they are gate rows, above I up rows
             gate_rows = [(a, b) for a, b in shard.ranges if b <= inter]
             up_rows = [(a - inter, b - inter) for a, b in shard.ranges if a >= inter]
+        if self.suffix != "weight":
+            gate_rows = block_ranges(gate_rows, inter, f"{self.base} gate_proj")
+            up_rows = block_ranges(up_rows, inter, f"{self.base} up_proj")
         stacked = []
         for e in _experts_of(shard, self.num_experts):
-            gate = reader.ranges(f"{self.base}.{e}.gate_proj.weight", 0, gate_rows)
-            up = reader.ranges(f"{self.base}.{e}.up_proj.weight", 0, up_rows)
+            gate = reader.ranges(f"{self.base}.{e}.gate_proj.{self.suffix}", 0, gate_rows)
+            up = reader.ranges(f"{self.base}.{e}.up_proj.{self.suffix}", 0, up_rows)
             stacked.append(torch.cat([gate.t(), up.t()], dim=1))
         return torch.stack(stacked)
 
 
 class PerExpertDownSource:
-    """`experts.{e}.down_proj.weight` ([H, I] each) -> `[E, I, H]`."""
+    """`experts.{e}.down_proj.weight` ([H, I] each) -> `[E, I, H]`; with `scales`, their
+    ``weight_scale_inv`` ([ceil(H/128), ceil(I/128)]) -> ``[E, ceil(I/128), ceil(H/128)]``."""
 
-    def __init__(self, base: str, num_experts: int):
-        self.base, self.num_experts = base, num_experts
-        self.keys = tuple(f"{base}.{e}.down_proj.weight" for e in range(num_experts))
+    def __init__(self, base: str, num_experts: int, intermediate: int, scales: bool = False):
+        self.base, self.num_experts, self.intermediate = base, num_experts, intermediate
+        self.suffix = "weight_scale_inv" if scales else "weight"
+        self.keys = tuple(f"{base}.{e}.down_proj.{self.suffix}" for e in range(num_experts))
 
     def load(self, reader: Reader, shard: Shard | None) -> torch.Tensor:
+        columns = None
+        if shard is not None and shard.dim != 0:  # the parameter's dim 1 (I): stored dim 1
+            columns = shard.ranges
+            if self.suffix != "weight":
+                columns = block_ranges(columns, self.intermediate, f"{self.base} down_proj")
         stacked = []
         for e in _experts_of(shard, self.num_experts):
-            key = f"{self.base}.{e}.down_proj.weight"
-            if shard is None or shard.dim == 0:
-                stacked.append(reader.full(key).t())
-            else:  # the parameter's dim 1 (I) is the stored tensor's dim 1
-                stacked.append(reader.ranges(key, 1, shard.ranges).t())
+            key = f"{self.base}.{e}.down_proj.{self.suffix}"
+            tensor = reader.full(key) if columns is None else reader.ranges(key, 1, columns)
+            stacked.append(tensor.t())
         return torch.stack(stacked)
 
 

@@ -92,6 +92,56 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class Fp8Config:
+    """config.json's ``quantization_config`` of a block FP8 checkpoint (transformers'
+    fine-grained FP8, the format of Qwen's published FP8 checkpoints): e4m3 weights with one
+    scale per 128x128 block, activations quantized dynamically (or not: the choice is each
+    kernel's), ``modules_to_not_convert`` kept in the model dtype."""
+
+    modules_to_not_convert: tuple[str, ...] = ()
+    activation_scheme: str = "dynamic"
+    fmt: str = "e4m3"
+    weight_block_size: tuple[int, int] = (128, 128)
+    quant_method: str = "fp8"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``quantization_config`` entry of config.json."""
+        return {
+            "quant_method": self.quant_method,
+            "fmt": self.fmt,
+            "activation_scheme": self.activation_scheme,
+            "weight_block_size": list(self.weight_block_size),
+            "modules_to_not_convert": list(self.modules_to_not_convert),
+        }
+
+
+def parse_quantization(raw: dict[str, Any] | None) -> Fp8Config | None:
+    """The checkpoint's quantization, or None for a float checkpoint; refuses what the kernels
+    cannot run."""
+    if not raw:
+        return None
+    method = raw.get("quant_method")
+    if method != "fp8":
+        raise ModelConfigError(
+            f"config.json: quantization_config quant_method {method!r} is not supported (only "
+            "fp8: transformers' fine-grained FP8, as Qwen publishes its FP8 checkpoints)"
+        )
+    block = tuple(int(b) for b in raw.get("weight_block_size") or ())
+    fmt = str(raw.get("fmt", "e4m3"))
+    if block != (128, 128) or fmt != "e4m3":
+        raise ModelConfigError(
+            f"config.json: FP8 with weight_block_size {list(block)} and fmt {fmt!r} is not "
+            "supported (only [128, 128] blocks of e4m3)"
+        )
+    if raw.get("scale_fmt", "float") != "float":
+        raise ModelConfigError("config.json: only float FP8 scales (scale_fmt 'float')")
+    return Fp8Config(
+        modules_to_not_convert=tuple(raw.get("modules_to_not_convert") or ()),
+        activation_scheme=str(raw.get("activation_scheme", "dynamic")),
+    )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A whole checkpoint's configuration: text model, optional vision tower, special token ids."""
 
@@ -106,6 +156,7 @@ class ModelConfig:
     vision_end_token_id: int | None = None
     # Which transformers wrote config.json; decides the fused-expert layout when shapes cannot.
     transformers_version: str | None = None
+    quantization: Fp8Config | None = None  # None: float weights throughout
 
     @property
     def is_vl(self) -> bool:
@@ -283,6 +334,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
             vision_start_token_id=int(raw.get("vision_start_token_id", 151652)),
             vision_end_token_id=int(raw.get("vision_end_token_id", 151653)),
             transformers_version=raw.get("transformers_version"),
+            quantization=parse_quantization(raw.get("quantization_config")),
         )
     if model_type in TEXT_MODEL_TYPES:
         return ModelConfig(
@@ -292,6 +344,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             dtype=dtype,
             transformers_version=raw.get("transformers_version"),
+            quantization=parse_quantization(raw.get("quantization_config")),
         )
     supported = ", ".join(VL_MODEL_TYPES + TEXT_MODEL_TYPES)
     raise ModelConfigError(

@@ -218,10 +218,13 @@ def load_parallel_text_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     expert_dtype: torch.dtype | None = None,
+    quantization: str | None = None,
 ) -> tuple[Qwen3MoeForCausalLM, Counter[str]]:
-    """This rank's model, read as slices; returns it and the bytes read per tensor."""
+    """This rank's model, read as slices (an FP8 checkpoint's scales sharded with their
+    weights; ``quantization="fp8"`` quantizes a float checkpoint's slices after loading);
+    returns it and the bytes read per tensor."""
     config = load_config(model_dir)
-    model = build_text_model(config)
+    model = build_text_model(config, model_dir)
     specs = shard_specs(config.text, layout)
     prefixes, skip, square_is_v5 = text_plan_args(config)
     bytes_read = load_weights(
@@ -235,7 +238,7 @@ def load_parallel_text_model(
         shards=specs,
         expert_dtype=expert_dtype,
     )
-    model = finish_text_model(model, config)
+    model = finish_text_model(model, config, quantization)
     if layout.world_size > 1:
         attach_collectives(model, config.text, layout, group)
     return model, bytes_read

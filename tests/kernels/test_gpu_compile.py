@@ -1,7 +1,7 @@
 """Every Triton launch the server makes at the 30B-A3B shapes compiles for an H200 (sm_90) in bf16
 and in fp32, without spilling registers or overrunning shared memory; checked on the CPU with
 Triton's own compiler (no GPU needed). The start-up warm-up's launches are among them, so the
-small fused ops are checked too."""
+small fused ops are checked too, and so are the block-FP8 linears and experts (w8a8 and w8a16)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def test_bf16_and_fp32_launches_compile_without_spills():
     lines = [line for line in result.stdout.splitlines() if line.startswith("_")]
     kinds = {line.split()[0] for line in lines}
     assert {"_gate_up_kernel", "_down_kernel", "_decode_kernel", "_prefill_kernel"} <= kinds
+    assert "_fp8_linear_kernel" in kinds
     fused = {"_add_rms_norm_kernel", "_qk_norm_rope_kernel", "_router_topk_kernel"}
     assert fused | {"_kv_store_kernel", "_align_kernel", "_decode_merge_kernel"} <= kinds
     # Sizes are not specialized on: one decode kernel per dtype for every batch and context.

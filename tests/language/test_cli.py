@@ -69,6 +69,29 @@ def test_dtype_aliases_and_errors():
         parser.parse_args(["--model", "m", "--dtype", "bogus"])
 
 
+def test_quantization_reaches_the_engine_config(tmp_path, tiny_vl_dir):
+    from dataclasses import replace
+
+    from services.language.engine import EngineConfig, EngineConfigError
+    from shared.model.config import Fp8Config, load_config
+
+    parser = build_parser()
+    args = parser.parse_args(["--model", str(tmp_path), "--quantization", "fp8"])
+    engine = engine_config(args)
+    assert engine.quantization == "fp8"
+    assert engine_config(parser.parse_args(["--model", "m"])).quantization is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--quantization", "int4"])
+    with pytest.raises(EngineConfigError, match="--quantization"):
+        EngineConfig(quantization="awq")
+    # How the weights are held: the flag's, else the checkpoint's
+    float_config = load_config(tiny_vl_dir)
+    fp8_config = replace(float_config, quantization=Fp8Config())
+    assert EngineConfig().weights_quantization(float_config) is None
+    assert EngineConfig().weights_quantization(fp8_config) == "fp8"
+    assert engine.weights_quantization(float_config) == "fp8"
+
+
 def test_missing_model_is_a_one_line_error(tmp_path, caplog):
     from services.language.server import main
 

@@ -76,14 +76,20 @@ def build_executor(
 ) -> tuple[Executor, int]:
     """(executor, KV blocks per rank): in this process, or over tensor-parallel ranks."""
     dtype, expert_dtype = config.model_dtypes(model_config)
-    if expert_dtype is not None:
+    quantization = config.weights_quantization(model_config)
+    if quantization is not None:
+        source = "the checkpoint's" if model_config.quantization else "quantized at load"
+        log.info("language weights in %s (%s), computing in %s", quantization, source, dtype)
+    elif expert_dtype is not None:
         log.info("computing in %s with the routed experts' weights in %s", dtype, expert_dtype)
     if config.tensor_parallel_size == 1:
         threads = config.threads_per_rank()
         if threads is not None:
             torch.set_num_threads(threads)
             log.info("intra-op threads: %d", threads)
-        model = load_text_model(model_dir, dtype, config.device, expert_dtype).eval()
+        model = load_text_model(
+            model_dir, dtype, config.device, expert_dtype, config.quantization
+        ).eval()
         num_blocks = num_kv_blocks(model, model_config, setup)
         return LocalExecutor(build_runner(model, model_config, setup, num_blocks)), num_blocks
     specs = [
@@ -96,6 +102,7 @@ def build_executor(
             expert_dtype,
             device,
             setup,
+            config.quantization,
             "127.0.0.1",
             0,
             config.threads_per_rank(),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from shared.model.config import DTYPES, ModelConfig
+from shared.model.fp8 import QUANTIZATIONS
 from shared.wire.units import compute_dtype, resolve_dtype
 
 
@@ -28,6 +29,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_queue_len: int = 1024
     dtype: str = "auto"  # "auto": the checkpoint's (float32 on a CPU without native bf16)
+    # "fp8": quantize a float checkpoint's projections and experts at load; None: as stored
+    quantization: str | None = None
     device: str = "cpu"
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     # Pad decode-only steps to capture sizes; None: only where graphs replay them (CUDA).
@@ -62,6 +65,10 @@ class EngineConfig:
             raise EngineConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise EngineConfigError(f"dtype must be auto or one of {sorted(DTYPES)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise EngineConfigError(
+                f"--quantization {self.quantization!r}: only {', '.join(QUANTIZATIONS)}"
+            )
         if self.tensor_parallel_size < 1:
             raise EngineConfigError(
                 f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"
@@ -103,6 +110,13 @@ class EngineConfig:
 
         # Without the kernel the reference would widen every expert's weights per call.
         return dtype, (wanted if cpu_kernels.available() else None)
+
+    def weights_quantization(self, model_config: ModelConfig) -> str | None:
+        """How the language model's weights are stored in memory: "fp8" (the checkpoint's, or
+        quantized at load) or None."""
+        if self.quantization is not None:
+            return self.quantization
+        return None if model_config.quantization is None else model_config.quantization.quant_method
 
     @property
     def cuda_graphs(self) -> bool:

@@ -39,6 +39,8 @@ class APIConfig:
     model_name: str
     api_key: str | None = None
     model_root: str | None = None  # the checkpoint path, reported as /v1/models "root"
+    # How the language weights are held ("fp8"), reported as /v1/models "quantization"
+    quantization: str | None = None
     max_n: int = 8
     max_request_bytes: int = 64 * 2**20
 
@@ -129,6 +131,7 @@ def create_app(frontend: LanguageFrontend, config: APIConfig, lifespan=None) -> 
             "root": config.model_root or config.model_name,
             "parent": None,
             "max_model_len": frontend.window.max_model_len,
+            "quantization": config.quantization,
         }
 
     def check_model(name: str | None) -> None:

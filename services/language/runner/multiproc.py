@@ -61,6 +61,7 @@ class RankSpec:
     expert_dtype: torch.dtype | None  # the routed experts' weights, where not `dtype`
     device: str
     setup: RunnerSetup
+    quantization: str | None  # "fp8": quantize a float checkpoint's slices at load
     store_host: str
     store_port: int
     threads: int | None
@@ -95,7 +96,7 @@ def load_rank(spec: RankSpec, control: dist.ProcessGroup) -> tuple[ModelRunner, 
         torch.cuda.set_device(device)
     layout = ParallelLayout(spec.rank, spec.world_size, spec.expert_parallel)
     model, bytes_read = load_parallel_text_model(
-        spec.model_dir, layout, None, spec.dtype, device, spec.expert_dtype
+        spec.model_dir, layout, None, spec.dtype, device, spec.expert_dtype, spec.quantization
     )
     config = load_config(spec.model_dir)
     blocks = torch.tensor([num_kv_blocks(model.eval(), config, spec.setup)])

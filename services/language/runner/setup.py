@@ -16,6 +16,7 @@ from services.language.runner.kv_pool import KVCache, KVCacheSpec
 from services.language.runner.model_runner import ModelRunner, RunnerConfig
 from shared.kernels import select
 from shared.model.config import ModelConfig
+from shared.model.layers.linear import Fp8Linear
 from shared.model.layers.moe import SparseMoeBlock
 
 log = logging.getLogger(__name__)
@@ -130,5 +131,22 @@ def warm_up_kernels(model: nn.Module, config: ModelConfig, runner: ModelRunner) 
         max_blocks_per_seq=limits.max_blocks_per_seq,
     )
     kv = runner.kv_cache
-    experts = (moe.experts.gate_up_proj, moe.experts.down_proj) if moe is not None else None
-    return warm_up(shapes, kv.k[0], kv.v[0], kv.scratch_block, experts, runner.dtype)
+    experts = None
+    if moe is not None:
+        e = moe.experts
+        scales = (e.gate_up_proj_scale_inv, e.down_proj_scale_inv) if e.is_fp8 else ()
+        experts = (e.gate_up_proj, e.down_proj, *scales)
+    linears = {  # one of each FP8 projection shape (all layers share them)
+        tuple(m.weight.shape): (m.weight, m.weight_scale_inv)
+        for m in model.modules()
+        if isinstance(m, Fp8Linear)
+    }
+    return warm_up(
+        shapes,
+        kv.k[0],
+        kv.v[0],
+        kv.scratch_block,
+        experts,
+        runner.dtype,
+        tuple(linears.values()),
+    )

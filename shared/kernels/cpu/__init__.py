@@ -1,4 +1,5 @@
-"""C++ CPU kernels: routed experts and paged decode attention (``torch.ops.splitvl``).
+"""C++ CPU kernels: routed experts (float or block FP8 weights), FP8 linears and paged decode
+attention (``torch.ops.splitvl``).
 
 Compiled on first use by `available()` (never at import), once per machine, into a cache
 keyed by sources, flags, compiler, torch and CPU (see `shared.kernels.cpu.build`);
@@ -15,7 +16,12 @@ import threading
 
 import torch
 
-from shared.kernels.reference import fused_moe_torch, paged_decode_torch
+from shared.kernels.reference import (
+    fp8_linear_torch,
+    fused_moe_fp8_torch,
+    fused_moe_torch,
+    paged_decode_torch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +29,10 @@ _DTYPES = (torch.float32, torch.bfloat16)
 # Mean rows per expert from which the fp32 reference's GEMMs beat the kernel (measured on the
 # medium shape: even at 32-64 rows, 1.3x faster at 128 and more).
 GEMM_ROWS = 96
+# Rows of x from which an fp8 linear dequantizes its weight (in C++) for oneDNN's GEMM: the
+# kernel's fp32 FMAs are faster below, the GEMM's bf16 dot products above (crossing at 24-32
+# rows at 1024 x 512 and 2048 x 4096, bf16, one thread, AVX512-BF16 + AMX).
+FP8_GEMM_ROWS = 32
 _lock = threading.Lock()
 _loaded: bool | None = None
 _error: str | None = None
@@ -87,6 +97,47 @@ def fused_moe(
     if not ok or gemm_bound or _reference_needed(x, gate_up, down, weights):
         return fused_moe_torch(x, gate_up, down, weights, ids)
     return torch.ops.splitvl.fused_moe(x, gate_up, down, weights, ids)
+
+
+def fused_moe_fp8(
+    x: torch.Tensor,  # [T, H]
+    gate_up: torch.Tensor,  # [E, H, 2I] e4m3
+    down: torch.Tensor,  # [E, I, H] e4m3
+    gate_up_scale: torch.Tensor,  # [E, ceil(H/128), 2 ceil(I/128)] fp32
+    down_scale: torch.Tensor,  # [E, ceil(I/128), ceil(H/128)] fp32
+    weights: torch.Tensor,  # [T, k], x.dtype
+    ids: torch.Tensor,  # [T, k] int64
+) -> torch.Tensor:  # [T, H]
+    """See shared.kernels.reference.fused_moe_fp8_torch: weight-only (w8a16 / w8a32), the
+    e4m3 weights widened in registers and scaled per block, x float32 or bfloat16. Every size
+    takes the kernel, as bf16 weights do: the reference would dequantize every expert per call."""
+    ok = x.dtype in _DTYPES and weights.dtype == x.dtype
+    ok = ok and gate_up_scale.dtype == down_scale.dtype == torch.float32
+    tensors = (x, gate_up, down, gate_up_scale, down_scale, weights)
+    if not ok or _reference_needed(*tensors):
+        return fused_moe_fp8_torch(x, gate_up, down, gate_up_scale, down_scale, weights, ids)
+    return torch.ops.splitvl.fused_moe_fp8(
+        x, gate_up, down, gate_up_scale, down_scale, weights, ids
+    )
+
+
+def fp8_linear(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K] e4m3
+    scale: torch.Tensor,  # [ceil(N/128), ceil(K/128)] fp32
+) -> torch.Tensor:  # [M, N]
+    """See shared.kernels.reference.fp8_linear_torch: weight-only, x float32 or bfloat16. From
+    `FP8_GEMM_ROWS` rows (prefill) the weight is dequantized (in C++) to x's dtype for oneDNN's
+    GEMM, whose packed panels (bf16 dot products, AMX) beat the kernel's fp32 FMAs there."""
+    if x.dim() != 2:
+        return fp8_linear(x.reshape(-1, x.shape[-1]), weight, scale).view(*x.shape[:-1], -1)
+    ok = x.dtype in _DTYPES and scale.dtype == torch.float32
+    if not ok or _reference_needed(x, weight, scale):
+        return fp8_linear_torch(x, weight, scale)
+    if x.shape[0] >= FP8_GEMM_ROWS:
+        dense = torch.ops.splitvl.fp8_dequantize(weight, scale, x.dtype)
+        return torch.nn.functional.linear(x, dense)
+    return torch.ops.splitvl.fp8_linear(x, weight, scale)
 
 
 def paged_decode(

@@ -24,9 +24,12 @@ import torch
 
 NAME = "splitvl_cpu_kernels"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cpp", "moe.cpp", "attention.cpp")
+SOURCES = ("ops.cpp", "moe.cpp", "linear.cpp", "attention.cpp")
 HEADERS = ("common.h", "kernels.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-DNDEBUG")
+# Overrides -march=native: the tests build the code an AVX2-only or a pre-AVX CPU gets on this
+# machine (haswell, x86-64-v2) and check it too.
+MARCH_ENV = "SPLITVL_KERNEL_MARCH"
 LDFLAGS = ("-fopenmp",)
 LOCK_TIMEOUT_S = 300.0  # another process compiling the same directory: wait this long at most
 
@@ -48,6 +51,12 @@ _FEATURES = (
     "sve",
     "bf16",
 )
+
+
+def cflags() -> tuple[str, ...]:
+    """The compile flags, with $SPLITVL_KERNEL_MARCH for -march where set."""
+    march = os.environ.get(MARCH_ENV)
+    return tuple(f"-march={march}" if f == "-march=native" and march else f for f in CFLAGS)
 
 
 class BuildError(RuntimeError):
@@ -76,6 +85,11 @@ def _cpuinfo() -> tuple[str, list[str]]:
     return model, flags
 
 
+def cpu_model() -> str:
+    """This CPU's model name."""
+    return _cpuinfo()[0]
+
+
 def cpu_features() -> list[str]:
     """The SIMD features of this CPU that matter to the kernels."""
     flags = set(_cpuinfo()[1])
@@ -89,7 +103,7 @@ def cache_dir() -> Path:
         digest.update(name.encode() + b"\0" + (CSRC / name).read_bytes() + b"\0")
     model, flags = _cpuinfo()
     for part in (
-        *CFLAGS,
+        *cflags(),
         "|",
         *LDFLAGS,
         "|",
@@ -135,7 +149,7 @@ def _compile(directory: Path, verbose: bool) -> None:
             load(
                 name=NAME,
                 sources=[str(CSRC / s) for s in SOURCES],
-                extra_cflags=list(CFLAGS),
+                extra_cflags=list(cflags()),
                 extra_ldflags=list(LDFLAGS),
                 build_directory=str(directory),
                 is_python_module=False,
@@ -174,7 +188,7 @@ def library(verbose: bool = False) -> tuple[Path, bool]:
             _compile(directory, verbose)
             if not path.exists():
                 raise BuildError(f"the build left no {path.name} in {directory}")
-            marker.write_text(" ".join(CFLAGS) + "\n")
+            marker.write_text(" ".join(cflags()) + "\n")
             return path, True
     except Timeout as exc:
         raise BuildError(

@@ -10,6 +10,9 @@
 - fp32 -> bf16 casts: the interpreter truncates (rounds toward zero) where the compiled cast
   rounds to nearest even, so a kernel that rounds as torch rounds would differ from torch under
   the interpreter only. The fix rounds to nearest even.
+- fp32 -> e4m3 (fp8e4nv) casts: the interpreter rounds ties away from zero, flushes subnormals
+  and drops the carry when rounding up crosses a power of two (127.9 becomes 64). The fix casts
+  as torch does (nearest even, subnormals kept, saturating at 448 as the compiled cast does).
 
 ``apply()`` installs them once; it only touches the interpreter's own objects.
 """
@@ -82,6 +85,14 @@ def _round_to_bf16(values: np.ndarray) -> np.ndarray:
     return rounded.reshape(np.shape(values))
 
 
+def _round_to_e4m3(values: np.ndarray) -> np.ndarray:
+    """fp32 values -> e4m3 bit patterns (uint8), as torch casts them."""
+    import torch
+
+    fp32 = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    return fp32.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+
+
 def _apply_bf16_rounding() -> None:
     import triton.language as tl
     from triton._C.libtriton import ir
@@ -95,6 +106,8 @@ def _apply_bf16_rounding() -> None:
         nearest = rounding_mode in (None, ir.ROUNDING_MODE.RTNE)
         if input_dtype == tl.float32 and output_dtype == tl.bfloat16 and nearest:
             return _round_to_bf16(data)
+        if input_dtype == tl.float32 and output_dtype == tl.float8e4nv and nearest:
+            return _round_to_e4m3(data)
         return original(data, input_dtype, output_dtype, rounding_mode)
 
     convert_float._splitvl_rounding_fix = True

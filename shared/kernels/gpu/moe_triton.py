@@ -11,6 +11,11 @@ read back on the host and the whole op can be graph-captured.
   place and writes ``silu(gate) * up`` to row r of ``[T * k, I]``.
 - GEMM 2 multiplies by ``down [E, I, H]``, scales by the routing weight and writes row r of
   ``[T * k, H]``; a small kernel then sums each token's k rows in top-k order (no atomics).
+
+Block FP8 experts (``FP8``): the same tensors in e4m3 with one fp32 scale per 128x128 block
+(gate and up blocked apart, up's column blocks after gate's). Both GEMMs then step K one scale
+block at a time (BLOCK_K 128) and take each step's product through `fp8_triton.scaled_dot`:
+w8a8 (each activation tile quantized per row inside the kernel) or w8a16.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ import triton
 import triton.language as tl
 
 from shared.kernels.gpu import tiles
+from shared.kernels.gpu.fp8_triton import BLOCK_K as FP8_BLOCK_K
+from shared.kernels.gpu.fp8_triton import scaled_dot
 from shared.kernels.gpu.moe_align import align_block_size
+from shared.kernels.reference import fp8_blocks
 
 
 @triton.jit
@@ -54,6 +62,10 @@ def _gate_up_kernel(
     stride_wk,
     stride_wn,
     stride_or,
+    s_ptr,  # FP8: [E, ceil(H/128), 2 ceil(I/128)] fp32
+    stride_se,
+    stride_sk,
+    up_blocks,  # FP8: the first column block of up's scales
     TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -61,6 +73,8 @@ def _gate_up_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
+    ACT_QUANT: tl.constexpr,
 ):
     pid_m, pid_n = _block_ids(tl.program_id(0), max_blocks, tl.cdiv(inter, BLOCK_N), GROUP_M)
     if pid_m >= tl.load(num_blocks_ptr):
@@ -87,8 +101,13 @@ def _gate_up_kernel(
             a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
             g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
             u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
-        acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+        if FP8:  # BLOCK_K is the scale block: one scale per column this step
+            s_row = s_ptr + expert * stride_se + k * stride_sk + cols // BLOCK_K
+            acc_g += scaled_dot(a, g, tl.load(s_row), ACT_QUANT, PRECISION)
+            acc_u += scaled_dot(a, u, tl.load(s_row + up_blocks), ACT_QUANT, PRECISION)
+        else:
+            acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_xh
         g_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_wk
@@ -117,12 +136,17 @@ def _down_kernel(
     stride_wk,
     stride_wn,
     stride_or,
+    s_ptr,  # FP8: [E, ceil(I/128), ceil(H/128)] fp32
+    stride_se,
+    stride_sk,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
+    ACT_QUANT: tl.constexpr,
 ):
     pid_m, pid_n = _block_ids(tl.program_id(0), max_blocks, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     if pid_m >= tl.load(num_blocks_ptr):
@@ -145,7 +169,11 @@ def _down_kernel(
             k_ok = offs_k < inter - k * BLOCK_K
             a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if FP8:
+            scale = tl.load(s_ptr + expert * stride_se + k * stride_sk + cols // BLOCK_K)
+            acc += scaled_dot(a, w, scale, ACT_QUANT, PRECISION)
+        else:
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
     route = tl.load(weights_ptr + rows64, mask=valid, other=0.0).to(tl.float32)
@@ -199,18 +227,41 @@ class MoeShapeError(ValueError):
     """The fused-MoE operands do not fit together."""
 
 
-def _check(x, gate_up, down, weights, ids) -> None:
+def _check(x, gate_up, down, weights, ids, scales) -> None:
     num_tokens, hidden = x.shape
     num_experts, w_hidden, two_inter = gate_up.shape
     if w_hidden != hidden or two_inter % 2:
         raise MoeShapeError(f"gate_up {tuple(gate_up.shape)} does not fit x {tuple(x.shape)}")
     if tuple(down.shape) != (num_experts, two_inter // 2, hidden):
         raise MoeShapeError(f"down {tuple(down.shape)} does not fit gate_up {tuple(gate_up.shape)}")
+    if scales is not None:
+        inter = two_inter // 2
+        want = (num_experts, fp8_blocks(hidden), 2 * fp8_blocks(inter))
+        want_down = (num_experts, fp8_blocks(inter), fp8_blocks(hidden))
+        if tuple(scales[0].shape) != want or tuple(scales[1].shape) != want_down:
+            raise MoeShapeError(
+                f"FP8 scales {tuple(scales[0].shape)} and {tuple(scales[1].shape)} are not the "
+                f"128-blocks {want} and {want_down} of the experts"
+            )
     if ids.shape != weights.shape or ids.shape[0] != num_tokens:
         raise MoeShapeError(
             f"ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must "
             f"both be [T={num_tokens}, k]"
         )
+
+
+def fp8_tiles(cfg: dict[str, int], dtype: torch.dtype) -> dict[str, int]:
+    """A bf16 table entry adapted to FP8 experts: a K step is one 128-deep scale block, and the
+    activation tile's quantization holds it in fp32 registers, so row tiles stop at 64 (32 for
+    fp32 activations, twice the bytes) and take a warp per KiB of activation-sized outputs:
+    else they spill on sm_90 (`bench.kernels_triton --compile-only`)."""
+    cfg = {**cfg, "BLOCK_SIZE_K": FP8_BLOCK_K}
+    if dtype.itemsize > 2:
+        cfg["BLOCK_SIZE_M"] = max(16, cfg["BLOCK_SIZE_M"] // 2)
+    cfg["BLOCK_SIZE_M"] = min(cfg["BLOCK_SIZE_M"], 64)
+    warps = cfg["BLOCK_SIZE_M"] * cfg["BLOCK_SIZE_N"] * dtype.itemsize // 1024
+    cfg["num_warps"] = min(16, max(cfg["num_warps"], warps))
+    return cfg
 
 
 def fused_moe_triton(
@@ -220,10 +271,13 @@ def fused_moe_triton(
     weights: torch.Tensor,  # [T, k]
     ids: torch.Tensor,  # [T, k], E: no expert
     config: dict[str, int] | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    act_quant: bool = True,
 ) -> torch.Tensor:  # [T, H]
     """Same contract as ``shared.kernels.reference.fused_moe_torch``; ``config`` overrides the
-    tile configuration (the tuner, the start-up warm-up)."""
-    _check(x, gate_up, down, weights, ids)
+    tile configuration (the tuner, the start-up warm-up). With ``scales`` (gate_up's, down's)
+    the experts are block FP8: ``fused_moe_fp8_torch``'s contract (``act_quant``: w8a8)."""
+    _check(x, gate_up, down, weights, ids, scales)
     num_tokens, hidden = x.shape
     num_experts, inter = gate_up.shape[0], gate_up.shape[2] // 2
     top_k = ids.shape[1]
@@ -233,6 +287,10 @@ def fused_moe_triton(
         return out
     ids = ids.contiguous()
     cfg = config or tiles.moe_config(num_experts, inter, num_tokens, x.device, x.dtype)
+    fp8 = scales is not None
+    if fp8 and config is None:
+        cfg = fp8_tiles(cfg, x.dtype)
+    gate_up_scale, down_scale = scales if fp8 else (x, x)  # unread without FP8
     block_m, block_n, block_k = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     sorted_rows, block_expert, num_blocks = align_block_size(ids, num_experts, block_m)
@@ -257,6 +315,10 @@ def fused_moe_triton(
         gate_up.stride(1),
         gate_up.stride(2),
         h.stride(0),
+        gate_up_scale,
+        gate_up_scale.stride(0) if fp8 else 0,
+        gate_up_scale.stride(1) if fp8 else 0,
+        fp8_blocks(inter),
         TOP_K=top_k,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -264,6 +326,8 @@ def fused_moe_triton(
         GROUP_M=cfg["GROUP_SIZE_M"],
         EVEN_K=hidden % block_k == 0,
         PRECISION=precision,
+        FP8=fp8,
+        ACT_QUANT=fp8 and act_quant,
         **launch,
     )
 
@@ -286,12 +350,17 @@ def fused_moe_triton(
         down.stride(1),
         down.stride(2),
         terms.stride(0),
+        down_scale,
+        down_scale.stride(0) if fp8 else 0,
+        down_scale.stride(1) if fp8 else 0,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         GROUP_M=cfg["GROUP_SIZE_M"],
         EVEN_K=inter % block_k == 0,
         PRECISION=precision,
+        FP8=fp8,
+        ACT_QUANT=fp8 and act_quant,
         **launch,
     )
     block_h = min(1024, triton.next_power_of_2(hidden))

@@ -12,7 +12,9 @@ So one small call per variant compiles them all:
   K/V store, paged decode (and its merge) and both prefill tile heights, the router with and
   without a count of real rows;
 - per MoE token bucket up to the step's token limit: the routed experts with that bucket's tile
-  configuration (the variant depends on it, not on the token count, so one token runs it).
+  configuration (the variant depends on it, not on the token count, so one token runs it);
+- block FP8 models: the FP8 experts the same way, and each FP8 linear in each row bucket of its
+  tiles (`fp8_triton.linear_config`).
 
 Operands are laid out as the model lays them out (q, k, v as views of one projection, int32 block
 tables, int64 lengths and slots), on the real K/V cache (writing only its scratch block) and the
@@ -27,12 +29,21 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.kernels.gpu import attention_triton, fused_triton, moe_triton, prefill_triton, tiles
+from shared.kernels.gpu import (
+    attention_triton,
+    fp8_triton,
+    fused_triton,
+    moe_triton,
+    prefill_triton,
+    tiles,
+)
 
 log = logging.getLogger(__name__)
 
 # Prefill chunks up to this many tokens use the short tile (`prefill_triton`).
 SHORT_PREFILL = 32
+# A row count in each of `fp8_triton.linear_config`'s buckets.
+FP8_ROW_BUCKETS = (1, 17, 33, 65)
 
 
 @dataclass(frozen=True)
@@ -71,14 +82,24 @@ def warm_up(
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D] one layer's cache
     v_cache: torch.Tensor,
     scratch_block: int,
-    experts: tuple[torch.Tensor, torch.Tensor] | None,  # one MoE layer's (gate_up, down)
+    experts: tuple[torch.Tensor, ...] | None,  # one MoE layer's (gate_up, down[, their scales])
     dtype: torch.dtype,
+    fp8_linears: tuple[tuple[torch.Tensor, torch.Tensor], ...] = (),  # (weight, scale) each
+    act_quant: bool | None = None,  # the FP8 variant, w8a8 or w8a16; None: the backend's
 ) -> float:
     """Launch every variant once (their results are discarded); returns the seconds taken."""
+    from shared.kernels.gpu import fp8_act_quant
+
+    act_quant = fp8_act_quant(dtype) if act_quant is None else act_quant
     t0 = time.perf_counter()
     device = k_cache.device
     _attention(shapes, k_cache, v_cache, scratch_block, dtype)
-    num_configs = _moe(shapes, *experts, dtype) if experts is not None else 0
+    num_configs = _moe(shapes, experts, dtype, act_quant) if experts is not None else 0
+    for weight, scale in fp8_linears:
+        for rows in FP8_ROW_BUCKETS:
+            if rows <= shapes.max_num_tokens:
+                x = torch.zeros(rows, weight.shape[1], dtype=dtype, device=device)
+                fp8_triton.fp8_linear_triton(x, weight, scale, act_quant)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -129,9 +150,10 @@ def _attention(shapes, k_cache, v_cache, scratch_block, dtype) -> None:
     attention_triton.paged_decode_triton(q, k_cache, v_cache, tables, lens, 1.0)
 
 
-def _moe(shapes, gate_up, down, dtype) -> int:
+def _moe(shapes, experts, dtype, act_quant) -> int:
     """Routing with and without a count, then the experts in each bucket's tiles; returns the
     number of tile configurations."""
+    gate_up, down, *scales = experts
     device = gate_up.device
     num_experts, inter = gate_up.shape[0], gate_up.shape[2] // 2
     logits = torch.zeros(1, num_experts, dtype=dtype, device=device)
@@ -143,5 +165,7 @@ def _moe(shapes, gate_up, down, dtype) -> int:
     x = torch.zeros(1, shapes.hidden_size, dtype=dtype, device=device)
     configs = moe_tile_configs(num_experts, inter, shapes.max_num_tokens, device, dtype)
     for config in configs:
-        moe_triton.fused_moe_triton(x, gate_up, down, weights, ids, config=config)
+        moe_triton.fused_moe_triton(
+            x, gate_up, down, weights, ids, config, tuple(scales) or None, act_quant
+        )
     return len(configs)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.kernels.select import qk_norm_rope
+from shared.model.layers.linear import fuse_linears
 from shared.model.layers.norm import RMSNorm
 
 
@@ -73,7 +74,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
         self.q_norm = RMSNorm(head_dim, rms_norm_eps)
         self.k_norm = RMSNorm(head_dim, rms_norm_eps)
-        self.qkv_proj: nn.Linear | None = None  # set by fuse_qkv after loading
+        self.qkv_proj: nn.Module | None = None  # set by fuse_qkv after loading
         self._qkv_sizes: tuple[int, int, int] = ()
 
     @property
@@ -93,11 +94,12 @@ class Attention(nn.Module):
         three). Done after loading, so checkpoints keep their q/k/v names."""
         if self.qkv_proj is not None:
             return
-        weights = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
-        self._qkv_sizes = tuple(w.shape[0] for w in weights)
-        fused = torch.cat(weights)
-        self.qkv_proj = nn.Linear(fused.shape[1], fused.shape[0], bias=False, device="meta")
-        self.qkv_proj.weight = nn.Parameter(fused, requires_grad=False)
+        parts = [self.q_proj, self.k_proj, self.v_proj]
+        fused = fuse_linears(parts)
+        if fused is None:  # FP8 heads that end inside a scale block: three GEMMs
+            return
+        self._qkv_sizes = tuple(p.weight.shape[0] for p in parts)
+        self.qkv_proj = fused
         del self.q_proj, self.k_proj, self.v_proj
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.model.layers.linear import fuse_linears
+
 
 class DenseMLP(nn.Module):
     """down(silu(gate(x)) * up(x)), no biases."""
@@ -13,15 +15,16 @@ class DenseMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.gate_up_proj: nn.Linear | None = None  # set by fuse_gate_up after loading
+        self.gate_up_proj: nn.Module | None = None  # set by fuse_gate_up after loading
 
     def fuse_gate_up(self) -> None:
         """One projection of the concatenated gate and up weights (one GEMM instead of two)."""
         if self.gate_up_proj is not None:
             return
-        fused = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        self.gate_up_proj = nn.Linear(fused.shape[1], fused.shape[0], bias=False, device="meta")
-        self.gate_up_proj.weight = nn.Parameter(fused, requires_grad=False)
+        fused = fuse_linears([self.gate_proj, self.up_proj])
+        if fused is None:  # FP8 gate rows ending inside a scale block: two GEMMs
+            return
+        self.gate_up_proj = fused
         del self.gate_proj, self.up_proj
 
     def forward(

@@ -1,12 +1,16 @@
-// Shared pieces of the CPU kernels: 8-lane float vectors, bf16 <-> fp32, a vector exp and a
-// cost-balanced split of work items over ATen's intra-op threads.
+// Shared pieces of the CPU kernels: 8-lane float vectors, bf16 and fp8 -> fp32, a vector exp
+// and a cost-balanced split of work items over ATen's intra-op threads.
 //
 // The vectors are GCC/Clang vector extensions, so one source compiles to AVX2+FMA, AVX-512 or
 // plain SSE depending on -march; bf16 widens in registers (zero-extend, shift left 16) because
-// decode is memory-bound and bf16 halves the bytes read.
+// decode is memory-bound and bf16 halves the bytes read. fp8 (e4m3) halves them again: it
+// widens through fp16 (F16C, on every AVX2 CPU), a lookup table elsewhere.
 #pragma once
 
 #include <ATen/Parallel.h>
+#if defined(__F16C__) && defined(__SSE4_1__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -28,6 +32,25 @@ constexpr int kLanes = 8;
 
 inline f8 splat(float s) { return f8{s, s, s, s, s, s, s, s}; }
 
+// What `load8` of fp8 weights returns, times this, is their value: scales carry the factor.
+constexpr float kFp8Unit = 256.f;
+constexpr int64_t kFp8Block = 128;  // weights per scale along each dimension
+
+// e4m3 bits -> value / kFp8Unit, for CPUs without F16C: sign, 4 exponent bits (bias 7, 0 for
+// subnormals), 3 mantissa bits; 0x7f and 0xff (NaN) never occur in quantized weights.
+inline const float* fp8_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(256);
+    for (int b = 0; b < 256; ++b) {
+      const int e = (b >> 3) & 15, m = b & 7;
+      const float mag = e == 0 ? std::ldexp(m / 8.f, -6) : std::ldexp(1.f + m / 8.f, e - 7);
+      t[b] = ((b & 0x80) ? -mag : mag) / kFp8Unit;
+    }
+    return t;
+  }();
+  return table.data();
+}
+
 inline f8 load8(const float* p) {
   f8 v;
   std::memcpy(&v, p, sizeof(v));
@@ -39,6 +62,23 @@ inline f8 load8(const bf16* p) {
   std::memcpy(&h, p, sizeof(h));
   u8v w = __builtin_convertvector(h, u8v) << 16;
   return reinterpret_cast<f8&>(w);
+}
+
+// e4m3 / 256 (the factor 256 goes into the block scales, see kFp8Unit). Placed in fp16 bits
+// (sign at 15, exponent and mantissa at 13..7) an e4m3 value reads as itself over 2^8, its
+// subnormals included, and fp16 -> fp32 is exact: no fp32 denormals, so no slow assists.
+inline f8 load8(const fp8* p) {
+#if defined(__F16C__) && defined(__SSE4_1__)
+  // Sign-extended, shifted left 7: the sign lands on bit 15 and on bit 14, which is cleared.
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i bits = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(bytes), 7),
+                                     _mm_set1_epi16(static_cast<short>(0xBFFF)));
+  return reinterpret_cast<f8>(_mm256_cvtph_ps(bits));
+#else
+  f8 v;
+  for (int i = 0; i < kLanes; ++i) v[i] = fp8_table()[p[i]];
+  return v;
+#endif
 }
 
 // The first n (< 8) elements, zeros after: for row tails of sizes that are not multiples of 8.

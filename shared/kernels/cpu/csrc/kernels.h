@@ -7,16 +7,30 @@
 namespace splitvl {
 
 using bf16 = uint16_t;  // raw bf16 bits
+using fp8 = uint8_t;    // raw float8_e4m3fn bits
 
 // out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j], summed
 // in j order. gate_up [E, H, 2I] (gate = first I columns), down [E, I, H]. T (x, weights,
 // out) and W (the expert weights) are float or bf16 (raw uint16 bits): <float, float>,
-// <bf16, bf16> and <float, bf16>. Id E routes a row to no expert (a zero term). Returns the
-// index of the first id outside [0, E], or -1.
+// <bf16, bf16> and <float, bf16>; or W is fp8 with T float or bf16, and the fp32 block scales
+// gate_up_scale [E, ceil(H/128), 2 ceil(I/128)] (gate's column blocks, then up's) and
+// down_scale [E, ceil(I/128), ceil(H/128)] (nullptr for other W). Id E routes a row to no
+// expert (a zero term). Returns the index of the first id outside [0, E], or -1.
 template <typename T, typename W>
 int64_t fused_moe(const T* x, const W* gate_up, const W* down, const T* weights,
                   const int64_t* ids, T* out, int64_t num_tokens, int64_t hidden,
-                  int64_t inter, int64_t num_experts, int64_t top_k);
+                  int64_t inter, int64_t num_experts, int64_t top_k,
+                  const float* gate_up_scale = nullptr, const float* down_scale = nullptr);
+
+// out [M, N] = x [M, K] . W^T for W [N, K] in e4m3 with fp32 block scales [ceil(N/128),
+// ceil(K/128)]; T (x, out) float or bf16.
+template <typename T>
+void fp8_linear(const T* x, const fp8* weight, const float* scale, T* out, int64_t rows,
+                int64_t out_features, int64_t in_features);
+
+// out [rows, cols] (float or bf16) = W times its block scales, W [rows, cols] e4m3.
+template <typename T>
+void fp8_dequantize(const fp8* weight, const float* scale, T* out, int64_t rows, int64_t cols);
 
 struct CacheLayout {
   int64_t block_stride, row_stride, head_stride;  // elements; head_dim is contiguous

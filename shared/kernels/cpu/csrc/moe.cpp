@@ -7,6 +7,12 @@
 // parts of the weights (the bound at decode sizes). A final pass adds each token's k rows in
 // j order (and the slices in s order). Each output element is computed by one item in a fixed
 // order and the slicing depends on the shapes only: results do not depend on the thread count.
+//
+// fp8 weights carry one scale per 128x128 block: every step of the weight rows stays inside one
+// block row (the steps are 16 or 128 rows, slices start on 128-column blocks) and every 8-column
+// tile inside one block column, so a tile multiplies its widened weights by one scale per step.
+#include <type_traits>
+
 #include "common.h"
 #include "kernels.h"
 
@@ -24,11 +30,28 @@ constexpr int64_t kSliceRows = 4096; // at most this many (row, slice) partial r
 constexpr int64_t kChunk = 1024;     // tokens per pass, bounding the scratch buffers
 constexpr int64_t kLine = 64;
 
+template <typename W>
+constexpr bool kScaled = std::is_same_v<W, fp8>;
+
+// Where the scale of a weight lives: (row k, column c) of column stream s, relative to this
+// view's first weight row and each stream's first column, are in block (row0 + k / 128,
+// col0[s] + c / 128). Unused (p == nullptr) for unscaled weights.
+struct BlockScales {
+  const float* p = nullptr;
+  int64_t row_stride = 0, row0 = 0, col0[2] = {0, 0};
+
+  float at(int s, int64_t k, int64_t c) const {
+    return p[(row0 + k / kFp8Block) * row_stride + col0[s] + c / kFp8Block] * kFp8Unit;
+  }
+};
+
 // c0[m] += a[m][k0:k1] . b0[k0:k1, 0:8], c1[m] likewise with b1 (rows ldb apart). n0 / n1:
 // valid columns of each stream (8 when FULL). pf: prefetch this many rows ahead (0: none).
+// s0 / s1: the streams' block scales over these weight rows (fp8 weights only).
 template <int MR, bool FULL, typename W>
 inline void tile(const float* const* a, int64_t k0, int64_t k1, const W* b0, const W* b1,
-                 int64_t ldb, int n0, int n1, int64_t pf, f8 (&c0)[MR], f8 (&c1)[MR]) {
+                 int64_t ldb, int n0, int n1, int64_t pf, f8 s0, f8 s1, f8 (&c0)[MR],
+                 f8 (&c1)[MR]) {
   const float* ar[MR];
   for (int m = 0; m < MR; ++m) ar[m] = a[m];
   for (int64_t k = k0; k < k1; ++k) {
@@ -38,8 +61,12 @@ inline void tile(const float* const* a, int64_t k0, int64_t k1, const W* b0, con
       __builtin_prefetch(r0 + pf * ldb);
       __builtin_prefetch(r1 + pf * ldb);
     }
-    const f8 w0 = FULL ? load8(r0) : load_partial(r0, n0);
-    const f8 w1 = FULL ? load8(r1) : load_partial(r1, n1);
+    f8 w0 = FULL ? load8(r0) : load_partial(r0, n0);
+    f8 w1 = FULL ? load8(r1) : load_partial(r1, n1);
+    if constexpr (kScaled<W>) {
+      w0 *= s0;
+      w1 *= s1;
+    }
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       const f8 av = splat(ar[m][k]);
@@ -67,8 +94,8 @@ struct Segments {
 // last weight rows, else parks them in acc.
 template <bool FULL, typename W, typename Epi>
 inline void tile_rows(int r, const float* const* a, int64_t k0, int64_t k1, bool last,
-                      const W* b0, const W* b1, int64_t ldb, int n0, int n1, int64_t pf,
-                      float* acc, const Epi& epi) {
+                      const W* b0, const W* b1, int64_t ldb, int n0, int n1, int64_t pf, f8 s0,
+                      f8 s1, float* acc, const Epi& epi) {
   switch (r) {
 #define SPLITVL_TILE_CASE(R)                                      \
   case R: {                                                       \
@@ -77,7 +104,7 @@ inline void tile_rows(int r, const float* const* a, int64_t k0, int64_t k1, bool
       c0[m] = k0 == 0 ? splat(0.f) : load8(acc + m * 16);         \
       c1[m] = k0 == 0 ? splat(0.f) : load8(acc + m * 16 + kLanes); \
     }                                                             \
-    tile<R, FULL>(a, k0, k1, b0, b1, ldb, n0, n1, pf, c0, c1);    \
+    tile<R, FULL>(a, k0, k1, b0, b1, ldb, n0, n1, pf, s0, s1, c0, c1); \
     for (int m = 0; m < R; ++m) {                                 \
       if (last) {                                                 \
         epi(m, c0[m], c1[m]);                                     \
@@ -103,7 +130,8 @@ inline void tile_rows(int r, const float* const* a, int64_t k0, int64_t k1, bool
 // order, before the next (which is prefetched), with the sums in L1. With so few rows the
 // arithmetic is a few instructions per weight vector, so only the read pattern matters.
 template <int MR, typename W>
-void stream_rows(const float* const* a, int64_t K, const Segments& seg, float* acc) {
+void stream_rows(const float* const* a, int64_t K, const Segments& seg, const BlockScales& sc,
+                 float* acc) {
   const int64_t cols0 = seg.len[0] / static_cast<int64_t>(sizeof(W));
   const int64_t cols = cols0 + seg.len[1] / static_cast<int64_t>(sizeof(W));
   std::fill(acc, acc + MR * cols, 0.f);
@@ -118,16 +146,26 @@ void stream_rows(const float* const* a, int64_t K, const Segments& seg, float* a
       const W* w = reinterpret_cast<const W*>(row + seg.off[s]);
       const int64_t n = seg.len[s] / static_cast<int64_t>(sizeof(W));
       float* dst = acc + (s == 0 ? 0 : cols0);
-      int64_t c = 0;
-      for (; c + kLanes <= n; c += kLanes) {
-        const f8 wv = load8(w + c);
-        for (int m = 0; m < MR; ++m) store8(dst + m * cols + c, load8(dst + m * cols + c) + av[m] * wv);
-      }
-      if (c < n) {
-        const int r = static_cast<int>(n - c);
-        const f8 wv = load_partial(w + c, r);
-        for (int m = 0; m < MR; ++m)
-          store_partial(dst + m * cols + c, load_partial(dst + m * cols + c, r) + av[m] * wv, r);
+      // One scale per block of columns (fp8), or one run over the whole row.
+      const int64_t block = kScaled<W> ? kFp8Block : std::max<int64_t>(n, 1);
+      for (int64_t b0 = 0; b0 < n; b0 += block) {
+        const int64_t b1 = std::min(n, b0 + block);
+        f8 as[MR];
+        for (int m = 0; m < MR; ++m) as[m] = av[m];
+        if constexpr (kScaled<W>)
+          for (int m = 0; m < MR; ++m) as[m] *= splat(sc.at(s, k, b0));
+        int64_t c = b0;
+        for (; c + kLanes <= b1; c += kLanes) {
+          const f8 wv = load8(w + c);
+          for (int m = 0; m < MR; ++m)
+            store8(dst + m * cols + c, load8(dst + m * cols + c) + as[m] * wv);
+        }
+        if (c < b1) {
+          const int r = static_cast<int>(b1 - c);
+          const f8 wv = load_partial(w + c, r);
+          for (int m = 0; m < MR; ++m)
+            store_partial(dst + m * cols + c, load_partial(dst + m * cols + c, r) + as[m] * wv, r);
+        }
       }
     }
   }
@@ -146,11 +184,11 @@ void stream_rows(const float* const* a, int64_t K, const Segments& seg, float* a
 template <typename W, typename Geom, typename Epi>
 void run_tiles(const float* const* a, int64_t rows, int64_t K, const W* b0, const W* b1,
                int64_t ldb, int64_t num_tiles, const Geom& geom, const Segments& seg,
-               float* acc, const Epi& epi) {
+               const BlockScales& sc, float* acc, const Epi& epi) {
   if (rows <= 2) {
     // Sums [rows, stream-0 columns then stream-1 columns], handed out per tile.
-    if (rows == 1) stream_rows<1, W>(a, K, seg, acc);
-    else stream_rows<2, W>(a, K, seg, acc);
+    if (rows == 1) stream_rows<1, W>(a, K, seg, sc, acc);
+    else stream_rows<2, W>(a, K, seg, sc, acc);
     const int64_t cols0 = seg.len[0] / static_cast<int64_t>(sizeof(W));
     const int64_t cols = cols0 + seg.len[1] / static_cast<int64_t>(sizeof(W));
     const int64_t base1 = b1 == b0 ? 0 : cols0;  // one stream: both halves of a tile in it
@@ -172,12 +210,17 @@ void run_tiles(const float* const* a, int64_t rows, int64_t K, const W* b0, cons
     const int r = static_cast<int>(std::min<int64_t>(kMr, rows - m0));
     float* ac = acc + (t * rows + m0) * 16;
     auto out = [&](int m, f8 v0, f8 v1) { epi(t, m0 + m, v0, v1); };
+    f8 s0 = splat(1.f), s1 = splat(1.f);
+    if constexpr (kScaled<W>) {
+      s0 = splat(sc.at(0, k0, tc.o0));
+      s1 = splat(sc.at(1, k0, tc.o1));
+    }
     if (tc.n0 == kLanes && tc.n1 == kLanes)
       tile_rows<true>(r, a + m0, k0, k1, k1 == K, b0 + tc.o0, b1 + tc.o1, ldb, tc.n0, tc.n1, pf,
-                      ac, out);
+                      s0, s1, ac, out);
     else
       tile_rows<false>(r, a + m0, k0, k1, k1 == K, b0 + tc.o0, b1 + tc.o1, ldb, tc.n0,
-                       std::max(tc.n1, 1), pf, ac, out);
+                       std::max(tc.n1, 1), pf, s0, s1, ac, out);
   };
   // Line addresses of weight rows [k0, k1), issued a share per column tile (no divisions:
   // this runs once per line of weights).
@@ -246,7 +289,8 @@ inline f8 silu_mul(f8 g, f8 u) { return g / (splat(1.f) + exp8(-g)) * u; }
 // act[m, c - c0] = silu(gate) * up for rows m < rows, the slice's columns [c0, c1) of I.
 template <typename W>
 void gate_up_slice(const float* const* arows, int64_t rows, const W* gu, int64_t hidden,
-                   int64_t inter, int64_t c0, int64_t c1, float* acc, float* act) {
+                   int64_t inter, int64_t c0, int64_t c1, const BlockScales& sc, float* acc,
+                   float* act) {
   const int64_t ld = c1 - c0, num_tiles = (ld + kLanes - 1) / kLanes;
   auto geom = [&](int64_t t) {
     const int n = static_cast<int>(std::min<int64_t>(kLanes, ld - t * kLanes));
@@ -261,14 +305,15 @@ void gate_up_slice(const float* const* arows, int64_t rows, const W* gu, int64_t
     if (c + kLanes <= ld) store8(dst, silu_mul(g, u));
     else store_partial(dst, silu_mul(g, u), static_cast<int>(ld - c));
   };
-  run_tiles(arows, rows, hidden, gu + c0, gu + inter + c0, 2 * inter, num_tiles, geom, seg, acc,
-            epi);
+  run_tiles(arows, rows, hidden, gu + c0, gu + inter + c0, 2 * inter, num_tiles, geom, seg, sc,
+            acc, epi);
 }
 
 // y[m, :] = w[m] * act[m, :] . dn[0:depth, :] for rows m < rows (dn: the slice's rows of W_down).
 template <typename W>
 void down_slice(const float* act, int64_t rows, int64_t depth, const W* dn, int64_t hidden,
-                const float* row_weight, float* const* yrows, float* acc) {
+                const float* row_weight, float* const* yrows, const BlockScales& sc,
+                float* acc) {
   const float* arows[kMb];
   for (int64_t m = 0; m < rows; ++m) arows[m] = act + m * depth;
   const int64_t num_tiles = (hidden + 2 * kLanes - 1) / (2 * kLanes);
@@ -289,7 +334,7 @@ void down_slice(const float* act, int64_t rows, int64_t depth, const W* dn, int6
     if (tc.n1 == kLanes) store8(dst + kLanes, v1 * w);
     else if (tc.n1 > 0) store_partial(dst + kLanes, v1 * w, tc.n1);
   };
-  run_tiles(arows, rows, depth, dn, dn, hidden, num_tiles, geom, seg, acc, epi);
+  run_tiles(arows, rows, depth, dn, dn, hidden, num_tiles, geom, seg, sc, acc, epi);
 }
 
 // Per-thread scratch reused across calls at decode sizes (no page faults per step).
@@ -318,11 +363,14 @@ int64_t num_slices(int64_t num_rows, int64_t inter, int64_t num_experts) {
 template <typename T, typename W>
 void moe_chunk(const T* x, const W* gate_up, const W* down, const T* weights, const Buckets& bk,
                T* out, int64_t num_tokens, int64_t hidden, int64_t inter, int64_t num_experts,
-               int64_t top_k) {
+               int64_t top_k, const float* gu_scale, const float* dn_scale) {
   const int64_t n = num_tokens * top_k;
   const int64_t slices = num_slices(n, inter, num_experts);
-  // Slice width: a multiple of 16 columns (whole 64-byte lines of fp32 weights).
-  const int64_t width = ((inter + slices - 1) / slices + 15) / 16 * 16;
+  // Slice width: a multiple of 16 columns (whole 64-byte lines of fp32 weights); of 128 for
+  // fp8, whose slices must start on a scale block.
+  const int64_t align = kScaled<W> ? kFp8Block : 16;
+  const int64_t width = ((inter + slices - 1) / slices + align - 1) / align * align;
+  const int64_t nh = (hidden + kFp8Block - 1) / kFp8Block, ni = (inter + kFp8Block - 1) / kFp8Block;
   std::vector<float> local;
   const int64_t xf_size = std::is_same_v<T, float> ? 0 : num_tokens * hidden;
   float* buf = scratch(local, xf_size + slices * n * hidden + n);
@@ -360,12 +408,17 @@ void moe_chunk(const T* x, const W* gate_up, const W* down, const T* weights, co
     act.resize(kMb * width);
     // Partial sums [tiles, rows, 16] of either product.
     acc.resize(rows * 16 * std::max((width + kLanes - 1) / kLanes, (hidden + 15) / 16));
+    BlockScales gsc, dsc;
+    if constexpr (kScaled<W>) {
+      gsc = {gu_scale + it.e * nh * 2 * ni, 2 * ni, 0, {c0 / kFp8Block, ni + c0 / kFp8Block}};
+      dsc = {dn_scale + it.e * ni * nh, nh, c0 / kFp8Block, {0, 0}};
+    }
     gate_up_slice(arows.data() + it.p0, rows, gate_up + it.e * hidden * 2 * inter, hidden, inter,
-                  c0, c1, acc.data(), act.data());
+                  c0, c1, gsc, acc.data(), act.data());
     float* yrows[kMb];
     for (int64_t m = 0; m < rows; ++m) yrows[m] = y + (it.s * n + it.p0 + m) * hidden;
     down_slice(act.data(), rows, c1 - c0, down + (it.e * inter + c0) * hidden, hidden,
-               row_weight + it.p0, yrows, acc.data());
+               row_weight + it.p0, yrows, dsc, acc.data());
   });
   const int64_t used = (inter + width - 1) / width;  // slices that got columns
   const int64_t routed = bk.offs[num_experts];       // sorted rows past it have no expert
@@ -398,26 +451,28 @@ void moe_chunk(const T* x, const W* gate_up, const W* down, const T* weights, co
 template <typename T, typename W>
 int64_t fused_moe(const T* x, const W* gate_up, const W* down, const T* weights,
                   const int64_t* ids, T* out, int64_t num_tokens, int64_t hidden,
-                  int64_t inter, int64_t num_experts, int64_t top_k) {
+                  int64_t inter, int64_t num_experts, int64_t top_k, const float* gate_up_scale,
+                  const float* down_scale) {
   Buckets bk;
   for (int64_t t0 = 0; t0 < num_tokens; t0 += kChunk) {
     const int64_t nt = std::min(kChunk, num_tokens - t0);
     const int64_t bad = bucket(ids + t0 * top_k, nt * top_k, num_experts, bk);
     if (bad >= 0) return t0 * top_k + bad;
     moe_chunk(x + t0 * hidden, gate_up, down, weights + t0 * top_k, bk, out + t0 * hidden, nt,
-              hidden, inter, num_experts, top_k);
+              hidden, inter, num_experts, top_k, gate_up_scale, down_scale);
   }
   return -1;
 }
 
-template int64_t fused_moe<float, float>(const float*, const float*, const float*,
-                                         const float*, const int64_t*, float*, int64_t,
-                                         int64_t, int64_t, int64_t, int64_t);
-template int64_t fused_moe<bf16, bf16>(const bf16*, const bf16*, const bf16*, const bf16*,
-                                       const int64_t*, bf16*, int64_t, int64_t, int64_t,
-                                       int64_t, int64_t);
-template int64_t fused_moe<float, bf16>(const float*, const bf16*, const bf16*, const float*,
-                                        const int64_t*, float*, int64_t, int64_t, int64_t,
-                                        int64_t, int64_t);
+#define SPLITVL_FUSED_MOE(T, W)                                                               \
+  template int64_t fused_moe<T, W>(const T*, const W*, const W*, const T*, const int64_t*, T*, \
+                                   int64_t, int64_t, int64_t, int64_t, int64_t, const float*,  \
+                                   const float*);
+SPLITVL_FUSED_MOE(float, float)
+SPLITVL_FUSED_MOE(bf16, bf16)
+SPLITVL_FUSED_MOE(float, bf16)
+SPLITVL_FUSED_MOE(float, fp8)
+SPLITVL_FUSED_MOE(bf16, fp8)
+#undef SPLITVL_FUSED_MOE
 
 }  // namespace splitvl

@@ -4,6 +4,7 @@
 #include <ATen/ops/to.h>
 #include <torch/library.h>
 
+#include "common.h"
 #include "kernels.h"
 
 namespace splitvl {
@@ -55,6 +56,115 @@ at::Tensor fused_moe_op(const at::Tensor& x, const at::Tensor& gate_up, const at
   const int64_t bad_id = bad < 0 ? 0 : ic.const_data_ptr<int64_t>()[bad];
   TORCH_CHECK_INDEX(bad < 0, "fused_moe: expert id ", bad_id, " at flat index ", bad,
                     " is outside [0, ", num_experts, "] (", num_experts, ": no expert)");
+  return out;
+}
+
+// Sizes of fp8 block scales: one per 128 weights along each dimension.
+int64_t blocks(int64_t size) { return (size + kFp8Block - 1) / kFp8Block; }
+
+const fp8* fp8_data(const at::Tensor& t) { return reinterpret_cast<const fp8*>(t.data_ptr()); }
+
+at::Tensor fused_moe_fp8_op(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
+                            const at::Tensor& gate_up_scale, const at::Tensor& down_scale,
+                            const at::Tensor& weights, const at::Tensor& ids) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && gate_up.dim() == 3 && down.dim() == 3 && weights.dim() == 2 &&
+                        ids.dim() == 2,
+                    "fused_moe_fp8: expected x [T, H], gate_up [E, H, 2I], down [E, I, H], "
+                    "weights and ids [T, k]");
+  const int64_t num_tokens = x.size(0), hidden = x.size(1), num_experts = gate_up.size(0);
+  const int64_t inter = down.size(1), top_k = ids.size(1);
+  TORCH_CHECK_VALUE(gate_up.size(1) == hidden && gate_up.size(2) == 2 * inter &&
+                        down.size(0) == num_experts && down.size(2) == hidden,
+                    "fused_moe_fp8: weight shapes ", gate_up.sizes(), " and ", down.sizes(),
+                    " do not match hidden size ", hidden);
+  TORCH_CHECK_VALUE(gate_up_scale.sizes() == at::IntArrayRef({num_experts, blocks(hidden),
+                                                              2 * blocks(inter)}) &&
+                        down_scale.sizes() == at::IntArrayRef({num_experts, blocks(inter),
+                                                               blocks(hidden)}),
+                    "fused_moe_fp8: scales ", gate_up_scale.sizes(), " and ", down_scale.sizes(),
+                    " are not the 128-blocks of ", gate_up.sizes(), " and ", down.sizes());
+  TORCH_CHECK_VALUE(ids.size(0) == num_tokens && weights.sizes() == ids.sizes(),
+                    "fused_moe_fp8: weights ", weights.sizes(), " and ids ", ids.sizes(),
+                    " must both be [", num_tokens, ", k]");
+  const at::ScalarType act = x.scalar_type();
+  TORCH_CHECK_TYPE(supported(act) && weights.scalar_type() == act &&
+                       gate_up.scalar_type() == at::kFloat8_e4m3fn &&
+                       down.scalar_type() == at::kFloat8_e4m3fn &&
+                       gate_up_scale.scalar_type() == at::kFloat &&
+                       down_scale.scalar_type() == at::kFloat,
+                   "fused_moe_fp8: x and weights float32 or bfloat16, the experts float8_e4m3fn, "
+                   "their scales float32");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "fused_moe_fp8: ids must be int64");
+  at::Tensor out = at::empty({num_tokens, hidden}, x.options());
+  if (num_tokens == 0 || top_k == 0) return out.zero_();
+  const at::Tensor xc = x.contiguous(), gc = gate_up.contiguous(), dc = down.contiguous();
+  const at::Tensor gs = gate_up_scale.contiguous(), ds = down_scale.contiguous();
+  const at::Tensor wc = weights.contiguous(), ic = ids.contiguous();
+  const int64_t* idp = ic.const_data_ptr<int64_t>();
+  const float *gsp = gs.const_data_ptr<float>(), *dsp = ds.const_data_ptr<float>();
+  int64_t bad;
+  if (act == at::kFloat) {
+    bad = fused_moe<float, fp8>(xc.data_ptr<float>(), fp8_data(gc), fp8_data(dc),
+                                wc.data_ptr<float>(), idp, out.data_ptr<float>(), num_tokens,
+                                hidden, inter, num_experts, top_k, gsp, dsp);
+  } else {
+    auto raw = [](const at::Tensor& t) { return reinterpret_cast<bf16*>(t.data_ptr()); };
+    bad = fused_moe<bf16, fp8>(raw(xc), fp8_data(gc), fp8_data(dc), raw(wc), idp, raw(out),
+                               num_tokens, hidden, inter, num_experts, top_k, gsp, dsp);
+  }
+  const int64_t bad_id = bad < 0 ? 0 : idp[bad];
+  TORCH_CHECK_INDEX(bad < 0, "fused_moe_fp8: expert id ", bad_id, " at flat index ", bad,
+                    " is outside [0, ", num_experts, "] (", num_experts, ": no expert)");
+  return out;
+}
+
+at::Tensor fp8_linear_op(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && weight.dim() == 2 && scale.dim() == 2,
+                    "fp8_linear: expected x [M, K], weight [N, K], scale [ceil(N/128), "
+                    "ceil(K/128)]");
+  const int64_t rows = x.size(0), in_features = x.size(1), out_features = weight.size(0);
+  TORCH_CHECK_VALUE(weight.size(1) == in_features &&
+                        scale.sizes() == at::IntArrayRef({blocks(out_features),
+                                                          blocks(in_features)}),
+                    "fp8_linear: weight ", weight.sizes(), " and scale ", scale.sizes(),
+                    " do not fit x ", x.sizes());
+  TORCH_CHECK_TYPE(supported(x.scalar_type()) && weight.scalar_type() == at::kFloat8_e4m3fn &&
+                       scale.scalar_type() == at::kFloat,
+                   "fp8_linear: x float32 or bfloat16, weight float8_e4m3fn, scale float32");
+  at::Tensor out = at::empty({rows, out_features}, x.options());
+  if (rows == 0) return out;
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous(), sc = scale.contiguous();
+  if (x.scalar_type() == at::kFloat) {
+    fp8_linear<float>(xc.const_data_ptr<float>(), fp8_data(wc), sc.const_data_ptr<float>(),
+                      out.mutable_data_ptr<float>(), rows, out_features, in_features);
+  } else {
+    fp8_linear<bf16>(reinterpret_cast<const bf16*>(xc.const_data_ptr()), fp8_data(wc),
+                     sc.const_data_ptr<float>(), reinterpret_cast<bf16*>(out.mutable_data_ptr()),
+                     rows, out_features, in_features);
+  }
+  return out;
+}
+
+at::Tensor fp8_dequantize_op(const at::Tensor& weight, const at::Tensor& scale,
+                             at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && scale.dim() == 2 &&
+                        scale.sizes() == at::IntArrayRef({blocks(weight.size(0)),
+                                                          blocks(weight.size(1))}),
+                    "fp8_dequantize: weight ", weight.sizes(), " and scale ", scale.sizes(),
+                    " are not a matrix and its 128-blocks");
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat8_e4m3fn && scale.scalar_type() == at::kFloat &&
+                       supported(dtype),
+                   "fp8_dequantize: weight float8_e4m3fn, scale float32, out float32 or bfloat16");
+  at::Tensor out = at::empty(weight.sizes(), weight.options().dtype(dtype));
+  const at::Tensor wc = weight.contiguous(), sc = scale.contiguous();
+  const float* sp = sc.const_data_ptr<float>();
+  if (dtype == at::kFloat) {
+    fp8_dequantize<float>(fp8_data(wc), sp, out.mutable_data_ptr<float>(), weight.size(0),
+                          weight.size(1));
+  } else {
+    fp8_dequantize<bf16>(fp8_data(wc), sp, reinterpret_cast<bf16*>(out.mutable_data_ptr()),
+                         weight.size(0), weight.size(1));
+  }
   return out;
 }
 
@@ -116,11 +226,19 @@ at::Tensor paged_decode_op(const at::Tensor& q, const at::Tensor& k_cache,
 TORCH_LIBRARY(splitvl, m) {
   m.def("fused_moe(Tensor x, Tensor gate_up, Tensor down, Tensor weights, Tensor ids) -> Tensor");
   m.def(
+      "fused_moe_fp8(Tensor x, Tensor gate_up, Tensor down, Tensor gate_up_scale, "
+      "Tensor down_scale, Tensor weights, Tensor ids) -> Tensor");
+  m.def("fp8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  m.def("fp8_dequantize(Tensor weight, Tensor scale, ScalarType dtype) -> Tensor");
+  m.def(
       "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor context_lens, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(splitvl, CPU, m) {
   m.impl("fused_moe", &splitvl::fused_moe_op);
+  m.impl("fused_moe_fp8", &splitvl::fused_moe_fp8_op);
+  m.impl("fp8_linear", &splitvl::fp8_linear_op);
+  m.impl("fp8_dequantize", &splitvl::fp8_dequantize_op);
   m.impl("paged_decode", &splitvl::paged_decode_op);
 }
