@@ -4,8 +4,9 @@
     make serve    # = .venv/bin/python -m scripts.demo serve [--encode-port 50051] ...
 
 `demo` starts the encode and language services on 127.0.0.1 (free ports, read back from their
-port files), streams greedy answers to held-out questions about generated images, prints each
-answer next to the expected one with its time to first token, then stops both services.
+port files), streams greedy answers to held-out questions about generated images and mp4 clips,
+prints each answer next to the expected one with its time to first token, then stops both
+services.
 `serve` starts both on fixed ports and leaves them running, logging to the terminal, until
 Ctrl-C. Either way the services are stopped with SIGTERM, then SIGKILL after a timeout, also on
 errors and Ctrl-C.
@@ -25,7 +26,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.shapes_vl.chat import chat_messages
+from scripts.shapes_vl.chat import chat_messages, video_messages
 from scripts.testkit.launch import (
     REPO,
     ServiceError,
@@ -159,14 +160,14 @@ def running_cluster(cfg: ClusterConfig) -> Iterator[Cluster]:
         )
 
 
-def stream_answer(client, model_name: str, image, question: str, echo: bool) -> tuple[str, float]:
+def stream_answer(client, model_name: str, messages: list[dict], echo: bool) -> tuple[str, float]:
     """Stream one greedy answer; returns (text, seconds to the first content token)."""
     start = time.monotonic()
     first = None
     text = ""
     stream = client.chat.completions.create(
         model=model_name,
-        messages=chat_messages(image, question),
+        messages=messages,
         stream=True,
         temperature=0,
         max_tokens=32,
@@ -188,8 +189,18 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from scripts.shapes_vl.data import make_dataset
     from scripts.shapes_vl.evaluate import HELD_OUT_SEED
+    from scripts.shapes_vl.video_data import make_video_dataset
+    from scripts.shapes_vl.video_eval import HELD_OUT_VIDEO_SEED
 
-    examples = make_dataset(HELD_OUT_SEED if args.seed is None else args.seed, args.n)
+    questions = [
+        (f"{ex.image.size[0]}x{ex.image.size[1]} image", ex, chat_messages(ex.image, ex.question))
+        for ex in make_dataset(HELD_OUT_SEED if args.seed is None else args.seed, args.n)
+    ]
+    clips = make_video_dataset(HELD_OUT_VIDEO_SEED if args.seed is None else args.seed, args.videos)
+    questions += [
+        (f"{ex.clip.num_frames / ex.clip.fps:.1f} s clip", ex, video_messages(ex.data, ex.question))
+        for ex in clips
+    ]
     api_key = secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory(prefix="splitvl-demo-") as tmp:
         cfg = ClusterConfig(
@@ -209,13 +220,10 @@ def run_demo(args: argparse.Namespace) -> int:
                 timeout=REQUEST_TIMEOUT_S,
             )
             correct, ttfts = 0, []
-            for i, ex in enumerate(examples, 1):
-                w, h = ex.image.size
-                print(f"[{i}/{len(examples)}] {w}x{h} image, {ex.kind} question")
+            for i, (what, ex, messages) in enumerate(questions, 1):
+                print(f"[{i}/{len(questions)}] {what}, {ex.kind} question")
                 print(f"  Q: {ex.question}\n  A: ", end="", flush=True)
-                answer, ttft = stream_answer(
-                    client, cluster.model_name, ex.image, ex.question, echo=True
-                )
+                answer, ttft = stream_answer(client, cluster.model_name, messages, echo=True)
                 ok = answer == ex.answer
                 correct += ok
                 ttfts.append(ttft)
@@ -225,8 +233,8 @@ def run_demo(args: argparse.Namespace) -> int:
                     flush=True,
                 )
             print(
-                f"accuracy: {correct}/{len(examples)} exact "
-                f"({correct / max(1, len(examples)):.0%}), "
+                f"accuracy: {correct}/{len(questions)} exact "
+                f"({correct / max(1, len(questions)):.0%}), "
                 f"median time to first token {sorted(ttfts)[len(ttfts) // 2] * 1000:.0f} ms"
             )
             print("stopping the services ...", flush=True)
@@ -285,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="how image embeddings travel to the language service",
     )
     demo = p.add_argument_group("demo")
-    demo.add_argument("-n", type=int, default=8, help="number of questions")
+    demo.add_argument("-n", type=int, default=8, help="number of image questions")
+    demo.add_argument("--videos", type=int, default=2, help="number of questions about clips")
     demo.add_argument("--seed", type=int, default=None, help="data seed (default: held-out)")
     serve = p.add_argument_group("serve")
     serve.add_argument("--host", default="127.0.0.1")

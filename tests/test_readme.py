@@ -57,7 +57,12 @@ def test_benchmarks_section_lists_every_benchmark_module():
     # Not benchmarks: the package and its helpers (launches.py counts for bench.decode,
     # gpu_timing.py, moe_tune.py and fp8_triton.py time and tune for bench.kernels_triton)
     shared = {
-        "__init__.py", "common.py", "launches.py", "gpu_timing.py", "moe_tune.py", "fp8_triton.py"
+        "__init__.py",
+        "common.py",
+        "launches.py",
+        "gpu_timing.py",
+        "moe_tune.py",
+        "fp8_triton.py",
     }
     modules = sorted(p.stem for p in bench.glob("*.py") if p.name not in shared)
     modules += sorted(p.name for p in bench.iterdir() if (p / "__main__.py").is_file())

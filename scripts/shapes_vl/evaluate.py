@@ -1,12 +1,14 @@
-"""Held-out exact-match accuracy of the small shapes model, per question kind.
+"""Held-out exact-match accuracy of the small shapes model, per question kind, on images and clips.
 
-    .venv/bin/python -m scripts.shapes_vl.evaluate --model models/shapes-vl -n 200
-    .venv/bin/python -m scripts.shapes_vl.evaluate --backend shared -n 200
+    .venv/bin/python -m scripts.shapes_vl.evaluate --model models/shapes-vl -n 200 --videos 100
+    .venv/bin/python -m scripts.shapes_vl.evaluate --backend shared -n 200 --videos 100
 
 `--backend hf` runs transformers' Qwen3VLMoeForConditionalGeneration; `--backend shared` runs the
 project's own `shared.model` vision tower and language model (as the two services do) three times:
 as is, with the deepstack embeddings zeroed, and with the image embeddings zeroed. Answers are
-greedy, stopped at <|im_end|>, and must match exactly.
+greedy, stopped at <|im_end|>, and must match exactly. Clips (`--videos`, held-out seed
+`video_eval.HELD_OUT_VIDEO_SEED`) are mp4 bytes decoded and sampled as the encode service does,
+in prompts as transformers' processor renders a video (`video_eval`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ from tokenizers import Tokenizer
 
 from scripts.shapes_vl.data import QUESTION_KINDS, Example, make_dataset
 from scripts.shapes_vl.prompts import SpecialIds, make_batch, prompt_ids
+from scripts.shapes_vl.video_data import VIDEO_KINDS, make_video_dataset
+from scripts.shapes_vl.video_eval import (
+    HELD_OUT_VIDEO_SEED,
+    hf_video_answerer,
+    shared_video_answerer,
+)
 
 # Never used for training: train.py draws from --seed + 1 .. --seed + 4 (default seed 0).
 HELD_OUT_SEED = 20_251_126
@@ -47,24 +55,25 @@ class Report:
     def lines(self) -> list[str]:
         """Human-readable per-kind and overall accuracy."""
         out = [
-            f"  {kind:9s} {self.correct[kind]:4d}/{self.total[kind]:4d} "
-            f"{self.correct[kind] / max(1, self.total[kind]):.3f}"
-            for kind in QUESTION_KINDS
-            if self.total[kind]
+            f"  {kind:11s} {self.correct.get(kind, 0):4d}/{self.total[kind]:4d} "
+            f"{self.correct.get(kind, 0) / max(1, self.total[kind]):.3f}"
+            for kind in dict.fromkeys((*QUESTION_KINDS, *VIDEO_KINDS))
+            if self.total.get(kind)
         ]
         out.append(
-            f"  {'overall':9s} {sum(self.correct.values()):4d}/"
+            f"  {'overall':11s} {sum(self.correct.values()):4d}/"
             f"{sum(self.total.values()):4d} {self.accuracy:.3f}"
         )
         return out
 
 
-def score(answer: Answerer, examples: Sequence[Example], verbose: bool = False) -> Report:
-    """Ask every example's question and count exact answers per kind."""
+def score(answer: Callable, examples: Sequence, verbose: bool = False) -> Report:
+    """Ask every example's question (about its image, or its clip's bytes) and count exact
+    answers per kind."""
     correct: Counter[str] = Counter()
     total: Counter[str] = Counter()
     for ex in examples:
-        got = answer(ex.image, ex.question)
+        got = answer(ex.image if isinstance(ex, Example) else ex.data, ex.question)
         total[ex.kind] += 1
         correct[ex.kind] += got == ex.answer
         if verbose and got != ex.answer:
@@ -171,19 +180,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=Path("models/shapes-vl"))
     parser.add_argument("-n", type=int, default=200, help="number of held-out questions")
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
+    parser.add_argument("--videos", type=int, default=100, help="number of held-out clips")
+    parser.add_argument("--video-seed", type=int, default=HELD_OUT_VIDEO_SEED)
     parser.add_argument("--backend", choices=("hf", "shared"), default="hf")
     parser.add_argument("--verbose", action="store_true", help="print every wrong answer")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     examples = make_dataset(args.seed, args.n)
+    clips = make_video_dataset(args.video_seed, args.videos)
     if args.backend == "hf":
-        runs = {"hf": hf_answerer(args.model)}
+        runs = {"hf": (hf_answerer(args.model), hf_video_answerer(args.model))}
     else:
-        runs = {f"shared/{mode}": shared_answerer(args.model, mode) for mode in SHARED_MODES}
-    for name, answerer in runs.items():
-        report = score(answerer, examples, verbose=args.verbose)
-        print(f"{name}: {report.accuracy:.3f} exact on {args.n} held-out questions")
-        print("\n".join(report.lines()), flush=True)
+        runs = {
+            f"shared/{mode}": (
+                shared_answerer(args.model, mode),
+                shared_video_answerer(args.model, mode),
+            )
+            for mode in SHARED_MODES
+        }
+    for name, (answerer, video_answerer) in runs.items():
+        for what, items, ask in (("images", examples, answerer), ("videos", clips, video_answerer)):
+            if not items:
+                continue
+            report = score(ask, items, verbose=args.verbose)
+            print(f"{name}: {report.accuracy:.3f} exact on {len(items)} held-out {what}")
+            print("\n".join(report.lines()), flush=True)
 
 
 if __name__ == "__main__":

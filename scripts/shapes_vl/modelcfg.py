@@ -40,6 +40,14 @@ class SmallModelConfig:
     spatial_merge_size: int = 2
     min_pixels: int = 96 * 96
     max_pixels: int = 128 * 128
+    # Video: pixel budgets of the whole sampled clip (frames x height x width), not of a frame.
+    # Four frames of 96 x 96 at least; up to twelve frames (six temporal groups) keep 128 x 128
+    # frames, longer clips get smaller frames. Sampled at 2 frames per second, 4 to 16 frames.
+    video_min_pixels: int = 4 * 96 * 96
+    video_max_pixels: int = 12 * 128 * 128
+    video_fps: float = 2.0
+    video_min_frames: int = 4
+    video_max_frames: int = 16
 
 
 def padded_vocab_size(num_tokens: int, multiple: int = 64) -> int:
@@ -134,6 +142,31 @@ def preprocessor_config_dict(cfg: SmallModelConfig) -> dict:
         "min_pixels": cfg.min_pixels,
         "max_pixels": cfg.max_pixels,
         "size": {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels},
+    }
+
+
+def video_preprocessor_config_dict(cfg: SmallModelConfig) -> dict:
+    """video_preprocessor_config.json content in the released Qwen3-VL layout (the keys
+    transformers' Qwen3VLVideoProcessor takes, plus fps and the frame bounds of its sampling)."""
+    return {
+        "video_processor_type": "Qwen3VLVideoProcessor",
+        "processor_class": "Qwen3VLProcessor",
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "do_sample_frames": True,
+        "resample": 3,
+        "image_mean": list(IMAGE_MEAN),
+        "image_std": list(IMAGE_STD),
+        "patch_size": cfg.patch_size,
+        "temporal_patch_size": cfg.temporal_patch_size,
+        "merge_size": cfg.spatial_merge_size,
+        "size": {"shortest_edge": cfg.video_min_pixels, "longest_edge": cfg.video_max_pixels},
+        "fps": cfg.video_fps,
+        "min_frames": cfg.video_min_frames,
+        "max_frames": cfg.video_max_frames,
     }
 
 

@@ -29,6 +29,7 @@ from scripts.shapes_vl.modelcfg import (
     hf_config_dict,
     padded_vocab_size,
     preprocessor_config_dict,
+    video_preprocessor_config_dict,
 )
 from scripts.shapes_vl.prompts import IGNORE_INDEX, make_batch, make_conversation_batch
 from scripts.shapes_vl.tokenizer import build_tokenizer, save_tokenizer, special_token_ids
@@ -88,7 +89,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def write_static_files(
     out_dir: Path, model_cfg: SmallModelConfig, seed: int, corpus_size: int = TOKENIZER_CORPUS
 ):
-    """Tokenizer, config.json, preprocessor and generation configs; returns (tokenizer, config)."""
+    """Tokenizer, config.json, image and video preprocessor and generation configs; returns
+    (tokenizer, config)."""
     corpus = make_dataset(seed + 1, corpus_size)
     tokenizer = build_tokenizer(
         [t for ex in corpus for t in (ex.question, ex.answer)], TOKENIZER_VOCAB
@@ -98,6 +100,9 @@ def write_static_files(
     config = hf_config_dict(model_cfg, padded_vocab_size(tokenizer.get_vocab_size()), ids)
     write_json(out_dir / "config.json", config)
     write_json(out_dir / "preprocessor_config.json", preprocessor_config_dict(model_cfg))
+    write_json(
+        out_dir / "video_preprocessor_config.json", video_preprocessor_config_dict(model_cfg)
+    )
     write_json(out_dir / "generation_config.json", generation_config_dict(ids))
     return tokenizer, config
 
