@@ -10,6 +10,11 @@ generated clip with `--video`. The encode service runs one image per vision forw
 overlap can prefill the first ones' tokens while the next encode: that is the deployment this
 measures. Prints, per image count and transport, the median TTFT of both and their ratio.
 
+What overlap can save depends on how encoding one image compares with prefilling its tokens. The
+defaults (the medium text model, a vision tower of depth 4 and width 256, 448-pixel images) keep
+the proportion of Qwen3-VL-30B-A3B, whose prefill of an image's tokens costs about 1.5x its vision
+forward in FLOPs; the bench prints both proportions (`flops_per_image`).
+
     python -m bench.ttft [--images 1,4,8] [--transports grpc,ipc] [--repeats 5] [--video]
 """
 
@@ -38,15 +43,7 @@ def write_checkpoint(path: Path, args: argparse.Namespace) -> None:
     from scripts.testkit.tokenizers import save_tokenizer
 
     text, base, special = shape_configs(args.shape)
-    vision = dict(
-        base,
-        depth=args.vision_depth,
-        hidden_size=args.vision_hidden,
-        num_heads=max(2, args.vision_hidden // 64),
-        intermediate_size=4 * args.vision_hidden,
-        num_position_embeddings=2304,
-        deepstack_visual_indexes=[0, args.vision_depth // 2],
-    )
+    vision = _vision(base, args.vision_depth, args.vision_hidden)
     side = args.side * args.side
     config = vl_config(text, vision, special, (12, 10, 10))
     write_vl_checkpoint(path, config, preprocessor_config(side, side))
@@ -56,6 +53,49 @@ def write_checkpoint(path: Path, args: argparse.Namespace) -> None:
     names |= {"start": "<|vision_start|>", "end": "<|vision_end|>"}
     tokens = {names[kind]: token for kind, token in special.items()}
     save_tokenizer(path, TEMPLATE.read_text(), special_ids=tokens, vocab_size=text["vocab_size"])
+
+
+def flops_per_image(text: dict, vision: dict, side: int) -> tuple[float, float]:
+    """(vision forward, language prefill) multiply-add FLOPs of one `side` x `side` image: the
+    tower's projections, MLPs and attention over its patches, and the decoder's projections and
+    active experts (top-k) over its merged tokens (attention among them is small beside those)."""
+    patches = (side // vision["patch_size"]) ** 2
+    h, inner = vision["hidden_size"], vision["intermediate_size"]
+    per_patch = vision["depth"] * 2 * (4 * h * h + 2 * h * inner + 2 * patches * h)
+    d, heads, kv = text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"]
+    head = text["head_dim"]
+    attention = 2 * d * heads * head + 2 * d * kv * head
+    experts = text["num_experts_per_tok"] * 3 * d * text["moe_intermediate_size"]
+    per_token = text["num_hidden_layers"] * 2 * (attention + experts + d * text["num_experts"])
+    tokens = patches // vision["spatial_merge_size"] ** 2
+    return patches * per_patch, tokens * per_token
+
+
+def _vision(base: dict, depth: int, hidden: int) -> dict:
+    return dict(
+        base,
+        depth=depth,
+        hidden_size=hidden,
+        num_heads=max(2, hidden // 64),
+        intermediate_size=4 * hidden,
+        num_position_embeddings=2304,
+        deepstack_visual_indexes=[0, depth // 2],
+    )
+
+
+def print_balance(args: argparse.Namespace) -> None:
+    """The prefill / vision FLOP proportion of one image here and in Qwen3-VL-30B-A3B."""
+    from bench.common import shape_configs
+
+    text, base, _ = shape_configs(args.shape)
+    here = flops_per_image(text, _vision(base, args.vision_depth, args.vision_hidden), args.side)
+    real = flops_per_image(*shape_configs("30b-a3b")[:2], args.side)
+    print(
+        f"one {args.side}px image: vision {here[0] / 1e9:.1f} GFLOP, prefill {here[1] / 1e9:.1f} "
+        f"GFLOP (prefill/vision {here[1] / here[0]:.2f}; Qwen3-VL-30B-A3B "
+        f"{real[1] / real[0]:.2f})",
+        flush=True,
+    )
 
 
 def _png(rng: np.random.Generator, side: int) -> str:
@@ -170,8 +210,8 @@ def report(medians: dict, counts: list, transports: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ttft", description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="medium", help="the text model's shape (bench.common)")
-    p.add_argument("--vision-depth", type=int, default=8)
-    p.add_argument("--vision-hidden", type=int, default=512)
+    p.add_argument("--vision-depth", type=int, default=4)
+    p.add_argument("--vision-hidden", type=int, default=256)
     p.add_argument("--side", type=int, default=448, help="image side in pixels (multiple of 32)")
     p.add_argument("--images", default="1,4,8", help="images per request, comma-separated")
     p.add_argument("--video", action="store_true", help="one 16-frame clip per request instead")
@@ -182,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=None, help="keep the checkpoint here")
     p.add_argument("--json", type=Path, default=None, help="write the medians and ratios here")
     args = p.parse_args(argv)
+    print_balance(args)
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
         rows = run(args, args.workdir)
