@@ -67,6 +67,54 @@ SHAPES = {
         ),
         mrope=(12, 10, 10),
     ),
+    # Shapes the CPU kernels were not written against: wider with more experts and fewer kv
+    # heads, and one where nothing is a power of two.
+    "wide": dict(
+        text=dict(
+            hidden_size=1024,
+            num_hidden_layers=6,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            head_dim=64,
+            moe_intermediate_size=256,
+            intermediate_size=2048,
+            num_experts=32,
+            num_experts_per_tok=8,
+            vocab_size=16384,
+        ),
+        vision=dict(
+            depth=4,
+            hidden_size=128,
+            num_heads=4,
+            intermediate_size=256,
+            num_position_embeddings=576,
+            deepstack_visual_indexes=[1, 3],
+        ),
+        mrope=(12, 10, 10),
+    ),
+    "odd": dict(
+        text=dict(
+            hidden_size=576,
+            num_hidden_layers=7,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            moe_intermediate_size=200,
+            intermediate_size=1000,
+            num_experts=24,
+            num_experts_per_tok=6,
+            vocab_size=16384,
+        ),
+        vision=dict(
+            depth=3,
+            hidden_size=144,
+            num_heads=3,
+            intermediate_size=400,
+            num_position_embeddings=576,
+            deepstack_visual_indexes=[0, 2],
+        ),
+        mrope=(12, 10, 10),
+    ),
     "30b-a3b": dict(
         text=dict(
             hidden_size=2048,

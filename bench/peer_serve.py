@@ -5,7 +5,9 @@ launchers, the peer's limits) then vLLM (the recipe's ``serve_peer.sh``) serve t
 checkpoint on the same cores, and the recipe's ``bench_serve.sh`` (``vllm bench serve``,
 random-mm 224 px images, 64 prompts) runs against each at every concurrency with the same
 seed; seeds change between rounds so no prefix cache profits from a repeat. Prints each run and
-the median output tok/s ratio per concurrency.
+the median output tok/s ratio per concurrency. `--also "--no-overlap"` (repeatable) adds a splitvl
+side started with those language-service flags, so a change can be judged against the peer and
+against the default in one run.
 
     python -m bench.peer_serve --peer-venv ~/peer/vllm-venv \\
         --recipe ../shared/bench/peer-vllm-cpu \\
@@ -49,7 +51,15 @@ def _limits(dtype: str) -> list[str]:
 class Splitvl:
     """An encode replica and a language service on loopback, `threads` each."""
 
-    def __init__(self, ckpt: Path, dtype: str, workdir: Path, threads: int, encode_threads: int):
+    def __init__(
+        self,
+        ckpt: Path,
+        dtype: str,
+        workdir: Path,
+        threads: int,
+        encode_threads: int,
+        extra: tuple[str, ...] = (),
+    ):
         env = {"OMP_NUM_THREADS": str(encode_threads)}
         self.encode, address = start_encode(ckpt, workdir, ["--dtype", dtype], env=env)
         args = [
@@ -60,6 +70,7 @@ class Splitvl:
             "--threads",
             str(threads),
             *_limits(dtype),
+            *extra,
         ]
         try:
             self.language, self.url, _ = start_language(ckpt, workdir, args)
@@ -136,7 +147,7 @@ def bench_serve(
 def _line(side: str, dtype: str, c: int, seed: int, res: dict) -> str:
     nan = float("nan")
     return (
-        f"{side:8s} {dtype:8s} c={c:<3d} seed={seed:<4d} {res['output_throughput']:7.1f} "
+        f"{side:22s} {dtype:8s} c={c:<3d} seed={seed:<4d} {res['output_throughput']:7.1f} "
         f"output tok/s, TTFT median {res.get('median_ttft_ms', nan):7.1f} ms p99 "
         f"{res.get('p99_ttft_ms', nan):7.1f}, TPOT median {res.get('median_tpot_ms', nan):6.1f}"
         f" ms, {res.get('completed')} ok / {res.get('failed', 0)} failed"
@@ -156,6 +167,13 @@ def main() -> None:
     p.add_argument("--encode-threads", type=int, default=1)
     p.add_argument("--cores", default=None, help="vLLM's cores (default 0-<nproc-1>)")
     p.add_argument("--port", type=int, default=8765, help="vLLM's port")
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="FLAGS",
+        help='another splitvl side with these language flags, e.g. --also="--no-overlap"',
+    )
     args = p.parse_args()
     cores = args.cores or f"0-{os.cpu_count() - 1}"
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -164,12 +182,20 @@ def main() -> None:
         tmp = Path(tmp)
         for r in range(args.rounds):
             seed = args.seed + r
-            for side in ("splitvl", "vllm"):
-                work = tmp / f"{side}-{r}"
+            sides = {"splitvl": ()} | {f"splitvl {f}": tuple(f.split()) for f in args.also}
+            for i, side in enumerate([*sides, "vllm"]):
+                work = tmp / f"{i}-{r}"
                 work.mkdir()
                 server = (
-                    Splitvl(args.ckpt, args.dtype, work, args.threads, args.encode_threads)
-                    if side == "splitvl"
+                    Splitvl(
+                        args.ckpt,
+                        args.dtype,
+                        work,
+                        args.threads,
+                        args.encode_threads,
+                        sides[side],
+                    )
+                    if side in sides
                     else Vllm(
                         args.peer_venv,
                         args.recipe,
@@ -190,11 +216,13 @@ def main() -> None:
                 finally:
                     server.stop()
     for c in levels:
-        ours, theirs = statistics.median(tok["splitvl", c]), statistics.median(tok["vllm", c])
-        print(
-            f"median {args.dtype} c={c}: splitvl {ours:.1f} tok/s, vllm {theirs:.1f} tok/s, "
-            f"ratio splitvl/vllm {ours / theirs:.2f}x"
-        )
+        theirs = statistics.median(tok["vllm", c])
+        for side in sides:
+            ours = statistics.median(tok[side, c])
+            print(
+                f"median {args.dtype} c={c}: {side} {ours:.1f} tok/s, vllm {theirs:.1f} tok/s, "
+                f"ratio {side}/vllm {ours / theirs:.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ from services.common.errors import ConfigError
 from services.language.cli import (
     build_parser,
     chat_template_source,
-    engine_config,
     frontend_options,
     image_fetch_config,
 )
+from services.language.engine_flags import engine_config
 from services.language.server import _announce
 
 

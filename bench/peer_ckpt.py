@@ -1,0 +1,75 @@
+"""A random checkpoint of a benchmark shape that splitvl and vLLM-CPU both load, for
+`bench.peer` and `bench.peer_serve` on shapes besides the peer recipe's medium one.
+
+    python -m bench.peer_ckpt OUT_DIR --shape wide [--dtype float32]
+
+The text and vision sizes are `bench.common.SHAPES[shape]`'s; the vocabulary, special ids,
+tokenizer, chat template and image preprocessing are the shipped shapes model's (as the recipe's
+`build_ckpt.py` does), so vLLM's serving benchmark can tokenize its prompts. Weights are random,
+norms included; the fused experts are written in the hub layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from bench.common import SHAPES, shape_configs
+from scripts.shapes_vl.checkpoint import rewrite_in_hub_layout
+from scripts.testkit.checkpoints import Init, vl_config, write_vl_checkpoint
+
+TOKENIZER_FROM = Path(__file__).resolve().parents[1] / "models" / "shapes-vl"
+COPIED = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def build(out: Path, shape: str, dtype: str, tokenizer_from: Path = TOKENIZER_FROM) -> Path:
+    """Write the checkpoint of `shape` to `out`; returns `out`."""
+    tokenizer = json.loads((tokenizer_from / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
+    text, vision, _ = shape_configs(shape)
+    text["vocab_size"] = (max(ids.values()) + 64) // 64 * 64
+    text |= {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    special = {
+        "image": ids["<|image_pad|>"],
+        "video": ids["<|video_pad|>"],
+        "start": ids["<|vision_start|>"],
+        "end": ids["<|vision_end|>"],
+    }
+    config = vl_config(text, vision, special, SHAPES[shape]["mrope"], rope_theta=5e6)
+    preprocessor = json.loads((tokenizer_from / "preprocessor_config.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    # The recipe's spreads: activations stay in range through every layer of a random model.
+    init = Init(std=0.05, norm_std=0.1, bias_std=0.02)
+    write_vl_checkpoint(out, config, preprocessor, init=init, dtype=getattr(torch, dtype))
+    rewrite_in_hub_layout(out, text["hidden_size"], text["moe_intermediate_size"])
+    # transformers 5 writes num_local_experts only; readers of the 4.x name (vLLM) need both.
+    written = json.loads((out / "config.json").read_text())
+    written["text_config"]["num_experts"] = text["num_experts"]
+    (out / "config.json").write_text(json.dumps(written, indent=2) + "\n")
+    for name in COPIED:
+        if (tokenizer_from / name).is_file():
+            shutil.copyfile(tokenizer_from / name, out / name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.peer_ckpt", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("out", type=Path)
+    p.add_argument("--shape", default="wide", choices=sorted(SHAPES))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    args = p.parse_args(argv)
+    print(f"wrote {build(args.out, args.shape, args.dtype)}")
+
+
+if __name__ == "__main__":
+    main()
