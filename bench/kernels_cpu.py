@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
                         fns = {"ref": case.run(fused_moe_torch), "ext": case.run(cpu.fused_moe)}
                         times = _alternate(fns, args.rounds)
                         label = f"fused_moe {name} T={tokens}"
-                        if dtype == torch.float32 and tokens * top_k >= cpu.GEMM_ROWS * experts:
+                        rows = cpu.gemm_rows(dtype)
+                        if rows is not None and tokens * top_k >= rows * experts:
                             label += " (ref GEMMs)"  # the wrapper delegates there
                         print(_row(label, n, times, len(case.layers), case.bytes_read))
                 for context in (int(c) for c in args.contexts.split(",")):

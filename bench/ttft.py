@@ -8,7 +8,9 @@ pixels (new ones every time, so neither the encode cache nor the prefix cache he
 generated clip with `--video`. The encode service runs one image per vision forward
 (`--max-batch-patches` of one image), so a request's images finish one after another and the
 overlap can prefill the first ones' tokens while the next encode: that is the deployment this
-measures. Prints, per image count and transport, the median TTFT of both and their ratio.
+measures. Both language services (overlap and `--no-overlap`) run at once on the same core,
+idle but for the request at hand, and the requests alternate between them. Prints, per image
+count and transport, the median TTFT of both and their ratio.
 
 What overlap can save depends on how encoding one image compares with prefilling its tokens. The
 defaults (the medium text model, a vision tower of depth 4 and width 256, 448-pixel images) keep
@@ -163,6 +165,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         write_checkpoint(model, args)
     patches = (args.side // 16) ** 2
     encode_args = ["--max-batch-patches", str(patches), "--log-level", "WARNING"]
+    encode_args += ["--dtype", args.dtype]
     with pinned(_cores(args.encode_cores)):
         encode, address = start_encode(model, workdir, encode_args)
     rng = np.random.default_rng(0)
@@ -170,26 +173,34 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     medians: dict[tuple, float] = {}
     try:
         for transport in args.transports.split(","):
-            for overlap in (True, False):
-                flags = ["--encode", address, "--transport", transport, "--threads", "1"]
-                flags += ["--served-model-name", "bench", "--log-level", "WARNING"]
-                flags += [] if overlap else ["--no-overlap"]
-                with pinned(_cores(args.language_cores)):
-                    language, base_url, _ = start_language(model, workdir, flags, name="language")
-                try:
-                    for count in counts:
-                        times = []
-                        for repeat in range(args.repeats + 1):  # the first is a warm-up
+            # Both services up at once, requests alternating between them, so a machine that
+            # speeds up or slows down during the run weighs on both alike.
+            services = {}
+            try:
+                for overlap in (True, False):
+                    flags = ["--encode", address, "--transport", transport, "--threads", "1"]
+                    flags += ["--served-model-name", "bench", "--log-level", "WARNING"]
+                    flags += ["--dtype", args.dtype]
+                    flags += [] if overlap else ["--no-overlap"]
+                    name = "language" if overlap else "language-no-overlap"
+                    with pinned(_cores(args.language_cores)):
+                        services[overlap] = start_language(model, workdir, flags, name=name)[:2]
+                for count in counts:
+                    times = {True: [], False: []}
+                    for repeat in range(args.repeats + 1):  # the first is a warm-up
+                        for overlap, (_, base_url) in services.items():
                             seconds = ttft(base_url, _parts(rng, count, args.side))
                             if repeat:
-                                times.append(seconds)
-                        medians[(count, transport, overlap)] = statistics.median(times)
+                                times[overlap].append(seconds)
+                    for overlap, samples in times.items():
+                        medians[(count, transport, overlap)] = statistics.median(samples)
                         print(
                             f"{count} x {transport:5s} overlap={overlap!s:5s}: median TTFT "
-                            f"{statistics.median(times) * 1e3:8.1f} ms",
+                            f"{statistics.median(samples) * 1e3:8.1f} ms",
                             flush=True,
                         )
-                finally:
+            finally:
+                for language, _ in services.values():
                     language.stop()
     finally:
         encode.stop()
@@ -217,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--video", action="store_true", help="one 16-frame clip per request instead")
     p.add_argument("--transports", default="grpc,ipc")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", default="auto", help="both services' --dtype (the checkpoint: fp32)")
     p.add_argument("--encode-cores", default="0")
     p.add_argument("--language-cores", default="1")
     p.add_argument("--workdir", type=Path, default=None, help="keep the checkpoint here")

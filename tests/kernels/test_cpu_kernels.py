@@ -16,7 +16,7 @@ import torch
 
 from shared.kernels import cpu
 from shared.kernels.cpu import build
-from shared.kernels.reference import fused_moe_torch, paged_decode_torch
+from shared.kernels.reference import fused_moe_torch, paged_decode_torch, paged_prefill_torch
 
 BF16_RTOL = 2.0**-8
 
@@ -86,11 +86,18 @@ def _moe_inputs(num_tokens, hidden, inter, num_experts, top_k, dtype, seed, rout
 
 
 def _check_moe(kernels, inputs, dtype):
-    """The kernel itself and the wrapper (which sends large fp32 batches to the reference)."""
+    """The kernel itself and the wrapper, which sends batches of `gemm_rows(dtype)` rows per
+    expert and more (this CPU's crossover) to the reference: then it is the reference."""
     x, gate_up, down, weights, ids = inputs
     ref = fused_moe_torch(x.float(), gate_up.float(), down.float(), weights.float(), ids)
     scale = max(1.0, ref.abs().max().item())
-    for out in (torch.ops.splitvl.fused_moe(*inputs), kernels.fused_moe(*inputs)):
+    rows = kernels.gemm_rows(dtype)
+    outs = [torch.ops.splitvl.fused_moe(*inputs)]
+    if rows is not None and ids.numel() >= rows * gate_up.shape[0]:
+        assert torch.equal(kernels.fused_moe(*inputs), fused_moe_torch(*inputs))
+    else:
+        outs.append(kernels.fused_moe(*inputs))
+    for out in outs:
         assert out.dtype == dtype and out.shape == x.shape
         if dtype == torch.float32:
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * scale)
@@ -312,3 +319,60 @@ def test_paged_decode_rejects_out_of_range_tables(kernels):
     too_long = torch.tensor([20, tables.shape[1] * 16 + 1])
     with pytest.raises(IndexError, match="sequence 1"):
         kernels.paged_decode(q, k, v, tables, too_long, scale)
+
+
+@pytest.mark.parametrize(
+    ("features", "fp32", "bf16"),
+    [
+        (["avx2", "fma"], 96, None),  # Zen 3: bf16 never to the (emulated) bf16 GEMMs
+        (["avx2", "avx512f"], 24, None),
+        (["avx2", "avx512f", "avx512_bf16"], 24, 12),
+        (["avx2", "avx512f", "avx512_bf16", "amx_bf16"], 24, 12),
+    ],
+)
+def test_gemm_crossover_follows_the_isa(monkeypatch, features, fp32, bf16):
+    from shared.kernels import cpu
+    from shared.kernels.cpu import build
+
+    monkeypatch.setattr(build, "cpu_features", lambda: features)
+    cpu.gemm_rows.cache_clear()
+    try:
+        assert cpu.gemm_rows(torch.float32) == fp32
+        assert cpu.gemm_rows(torch.bfloat16) == bf16
+    finally:
+        cpu.gemm_rows.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("num_tokens", "context_start", "heads", "kv_heads", "block_size"),
+    [
+        (1, 37, 8, 4, 16),  # one token after a partial block
+        (7, 16, 6, 6, 16),  # no grouping
+        (33, 100, 12, 3, 8),  # groups of 4, context not on a block edge
+        (64, 500, 9, 3, 16),  # odd head count
+        (20, 0, 8, 2, 16),  # no cache: the reference's one causal pass
+    ],
+)
+def test_paged_prefill_matches_reference(
+    num_tokens, context_start, heads, kv_heads, block_size, dtype
+):
+    gen = torch.Generator().manual_seed(num_tokens + context_start)
+    dim, total = 32, context_start + num_tokens
+    num_blocks = (total + block_size - 1) // block_size
+    k_cache = torch.randn(num_blocks + 3, block_size, kv_heads, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks + 3, block_size, kv_heads, dim, generator=gen).to(dtype)
+    table = torch.randperm(num_blocks + 3, generator=gen)[:num_blocks]
+    # The chunk's keys are already in the cache (the engine stores them before attending).
+    flat = (table[:, None] * block_size + torch.arange(block_size)).flatten()[:total]
+    k = k_cache.flatten(0, 1)[flat[context_start:]]
+    v = v_cache.flatten(0, 1)[flat[context_start:]]
+    q = torch.randn(num_tokens, heads, dim, generator=gen).to(dtype)
+    with torch.inference_mode():
+        ref = paged_prefill_torch(q, k, v, k_cache, v_cache, table, context_start, 0.2)
+        out = cpu.paged_prefill(q, k, v, k_cache, v_cache, table, context_start, 0.2)
+    assert out.dtype == dtype and out.shape == q.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(out.float(), ref.float(), rtol=BF16_RTOL, atol=2e-2)

@@ -11,6 +11,7 @@ what the kernels do not cover (other dtypes or devices, inputs that need autogra
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 
@@ -21,14 +22,20 @@ from shared.kernels.reference import (
     fused_moe_fp8_torch,
     fused_moe_torch,
     paged_decode_torch,
+    paged_prefill_torch,
 )
 
 log = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.bfloat16)
-# Mean rows per expert from which the fp32 reference's GEMMs beat the kernel (measured on the
-# medium shape: even at 32-64 rows, 1.3x faster at 128 and more).
-GEMM_ROWS = 96
+# Mean rows per expert from which the reference's grouped GEMMs (oneDNN's packed panels) beat
+# the kernel's register tiles, by what the CPU has. Measured with `bench.kernels_cpu` on three
+# expert shapes (16x512x384 top-4, 32x1024x256 top-8, 24x576x200 top-6), one thread: on an AVX2
+# Zen 3 fp32 crosses at 64-96 rows; with AVX512F at 16-24; bf16 with AVX512-BF16 / AMX dot
+# products at 8-16 (the GEMM 2-4x faster from 64 rows). Without native bf16 the bf16 reference
+# is 10-30x slower: the kernel keeps every size.
+GEMM_ROWS_FP32 = {"avx512f": 24, None: 96}
+GEMM_ROWS_BF16 = {"avx512_bf16": 12, "amx_bf16": 12, None: None}
 # Rows of x from which an fp8 linear dequantizes its weight (in C++) for oneDNN's GEMM: the
 # kernel's fp32 FMAs are faster below, the GEMM's bf16 dot products above (crossing at 24-32
 # rows at 1024 x 512 and 2048 x 4096, bf16, one thread, AVX512-BF16 + AMX).
@@ -63,6 +70,19 @@ def available() -> bool:
     return _loaded
 
 
+@functools.cache
+def gemm_rows(dtype: torch.dtype) -> int | None:
+    """Mean rows per expert from which `fused_moe` hands `dtype` (x and weights alike) to the
+    reference's GEMMs on this CPU; None: never. Fixed per machine, so results are too."""
+    from shared.kernels.cpu.build import cpu_features
+
+    table = GEMM_ROWS_BF16 if dtype == torch.bfloat16 else GEMM_ROWS_FP32
+    features = set(cpu_features())
+    rows = next((table[f] for f in table if f is not None and f in features), table[None])
+    log.info("CPU fused MoE: %s from %s rows per expert take oneDNN's GEMMs", dtype, rows)
+    return rows
+
+
 def build_error() -> str | None:
     """Why `available()` returned False, or None."""
     return _error
@@ -85,15 +105,14 @@ def fused_moe(
     """See shared.kernels.reference.fused_moe_torch; float32 or bfloat16 throughout, or float32
     activations with bfloat16 expert weights (widened in registers, never copied).
 
-    fp32 with many rows per expert (prefill) goes to the reference, whose grouped GEMM
-    (oneDNN/MKL, packed panels) is faster there; bf16 weights always take the kernel, since the
-    bf16 reference is 10-30x slower on CPUs without bf16 arithmetic (and the mixed one would
-    widen every expert's weights per call)."""
+    Many rows per expert (prefill) go to the reference, whose grouped GEMMs (oneDNN, packed
+    panels) are faster there, from `gemm_rows(dtype)`, which depends on the CPU's ISA; mixed
+    weights always take the kernel (the reference would widen every expert's weights per call)."""
     mixed = x.dtype == torch.float32 and gate_up.dtype == torch.bfloat16
     ok = x.dtype in _DTYPES and weights.dtype == x.dtype and gate_up.dtype == down.dtype
     ok = ok and (gate_up.dtype == x.dtype or mixed)
-    fp32 = x.dtype == gate_up.dtype == torch.float32
-    gemm_bound = fp32 and ids.numel() >= GEMM_ROWS * gate_up.shape[0]
+    rows = None if mixed or not ok else gemm_rows(x.dtype)
+    gemm_bound = rows is not None and ids.numel() >= rows * gate_up.shape[0]
     if not ok or gemm_bound or _reference_needed(x, gate_up, down, weights):
         return fused_moe_torch(x, gate_up, down, weights, ids)
     return torch.ops.splitvl.fused_moe(x, gate_up, down, weights, ids)
@@ -138,6 +157,48 @@ def fp8_linear(
         dense = torch.ops.splitvl.fp8_dequantize(weight, scale, x.dtype)
         return torch.nn.functional.linear(x, dense)
     return torch.ops.splitvl.fp8_linear(x, weight, scale)
+
+
+def paged_prefill(
+    q: torch.Tensor,  # [n, Hq, D]
+    k: torch.Tensor,  # [n, Hkv, D], the chunk's own keys
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,  # [num_blocks] covering context_start + n
+    context_start: int,
+    scale: float,
+) -> torch.Tensor:  # [n, Hq, D]
+    """See shared.kernels.reference.paged_prefill_torch. After cached tokens, the chunk attends
+    to them and to itself in two unmasked passes of torch's CPU flash kernel (the cached keys
+    with no mask, the chunk's own causally), merged by the passes' log-sum-exps. The reference's
+    one pass with a lower-right causal mask takes torch's math path: 4-12x slower at contexts
+    of a few thousand tokens. Without cached tokens the two are the same causal pass."""
+    ok = q.dtype in _DTYPES and k_cache.dtype == q.dtype == k.dtype and q.device.type == "cpu"
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if context_start == 0 or not ok or grad:
+        return paged_prefill_torch(q, k, v, k_cache, v_cache, block_table, context_start, scale)
+    n, num_heads, dim = q.shape
+    num_kv = k.shape[1]
+    group = num_heads // num_kv
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    # Cached keys: no mask, so each kv head's `group` query heads go as one longer query
+    # sequence against that head's keys, which are never copied per query head.
+    cached_k = k_cache[block_table].flatten(0, 1)[:context_start].transpose(0, 1)[None]
+    cached_v = v_cache[block_table].flatten(0, 1)[:context_start].transpose(0, 1)[None]
+    grouped_q = q.view(n, num_kv, group, dim).permute(1, 2, 0, 3).reshape(1, num_kv, -1, dim)
+    past, past_lse = flash(grouped_q, cached_k, cached_v, 0.0, False, scale=scale)
+    past = past.reshape(1, num_heads, n, dim)
+    past_lse = past_lse.reshape(1, num_heads, n)
+    # The chunk's own keys, causally (square: flash's upper-left mask is the right one).
+    own_k = k.transpose(0, 1).repeat_interleave(group, 0)[None]
+    own_v = v.transpose(0, 1).repeat_interleave(group, 0)[None]
+    own, own_lse = flash(q.transpose(0, 1)[None], own_k, own_v, 0.0, True, scale=scale)
+    top = torch.maximum(past_lse, own_lse)
+    w_past = torch.exp(past_lse - top).unsqueeze(-1)
+    w_own = torch.exp(own_lse - top).unsqueeze(-1)
+    out = (past.float() * w_past + own.float() * w_own) / (w_past + w_own)
+    return out[0].transpose(0, 1).to(q.dtype)
 
 
 def paged_decode(
