@@ -50,9 +50,10 @@ def build(out: Path, shape: str, dtype: str, tokenizer_from: Path = TOKENIZER_FR
     init = Init(std=0.05, norm_std=0.1, bias_std=0.02)
     write_vl_checkpoint(out, config, preprocessor, init=init, dtype=getattr(torch, dtype))
     rewrite_in_hub_layout(out, text["hidden_size"], text["moe_intermediate_size"])
-    # transformers 5 writes num_local_experts only; readers of the 4.x name (vLLM) need both.
+    # transformers 5 writes num_local_experts only and leaves out norm_topk_prob (Qwen3-VL-MoE
+    # always renormalizes); readers of the 4.x names (vLLM) need them.
     written = json.loads((out / "config.json").read_text())
-    written["text_config"]["num_experts"] = text["num_experts"]
+    written["text_config"] |= {"num_experts": text["num_experts"], "norm_topk_prob": True}
     (out / "config.json").write_text(json.dumps(written, indent=2) + "\n")
     for name in COPIED:
         if (tokenizer_from / name).is_file():

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+from scripts.shapes_vl.answers import MAX_NEW_TOKENS, decode_answer, hf_greedy
 from scripts.shapes_vl.data import QUESTION_KINDS, Example, make_dataset
 from scripts.shapes_vl.prompts import SpecialIds, make_batch, prompt_ids
 from scripts.shapes_vl.video_data import VIDEO_KINDS, make_video_dataset
@@ -34,7 +35,6 @@ from scripts.shapes_vl.video_eval import (
 
 # Never used for training: train.py draws from --seed + 1 .. --seed + 4 (default seed 0).
 HELD_OUT_SEED = 20_251_126
-MAX_NEW_TOKENS = 32
 SHARED_MODES = ("full", "no_deepstack", "no_image")
 
 Answerer = Callable[[Image.Image, str], str]
@@ -81,12 +81,6 @@ def score(answer: Callable, examples: Sequence, verbose: bool = False) -> Report
     return Report(dict(correct), dict(total))
 
 
-def _decode(tokenizer: Tokenizer, ids: list[int], stop: int) -> str:
-    if stop in ids:
-        ids = ids[: ids.index(stop)]
-    return tokenizer.decode(ids, skip_special_tokens=False)
-
-
 def hf_answerer(model_dir: Path, model=None) -> Answerer:
     """Greedy answers from transformers' model (loaded from `model_dir` unless given)."""
     from transformers import AutoImageProcessor, Qwen3VLMoeForConditionalGeneration
@@ -100,15 +94,7 @@ def hf_answerer(model_dir: Path, model=None) -> Answerer:
 
     def answer(image: Image.Image, question: str) -> str:
         batch = make_batch(tokenizer, image_processor, [image], [question])
-        with torch.no_grad():
-            out = model.generate(
-                **batch.model_inputs(),
-                max_new_tokens=MAX_NEW_TOKENS,
-                do_sample=False,
-                eos_token_id=sp.im_end,
-                pad_token_id=sp.pad,
-            )
-        return _decode(tokenizer, out[0, batch.input_ids.shape[1] :].tolist(), sp.im_end)
+        return hf_greedy(model, batch, tokenizer, sp)
 
     return answer
 
@@ -169,7 +155,7 @@ def shared_answerer(model_dir: Path, mode: str = "full") -> Answerer:
             ids.append(int(logits[0].argmax()))
             if ids[-1] == sp.im_end:
                 break
-        return _decode(tokenizer, ids[prompt_len:], sp.im_end)
+        return decode_answer(tokenizer, ids[prompt_len:], sp.im_end)
 
     return answer
 

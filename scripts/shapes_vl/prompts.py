@@ -8,7 +8,7 @@ The answer is followed by `<|im_end|>`, which the model learns to emit to stop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,14 +101,20 @@ def conversation_ids(
     Labels are IGNORE_INDEX except on answers (each with its <|im_end|>). A None answer ends the
     sequence at that turn's generation prompt.
     """
+    return turns_ids(
+        tokenizer, turns, lambda question: prompt_ids(tokenizer, question, num_image_tokens)
+    )
+
+
+def turns_ids(
+    tokenizer: Tokenizer, turns: Sequence[Turn], first_prompt: Callable[[str], list[int]]
+) -> tuple[list[int], list[int]]:
+    """(ids, labels) of a conversation whose first turn's prompt is `first_prompt(question)`
+    (the one carrying the image or clip); labels as `conversation_ids` gives them."""
     ids: list[int] = []
     labels: list[int] = []
     for i, (question, answer) in enumerate(turns):
-        prompt = (
-            prompt_ids(tokenizer, question, num_image_tokens)
-            if i == 0
-            else followup_ids(tokenizer, question)
-        )
+        prompt = first_prompt(question) if i == 0 else followup_ids(tokenizer, question)
         ids += prompt
         labels += [IGNORE_INDEX] * len(prompt)
         if answer is None:

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from scripts.demo import DEFAULT_MODEL, ClusterConfig, chat_messages, running_cluster
+from scripts.shapes_vl.answers import MAX_NEW_TOKENS
 from scripts.shapes_vl.data import Example, make_dataset
-from scripts.shapes_vl.evaluate import HELD_OUT_SEED, MAX_NEW_TOKENS, Report, shared_answerer
+from scripts.shapes_vl.evaluate import HELD_OUT_SEED, Report, shared_answerer
 
 TRANSPORTS = ("grpc", "nccl")
 ABLATIONS = ("no_deepstack", "no_image")

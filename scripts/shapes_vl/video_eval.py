@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from scripts.shapes_vl.answers import MAX_NEW_TOKENS, decode_answer, hf_greedy
 from scripts.shapes_vl.prompts import SpecialIds
 from scripts.shapes_vl.video_prompts import SampledVideo, make_mixed_batch, video_prompt_ids
 from shared.model.video import load_video_processor_config
@@ -21,14 +22,7 @@ from shared.model.video_decode import load_video
 from shared.wire.images import VideoSampling
 
 HELD_OUT_VIDEO_SEED = 20_251_207
-MAX_NEW_TOKENS = 32
 VideoAnswerer = Callable[[bytes, str], str]
-
-
-def _decode(tokenizer: Tokenizer, ids: list[int], stop: int) -> str:
-    if stop in ids:
-        ids = ids[: ids.index(stop)]
-    return tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def sample(model_dir: Path, data: bytes) -> SampledVideo:
@@ -51,15 +45,7 @@ def hf_video_answerer(model_dir: Path, model=None) -> VideoAnswerer:
     def answer(data: bytes, question: str) -> str:
         video = sample(model_dir, data)
         batch = make_mixed_batch(tokenizer, image_processor, [], [(video, [(question, None)])])
-        with torch.no_grad():
-            out = model.generate(
-                **batch.model_inputs(),
-                max_new_tokens=MAX_NEW_TOKENS,
-                do_sample=False,
-                eos_token_id=sp.im_end,
-                pad_token_id=sp.pad,
-            )
-        return _decode(tokenizer, out[0, batch.input_ids.shape[1] :].tolist(), sp.im_end)
+        return hf_greedy(model, batch, tokenizer, sp)
 
     return answer
 
@@ -116,6 +102,6 @@ def shared_video_answerer(model_dir: Path, mode: str = "full") -> VideoAnswerer:
             ids.append(int(logits[0].argmax()))
             if ids[-1] == sp.im_end:
                 break
-        return _decode(tokenizer, ids[prompt_len:], sp.im_end)
+        return decode_answer(tokenizer, ids[prompt_len:], sp.im_end)
 
     return answer

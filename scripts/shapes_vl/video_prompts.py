@@ -20,9 +20,8 @@ from scripts.shapes_vl.prompts import (
     IGNORE_INDEX,
     SpecialIds,
     Turn,
-    answer_ids,
     conversation_ids,
-    followup_ids,
+    turns_ids,
 )
 from shared.model.video import video_prompt
 
@@ -53,21 +52,11 @@ def video_conversation_ids(
 ) -> tuple[list[int], list[int]]:
     """(ids, labels) of a conversation about one clip, which comes with the first question;
     labels as `prompts.conversation_ids` gives them."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for i, (question, answer) in enumerate(turns):
-        if i == 0:
-            prompt = video_prompt_ids(tokenizer, question, timestamps, tokens_per_group)
-        else:
-            prompt = followup_ids(tokenizer, question)
-        ids += prompt
-        labels += [IGNORE_INDEX] * len(prompt)
-        if answer is None:
-            break
-        target = answer_ids(tokenizer, answer)
-        ids += target
-        labels += target
-    return ids, labels
+    return turns_ids(
+        tokenizer,
+        turns,
+        lambda question: video_prompt_ids(tokenizer, question, timestamps, tokens_per_group),
+    )
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ def test_checkpoint_has_the_shape_the_ids_and_the_hub_layout(tmp_path):
     text = SHAPES["tiny"]["text"]
     assert config["text_config"]["hidden_size"] == text["hidden_size"]
     assert config["text_config"]["num_experts"] == text["num_experts"]
+    assert config["text_config"]["norm_topk_prob"] is True  # vLLM reads it
     added = json.loads((TOKENIZER_FROM / "tokenizer.json").read_text())["added_tokens"]
     ids = {t["content"]: t["id"] for t in added}
     assert config["image_token_id"] == ids["<|image_pad|>"]
