@@ -208,6 +208,7 @@ def encode_mp4(frames: np.ndarray, fps: float) -> bytes:
         stream = out.add_stream("libx264", rate=rate, options={"x264-params": "mbtree=0"})
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1  # threaded x264 output varies with the load
         for picture in frames:
             frame = av.VideoFrame.from_ndarray(picture, format="rgb24").reformat(format="yuv420p")
             for packet in stream.encode(frame):

@@ -44,11 +44,33 @@ def encode_clip(
         if gop:
             stream.codec_context.gop_size = gop
         for picture in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
+            for packet in stream.encode(_video_frame(picture, pix_fmt)):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
     return buf.getvalue()
+
+
+def _video_frame(picture: np.ndarray, pix_fmt: str):
+    """An RGB picture as the encoder's frame. Even-sized yuv420p is converted here (BT.601,
+    limited range): libswscale's conversion, which PyAV would run, now and then gives other
+    bytes for the same picture, and seeded clips must be the same file every time."""
+    import av
+
+    height, width = picture.shape[:2]
+    if pix_fmt != "yuv420p" or height % 2 or width % 2:
+        return av.VideoFrame.from_ndarray(picture, format="rgb24")
+    r, g, b = (picture[..., c].astype(np.float32) for c in range(3))
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+
+    def half(c: np.ndarray) -> np.ndarray:
+        return c.reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
+
+    chroma = np.concatenate([half(u), half(v)]).reshape(height // 2, width)
+    planes = np.concatenate([y, chroma]).round().clip(0, 255).astype(np.uint8)
+    return av.VideoFrame.from_ndarray(planes, format="yuv420p")
 
 
 def _rate(fps: float):
