@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from scripts.shapes_vl.answers import MAX_NEW_TOKENS, decode_answer, hf_greedy
+from scripts.shapes_vl.answers import ablate, decode_answer, hf_greedy, shared_greedy
 from scripts.shapes_vl.data import QUESTION_KINDS, Example, make_dataset
 from scripts.shapes_vl.prompts import SpecialIds, make_batch, prompt_ids
 from scripts.shapes_vl.video_data import VIDEO_KINDS, make_video_dataset
@@ -108,11 +108,10 @@ def shared_answerer(model_dir: Path, mode: str = "full") -> Answerer:
     from shared.model.loader import load_text_model, load_vision_model
     from shared.model.processing import (
         load_image_processor_config,
-        mrope_positions,
         num_image_tokens,
         preprocess_image,
     )
-    from shared.model.qwen3_vl_moe import separate_deepstack_embeds, splice_image_embeds
+    from shared.model.qwen3_vl_moe import separate_deepstack_embeds
 
     if mode not in SHARED_MODES:
         raise ValueError(f"mode must be one of {SHARED_MODES}, got {mode!r}")
@@ -127,35 +126,19 @@ def shared_answerer(model_dir: Path, mode: str = "full") -> Answerer:
     def answer(image: Image.Image, question: str) -> str:
         pixel_values, grid = preprocess_image(image, proc_cfg)
         packed = vision(pixel_values, torch.tensor([grid]))
-        embeds, deepstack = separate_deepstack_embeds(packed, config.num_deepstack)
-        if mode == "no_deepstack":
-            deepstack = torch.zeros_like(deepstack)
-        elif mode == "no_image":
-            embeds = torch.zeros_like(embeds)
+        embeds, deepstack = ablate(*separate_deepstack_embeds(packed, config.num_deepstack), mode)
         ids = prompt_ids(tokenizer, question, num_image_tokens(grid, proc_cfg.merge_size))
-        prompt_len = len(ids)
-        for _ in range(MAX_NEW_TOKENS):
-            input_ids = torch.tensor(ids)
-            inputs_embeds, full_deepstack = splice_image_embeds(
-                input_ids,
-                language.embed_tokens(input_ids),
-                embeds,
-                deepstack,
-                config.image_token_id,
-            )
-            positions, _ = mrope_positions(
-                input_ids, [grid], config.image_token_id, proc_cfg.merge_size
-            )
-            logits = language(
-                positions=positions,
-                inputs_embeds=inputs_embeds,
-                input_deepstack_embeds=full_deepstack,
-                logits_indices=torch.tensor([len(ids) - 1]),
-            )
-            ids.append(int(logits[0].argmax()))
-            if ids[-1] == sp.im_end:
-                break
-        return decode_answer(tokenizer, ids[prompt_len:], sp.im_end)
+        new = shared_greedy(
+            language,
+            ids,
+            embeds,
+            deepstack,
+            [grid],
+            config.image_token_id,
+            proc_cfg.merge_size,
+            sp.im_end,
+        )
+        return decode_answer(tokenizer, new, sp.im_end)
 
     return answer
 

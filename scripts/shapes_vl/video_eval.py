@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from scripts.shapes_vl.answers import MAX_NEW_TOKENS, decode_answer, hf_greedy
+from scripts.shapes_vl.answers import ablate, decode_answer, hf_greedy, shared_greedy
 from scripts.shapes_vl.prompts import SpecialIds
 from scripts.shapes_vl.video_prompts import SampledVideo, make_mixed_batch, video_prompt_ids
 from shared.model.video import load_video_processor_config
@@ -58,8 +58,7 @@ def shared_video_answerer(model_dir: Path, mode: str = "full") -> VideoAnswerer:
     """
     from shared.model.config import load_config
     from shared.model.loader import load_text_model, load_vision_model
-    from shared.model.processing import mrope_positions
-    from shared.model.qwen3_vl_moe import separate_deepstack_embeds, splice_image_embeds
+    from shared.model.qwen3_vl_moe import separate_deepstack_embeds
 
     config = load_config(model_dir)
     vision = load_vision_model(model_dir).eval()
@@ -80,28 +79,9 @@ def shared_video_answerer(model_dir: Path, mode: str = "full") -> VideoAnswerer:
                 for rows, group in zip(video.pixel_values.chunk(t), groups, strict=True)
             ]
         )
-        embeds, deepstack = separate_deepstack_embeds(packed, config.num_deepstack)
-        if mode == "no_deepstack":
-            deepstack = torch.zeros_like(deepstack)
-        elif mode == "no_image":
-            embeds = torch.zeros_like(embeds)
+        embeds, deepstack = ablate(*separate_deepstack_embeds(packed, config.num_deepstack), mode)
         ids = video_prompt_ids(tokenizer, question, video.timestamps, h * w // merge**2)
-        prompt_len = len(ids)
-        for _ in range(MAX_NEW_TOKENS):
-            input_ids = torch.tensor(ids)
-            inputs_embeds, full_deepstack = splice_image_embeds(
-                input_ids, language.embed_tokens(input_ids), embeds, deepstack, pad_id
-            )
-            positions, _ = mrope_positions(input_ids, groups, pad_id, merge)
-            logits = language(
-                positions=positions,
-                inputs_embeds=inputs_embeds,
-                input_deepstack_embeds=full_deepstack,
-                logits_indices=torch.tensor([len(ids) - 1]),
-            )
-            ids.append(int(logits[0].argmax()))
-            if ids[-1] == sp.im_end:
-                break
-        return decode_answer(tokenizer, ids[prompt_len:], sp.im_end)
+        new = shared_greedy(language, ids, embeds, deepstack, groups, pad_id, merge, sp.im_end)
+        return decode_answer(tokenizer, new, sp.im_end)
 
     return answer

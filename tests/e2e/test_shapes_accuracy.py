@@ -63,29 +63,34 @@ class Served:
     token_ids: list[int]  # the answer's tokens, ending with the stop token
 
 
-async def _answer_all(cluster: Cluster, examples: list[Example]) -> list[Served]:
-    """Greedy answers to every example, IN_FLIGHT requests at a time, in example order."""
+def _conversations(examples: list[Example]) -> list[list[dict]]:
+    return [chat_messages(ex.question, _png(ex)) for ex in examples]
+
+
+async def answer_all(cluster: Cluster, conversations: list[list[dict]]) -> list[Served]:
+    """Greedy answers to every conversation (chat messages), IN_FLIGHT requests at a time, in
+    order; each must stop within 32 tokens."""
     gate = asyncio.Semaphore(IN_FLIGHT)
     async with cluster.async_client(timeout=REQUEST_TIMEOUT_S) as client:
 
-        async def ask(example: Example) -> Served:
+        async def ask(messages: list[dict]) -> Served:
             async with gate:
                 response = await client.chat.completions.create(
                     model=cluster.model_name,
                     temperature=0,
                     max_tokens=32,
-                    messages=chat_messages(example.question, _png(example)),
+                    messages=messages,
                     extra_body={"return_token_ids": True},
                 )
             choice = response.choices[0]
-            assert choice.finish_reason == "stop", f"{example.question!r}: no stop in 32 tokens"
+            assert choice.finish_reason == "stop", f"{messages!r:.300}: no stop in 32 tokens"
             return Served(
                 choice.message.content,
                 response.model_extra["prompt_token_ids"],
                 choice.model_extra["token_ids"],
             )
 
-        return list(await asyncio.gather(*(ask(ex) for ex in examples)))
+        return list(await asyncio.gather(*(ask(m) for m in conversations)))
 
 
 class InProcessModel:
@@ -145,7 +150,7 @@ def _misses(answers: list[Served], examples: list[Example]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def grpc_answers(grpc_cluster, held_out) -> list[Served]:
-    return asyncio.run(_answer_all(grpc_cluster, held_out))
+    return asyncio.run(answer_all(grpc_cluster, _conversations(held_out)))
 
 
 def test_split_path_answers_held_out_questions(grpc_answers, held_out):
@@ -155,7 +160,7 @@ def test_split_path_answers_held_out_questions(grpc_answers, held_out):
 
 
 def test_link_transport_gives_the_same_answers(nccl_cluster, held_out, grpc_answers):
-    assert asyncio.run(_answer_all(nccl_cluster, held_out)) == grpc_answers
+    assert asyncio.run(answer_all(nccl_cluster, _conversations(held_out))) == grpc_answers
 
 
 @pytest.fixture

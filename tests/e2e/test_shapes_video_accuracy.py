@@ -12,13 +12,13 @@ process (one teacher-forced forward per clip).
 from __future__ import annotations
 
 import asyncio
-import base64
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer
 
+from scripts.shapes_vl.chat import video_messages
 from scripts.shapes_vl.video_data import VIDEO_KINDS, VideoExample, make_video_dataset
 from scripts.shapes_vl.video_eval import HELD_OUT_VIDEO_SEED, sample
 from scripts.shapes_vl.video_prompts import video_prompt_ids
@@ -26,7 +26,7 @@ from shared.model.config import load_config
 from shared.model.loader import load_text_model, load_vision_model
 from shared.model.processing import mrope_positions
 from shared.model.qwen3_vl_moe import separate_deepstack_embeds, splice_image_embeds
-from tests.e2e.test_shapes_accuracy import IN_FLIGHT, REQUEST_TIMEOUT_S, Served, one_thread
+from tests.e2e.test_shapes_accuracy import Served, answer_all, one_thread
 
 NUM_CLIPS = 30
 MIN_ACCURACY = 0.8
@@ -44,42 +44,10 @@ def held_out_clips(e2e_model) -> list[VideoExample]:
     return make_video_dataset(HELD_OUT_VIDEO_SEED, NUM_CLIPS)
 
 
-def _messages(example: VideoExample) -> list[dict]:
-    url = "data:video/mp4;base64," + base64.b64encode(example.data).decode()
-    parts = [
-        {"type": "video_url", "video_url": {"url": url}},
-        {"type": "text", "text": example.question},
-    ]
-    return [{"role": "user", "content": parts}]
-
-
-async def _answer_all(cluster, examples: list[VideoExample]) -> list[Served]:
-    gate = asyncio.Semaphore(IN_FLIGHT)
-    async with cluster.async_client(timeout=REQUEST_TIMEOUT_S) as client:
-
-        async def ask(example: VideoExample) -> Served:
-            async with gate:
-                response = await client.chat.completions.create(
-                    model=cluster.model_name,
-                    temperature=0,
-                    max_tokens=32,
-                    messages=_messages(example),
-                    extra_body={"return_token_ids": True},
-                )
-            choice = response.choices[0]
-            assert choice.finish_reason == "stop", f"{example.question!r}: no stop in 32 tokens"
-            return Served(
-                choice.message.content,
-                response.model_extra["prompt_token_ids"],
-                choice.model_extra["token_ids"],
-            )
-
-        return list(await asyncio.gather(*(ask(ex) for ex in examples)))
-
-
 @pytest.fixture(scope="module")
 def served(grpc_cluster, held_out_clips) -> list[Served]:
-    return asyncio.run(_answer_all(grpc_cluster, held_out_clips))
+    conversations = [video_messages(ex.data, ex.question) for ex in held_out_clips]
+    return asyncio.run(answer_all(grpc_cluster, conversations))
 
 
 def test_split_path_answers_held_out_clips(served, held_out_clips):
