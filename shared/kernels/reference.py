@@ -17,6 +17,8 @@ rows of a step (rows at or past a count of real tokens, kept on the device).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
@@ -130,13 +132,26 @@ def fused_moe_torch(
 
     Expert weights of another dtype than x (bf16 weights kept for fp32 compute on CPUs without
     bf16 arithmetic) are widened to x's dtype first."""
+    return fused_moe_grouped(x, gate_up, down, weights, ids, _grouped)
+
+
+def fused_moe_grouped(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    grouped: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """`fused_moe_torch` with `grouped(x [n, K], w [E, K, N], offs int32 [E]) -> [n, N]` in
+    place of its grouped matmul (a backend's own, with the same contract)."""
     gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
     num_tokens, top_k = ids.shape
     order = torch.argsort(ids.reshape(-1), stable=True)
     offs = expert_offsets(ids, gate_up.shape[0])
-    h = _grouped(x[order // top_k], gate_up, offs)  # [T*k, 2I]
+    h = grouped(x[order // top_k], gate_up, offs)  # [T*k, 2I]
     gate, up = h.chunk(2, dim=-1)
-    h = _grouped((F.silu(gate) * up).contiguous(), down, offs)  # [T*k, H]
+    h = grouped((F.silu(gate) * up).contiguous(), down, offs)  # [T*k, H]
     unsorted = torch.empty_like(h).index_copy_(0, order, h)  # row j of token t at t*k + j
     terms = unsorted.view(num_tokens, top_k, -1) * weights.unsqueeze(-1)
     terms = torch.where((ids < gate_up.shape[0]).unsqueeze(-1), terms, 0)

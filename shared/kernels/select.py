@@ -1,6 +1,6 @@
 """Which implementation runs each kernel on each device.
 
-Backends are modules exposing the reference functions' signatures (`fused_moe`,
+Backends are modules exposing the reference functions' signatures (`linear`, `fused_moe`,
 `fused_moe_fp8`, `fp8_linear`, `paged_decode`, `paged_prefill`, `add_rms_norm`,
 `qk_norm_rope`, `router_topk`, `kv_store`, each optional): `shared.kernels.cpu` on CPUs when
 its extension compiled on this machine, `shared.kernels.gpu` on CUDA when Triton imports. A
@@ -20,6 +20,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 from shared.kernels.reference import (
     add_rms_norm_torch,
@@ -36,6 +37,7 @@ from shared.kernels.reference import (
 log = logging.getLogger(__name__)
 
 _REFERENCES: dict[str, Callable] = {
+    "linear": F.linear,
     "fused_moe": fused_moe_torch,
     "fused_moe_fp8": fused_moe_fp8_torch,
     "fp8_linear": fp8_linear_torch,
@@ -79,6 +81,11 @@ def implementation(name: str, device_type: str) -> Callable:
         fn = _REFERENCES[name]
     log.info("kernel %s on %s: %s.%s", name, device_type, fn.__module__, fn.__name__)
     return fn
+
+
+def linear(x, weight, bias=None) -> torch.Tensor:
+    """`torch.nn.functional.linear`, the projections of every model."""
+    return implementation("linear", x.device.type)(x, weight, bias)
 
 
 def fused_moe(x, gate_up, down, weights, ids) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from shared.kernels.reference import FP8_DTYPE
-from shared.model.layers.linear import Fp8Linear
+from shared.model.layers.linear import Fp8Linear, Linear
 from shared.model.layers.moe import Experts
 
 QUANTIZATIONS = ("fp8",)  # what --quantization accepts
@@ -30,7 +30,7 @@ def quantizable(module_name: str, module: nn.Module) -> bool:
     """Whether FP8 covers this module of the language model (as Qwen quantizes it)."""
     if isinstance(module, Experts):
         return True
-    return type(module) is nn.Linear and _QUANTIZABLE.search(module_name) is not None
+    return type(module) is Linear and _QUANTIZABLE.search(module_name) is not None
 
 
 def use_fp8(model: nn.Module, stored_fp8: Callable[[str], bool]) -> int:

@@ -14,6 +14,7 @@ from torch import nn
 
 from shared.model.config import TextConfig
 from shared.model.layers.attention import Attention, AttentionBackend
+from shared.model.layers.linear import Linear
 from shared.model.layers.mlp import DenseMLP
 from shared.model.layers.moe import SparseMoeBlock
 from shared.model.layers.norm import RMSNorm
@@ -155,7 +156,7 @@ class Qwen3MoeForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Qwen3MoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_word_embeddings = tie_word_embeddings
         if tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

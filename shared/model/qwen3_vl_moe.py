@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from shared.model.config import ModelConfig
+from shared.model.layers.linear import Linear
 from shared.model.processing import grids_in_prompt_order, mrope_positions
 from shared.model.qwen3_moe import Qwen3MoeModel
 from shared.model.vision import Qwen3VLVisionModel
@@ -48,7 +49,7 @@ class Qwen3VLMoeForConditionalGeneration(nn.Module):
         self.config = config
         self.visual = Qwen3VLVisionModel(config.vision)
         self.model = Qwen3MoeModel(config.text)
-        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.model.config import VisionConfig
+from shared.model.layers.linear import Linear
 from shared.model.layers.rotary import rotate_half
 from shared.wire.packed import pack_embeds
 
@@ -51,8 +52,8 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden // num_heads
-        self.qkv = nn.Linear(hidden, 3 * hidden, bias=True)
-        self.proj = nn.Linear(hidden, hidden, bias=True)
+        self.qkv = Linear(hidden, 3 * hidden, bias=True)
+        self.proj = Linear(hidden, hidden, bias=True)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq_lens: list[int]
@@ -79,8 +80,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, act: str):
         super().__init__()
-        self.linear_fc1 = nn.Linear(hidden, intermediate, bias=True)
-        self.linear_fc2 = nn.Linear(intermediate, hidden, bias=True)
+        self.linear_fc1 = Linear(hidden, intermediate, bias=True)
+        self.linear_fc2 = Linear(intermediate, hidden, bias=True)
         self.act = _activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,8 +112,8 @@ class PatchMerger(nn.Module):
         self.postshuffle_norm = postshuffle_norm
         norm_dim = self.merged if postshuffle_norm else config.hidden_size
         self.norm = nn.LayerNorm(norm_dim, eps=1e-6)
-        self.linear_fc1 = nn.Linear(self.merged, self.merged)
-        self.linear_fc2 = nn.Linear(self.merged, config.out_hidden_size)
+        self.linear_fc1 = Linear(self.merged, self.merged)
+        self.linear_fc2 = Linear(self.merged, config.out_hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.postshuffle_norm:
@@ -129,7 +130,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.proj = nn.Linear(config.patch_dim, config.hidden_size, bias=True)
+        self.proj = Linear(config.patch_dim, config.hidden_size, bias=True)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.proj(pixel_values.to(self.proj.weight.dtype))

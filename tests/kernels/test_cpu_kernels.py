@@ -351,7 +351,8 @@ def test_gemm_crossover_follows_the_isa(monkeypatch, features, fp32, bf16):
         (7, 16, 6, 6, 16),  # no grouping
         (33, 100, 12, 3, 8),  # groups of 4, context not on a block edge
         (64, 500, 9, 3, 16),  # odd head count
-        (20, 0, 8, 2, 16),  # no cache: the reference's one causal pass
+        (20, 0, 8, 2, 16),  # no cache: only the causal pass
+        (300, 0, 8, 8, 16),  # no cache, no grouping, longer than a flash block
     ],
 )
 def test_paged_prefill_matches_reference(

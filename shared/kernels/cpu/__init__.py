@@ -17,9 +17,12 @@ import threading
 
 import torch
 
+from shared.kernels.cpu import onednn
+from shared.kernels.cpu.onednn import linear as linear  # the backend's `linear`
 from shared.kernels.reference import (
     fp8_linear_torch,
     fused_moe_fp8_torch,
+    fused_moe_grouped,
     fused_moe_torch,
     paged_decode_torch,
     paged_prefill_torch,
@@ -106,15 +109,18 @@ def fused_moe(
     activations with bfloat16 expert weights (widened in registers, never copied).
 
     Many rows per expert (prefill) go to the reference, whose grouped GEMMs (oneDNN, packed
-    panels) are faster there, from `gemm_rows(dtype)`, which depends on the CPU's ISA; mixed
+    panels; at bucketed row counts, `onednn.grouped_mm`) are faster there, from
+    `gemm_rows(dtype)`, which depends on the CPU's ISA; mixed
     weights always take the kernel (the reference would widen every expert's weights per call)."""
     mixed = x.dtype == torch.float32 and gate_up.dtype == torch.bfloat16
     ok = x.dtype in _DTYPES and weights.dtype == x.dtype and gate_up.dtype == down.dtype
     ok = ok and (gate_up.dtype == x.dtype or mixed)
     rows = None if mixed or not ok else gemm_rows(x.dtype)
     gemm_bound = rows is not None and ids.numel() >= rows * gate_up.shape[0]
-    if not ok or gemm_bound or _reference_needed(x, gate_up, down, weights):
+    if not ok or _reference_needed(x, gate_up, down, weights):
         return fused_moe_torch(x, gate_up, down, weights, ids)
+    if gemm_bound:
+        return fused_moe_grouped(x, gate_up, down, weights, ids, onednn.grouped_mm)
     return torch.ops.splitvl.fused_moe(x, gate_up, down, weights, ids)
 
 
@@ -173,15 +179,23 @@ def paged_prefill(
     to them and to itself in two unmasked passes of torch's CPU flash kernel (the cached keys
     with no mask, the chunk's own causally), merged by the passes' log-sum-exps. The reference's
     one pass with a lower-right causal mask takes torch's math path: 4-12x slower at contexts
-    of a few thousand tokens. Without cached tokens the two are the same causal pass."""
+    of a few thousand tokens. Without cached tokens only the causal pass runs."""
     ok = q.dtype in _DTYPES and k_cache.dtype == q.dtype == k.dtype and q.device.type == "cpu"
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if context_start == 0 or not ok or grad:
+    if not ok or grad:
         return paged_prefill_torch(q, k, v, k_cache, v_cache, block_table, context_start, scale)
     n, num_heads, dim = q.shape
     num_kv = k.shape[1]
     group = num_heads // num_kv
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    # The chunk's own keys, causally (square: flash's upper-left mask is the right one). Its
+    # kv heads are repeated per query head: flash has no GQA, and the reference's enable_gqa
+    # sends SDPA to its math path (a materialized causal mask, 3-5x slower).
+    own_k = k.transpose(0, 1).repeat_interleave(group, 0)[None]
+    own_v = v.transpose(0, 1).repeat_interleave(group, 0)[None]
+    own, own_lse = flash(q.transpose(0, 1)[None], own_k, own_v, 0.0, True, scale=scale)
+    if context_start == 0:
+        return own[0].transpose(0, 1)
     # Cached keys: no mask, so each kv head's `group` query heads go as one longer query
     # sequence against that head's keys, which are never copied per query head.
     cached_k = k_cache[block_table].flatten(0, 1)[:context_start].transpose(0, 1)[None]
@@ -190,10 +204,6 @@ def paged_prefill(
     past, past_lse = flash(grouped_q, cached_k, cached_v, 0.0, False, scale=scale)
     past = past.reshape(1, num_heads, n, dim)
     past_lse = past_lse.reshape(1, num_heads, n)
-    # The chunk's own keys, causally (square: flash's upper-left mask is the right one).
-    own_k = k.transpose(0, 1).repeat_interleave(group, 0)[None]
-    own_v = v.transpose(0, 1).repeat_interleave(group, 0)[None]
-    own, own_lse = flash(q.transpose(0, 1)[None], own_k, own_v, 0.0, True, scale=scale)
     top = torch.maximum(past_lse, own_lse)
     w_past = torch.exp(past_lse - top).unsqueeze(-1)
     w_own = torch.exp(own_lse - top).unsqueeze(-1)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.kernels.select import qk_norm_rope
-from shared.model.layers.linear import fuse_linears
+from shared.model.layers.linear import Linear, fuse_linears
 from shared.model.layers.norm import RMSNorm
 
 
@@ -68,10 +68,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=False)
         self.q_norm = RMSNorm(head_dim, rms_norm_eps)
         self.k_norm = RMSNorm(head_dim, rms_norm_eps)
         self.qkv_proj: nn.Module | None = None  # set by fuse_qkv after loading

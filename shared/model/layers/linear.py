@@ -1,4 +1,4 @@
-"""Linear projections without bias: plain (`nn.Linear`) or block FP8 (`Fp8Linear`), and their
+"""Linear projections: plain (`Linear`) or block FP8 (`Fp8Linear`, without bias), and their
 fusion into one GEMM."""
 
 from __future__ import annotations
@@ -7,7 +7,16 @@ import torch
 from torch import nn
 
 from shared.kernels.reference import FP8_BLOCK, FP8_DTYPE, fp8_block_quantize, fp8_blocks
-from shared.kernels.select import fp8_linear
+from shared.kernels.select import fp8_linear, linear
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, same checkpoint names) whose product goes through the
+    kernel selection: on a CPU, bf16 rows are padded to a few GEMM shapes (see
+    `shared.kernels.cpu.onednn`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class Fp8Linear(nn.Module):
@@ -48,9 +57,9 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
     """One projection whose output is the parts' outputs concatenated, or None where none
     exists: FP8 parts fuse only when every part but the last ends on a 128-row block, since a
     block scale cannot be shared by rows of two parts."""
-    if all(type(p) is nn.Linear for p in parts):
+    if all(type(p) is Linear and p.bias is None for p in parts):
         fused = torch.cat([p.weight for p in parts])
-        module = nn.Linear(fused.shape[1], fused.shape[0], bias=False, device="meta")
+        module = Linear(fused.shape[1], fused.shape[0], bias=False, device="meta")
         module.weight = nn.Parameter(fused, requires_grad=False)
         return module
     if not all(isinstance(p, Fp8Linear) for p in parts):
