@@ -16,7 +16,13 @@ import torch
 
 from shared.kernels import cpu
 from shared.kernels.cpu import build
-from shared.kernels.reference import fused_moe_torch, paged_decode_torch, paged_prefill_torch
+from shared.kernels.reference import (
+    add_rms_norm_torch,
+    fused_moe_torch,
+    paged_decode_torch,
+    paged_prefill_torch,
+    qk_norm_rope_torch,
+)
 
 BF16_RTOL = 2.0**-8
 
@@ -377,3 +383,69 @@ def test_paged_prefill_matches_reference(
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(out.float(), ref.float(), rtol=BF16_RTOL, atol=2e-2)
+
+
+# --- add_rms_norm ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "alone"])
+@pytest.mark.parametrize("shape", [(1, 512), (32, 512), (7, 100), (3, 5, 36), (300, 2048)])
+def test_add_rms_norm_matches_reference(kernels, threads, shape, residual, dtype):
+    gen = torch.Generator().manual_seed(shape[0] * 7 + shape[-1])
+    x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+    res = (torch.randn(*shape, generator=gen) * 3).to(dtype) if residual else None
+    weight = (torch.rand(shape[-1], generator=gen) + 0.5).to(dtype)
+    ref_out, ref_h = add_rms_norm_torch(x, res, weight, 1e-6)
+    for count in (1, 2):
+        threads(count)
+        out, h = kernels.add_rms_norm(x, res, weight, 1e-6)
+        assert out.dtype == h.dtype == dtype and out.shape == h.shape == x.shape
+        assert torch.equal(h, ref_h)  # the residual add rounds exactly as the reference's
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+        else:
+            # Only the sum of squares' order differs: now and then the normalized value rounds
+            # one bf16 step away, which the weight's product can widen to two.
+            steps = ref_out.float().abs() * 2.0**-6 + 1e-30
+            assert ((out.float() - ref_out.float()).abs() <= steps).all()
+            assert (out != ref_out).float().mean().item() < 1e-3
+    if residual:
+        with pytest.raises(ValueError, match="residual"):
+            torch.ops.splitvl.add_rms_norm(x, res[..., :-1], weight, 1e-6)
+    with pytest.raises(TypeError, match="float32 or all bfloat16"):
+        torch.ops.splitvl.add_rms_norm(x, res, weight.to(torch.float16), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("tokens", "q_heads", "k_heads", "dim"),
+    [(1, 8, 4, 64), (32, 8, 4, 64), (5, 9, 3, 36), (300, 16, 2, 128), (3, 2, 2, 10)],
+)
+def test_qk_norm_rope_matches_reference(kernels, threads, tokens, q_heads, k_heads, dim, dtype):
+    gen = torch.Generator().manual_seed(tokens * 13 + dim)
+    # q and k as the model has them: column slices of one fused projection's output.
+    qkv = (torch.randn(tokens, (q_heads + 2 * k_heads) * dim, generator=gen) * 2).to(dtype)
+    q = qkv[:, : q_heads * dim].view(tokens, q_heads, dim)
+    k = qkv[:, q_heads * dim : (q_heads + k_heads) * dim].view(tokens, k_heads, dim)
+    q_w, k_w = ((torch.rand(2, dim, generator=gen) + 0.5).to(dtype)).unbind(0)
+    angles = torch.rand(tokens, dim, generator=gen) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    ref_q, ref_k = qk_norm_rope_torch(q, k, q_w, k_w, 1e-6, cos, sin)
+    for count in (1, 2):
+        threads(count)
+        out_q, out_k = kernels.qk_norm_rope(q, k, q_w, k_w, 1e-6, cos, sin)
+        for out, ref in ((out_q, ref_q), (out_k, ref_k)):
+            assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
+            if dtype == torch.float32:
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            else:
+                # Only the sum of squares' order differs: a normalized value may round one
+                # bf16 step away now and then, which the products can widen.
+                diff = (out.float() - ref.float()).abs()
+                assert (diff <= ref.float().abs() * 2.0**-5 + 2.0**-6).all()
+                assert (out != ref).float().mean().item() < 2e-3
+    with pytest.raises(ValueError, match="D even"):
+        torch.ops.splitvl.qk_norm_rope(q[..., :-1], k[..., :-1], q_w, k_w, 1e-6, cos, sin)
+    with pytest.raises(TypeError, match="all float32 or all"):
+        torch.ops.splitvl.qk_norm_rope(q, k, q_w.half(), k_w, 1e-6, cos, sin)

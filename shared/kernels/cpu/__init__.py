@@ -1,5 +1,6 @@
-"""C++ CPU kernels: routed experts (float or block FP8 weights), FP8 linears and paged decode
-attention (``torch.ops.splitvl``).
+"""C++ CPU kernels: routed experts (float or block FP8 weights), FP8 linears, paged decode
+attention, residual add + RMSNorm and q/k RMSNorm + rotary (``torch.ops.splitvl``); bf16 GEMMs
+at bucketed shapes.
 
 Compiled on first use by `available()` (never at import), once per machine, into a cache
 keyed by sources, flags, compiler, torch and CPU (see `shared.kernels.cpu.build`);
@@ -20,12 +21,14 @@ import torch
 from shared.kernels.cpu import onednn
 from shared.kernels.cpu.onednn import linear as linear  # the backend's `linear`
 from shared.kernels.reference import (
+    add_rms_norm_torch,
     fp8_linear_torch,
     fused_moe_fp8_torch,
     fused_moe_grouped,
     fused_moe_torch,
     paged_decode_torch,
     paged_prefill_torch,
+    qk_norm_rope_torch,
 )
 
 log = logging.getLogger(__name__)
@@ -209,6 +212,43 @@ def paged_prefill(
     w_own = torch.exp(own_lse - top).unsqueeze(-1)
     out = (past.float() * w_past + own.float() * w_own) / (w_past + w_own)
     return out[0].transpose(0, 1).to(q.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor,  # [..., H]
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,  # [H]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See shared.kernels.reference.add_rms_norm_torch: one pass per row in the reference's
+    rounding order (bf16: bit-exact but for the sum of squares' order), x, residual and weight
+    of one dtype, float32 or bfloat16."""
+    tensors = (x, weight) if residual is None else (x, residual, weight)
+    ok = x.dtype in _DTYPES and all(t.dtype == x.dtype for t in tensors)
+    if not ok or _reference_needed(*tensors):
+        return add_rms_norm_torch(x, residual, weight, eps)
+    out, h = torch.ops.splitvl.add_rms_norm(x, residual, weight, float(eps))
+    return out, h
+
+
+def qk_norm_rope(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    q_weight: torch.Tensor,  # [D]
+    k_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,  # [T, D] in q's dtype
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See shared.kernels.reference.qk_norm_rope_torch: one pass per token in the reference's
+    rounding order, every tensor of one dtype (float32 or bfloat16), D even; q and k may be
+    column slices of the fused qkv projection (no copy)."""
+    tensors = (q, k, q_weight, k_weight, cos, sin)
+    ok = q.dtype in _DTYPES and all(t.dtype == q.dtype for t in tensors) and q.shape[-1] % 2 == 0
+    if not ok or _reference_needed(*tensors):
+        return qk_norm_rope_torch(q, k, q_weight, k_weight, eps, cos, sin)
+    q_out, k_out = torch.ops.splitvl.qk_norm_rope(q, k, q_weight, k_weight, float(eps), cos, sin)
+    return q_out, k_out
 
 
 def paged_decode(

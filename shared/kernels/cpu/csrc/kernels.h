@@ -32,6 +32,22 @@ void fp8_linear(const T* x, const fp8* weight, const float* scale, T* out, int64
 template <typename T>
 void fp8_dequantize(const fp8* weight, const float* scale, T* out, int64_t rows, int64_t cols);
 
+// Per row of [rows, hidden]: h = x + residual (rounded to T), out = weight * (h * rsqrt(mean(h^2)
+// + eps)) with transformers' roundings to T (float or bf16). residual nullptr: h = x, and h_out
+// (else written with h) may be nullptr.
+template <typename T>
+void add_rms_norm(const T* x, const T* residual, const T* weight, T* out, T* h_out,
+                  int64_t rows, int64_t hidden, float eps);
+
+// Per token t and head h: q_out[t, h] = rotary(q_weight * RMSNorm(q[t, h])) with cos[t], sin[t]
+// ([tokens, d], rotate_half's convention, d even), likewise k; the same roundings as
+// add_rms_norm. q's and k's tokens are q_stride / k_stride elements apart, their heads d apart;
+// the outputs are contiguous [tokens, heads, d].
+template <typename T>
+void qk_norm_rope(const T* q, const T* k, int64_t q_stride, int64_t k_stride, const T* q_weight,
+                  const T* k_weight, float eps, const T* cos, const T* sin, T* q_out, T* k_out,
+                  int64_t tokens, int64_t q_heads, int64_t k_heads, int64_t d);
+
 struct CacheLayout {
   int64_t block_stride, row_stride, head_stride;  // elements; head_dim is contiguous
   int64_t num_blocks, block_size, num_kv_heads, head_dim;

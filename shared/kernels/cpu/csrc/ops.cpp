@@ -220,6 +220,82 @@ at::Tensor paged_decode_op(const at::Tensor& q, const at::Tensor& k_cache,
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_op(const at::Tensor& x,
+                                                   const std::optional<at::Tensor>& residual,
+                                                   const at::Tensor& weight, double eps) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1),
+                    "add_rms_norm: x [..., H] and weight [H], got ", x.sizes(), " and ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(!residual || residual->sizes() == x.sizes(), "add_rms_norm: residual ",
+                    residual ? residual->sizes() : x.sizes(), " is not the shape of x ",
+                    x.sizes());
+  const at::ScalarType t = x.scalar_type();
+  TORCH_CHECK_TYPE(supported(t) && weight.scalar_type() == t &&
+                       (!residual || residual->scalar_type() == t),
+                   "add_rms_norm: x, residual and weight are all float32 or all bfloat16");
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const at::Tensor rc = residual ? residual->contiguous() : at::Tensor();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor h = residual ? at::empty(x.sizes(), x.options()) : x;
+  const int64_t hidden = x.size(-1), rows = hidden ? x.numel() / hidden : 0;
+  if (rows == 0) return {out, h};
+  const float e = static_cast<float>(eps);
+  if (t == at::kFloat) {
+    add_rms_norm<float>(xc.const_data_ptr<float>(), residual ? rc.const_data_ptr<float>() : nullptr,
+                        wc.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
+                        residual ? h.mutable_data_ptr<float>() : nullptr, rows, hidden, e);
+  } else {
+    auto in = [](const at::Tensor& a) { return reinterpret_cast<const bf16*>(a.const_data_ptr()); };
+    auto mut = [](at::Tensor& a) { return reinterpret_cast<bf16*>(a.mutable_data_ptr()); };
+    add_rms_norm<bf16>(in(xc), residual ? in(rc) : nullptr, in(wc), mut(out),
+                       residual ? mut(h) : nullptr, rows, hidden, e);
+  }
+  return {out, h};
+}
+
+// q or k as the kernel reads it: heads d apart, tokens any stride apart (a column slice of the
+// fused qkv projection needs no copy).
+at::Tensor token_rows(const at::Tensor& t) {
+  return t.stride(2) == 1 && t.stride(1) == t.size(2) ? t : t.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> qk_norm_rope_op(const at::Tensor& q, const at::Tensor& k,
+                                                   const at::Tensor& q_weight,
+                                                   const at::Tensor& k_weight, double eps,
+                                                   const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK_VALUE(q.dim() == 3 && k.dim() == 3 && q.size(0) == k.size(0) &&
+                        q.size(2) == k.size(2) && q.size(2) % 2 == 0,
+                    "qk_norm_rope: expected q [T, Hq, D] and k [T, Hkv, D], D even; got ",
+                    q.sizes(), " and ", k.sizes());
+  const int64_t tokens = q.size(0), d = q.size(2);
+  TORCH_CHECK_VALUE(q_weight.dim() == 1 && k_weight.dim() == 1 && q_weight.size(0) == d &&
+                        k_weight.size(0) == d && cos.dim() == 2 && cos.size(0) == tokens &&
+                        cos.size(1) == d && sin.sizes() == cos.sizes(),
+                    "qk_norm_rope: weights [D] and cos, sin [T, D] for D = ", d, " and T = ",
+                    tokens);
+  const at::ScalarType t = q.scalar_type();
+  for (const at::Tensor* a : {&k, &q_weight, &k_weight, &cos, &sin})
+    TORCH_CHECK_TYPE(supported(t) && a->scalar_type() == t,
+                     "qk_norm_rope: q, k, the weights, cos and sin are all float32 or all "
+                     "bfloat16");
+  const at::Tensor qc = token_rows(q), kc = token_rows(k);
+  const at::Tensor qw = q_weight.contiguous(), kw = k_weight.contiguous();
+  const at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
+  at::Tensor q_out = at::empty(q.sizes(), q.options()), k_out = at::empty(k.sizes(), k.options());
+  if (tokens == 0) return {q_out, k_out};
+  const float e = static_cast<float>(eps);
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    auto in = [](const at::Tensor& a) { return reinterpret_cast<const T*>(a.const_data_ptr()); };
+    auto mut = [](at::Tensor& a) { return reinterpret_cast<T*>(a.mutable_data_ptr()); };
+    qk_norm_rope<T>(in(qc), in(kc), qc.stride(0), kc.stride(0), in(qw), in(kw), e, in(cc),
+                    in(sc), mut(q_out), mut(k_out), tokens, q.size(1), k.size(1), d);
+  };
+  if (t == at::kFloat) run(static_cast<float*>(nullptr));
+  else run(static_cast<bf16*>(nullptr));
+  return {q_out, k_out};
+}
+
 }  // namespace
 }  // namespace splitvl
 
@@ -233,6 +309,10 @@ TORCH_LIBRARY(splitvl, m) {
   m.def(
       "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor context_lens, float scale) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps, Tensor cos, "
+      "Tensor sin) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(splitvl, CPU, m) {
@@ -241,4 +321,6 @@ TORCH_LIBRARY_IMPL(splitvl, CPU, m) {
   m.impl("fp8_linear", &splitvl::fp8_linear_op);
   m.impl("fp8_dequantize", &splitvl::fp8_dequantize_op);
   m.impl("paged_decode", &splitvl::paged_decode_op);
+  m.impl("add_rms_norm", &splitvl::add_rms_norm_op);
+  m.impl("qk_norm_rope", &splitvl::qk_norm_rope_op);
 }
