@@ -142,7 +142,8 @@ def core_for_model(
 def _core(executor, num_blocks, model_config, tokenizer, config, setup, dtype) -> EngineCore:
     block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     scheduler = Scheduler(
-        SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), block_manager
+        SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.min_lone_piece),
+        block_manager,
     )
     max_model_len = fit_to_pool(setup, num_blocks).runner.max_model_len
     return EngineCore(executor, scheduler, model_config, tokenizer, max_model_len, dtype)

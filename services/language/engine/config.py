@@ -25,6 +25,9 @@ class EngineConfig:
     gpu_memory_fraction: float = 0.9
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # Prompt pieces before a still-encoding image shorter than this wait for a step with other
+    # work instead of a step of their own (see engine.scheduler); 0: never wait
+    min_lone_piece: int = 32
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     max_queue_len: int = 1024

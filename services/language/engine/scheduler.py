@@ -8,6 +8,10 @@ survive in the prefix cache). Admission is strictly first come first served: a r
 not fit blocks the ones behind it, so none can starve. A request whose images are still being
 encoded is computed up to the first pad of the first one missing and waits there (holding its
 blocks); one that cannot start before an image arrives lets the requests behind it go first.
+Such a piece shorter than `min_lone_piece` tokens is computed only in a step that has other work:
+every step streams all the weights, so a step of a few tokens costs nearly what a full one does
+(27 ms for 4 tokens against 127 ms for 198 on one core, the medium shape, bf16), while the
+tokens would cost nothing in the step that brings the image.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ class SchedulerConfig:
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # Pieces before a pending image shorter than this wait for a step with other work (0: never)
+    min_lone_piece: int = 32
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -183,7 +189,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this step
             num_new = min(seq.computable_end() - seq.num_computed_tokens, budget)
-            if num_new <= 0:
+            if num_new <= 0 or self._lone_piece(seq, num_new, chunks):
                 continue  # waiting for an image
             while not self.block_manager.allocate(seq, num_new):
                 victim = self.running.pop()
@@ -200,6 +206,7 @@ class Scheduler:
     def _admit_waiting(self, budget: int, chunks: list[Work]) -> None:
         bm = self.block_manager
         unready: list[RequestState] = []  # waiting for an image before their first token
+        lone: list[RequestState] = []  # short pieces before an image: only with other work
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             cached = bm.lookup_prefix(seq)
@@ -208,17 +215,50 @@ class Scheduler:
             if num_new <= 0:
                 unready.append(self.waiting.popleft())
                 continue
-            if not bm.allocate(seq, num_new, cached):
+            if self._lone_piece(seq, num_new, chunks, num_cached):
+                lone.append(self.waiting.popleft())
+                continue
+            if not self._admit(seq, num_new, cached, chunks):
                 break
-            bm.record_lookup(seq.num_tokens, num_cached)
-            if seq.num_output_tokens == 0 and seq.num_preemptions == 0:
-                seq.num_cached_tokens = num_cached
             self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            insort(self.running, seq, key=lambda s: s.arrival_index)
-            chunks.append(Work.of(seq, num_new))
             budget -= num_new
+        for seq in lone:  # admitted after all where others made a step (looked up again: the
+            # admissions since may have reused the cached blocks found before)
+            if chunks and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                cached = bm.lookup_prefix(seq)
+                num_cached = len(cached) * bm.block_size
+                num_new = min(seq.computable_end(num_cached) - num_cached, budget)
+                if num_new > 0 and self._admit(seq, num_new, cached, chunks):
+                    budget -= num_new
+                    continue
+            unready.append(seq)
+        unready.sort(key=lambda s: s.arrival_index)
         self.waiting.extendleft(reversed(unready))  # back in front, in arrival order
+
+    def _admit(self, seq: RequestState, num_new: int, cached: list, chunks: list[Work]) -> bool:
+        """Start `seq` with `num_new` tokens after its `cached` prefix blocks; False: no room."""
+        bm = self.block_manager
+        if not bm.allocate(seq, num_new, cached):
+            return False
+        num_cached = len(cached) * bm.block_size
+        bm.record_lookup(seq.num_tokens, num_cached)
+        if seq.num_output_tokens == 0 and seq.num_preemptions == 0:
+            seq.num_cached_tokens = num_cached
+        seq.status = SequenceStatus.RUNNING
+        insort(self.running, seq, key=lambda s: s.arrival_index)
+        chunks.append(Work.of(seq, num_new))
+        return True
+
+    def _lone_piece(
+        self, seq: RequestState, num_new: int, chunks: list[Work], computed: int | None = None
+    ) -> bool:
+        """Whether `num_new` tokens that stop at a pending image (not at the budget) would be a
+        step's only work and too few to be worth one."""
+        if chunks or num_new >= self.config.min_lone_piece:
+            return False
+        computed = seq.num_computed_tokens if computed is None else computed
+        end = seq.computable_end(computed)
+        return computed + num_new == end < seq.num_tokens
 
     def _preempt(self, seq: RequestState) -> None:
         self.block_manager.free(seq)

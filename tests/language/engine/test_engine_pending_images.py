@@ -7,6 +7,7 @@ blocks, and one cancelled while waiting frees them too."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -57,14 +58,19 @@ def _tokens(outputs):
     return {rid: [t for o in outs for t in o.new_token_ids] for rid, outs in outputs.items()}
 
 
-def test_pending_images_give_the_tokens_of_ready_ones(tiny_vision, tiny_vl_model_dir):
+# 0: every piece before a missing image runs as soon as it can, alone in a step if need be
+@pytest.mark.parametrize("min_lone_piece", [0, CONFIG.min_lone_piece])
+def test_pending_images_give_the_tokens_of_ready_ones(
+    tiny_vision, tiny_vl_model_dir, min_lone_piece
+):
     cases = _cases(tiny_vision)
     requests = [greedy_request(rid, case, MAX_TOKENS) for rid, case in cases.items()]
     # Images arrive out of order, the last one well after the text before it was computed
     delays = {"one": [0.3], "four": [0.05, 0.4, 0.0, 0.2], "text": []}
 
     async def main():
-        engine = AsyncEngine.from_model_dir(tiny_vl_model_dir, CONFIG)
+        config = dataclasses.replace(CONFIG, min_lone_piece=min_lone_piece)
+        engine = AsyncEngine.from_model_dir(tiny_vl_model_dir, config)
         await engine.start()
         try:
             reference = await collect(engine, requests)

@@ -8,6 +8,7 @@ from services.language.engine.kv_blocks import BlockManager
 from services.language.engine.request import SequenceStatus
 from services.language.engine.scheduler import Scheduler, SchedulerConfig
 from tests.language.conftest import make_sequence
+from tests.tiny import IMAGE_TOKEN_ID
 
 BS = 4
 
@@ -138,3 +139,41 @@ def test_prefix_hit_skips_cached_tokens_and_is_counted():
     assert (chunk.start, chunk.num_tokens) == (8, 2)
     assert second.num_cached_tokens == 8
     assert sched.block_manager.prefix_cache_hits == 8
+
+
+def _pending_image_sequence(text_before: int, request_id: str):
+    """`text_before` text tokens, then a pending 3-token image, then 2 text tokens."""
+    from shared.wire.images import PendingImage
+
+    ids = list(range(100, 100 + text_before)) + [IMAGE_TOKEN_ID] * 3 + [7, 8]
+    image = PendingImage((1, 2, 6), 3, f"h{request_id}")
+    return make_sequence(ids, (image,), request_id=request_id)
+
+
+def test_a_short_piece_before_a_pending_image_waits_for_other_work():
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, min_lone_piece=8),
+        BlockManager(64, BS, enable_prefix_caching=True),
+    )
+    short = _pending_image_sequence(5, "short")
+    sched.add(short)
+    out = _step(sched)
+    assert out.plan.is_empty and short.status is SequenceStatus.WAITING  # no step of its own
+    # With other work in the step, the same piece rides along.
+    sched.add(make_sequence([1, 2, 3], request_id="text"))
+    out = _step(sched)
+    assert [(c.seq.request_id, c.num_tokens) for c in out.chunks] == [("text", 3), ("short", 5)]
+    # A long enough piece runs alone; so does a short one with `min_lone_piece` 0.
+    long = _pending_image_sequence(9, "long")
+    alone = Scheduler(
+        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, min_lone_piece=8),
+        BlockManager(64, BS, enable_prefix_caching=True),
+    )
+    alone.add(long)
+    assert [c.num_tokens for c in _step(alone).chunks] == [9]
+    eager = Scheduler(
+        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, min_lone_piece=0),
+        BlockManager(64, BS, enable_prefix_caching=True),
+    )
+    eager.add(_pending_image_sequence(5, "eager"))
+    assert [c.num_tokens for c in _step(eager).chunks] == [5]
