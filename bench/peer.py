@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from shared.kernels.cpu.build import cpu_summary
+
 # The limits both sides run under (the peer's are fixed in its recipe's vllm_offline.py).
 MAX_NUM_SEQS = 32
 MAX_NUM_BATCHED_TOKENS = 2048
@@ -383,7 +385,9 @@ def main() -> None:
         help="cores for both sides, VLLM_CPU_OMP_THREADS_BIND syntax (default 0-<threads-1>)",
     )
     parser.add_argument("--baseline", help="another splitvl checkout, run as a third side")
-    side_by_side(**vars(parser.parse_args()))
+    args = parser.parse_args()
+    print(cpu_summary(), flush=True)
+    side_by_side(**vars(args))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import httpx
 
 from bench.peer import KV_CACHE_BYTES, MAX_MODEL_LEN, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
 from scripts.testkit.launch import start_encode, start_language
+from shared.kernels.cpu.build import cpu_summary
 
 _START_TIMEOUT_S = 600.0
 
@@ -175,6 +176,7 @@ def main() -> None:
         help='another splitvl side with these language flags, e.g. --also="--no-overlap"',
     )
     args = p.parse_args()
+    print(cpu_summary(), flush=True)
     cores = args.cores or f"0-{os.cpu_count() - 1}"
     levels = [int(c) for c in args.concurrency.split(",")]
     tok: dict[tuple[str, int], list[float]] = {}

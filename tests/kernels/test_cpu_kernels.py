@@ -449,3 +449,9 @@ def test_qk_norm_rope_matches_reference(kernels, threads, tokens, q_heads, k_hea
         torch.ops.splitvl.qk_norm_rope(q[..., :-1], k[..., :-1], q_w, k_w, 1e-6, cos, sin)
     with pytest.raises(TypeError, match="all float32 or all"):
         torch.ops.splitvl.qk_norm_rope(q, k, q_w.half(), k_w, 1e-6, cos, sin)
+
+
+def test_cpu_summary_names_the_machine():
+    line = build.cpu_summary()
+    assert line.startswith(f"CPU: {build.cpu_model()}, ") and "usable cores; ISA: " in line
+    assert all(f in line.split("ISA: ")[1].split() for f in build.cpu_features())

@@ -96,6 +96,13 @@ def cpu_features() -> list[str]:
     return [f for f in _FEATURES if f in flags]
 
 
+def cpu_summary() -> str:
+    """One line naming this CPU, its usable cores and the SIMD features the kernels use: what a
+    benchmark prints beside its numbers (machines differ from run to run)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU: {cpu_model()}, {cores} usable cores; ISA: {' '.join(cpu_features()) or 'unknown'}"
+
+
 def cache_dir() -> Path:
     """The build directory for these sources and flags, this torch and this CPU."""
     digest = hashlib.sha256()
