@@ -44,31 +44,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     padded = bucket_rows(rows)
     if padded == rows:
         return F.linear(x, weight, bias)
-    flat = x.reshape(rows, x.shape[-1])
-    buf = flat.new_empty(padded, flat.shape[1])
-    buf[:rows] = flat
-    buf[rows:] = 0
-    out = F.linear(buf, weight, bias)[:rows]
+    padded_x = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, padded - rows))
+    out = F.linear(padded_x, weight, bias)[:rows]
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x ``[n, K]`` sorted by expert, w ``[E, K, N]``, offs int32 ``[E]`` cumulative rows ->
     ``[n, N]``: `torch._grouped_mm`'s result, one matmul per expert at `bucket_rows` of its
-    rows. An expert's bucket reaches into the next expert's rows (or zeros past the end);
-    experts run in order, so each real output row is last written by its own expert."""
+    rows. An expert's bucket reaches into the next expert's rows; experts run in order, so each
+    real output row is last written by its own expert. Only a bucket that runs past the last
+    row goes through a zero-padded copy of its rows."""
     if not bucketed(x):
         return torch._grouped_mm(x, w, offs=offs)
-    n, k = x.shape
-    ends = offs.tolist()
-    starts = [0, *ends[:-1]]
-    pairs = enumerate(zip(starts, ends, strict=True))
-    spans = [(e, s, bucket_rows(t - s)) for e, (s, t) in pairs if t > s]
-    extra = max((s + m - n for _, s, m in spans), default=0)
-    xp = x.new_empty(n + max(extra, 0), k)
-    xp[:n] = x
-    xp[n:] = 0
-    out = x.new_empty(xp.shape[0], w.shape[-1])
-    for e, s, m in spans:
-        torch.mm(xp[s : s + m], w[e], out=out[s : s + m])
-    return out[:n]
+    n = x.shape[0]
+    out = x.new_empty(n, w.shape[-1])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        rows, m = end - start, bucket_rows(end - start)
+        if rows > 0 and start + m <= n:
+            torch.mm(x[start : start + m], w[e], out=out[start : start + m])
+        elif rows > 0:
+            tail = F.pad(x[start:end], (0, 0, 0, m - rows))
+            out[start:end] = torch.mm(tail, w[e])[:rows]
+        start = end
+    return out
