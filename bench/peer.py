@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from shared.kernels.cpu.allocator import keep_freed_memory
 from shared.kernels.cpu.build import cpu_summary
 
 # The limits both sides run under (the peer's are fixed in its recipe's vllm_offline.py).
@@ -216,6 +217,7 @@ def run_splitvl(
 ) -> Result:
     """splitvl's engine (and vision tower) in this process on work.json, ``threads`` threads."""
     t0 = time.perf_counter()
+    keep_freed_memory()  # as the services do, before the engine's thread starts
     ckpt_dir, work = Path(ckpt_dir), json.loads((Path(work_dir) / "work.json").read_text())
     if cores:
         os.sched_setaffinity(0, parse_cores(cores))  # this thread and the threads it starts

@@ -197,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     # Imported only now: the serving stack takes seconds to import, a bad flag should not wait.
     from services.encode.lifecycle import serve
+    from shared.kernels.cpu.allocator import keep_freed_memory
 
+    if config.device.split(":")[0] == "cpu":
+        keep_freed_memory()  # before the serving threads start
     return asyncio.run(serve(config))
 
 

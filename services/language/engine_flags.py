@@ -47,6 +47,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     engine.add_argument(
         "--enforce-eager", action="store_true", help="no CUDA graphs for decode steps"
     )
+    engine.add_argument(
+        "--no-warm-up",
+        action="store_true",
+        help="skip the start-up step of --max-num-batched-tokens dummy tokens (then the first "
+        "long prompts pay for kernel generation and heap growth)",
+    )
     parallel = p.add_argument_group("parallelism")
     parallel.add_argument(
         "-tp",
@@ -111,4 +117,5 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         threads=args.threads,
         max_queue_delay_s=args.max_queue_delay,
         fault_steps=args.inject_step_faults,
+        warm_up=not args.no_warm_up,
     )

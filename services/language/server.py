@@ -34,6 +34,7 @@ from services.language.frontend.ports import ImageEncoder
 from services.language.frontend.prompt import ChatTemplate, ContextWindow, PromptBuilder
 from services.language.openai_api.app import create_app
 from services.language.runner.kv_pool import KVCacheConfigError
+from shared.kernels.cpu.allocator import keep_freed_memory
 from shared.model.config import ModelConfigError
 from shared.model.loader import CheckpointError
 from shared.model.processing import ImageProcessorConfig, load_image_processor_config
@@ -310,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: the command line, then serve; a start-up error is one line and exit 1."""
     args = cli.build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    if args.device.split(":")[0] == "cpu":
+        keep_freed_memory()  # before the serving threads start
     try:
         return asyncio.run(serve(cli.service_config(args)))
     except _STARTUP_ERRORS as exc:

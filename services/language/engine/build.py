@@ -22,6 +22,7 @@ from services.language.runner.setup import (
     fit_to_pool,
     num_kv_blocks,
 )
+from services.language.runner.warmup import warm_up
 from shared.kernels import select
 from shared.model.config import ModelConfig, load_config
 from shared.model.loader import load_text_model
@@ -121,6 +122,8 @@ def build_engine_core(model_dir: str | Path, config: EngineConfig) -> EngineCore
     tokenizer = LanguageTokenizer.from_model_dir(model_dir)
     setup = runner_setup(config, model_config)
     executor, num_blocks = build_executor(model_dir, model_config, config, setup)
+    if config.warm_up:
+        warm_up(executor, fit_to_pool(setup, num_blocks).runner, num_blocks)
     dtype = config.resolve_dtype(model_config)
     return _core(executor, num_blocks, model_config, tokenizer, config, setup, dtype)
 

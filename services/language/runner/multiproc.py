@@ -33,6 +33,7 @@ import torch.distributed as dist
 from services.language.runner.model_runner import ModelRunner
 from services.language.runner.setup import RunnerSetup, build_runner, num_kv_blocks
 from services.language.runner.step_plan import StepPlan
+from shared.kernels.cpu.allocator import keep_freed_memory
 from shared.model.config import load_config
 from shared.model.parallel import ParallelLayout, load_parallel_text_model
 from shared.wire.images import PendingImage
@@ -123,6 +124,8 @@ def worker_main(spec: RankSpec) -> None:
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s rank{spec.rank} %(name)s %(message)s"
     )
+    if spec.device.split(":")[0] == "cpu":
+        keep_freed_memory()
     store = dist.TCPStore(
         spec.store_host,
         spec.store_port,
