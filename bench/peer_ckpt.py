@@ -3,6 +3,9 @@
 
     python -m bench.peer_ckpt OUT_DIR --shape wide [--dtype float32]
 
+`prepare(shape, recipe, cache)` builds a shape's checkpoint and the recipe's workload for it
+once, under `cache` (what `bench.peer --shape` and `bench.peer_serve --shape` run on).
+
 The text and vision sizes are `bench.common.SHAPES[shape]`'s; the vocabulary, special ids,
 tokenizer, chat template and image preprocessing are the shipped shapes model's (as the recipe's
 `build_ckpt.py` does), so vLLM's serving benchmark can tokenize its prompts. Weights are random,
@@ -14,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +28,7 @@ from scripts.shapes_vl.checkpoint import rewrite_in_hub_layout
 from scripts.testkit.checkpoints import Init, vl_config, write_vl_checkpoint
 
 TOKENIZER_FROM = Path(__file__).resolve().parents[1] / "models" / "shapes-vl"
+CACHE = Path.home() / ".cache" / "splitvl" / "peer"
 COPIED = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -59,6 +65,38 @@ def build(out: Path, shape: str, dtype: str, tokenizer_from: Path = TOKENIZER_FR
         if (tokenizer_from / name).is_file():
             shutil.copyfile(tokenizer_from / name, out / name)
     return out
+
+
+def prepare(shape: str, recipe: Path, cache: Path = CACHE) -> tuple[Path, Path]:
+    """(checkpoint, workload folder) of `shape` under `cache`, built where missing: the
+    checkpoint by `build`, the workload by the recipe's make_work.py (this interpreter)."""
+    ckpt, work = cache / f"ckpt-{shape}", cache / f"work-{shape}"
+    if not (ckpt / "model.safetensors").is_file():
+        shutil.rmtree(ckpt, ignore_errors=True)
+        build(ckpt, shape, "float32")
+    if not (work / "work.json").is_file():
+        script = recipe / "make_work.py"
+        if not script.is_file():
+            raise FileNotFoundError(f"{script} not found: --recipe must be the peer recipe folder")
+        subprocess.run([sys.executable, str(script), str(ckpt), str(work)], check=True)
+    return ckpt, work
+
+
+def shapes_arg(text: str) -> tuple[str, ...]:
+    """A comma-separated list of bench shapes, for argparse."""
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in names if s not in SHAPES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"shapes are {', '.join(sorted(SHAPES))}; got {text!r}")
+    return names
+
+
+def dtypes_arg(text: str) -> tuple[str, ...]:
+    """A comma-separated list of float32 / bfloat16, for argparse."""
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not names or any(s not in ("float32", "bfloat16") for s in names):
+        raise argparse.ArgumentTypeError(f"dtypes are float32 and bfloat16; got {text!r}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,11 @@ against the default in one run.
     python -m bench.peer_serve --peer-venv ~/peer/vllm-venv \\
         --recipe ../shared/bench/peer-vllm-cpu \\
         --ckpt ~/peer/ckpt-medium --dtype float32 --concurrency 8,32 --rounds 2
+    python -m bench.peer_serve --peer-venv ~/peer/vllm-venv \
+        --recipe ../shared/bench/peer-vllm-cpu --shape medium,wide,odd --dtype float32,bfloat16
+
+`--shape` and a list of dtypes as in `bench.peer`; each table starts with the CPU's model and
+SIMD features.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from bench.peer import KV_CACHE_BYTES, MAX_MODEL_LEN, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
+from bench.peer_ckpt import CACHE, dtypes_arg, prepare, shapes_arg
 from scripts.testkit.launch import start_encode, start_language
 from shared.kernels.cpu.build import cpu_summary
 
@@ -155,12 +161,64 @@ def _line(side: str, dtype: str, c: int, seed: int, res: dict) -> str:
     )
 
 
+def compare(args: argparse.Namespace, ckpt: Path, dtype: str) -> None:
+    """Every round's runs of every side on `ckpt` in `dtype`, then the median ratios."""
+    cores = args.cores or f"0-{os.cpu_count() - 1}"
+    levels = [int(c) for c in args.concurrency.split(",")]
+    sides = {"splitvl": ()} | {f"splitvl {f}": tuple(f.split()) for f in args.also}
+    tok: dict[tuple[str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for r in range(args.rounds):
+            seed = args.seed + r
+            for i, side in enumerate([*sides, "vllm"]):
+                work = tmp / f"{i}-{r}"
+                work.mkdir()
+                server = (
+                    Splitvl(ckpt, dtype, work, args.threads, args.encode_threads, sides[side])
+                    if side in sides
+                    else Vllm(
+                        args.peer_venv,
+                        args.recipe,
+                        ckpt,
+                        dtype,
+                        args.port,
+                        cores,
+                        work / "vllm.log",
+                    )
+                )
+                try:
+                    for c in levels:
+                        res = bench_serve(
+                            args.peer_venv, args.recipe, server.url, ckpt, work, c, seed
+                        )
+                        tok.setdefault((side, c), []).append(res["output_throughput"])
+                        print(_line(side, dtype, c, seed, res), flush=True)
+                finally:
+                    server.stop()
+    for c in levels:
+        theirs = statistics.median(tok["vllm", c])
+        for side in sides:
+            ours = statistics.median(tok[side, c])
+            print(
+                f"median {dtype} c={c}: {side} {ours:.1f} tok/s, vllm {theirs:.1f} tok/s, "
+                f"ratio {side}/vllm {ours / theirs:.2f}x"
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peer-venv", type=Path, required=True)
     p.add_argument("--recipe", type=Path, required=True, help="the peer recipe folder")
-    p.add_argument("--ckpt", type=Path, required=True)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--ckpt", type=Path, help="the checkpoint both serve")
+    p.add_argument(
+        "--shape",
+        type=shapes_arg,
+        help="instead of --ckpt: generated bench shapes, e.g. medium,wide,odd (built once under "
+        "--cache)",
+    )
+    p.add_argument("--cache", type=Path, default=CACHE, help="where --shape builds")
+    p.add_argument("--dtype", type=dtypes_arg, default=("float32",), help="e.g. float32,bfloat16")
     p.add_argument("--concurrency", default="8,32")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=100, help="the first round's seed")
@@ -176,55 +234,14 @@ def main() -> None:
         help='another splitvl side with these language flags, e.g. --also="--no-overlap"',
     )
     args = p.parse_args()
-    print(cpu_summary(), flush=True)
-    cores = args.cores or f"0-{os.cpu_count() - 1}"
-    levels = [int(c) for c in args.concurrency.split(",")]
-    tok: dict[tuple[str, int], list[float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for r in range(args.rounds):
-            seed = args.seed + r
-            sides = {"splitvl": ()} | {f"splitvl {f}": tuple(f.split()) for f in args.also}
-            for i, side in enumerate([*sides, "vllm"]):
-                work = tmp / f"{i}-{r}"
-                work.mkdir()
-                server = (
-                    Splitvl(
-                        args.ckpt,
-                        args.dtype,
-                        work,
-                        args.threads,
-                        args.encode_threads,
-                        sides[side],
-                    )
-                    if side in sides
-                    else Vllm(
-                        args.peer_venv,
-                        args.recipe,
-                        args.ckpt,
-                        args.dtype,
-                        args.port,
-                        cores,
-                        work / "vllm.log",
-                    )
-                )
-                try:
-                    for c in levels:
-                        res = bench_serve(
-                            args.peer_venv, args.recipe, server.url, args.ckpt, work, c, seed
-                        )
-                        tok.setdefault((side, c), []).append(res["output_throughput"])
-                        print(_line(side, args.dtype, c, seed, res), flush=True)
-                finally:
-                    server.stop()
-    for c in levels:
-        theirs = statistics.median(tok["vllm", c])
-        for side in sides:
-            ours = statistics.median(tok[side, c])
-            print(
-                f"median {args.dtype} c={c}: {side} {ours:.1f} tok/s, vllm {theirs:.1f} tok/s, "
-                f"ratio {side}/vllm {ours / theirs:.2f}x"
-            )
+    if (args.shape is None) == (args.ckpt is None):
+        p.error("give --shape or --ckpt")
+    for shape in args.shape or (None,):
+        ckpt = args.ckpt if shape is None else prepare(shape, args.recipe, args.cache)[0]
+        for dtype in args.dtype:
+            # Each table says where it ran: numbers from different CPUs are not comparable.
+            print(f"\n{cpu_summary()}\nshape {shape or ckpt}, {dtype}", flush=True)
+            compare(args, ckpt, dtype)
 
 
 if __name__ == "__main__":
