@@ -142,19 +142,33 @@ def fused_moe_grouped(
     weights: torch.Tensor,
     ids: torch.Tensor,
     grouped: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    combine: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`fused_moe_torch` with `grouped(x [n, K], w [E, K, N], offs int32 [E]) -> [n, N]` in
-    place of its grouped matmul (a backend's own, with the same contract)."""
+    place of its grouped matmul (a backend's own, with the same contract), and `combine` (the
+    contract of `moe_combine_torch`) in place of its un-sorting weighted sum where given."""
     gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
-    num_tokens, top_k = ids.shape
     order = torch.argsort(ids.reshape(-1), stable=True)
     offs = expert_offsets(ids, gate_up.shape[0])
-    h = grouped(x[order // top_k], gate_up, offs)  # [T*k, 2I]
+    h = grouped(x.index_select(0, order // ids.shape[1]), gate_up, offs)  # [T*k, 2I]
     gate, up = h.chunk(2, dim=-1)
     h = grouped((F.silu(gate) * up).contiguous(), down, offs)  # [T*k, H]
+    return (combine or moe_combine_torch)(h, order, weights, ids, gate_up.shape[0])
+
+
+def moe_combine_torch(
+    h: torch.Tensor,  # [T*k, H] the experts' output rows, sorted by expert
+    order: torch.Tensor,  # [T*k] int64: sorted row p is flat row order[p] (= t*k + j)
+    weights: torch.Tensor,  # [T, k]
+    ids: torch.Tensor,  # [T, k] int64, num_experts: no expert
+    num_experts: int,
+) -> torch.Tensor:  # [T, H]
+    """out[t] = sum over j, in top-k order, of weights[t, j] * (row (t, j) of h), a zero term
+    where ids[t, j] is no expert; each product and sum rounded to h's dtype."""
+    num_tokens, top_k = ids.shape
     unsorted = torch.empty_like(h).index_copy_(0, order, h)  # row j of token t at t*k + j
     terms = unsorted.view(num_tokens, top_k, -1) * weights.unsqueeze(-1)
-    terms = torch.where((ids < gate_up.shape[0]).unsqueeze(-1), terms, 0)
+    terms = torch.where((ids < num_experts).unsqueeze(-1), terms, 0)
     out = terms[:, 0]
     for j in range(1, top_k):  # top-k order, explicitly
         out = out + terms[:, j]

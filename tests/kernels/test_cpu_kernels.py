@@ -455,3 +455,36 @@ def test_cpu_summary_names_the_machine():
     line = build.cpu_summary()
     assert line.startswith(f"CPU: {build.cpu_model()}, ") and "usable cores; ISA: " in line
     assert all(f in line.split("ISA: ")[1].split() for f in build.cpu_features())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize(
+    "tokens, top_k, experts, hidden", [(1, 1, 4, 8), (37, 3, 5, 45), (300, 8, 32, 96)]
+)
+def test_moe_combine_equals_the_reference_bit_for_bit(
+    kernels, threads, dtype, num_threads, tokens, top_k, experts, hidden
+):
+    """Rows routed nowhere (id E) included, hidden sizes with a partial last vector."""
+    from shared.kernels.reference import moe_combine_torch
+
+    threads(num_threads)
+    gen = torch.Generator().manual_seed(tokens + hidden)
+    h = torch.randn(tokens * top_k, hidden, generator=gen).to(dtype)
+    ids = torch.randint(0, experts + 1, (tokens, top_k), generator=gen)
+    weights = torch.rand(tokens, top_k, generator=gen).to(dtype)
+    order = torch.argsort(ids.reshape(-1), stable=True)
+    got = torch.ops.splitvl.moe_combine(h, order, weights, ids, experts)
+    assert torch.equal(got, moe_combine_torch(h, order, weights, ids, experts))
+    assert torch.equal(kernels.moe_combine(h, order, weights, ids, experts), got)
+
+
+def test_moe_combine_refuses_what_it_cannot_read(kernels):
+    h, weights = torch.randn(6, 8), torch.rand(3, 2)
+    ids = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    with pytest.raises(IndexError, match="not a permutation"):
+        torch.ops.splitvl.moe_combine(h, torch.tensor([0, 1, 2, 2, 4, 5]), weights, ids, 3)
+    with pytest.raises(ValueError, match="disagree"):
+        torch.ops.splitvl.moe_combine(h[:5], torch.arange(6), weights, ids, 3)
+    with pytest.raises(TypeError, match="share one dtype"):
+        torch.ops.splitvl.moe_combine(h, torch.arange(6), weights.double(), ids, 3)

@@ -1,4 +1,5 @@
-"""C++ CPU kernels: routed experts (float or block FP8 weights), FP8 linears, paged decode
+"""C++ CPU kernels: routed experts (float or block FP8 weights; for GEMM-sized batches the sum
+of the grouped GEMMs' rows), FP8 linears, paged decode
 attention, residual add + RMSNorm and q/k RMSNorm + rotary (``torch.ops.splitvl``); bf16 GEMMs
 at bucketed shapes.
 
@@ -26,6 +27,7 @@ from shared.kernels.reference import (
     fused_moe_fp8_torch,
     fused_moe_grouped,
     fused_moe_torch,
+    moe_combine_torch,
     paged_decode_torch,
     paged_prefill_torch,
     qk_norm_rope_torch,
@@ -123,8 +125,22 @@ def fused_moe(
     if not ok or _reference_needed(x, gate_up, down, weights):
         return fused_moe_torch(x, gate_up, down, weights, ids)
     if gemm_bound:
-        return fused_moe_grouped(x, gate_up, down, weights, ids, onednn.grouped_mm)
+        return fused_moe_grouped(x, gate_up, down, weights, ids, onednn.grouped_mm, moe_combine)
     return torch.ops.splitvl.fused_moe(x, gate_up, down, weights, ids)
+
+
+def moe_combine(
+    h: torch.Tensor,  # [T*k, H] sorted by expert
+    order: torch.Tensor,  # [T*k] int64
+    weights: torch.Tensor,  # [T, k]
+    ids: torch.Tensor,  # [T, k] int64
+    num_experts: int,
+) -> torch.Tensor:  # [T, H]
+    """See shared.kernels.reference.moe_combine_torch: one pass over h, bit for bit the same."""
+    ok = h.dtype in _DTYPES and weights.dtype == h.dtype and ids.dtype == torch.int64
+    if not ok or _reference_needed(h, weights, ids):
+        return moe_combine_torch(h, order, weights, ids, num_experts)
+    return torch.ops.splitvl.moe_combine(h, order, weights, ids, num_experts)
 
 
 def fused_moe_fp8(

@@ -24,7 +24,7 @@ import torch
 
 NAME = "splitvl_cpu_kernels"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cpp", "moe.cpp", "linear.cpp", "attention.cpp", "norm.cpp")
+SOURCES = ("ops.cpp", "moe.cpp", "linear.cpp", "attention.cpp", "norm.cpp", "combine.cpp")
 HEADERS = ("common.h", "kernels.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-DNDEBUG")
 # Overrides -march=native: the tests build the code an AVX2-only or a pre-AVX CPU gets on this

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -121,6 +122,40 @@ template <>
 inline float from_float<float>(float v) { return v; }
 template <>
 inline bf16 from_float<bf16>(float v) { return to_bf16(v); }
+
+// The first n (<= 8) elements of a row, widened to fp32.
+template <typename T>
+inline f8 load_row(const T* p, int n) {
+  return n == kLanes ? load8(p) : load_partial(p, n);
+}
+
+// v rounded to the precision of T (bf16: nearest even, as c10::BFloat16), widened back.
+template <typename T>
+inline f8 round_to(f8 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    u8v bits = reinterpret_cast<u8v&>(v);
+    const u8v nan = reinterpret_cast<u8v>(v != v);
+    bits = (bits + 0x7fff + ((bits >> 16) & 1)) & 0xffff0000u;
+    bits = (nan & 0x7fc00000u) | (~nan & bits);
+    return reinterpret_cast<f8&>(bits);
+  }
+}
+
+// The first n (<= 8) lanes of v, a value of T's precision (round_to), stored as T.
+template <typename T>
+inline void store_row(T* p, f8 v, int n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n == kLanes) store8(p, v);
+    else store_partial(p, v, n);
+  } else {  // v is already a bf16 value: its upper 16 bits
+    const u8v bits = reinterpret_cast<u8v&>(v) >> 16;
+    const h8v h = __builtin_convertvector(bits, h8v);
+    if (n == kLanes) std::memcpy(p, &h, sizeof(h));
+    else std::memcpy(p, &h, n * sizeof(T));
+  }
+}
 
 inline float hsum(f8 v) {
   float s = 0.f;

@@ -22,6 +22,13 @@ int64_t fused_moe(const T* x, const W* gate_up, const W* down, const T* weights,
                   int64_t inter, int64_t num_experts, int64_t top_k,
                   const float* gate_up_scale = nullptr, const float* down_scale = nullptr);
 
+// out[t] = sum over j in order of weights[t, j] * h[rows[t * k + j]], a zero term where ids[t, j]
+// >= E (no expert); each product and partial sum rounded to T (float or bf16). h [n, hidden]
+// holds the experts' output rows sorted by expert, rows[t * k + j] is where row (t, j) went.
+template <typename T>
+void moe_combine(const T* h, const int64_t* rows, const T* weights, const int64_t* ids, T* out,
+                 int64_t tokens, int64_t top_k, int64_t hidden, int64_t num_experts);
+
 // out [M, N] = x [M, K] . W^T for W [N, K] in e4m3 with fp32 block scales [ceil(N/128),
 // ceil(K/128)]; T (x, out) float or bf16.
 template <typename T>

@@ -12,38 +12,6 @@
 namespace splitvl {
 namespace {
 
-// v rounded to the precision of T (bf16: nearest even, as c10::BFloat16), widened back.
-template <typename T>
-inline f8 round_to(f8 v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    u8v bits = reinterpret_cast<u8v&>(v);
-    const u8v nan = reinterpret_cast<u8v>(v != v);
-    bits = (bits + 0x7fff + ((bits >> 16) & 1)) & 0xffff0000u;
-    bits = (nan & 0x7fc00000u) | (~nan & bits);
-    return reinterpret_cast<f8&>(bits);
-  }
-}
-
-template <typename T>
-inline void store_row(T* p, f8 v, int n) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (n == kLanes) store8(p, v);
-    else store_partial(p, v, n);
-  } else {  // v is already a bf16 value: its upper 16 bits
-    const u8v bits = reinterpret_cast<u8v&>(v) >> 16;
-    const h8v h = __builtin_convertvector(bits, h8v);
-    if (n == kLanes) std::memcpy(p, &h, sizeof(h));
-    else std::memcpy(p, &h, n * sizeof(T));
-  }
-}
-
-template <typename T>
-inline f8 load_row(const T* p, int n) {
-  return n == kLanes ? load8(p) : load_partial(p, n);
-}
-
 // dst[0:d] = weight * (src * rsqrt(mean(src^2) + eps)), each product rounded to T.
 template <typename T>
 inline void norm_row(const T* src, const T* weight, int64_t d, float eps, float* dst) {

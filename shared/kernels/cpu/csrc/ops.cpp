@@ -12,6 +12,45 @@ namespace {
 
 bool supported(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16; }
 
+at::Tensor moe_combine_op(const at::Tensor& h, const at::Tensor& order,
+                          const at::Tensor& weights, const at::Tensor& ids, int64_t num_experts) {
+  TORCH_CHECK_VALUE(h.dim() == 2 && order.dim() == 1 && weights.dim() == 2 && ids.dim() == 2,
+                    "moe_combine: expected h [T*k, H], order [T*k], weights and ids [T, k]");
+  const int64_t tokens = ids.size(0), top_k = ids.size(1), hidden = h.size(1);
+  TORCH_CHECK_VALUE(weights.sizes() == ids.sizes() && h.size(0) == tokens * top_k &&
+                        order.size(0) == tokens * top_k,
+                    "moe_combine: h ", h.sizes(), ", order ", order.sizes(), ", weights ",
+                    weights.sizes(), " and ids ", ids.sizes(), " disagree");
+  TORCH_CHECK_TYPE(supported(h.scalar_type()) && weights.scalar_type() == h.scalar_type(),
+                   "moe_combine: h and weights must share one dtype, float32 or bfloat16");
+  TORCH_CHECK_TYPE(order.scalar_type() == at::kLong && ids.scalar_type() == at::kLong,
+                   "moe_combine: order and ids must be int64");
+  at::Tensor out = at::empty({tokens, hidden}, h.options());
+  if (tokens == 0 || top_k == 0) return out.zero_();
+  const at::Tensor hc = h.contiguous(), wc = weights.contiguous(), ic = ids.contiguous();
+  const at::Tensor oc = order.contiguous();
+  // rows = order's inverse: where each flat row (t, j) sits among the sorted rows.
+  const int64_t n = tokens * top_k;
+  std::vector<int64_t> rows(n, -1);
+  const int64_t* op = oc.const_data_ptr<int64_t>();
+  for (int64_t p = 0; p < n; ++p) {
+    TORCH_CHECK_INDEX(op[p] >= 0 && op[p] < n && rows[op[p]] < 0, "moe_combine: order is not "
+                      "a permutation of [0, ", n, ") (entry ", op[p], " at ", p, ")");
+    rows[op[p]] = p;
+  }
+  if (h.scalar_type() == at::kFloat) {
+    moe_combine<float>(hc.const_data_ptr<float>(), rows.data(), wc.const_data_ptr<float>(),
+                       ic.const_data_ptr<int64_t>(), out.data_ptr<float>(), tokens, top_k,
+                       hidden, num_experts);
+  } else {
+    moe_combine<bf16>(reinterpret_cast<const bf16*>(hc.const_data_ptr()), rows.data(),
+                      reinterpret_cast<const bf16*>(wc.const_data_ptr()),
+                      ic.const_data_ptr<int64_t>(), reinterpret_cast<bf16*>(out.data_ptr()),
+                      tokens, top_k, hidden, num_experts);
+  }
+  return out;
+}
+
 at::Tensor fused_moe_op(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
                         const at::Tensor& weights, const at::Tensor& ids) {
   TORCH_CHECK_VALUE(x.dim() == 2 && gate_up.dim() == 3 && down.dim() == 3 && weights.dim() == 2 &&
@@ -300,6 +339,9 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_op(const at::Tensor& q, const at
 }  // namespace splitvl
 
 TORCH_LIBRARY(splitvl, m) {
+  m.def(
+      "moe_combine(Tensor h, Tensor order, Tensor weights, Tensor ids, int num_experts) -> "
+      "Tensor");
   m.def("fused_moe(Tensor x, Tensor gate_up, Tensor down, Tensor weights, Tensor ids) -> Tensor");
   m.def(
       "fused_moe_fp8(Tensor x, Tensor gate_up, Tensor down, Tensor gate_up_scale, "
@@ -317,6 +359,7 @@ TORCH_LIBRARY(splitvl, m) {
 
 TORCH_LIBRARY_IMPL(splitvl, CPU, m) {
   m.impl("fused_moe", &splitvl::fused_moe_op);
+  m.impl("moe_combine", &splitvl::moe_combine_op);
   m.impl("fused_moe_fp8", &splitvl::fused_moe_fp8_op);
   m.impl("fp8_linear", &splitvl::fp8_linear_op);
   m.impl("fp8_dequantize", &splitvl::fp8_dequantize_op);
