@@ -22,12 +22,8 @@ processes (each checkout's own code, this interpreter), so neither inherits the 
         --recipe ../shared/bench/peer-vllm-cpu --ckpt ~/peer/ckpt-medium --work ~/peer/work \\
         --dtype float32 --rounds 2
 
-``--shape medium,wide,odd`` runs on generated shapes instead (`bench.peer_ckpt.prepare`: the
-checkpoint and the recipe's workload, built once under ``--cache``), and ``--dtype`` takes a list
-too; every table starts with the CPU's model and SIMD features:
-
-    python -m bench.peer --peer-python ~/peer/vllm-venv/bin/python \
-        --recipe ../shared/bench/peer-vllm-cpu --shape medium,wide,odd --dtype float32,bfloat16
+``--shape medium,wide,odd`` (generated shapes, `bench.peer_ckpt.prepare`) replaces --ckpt/--work;
+``--dtype float32,bfloat16`` runs both; each table starts with the CPU's model and SIMD features.
 """
 
 from __future__ import annotations
@@ -48,9 +44,8 @@ from pathlib import Path
 
 import torch
 
-from bench.peer_ckpt import CACHE, dtypes_arg, prepare, shapes_arg
+from bench.peer_ckpt import add_case_args, cases
 from shared.kernels.cpu.allocator import keep_freed_memory
-from shared.kernels.cpu.build import cpu_summary
 
 # The limits both sides run under (the peer's are fixed in its recipe's vllm_offline.py).
 MAX_NUM_SEQS = 32
@@ -386,35 +381,17 @@ def main() -> None:
     parser.add_argument("--recipe", dest="recipe_dir", required=True, help="the recipe folder")
     parser.add_argument("--ckpt", dest="ckpt_dir", help="checkpoint both sides load")
     parser.add_argument("--work", dest="work_dir", help="folder holding work.json")
-    parser.add_argument(
-        "--shape",
-        type=shapes_arg,
-        help="instead of --ckpt/--work: generated bench shapes, e.g. medium,wide,odd (built "
-        "once under --cache)",
-    )
-    parser.add_argument("--cache", type=Path, default=CACHE, help="where --shape builds")
-    parser.add_argument(
-        "--dtype", type=dtypes_arg, default=("float32",), help="e.g. float32,bfloat16"
-    )
+    add_case_args(parser, "--ckpt/--work")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="splitvl's torch threads")
-    parser.add_argument(
-        "--cores",
-        default=None,
-        help="cores for both sides, VLLM_CPU_OMP_THREADS_BIND syntax (default 0-<threads-1>)",
-    )
+    parser.add_argument("--cores", help="both sides' cores, as VLLM_CPU_OMP_THREADS_BIND")
     parser.add_argument("--baseline", help="another splitvl checkout, run as a third side")
-    args = vars(parser.parse_args())
-    shapes, cache, dtypes = args.pop("shape"), args.pop("cache"), args.pop("dtype")
-    if (shapes is None) == (args["ckpt_dir"] is None or args["work_dir"] is None):
+    args = parser.parse_args()
+    if (args.shape is None) == (args.ckpt_dir is None or args.work_dir is None):
         parser.error("give --shape, or --ckpt and --work")
-    for shape in shapes or (None,):
-        if shape is not None:
-            args["ckpt_dir"], args["work_dir"] = prepare(shape, Path(args["recipe_dir"]), cache)
-        for dtype in dtypes:
-            # Each table says where it ran: numbers from different CPUs are not comparable.
-            print(f"\n{cpu_summary()}\nshape {shape or args['ckpt_dir']}, {dtype}", flush=True)
-            side_by_side(**args, dtype=dtype)
+    kept = {k: v for k, v in vars(args).items() if k not in ("shape", "cache", "dtype")}
+    for ckpt, work, dtype in cases(args, Path(args.recipe_dir), args.ckpt_dir, args.work_dir):
+        side_by_side(**kept | {"ckpt_dir": ckpt, "work_dir": work, "dtype": dtype})
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from bench.common import SHAPES, shape_configs
 from scripts.shapes_vl.checkpoint import rewrite_in_hub_layout
 from scripts.testkit.checkpoints import Init, vl_config, write_vl_checkpoint
+from shared.kernels.cpu.build import cpu_summary
 
 TOKENIZER_FROM = Path(__file__).resolve().parents[1] / "models" / "shapes-vl"
 CACHE = Path.home() / ".cache" / "splitvl" / "peer"
@@ -97,6 +99,34 @@ def dtypes_arg(text: str) -> tuple[str, ...]:
     if not names or any(s not in ("float32", "bfloat16") for s in names):
         raise argparse.ArgumentTypeError(f"dtypes are float32 and bfloat16; got {text!r}")
     return names
+
+
+def add_case_args(parser: argparse.ArgumentParser, instead_of: str) -> None:
+    """The peer benches' --shape, --cache and --dtype (lists), read by `cases`."""
+    parser.add_argument(
+        "--shape",
+        type=shapes_arg,
+        help=f"instead of {instead_of}: generated bench shapes, e.g. medium,wide,odd (built once "
+        "under --cache)",
+    )
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where --shape builds")
+    parser.add_argument(
+        "--dtype", type=dtypes_arg, default=("float32",), help="e.g. float32,bfloat16"
+    )
+
+
+def cases(
+    args: argparse.Namespace, recipe: Path, ckpt: Path | None, work: Path | None = None
+) -> Iterator[tuple[Path, Path | None, str]]:
+    """(checkpoint, workload folder, dtype) for each of args' shapes (prepared) or the given
+    checkpoint, and each dtype; each announced with the CPU it runs on (numbers from different
+    CPUs are not comparable)."""
+    for shape in args.shape or (None,):
+        if shape is not None:
+            ckpt, work = prepare(shape, recipe, args.cache)
+        for dtype in args.dtype:
+            print(f"\n{cpu_summary()}\nshape {shape or ckpt}, {dtype}", flush=True)
+            yield ckpt, work, dtype
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,9 +33,9 @@ from pathlib import Path
 import httpx
 
 from bench.peer import KV_CACHE_BYTES, MAX_MODEL_LEN, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
-from bench.peer_ckpt import CACHE, dtypes_arg, prepare, shapes_arg
+from bench.peer_ckpt import add_case_args, cases
 from scripts.testkit.launch import start_encode, start_language
-from shared.kernels.cpu.build import cpu_summary
+from services.common.placement import OFF_ENV
 
 _START_TIMEOUT_S = 600.0
 
@@ -63,24 +63,27 @@ class Splitvl:
         ckpt: Path,
         dtype: str,
         workdir: Path,
-        threads: int,
-        encode_threads: int,
+        threads: int | None,
+        encode_threads: int | None,
         extra: tuple[str, ...] = (),
     ):
-        env = {"OMP_NUM_THREADS": str(encode_threads)}
+        # None: the services' own CPU placement (they register and split the cores), which an
+        # OMP_NUM_THREADS (the launcher sets 1) or the caller's SPLITVL_PLACEMENT=off would stop
+        env = {"OMP_NUM_THREADS": str(encode_threads or ""), OFF_ENV: "on"}
         self.encode, address = start_encode(ckpt, workdir, ["--dtype", dtype], env=env)
         args = [
             "--encode",
             address,
             "--served-model-name",
             ckpt.name,
-            "--threads",
-            str(threads),
+            *(("--threads", str(threads)) if threads else ()),
             *_limits(dtype),
             *extra,
         ]
         try:
-            self.language, self.url, _ = start_language(ckpt, workdir, args)
+            self.language, self.url, _ = start_language(
+                ckpt, workdir, args, env={"OMP_NUM_THREADS": "", OFF_ENV: "on"}
+            )
         except BaseException:
             self.encode.stop()
             raise
@@ -211,19 +214,18 @@ def main() -> None:
     p.add_argument("--peer-venv", type=Path, required=True)
     p.add_argument("--recipe", type=Path, required=True, help="the peer recipe folder")
     p.add_argument("--ckpt", type=Path, help="the checkpoint both serve")
-    p.add_argument(
-        "--shape",
-        type=shapes_arg,
-        help="instead of --ckpt: generated bench shapes, e.g. medium,wide,odd (built once under "
-        "--cache)",
-    )
-    p.add_argument("--cache", type=Path, default=CACHE, help="where --shape builds")
-    p.add_argument("--dtype", type=dtypes_arg, default=("float32",), help="e.g. float32,bfloat16")
+    add_case_args(p, "--ckpt")
     p.add_argument("--concurrency", default="8,32")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=100, help="the first round's seed")
-    p.add_argument("--threads", type=int, default=2, help="the language service's threads")
-    p.add_argument("--encode-threads", type=int, default=1)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="the language service's threads (default: "
+        "its share of the cores beside the encode replica)",
+    )
+    p.add_argument("--encode-threads", type=int, default=None, help="default: its share")
     p.add_argument("--cores", default=None, help="vLLM's cores (default 0-<nproc-1>)")
     p.add_argument("--port", type=int, default=8765, help="vLLM's port")
     p.add_argument(
@@ -236,12 +238,8 @@ def main() -> None:
     args = p.parse_args()
     if (args.shape is None) == (args.ckpt is None):
         p.error("give --shape or --ckpt")
-    for shape in args.shape or (None,):
-        ckpt = args.ckpt if shape is None else prepare(shape, args.recipe, args.cache)[0]
-        for dtype in args.dtype:
-            # Each table says where it ran: numbers from different CPUs are not comparable.
-            print(f"\n{cpu_summary()}\nshape {shape or ckpt}, {dtype}", flush=True)
-            compare(args, ckpt, dtype)
+    for ckpt, _, dtype in cases(args, args.recipe, args.ckpt):
+        compare(args, ckpt, dtype)
 
 
 if __name__ == "__main__":

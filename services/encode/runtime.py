@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from services.common.errors import ConfigError
+from services.common.placement import apply_share, for_service
 from services.encode.batcher import BatchStats, VisionBatcher
 from services.encode.cache import EmbeddingCache
 from services.encode.config import EncodeServiceConfig
@@ -73,7 +74,10 @@ def load_runtime(config: EncodeServiceConfig, metrics: EncodeMetrics) -> Runtime
         time.perf_counter() - t0,
     )
 
+    cores = for_service("encode", config.device)
+
     def forward(pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        apply_share(cores)  # on the vision thread, which runs the tower
         packed = model(pixel_values.to(device), grid_thw).to(dtype)  # a no-op unless widened
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # so batch timings measure the work

@@ -22,6 +22,7 @@ from pathlib import Path
 import uvicorn
 
 from services.common.errors import ConfigError, StartupError
+from services.common.placement import for_service
 from services.common.port_file import write_port_file
 from services.language import cli
 from services.language.encoder.client import EncodeClient
@@ -265,7 +266,12 @@ async def serve(config: cli.ServiceConfig) -> int:
     listen = config.listen
     _check_port_file(listen.port_file)
     sock = _bind(listen.host, listen.port)  # a port in use fails now, not after loading
-    engine = await asyncio.to_thread(AsyncEngine.from_model_dir, config.model_dir, config.engine)
+    cores = None  # tensor-parallel ranks split the cores themselves (--threads)
+    if config.engine.tensor_parallel_size == 1:
+        cores = for_service("language", config.engine.device, config.engine.threads)
+    engine = await asyncio.to_thread(
+        AsyncEngine.from_model_dir, config.model_dir, config.engine, cores
+    )
     _check_kv_capacity(engine)
     quantization = engine.config.weights_quantization(engine.model_config)
     encoder = build_encoder(config, engine)

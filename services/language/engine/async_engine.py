@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from services.common.placement import CorePlacement, apply_share
 from services.language.engine.admission import AdmissionControl
 from services.language.engine.config import EngineConfig
 from services.language.engine.core import EngineCore, EngineStats
@@ -42,6 +43,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.05
+Cores = CorePlacement | None  # this service's share of the host's cores, if it takes one
 _SHUTDOWN_TIMEOUT_S = 30.0
 
 
@@ -120,9 +122,10 @@ class OutputStream:
 class AsyncEngine:
     """asyncio front of the engine: ``generate`` streams outputs, leaving the stream aborts."""
 
-    def __init__(self, core: EngineCore, config: EngineConfig):
+    def __init__(self, core: EngineCore, config: EngineConfig, placement: Cores = None):
         self._core = core
         self.config = config
+        self._placement = placement  # the share of a host's cores, applied before each step
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -137,17 +140,17 @@ class AsyncEngine:
         self._closed: str | None = None  # why new requests are refused (shutting down)
         self.admission = AdmissionControl(config.max_queue_delay_s)
         if config.fault_steps:
-            log.warning(
-                "fault injection on: steps %s will raise (a test hook)", list(config.fault_steps)
-            )
+            log.warning("fault injection on: steps %s will raise (a test hook)", config.fault_steps)
             core.executor = _FaultyExecutor(core.executor, config.fault_steps)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, config: EngineConfig) -> AsyncEngine:
+    def from_model_dir(
+        cls, model_dir: str | Path, config: EngineConfig, placement: Cores = None
+    ) -> AsyncEngine:
         """Load the text weights and tokenizer of ``model_dir`` and build the engine."""
         from services.language.engine.build import build_engine_core
 
-        return cls(build_engine_core(model_dir, config), config)
+        return cls(build_engine_core(model_dir, config), config, placement)
 
     @property
     def tokenizer(self) -> LanguageTokenizer:
@@ -299,6 +302,7 @@ class AsyncEngine:
                 self._wakeup.wait(_IDLE_WAIT_S)
                 continue
             try:
+                apply_share(self._placement)
                 outputs = self._core.step()
             except Exception as exc:  # noqa: BLE001 - a failed step must not kill the thread
                 if self._check_fatal(exc):
