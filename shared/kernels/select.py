@@ -67,6 +67,12 @@ def _backend(device_type: str) -> ModuleType | None:
         return None
 
 
+def backend(device_type: str) -> str:
+    """Which kernels run on a device type: "cpu" (C++), "gpu" (Triton) or "torch" (references)."""
+    module = _backend(device_type)
+    return "torch" if module is None else module.__name__.rsplit(".", 1)[1]
+
+
 def accelerated(device_type: str) -> bool:
     """Whether a backend of its own (not the PyTorch references) runs kernels on a device type."""
     return _backend(device_type) is not None

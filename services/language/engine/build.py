@@ -122,7 +122,13 @@ def build_engine_core(model_dir: str | Path, config: EngineConfig) -> EngineCore
     tokenizer = LanguageTokenizer.from_model_dir(model_dir)
     setup = runner_setup(config, model_config)
     executor, num_blocks = build_executor(model_dir, model_config, config, setup)
-    if config.warm_up:
+    # It pays where the C++ CPU kernels run (oneDNN's per-shape code, the heap's growth); under
+    # Triton's interpreter (SPLITVL_KERNELS=gpu on a CPU) a 2048-token step takes minutes.
+    if (
+        config.warm_up
+        and torch.device(config.device).type == "cpu"
+        and select.backend("cpu") == "cpu"
+    ):
         warm_up(executor, fit_to_pool(setup, num_blocks).runner, num_blocks)
     dtype = config.resolve_dtype(model_config)
     return _core(executor, num_blocks, model_config, tokenizer, config, setup, dtype)

@@ -45,7 +45,8 @@ class EngineConfig:
     # Admission control: refuse a request at arrival when its estimated wait for a first token
     # (the requests ahead of it over the recent first-token rate) exceeds this; None: off.
     max_queue_delay_s: float | None = None
-    # Run one step of max_num_batched_tokens dummy tokens before serving (runner.warmup)
+    # On a CPU with the C++ kernels, run one step of max_num_batched_tokens dummy tokens before
+    # serving (runner.warmup)
     warm_up: bool = True
     # Test hook, off by default: the executor raises on these step numbers (1-based), so tests
     # can check that a failing model step fails its requests and the engine goes on serving.

@@ -11,6 +11,7 @@ from services.language.engine import EngineConfig
 from services.language.engine.build import build_engine_core
 from services.language.runner.model_runner import RunnerConfig
 from services.language.runner.warmup import warm_up_plans
+from shared.kernels import select
 from tests.language.conftest import greedy_request, make_prompt_case, run_engine
 
 
@@ -37,6 +38,9 @@ def test_the_step_fills_a_step_within_the_limits(config, num_blocks, tokens, len
     assert not forget.chunks and not forget.new_requests
 
 
+@pytest.mark.skipif(
+    select.backend("cpu") != "cpu", reason="the warm-up step runs with the C++ CPU kernels only"
+)
 def test_the_runner_forgets_the_warm_up_requests(tiny_vl_model_dir, caplog):
     with caplog.at_level("INFO", logger="services.language.runner.warmup"):
         core = build_engine_core(
