@@ -19,44 +19,47 @@ from services.common.placement import Claim, CorePlacement, live_claims, share, 
         ("language", {"language": 1}, 16, 16),  # alone: every core
         ("encode", {"encode": 1}, 8, 8),
         ("encode", {"encode": 2}, 8, 4),  # one role: split evenly
-        ("language", {"language": 1, "encode": 1}, 16, 12),  # both: a quarter for encoding
-        ("encode", {"language": 1, "encode": 1}, 16, 4),
+        ("language", {"language": 1, "encode": 1}, 16, 16),  # the language keeps every core
+        ("encode", {"language": 1, "encode": 1}, 16, 4),  # the encodes get a quarter
+        ("encode", {"language": 1, "encode": 2}, 16, 2),
         ("encode", {"language": 1, "encode": 1}, 2, 1),
-        ("language", {"language": 1, "encode": 1}, 2, 1),
-        ("encode", {"language": 1, "encode": 3}, 8, 1),  # 3 replicas share 2 cores: 1 each
-        ("language", {"language": 2, "encode": 1}, 16, 6),
-        ("language", {"language": 1, "encode": 1}, 1, 1),  # never below one
+        ("language", {"language": 1, "encode": 1}, 2, 2),
+        ("encode", {"language": 1, "encode": 3}, 8, 1),  # never below one
+        ("language", {"language": 2, "encode": 1}, 16, 8),
     ],
 )
 def test_share(role, live, cores, want):
     assert share(role, live, cores) == want
 
 
-def test_shares_never_oversubscribe_when_there_are_cores_enough():
-    for cores in range(2, 65):
+def test_encoding_beside_a_language_service_takes_at_most_a_quarter_of_the_cores():
+    for cores in range(1, 65):
         for encodes in range(1, 4):
-            for languages in range(1, 4):
-                if encodes + languages > cores:
-                    continue
-                live = {"encode": encodes, "language": languages}
-                used = encodes * share("encode", live, cores)
-                used += languages * share("language", live, cores)
-                assert used <= cores, (cores, live)
+            live = {"encode": encodes, "language": 1}
+            used = encodes * share("encode", live, cores)
+            assert used <= max(encodes, round(cores * 0.25)), (cores, live)
+            assert share("language", live, cores) == cores
 
 
-def test_a_later_service_takes_its_share_and_a_dead_ones_share_returns(tmp_path, other_process):
+def test_shares_follow_the_services_that_come_and_go(tmp_path, other_process):
     language = CorePlacement("language", tmp_path, cores=8)
     assert language.threads() == 8
     pid = other_process.pid
+    encode = CorePlacement("encode", tmp_path, cores=8)  # this process, in the encode role
+    assert encode.threads() == 2  # beside the language service
     write_claim(tmp_path, Claim(pid, "encode", placement.start_time(pid)))
-    language._read_at = -float("inf")  # past the refresh interval
-    assert language.threads() == 6
+    encode._read_at = -float("inf")  # past the refresh interval
+    assert encode.threads() == 1  # two replicas share the quarter
+    assert language.threads() == 8  # the language service keeps every core
     other_process.kill()
     other_process.wait()
-    language._read_at = -float("inf")
-    assert language.threads() == 8
+    encode._read_at = -float("inf")
+    assert encode.threads() == 2
     assert not (tmp_path / f"{pid}-encode.json").exists()  # a dead claim is swept
     language.close()
+    encode._read_at = -float("inf")
+    assert encode.threads() == 8  # no language service left: every core
+    encode.close()
     assert not list(tmp_path.glob("*.json"))
 
 

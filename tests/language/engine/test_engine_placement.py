@@ -13,12 +13,12 @@ from services.common.placement import Claim, CorePlacement, write_claim
 
 
 def test_the_engine_thread_applies_its_share(tmp_path, other_process, tiny_vl_model_dir):
-    """Four cores, an encode replica registered beside the engine: its steps run on three
-    threads (whatever this machine has: the count is not a default)."""
+    """Three cores registered for this engine (whatever this machine has, so the count is not
+    a default): its steps run on three threads."""
     from services.language.engine import AsyncEngine, EngineConfig
     from tests.language.conftest import collect, greedy_request, make_prompt_case
 
-    cores = CorePlacement("language", tmp_path, cores=4)
+    cores = CorePlacement("language", tmp_path, cores=3)
     pid = other_process.pid
     write_claim(tmp_path, Claim(pid, "encode", placement.start_time(pid)))
     config = EngineConfig(kv_cache_memory=1 << 22, max_model_len=128, warm_up=False)
