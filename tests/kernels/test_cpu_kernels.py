@@ -328,19 +328,23 @@ def test_paged_decode_rejects_out_of_range_tables(kernels):
 
 
 @pytest.mark.parametrize(
-    ("features", "fp32", "bf16"),
+    ("vendor", "features", "fp32", "bf16"),
     [
-        (["avx2", "fma"], 96, None),  # Zen 3: bf16 never to the (emulated) bf16 GEMMs
-        (["avx2", "avx512f"], 24, None),
-        (["avx2", "avx512f", "avx512_bf16"], 24, 12),
-        (["avx2", "avx512f", "avx512_bf16", "amx_bf16"], 24, 12),
+        ("AuthenticAMD", ["avx2", "fma"], 96, None),  # Zen 3: bf16 never to emulated GEMMs
+        ("GenuineIntel", ["avx2", "avx512f"], 24, None),
+        ("GenuineIntel", ["avx2", "avx512f", "avx512_bf16"], 24, 12),
+        ("GenuineIntel", ["avx2", "avx512f", "avx512_bf16", "amx_bf16"], 24, 12),
+        ("AuthenticAMD", ["avx2", "avx512f", "avx512_bf16"], 160, 20),  # Zen 4
+        ("AuthenticAMD", ["avx2", "avx512f"], 160, None),
+        ("", ["avx2", "avx512f", "avx512_bf16"], 24, 12),  # vendor unknown
     ],
 )
-def test_gemm_crossover_follows_the_isa(monkeypatch, features, fp32, bf16):
+def test_gemm_crossover_follows_the_isa(monkeypatch, vendor, features, fp32, bf16):
     from shared.kernels import cpu
     from shared.kernels.cpu import build
 
     monkeypatch.setattr(build, "cpu_features", lambda: features)
+    monkeypatch.setattr(build, "cpu_vendor", lambda: vendor)
     cpu.gemm_rows.cache_clear()
     try:
         assert cpu.gemm_rows(torch.float32) == fp32

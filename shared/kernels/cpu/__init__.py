@@ -44,6 +44,11 @@ _DTYPES = (torch.float32, torch.bfloat16)
 # is 10-30x slower: the kernel keeps every size.
 GEMM_ROWS_FP32 = {"avx512f": 24, None: 96}
 GEMM_ROWS_BF16 = {"avx512_bf16": 12, "amx_bf16": 12, None: None}
+# AMD with AVX-512 (Zen 4 and later; 2 cores, the same three shapes, both paths timed at 8-512
+# rows per expert): torch's fp32 GEMMs run far slower there than on Intel, the kernel wins up to
+# 150-200 rows on the wide shape and up to 512 on the others (128 rows: 15.5 vs 24.2 ms,
+# 15.3 vs 22.5, 46.0 vs 46.9); bf16 crosses at 16-24 rows.
+GEMM_ROWS_AMD_AVX512 = {torch.float32: 160, torch.bfloat16: 20}
 # Rows of x from which an fp8 linear dequantizes its weight (in C++) for oneDNN's GEMM: the
 # kernel's fp32 FMAs are faster below, the GEMM's bf16 dot products above (crossing at 24-32
 # rows at 1024 x 512 and 2048 x 4096, bf16, one thread, AVX512-BF16 + AMX).
@@ -82,11 +87,13 @@ def available() -> bool:
 def gemm_rows(dtype: torch.dtype) -> int | None:
     """Mean rows per expert from which `fused_moe` hands `dtype` (x and weights alike) to the
     reference's GEMMs on this CPU; None: never. Fixed per machine, so results are too."""
-    from shared.kernels.cpu.build import cpu_features
+    from shared.kernels.cpu.build import cpu_features, cpu_vendor
 
     table = GEMM_ROWS_BF16 if dtype == torch.bfloat16 else GEMM_ROWS_FP32
     features = set(cpu_features())
     rows = next((table[f] for f in table if f is not None and f in features), table[None])
+    if cpu_vendor() == "AuthenticAMD" and "avx512f" in features:
+        rows = GEMM_ROWS_AMD_AVX512.get(dtype, rows) if rows is not None else None
     log.info("CPU fused MoE: %s from %s rows per expert take oneDNN's GEMMs", dtype, rows)
     return rows
 

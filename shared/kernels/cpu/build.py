@@ -90,6 +90,19 @@ def cpu_model() -> str:
     return _cpuinfo()[0]
 
 
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD), or "" where it does not say."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "vendor_id":
+            return value.strip()
+    return ""
+
+
 def cpu_features() -> list[str]:
     """The SIMD features of this CPU that matter to the kernels."""
     flags = set(_cpuinfo()[1])
