@@ -135,27 +135,6 @@ def fused_moe_torch(
     return fused_moe_grouped(x, gate_up, down, weights, ids, _grouped)
 
 
-def fused_moe_grouped(
-    x: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    weights: torch.Tensor,
-    ids: torch.Tensor,
-    grouped: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    combine: Callable[..., torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """`fused_moe_torch` with `grouped(x [n, K], w [E, K, N], offs int32 [E]) -> [n, N]` in
-    place of its grouped matmul (a backend's own, with the same contract), and `combine` (the
-    contract of `moe_combine_torch`) in place of its un-sorting weighted sum where given."""
-    gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
-    order = torch.argsort(ids.reshape(-1), stable=True)
-    offs = expert_offsets(ids, gate_up.shape[0])
-    h = grouped(x.index_select(0, order // ids.shape[1]), gate_up, offs)  # [T*k, 2I]
-    gate, up = h.chunk(2, dim=-1)
-    h = grouped((F.silu(gate) * up).contiguous(), down, offs)  # [T*k, H]
-    return (combine or moe_combine_torch)(h, order, weights, ids, gate_up.shape[0])
-
-
 def moe_combine_torch(
     h: torch.Tensor,  # [T*k, H] the experts' output rows, sorted by expert
     order: torch.Tensor,  # [T*k] int64: sorted row p is flat row order[p] (= t*k + j)
@@ -173,6 +152,27 @@ def moe_combine_torch(
     for j in range(1, top_k):  # top-k order, explicitly
         out = out + terms[:, j]
     return out
+
+
+def fused_moe_grouped(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    grouped: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    combine: Callable[..., torch.Tensor] = moe_combine_torch,
+) -> torch.Tensor:
+    """`fused_moe_torch` with `grouped(x [n, K], w [E, K, N], offs int32 [E]) -> [n, N]` in
+    place of its grouped matmul (a backend's own, with the same contract), and `combine` (the
+    contract of `moe_combine_torch`) in place of its un-sorting weighted sum."""
+    gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
+    order = torch.argsort(ids.reshape(-1), stable=True)
+    offs = expert_offsets(ids, gate_up.shape[0])
+    h = grouped(x.index_select(0, order // ids.shape[1]), gate_up, offs)  # [T*k, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    h = grouped((F.silu(gate) * up).contiguous(), down, offs)  # [T*k, H]
+    return combine(h, order, weights, ids, gate_up.shape[0])
 
 
 # -- the small ops around the GEMMs: what the fused kernels replace ---------------------------

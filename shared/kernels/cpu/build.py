@@ -68,13 +68,13 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
-def _cpuinfo() -> tuple[str, list[str]]:
-    """(model name, flags) of this CPU, from /proc/cpuinfo where it exists."""
-    model, flags = platform.processor() or platform.machine(), []
+def _cpuinfo() -> tuple[str, list[str], str]:
+    """(model name, flags, vendor_id) of this CPU, from /proc/cpuinfo where it exists."""
+    model, flags, vendor = platform.processor() or platform.machine(), [], ""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        return model, flags
+        return model, flags, vendor
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()
@@ -82,7 +82,9 @@ def _cpuinfo() -> tuple[str, list[str]]:
             model = value.strip()
         elif key in ("flags", "features") and not flags:
             flags = value.split()
-    return model, flags
+        elif key == "vendor_id" and not vendor:
+            vendor = value.strip()
+    return model, flags, vendor
 
 
 def cpu_model() -> str:
@@ -92,15 +94,7 @@ def cpu_model() -> str:
 
 def cpu_vendor() -> str:
     """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD), or "" where it does not say."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() == "vendor_id":
-            return value.strip()
-    return ""
+    return _cpuinfo()[2]
 
 
 def cpu_features() -> list[str]:
@@ -121,7 +115,7 @@ def cache_dir() -> Path:
     digest = hashlib.sha256()
     for name in SOURCES + HEADERS:
         digest.update(name.encode() + b"\0" + (CSRC / name).read_bytes() + b"\0")
-    model, flags = _cpuinfo()
+    model, flags, _ = _cpuinfo()
     for part in (
         *cflags(),
         "|",
